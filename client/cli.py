@@ -1,0 +1,58 @@
+"""`coordexp-client`: one entry point, one module per subcommand.
+
+Each module in COMMANDS exposes `register(subparsers)`, which adds its subparser and sets
+`func(args) -> int` as the handler. Keeping commands in their own modules keeps start-up light
+(heavy imports such as torch happen inside the handlers) and the wiring visible here.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = [
+    ("parse", "coordexp.client.cmd_parse"),  # model text -> parsed preds (debugging)
+    ("infer", "coordexp.client.cmd_infer"),  # dataset run: local torch/onnx engine or Triton
+    ("ask", "coordexp.client.cmd_ask"),  # single-shot and interactive
+    ("models", "coordexp.client.cmd_models"),  # what a server holds
+    ("bench", "coordexp.client.cmd_bench"),  # throughput / latency sweep
+    ("parity", "coordexp.client.cmd_parity"),  # torch vs onnx vs served
+    ("eval", "coordexp.eval.cli"),  # COCO + F1-ish metrics from the artifact
+    ("vis", "coordexp.vis.cli"),  # GT vs pred overlays + gallery
+    ("pipeline", "coordexp.client.cmd_pipeline"),  # infer -> eval + vis from one YAML
+    ("make-data", "coordexp.synthetic"),  # synthetic shapes dataset
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coordexp-client",
+        description="Run CoordExp grounding models on datasets (Triton or local), evaluate and visualise.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for _name, module in COMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:  # command not built yet in this checkout
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The CoordExp prompt (system + user text) and the CoordJSON answer format it asks for.
+
+A `PromptSpec` names one prompt variant; its `variant` string is recorded in every prediction
+run and in the export manifest so results can be traced to the exact prompt.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+from coordexp.tokens import coord_token
+
+COORD_FORMATS = ("tokens", "numeric")
+FIELD_ORDERS = ("desc_first", "geometry_first")
+OBJECT_ORDERS = ("sorted", "as_given")
+
+_FORMAT_RULES = {
+    "tokens": "Write every coordinate as one coordinate token <|coord_k|> with k from 0 to 999 "
+    "(0 = left/top edge, 999 = right/bottom edge), unquoted.",
+    "numeric": "Write every coordinate as an integer from 0 to 999 "
+    "(0 = left/top edge, 999 = right/bottom edge).",
+}
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    coord_format: str = "tokens"  # "tokens" (<|coord_k|>) or "numeric" (plain ints)
+    field_order: str = "desc_first"  # "desc_first" or "geometry_first"
+    object_order: str = "sorted"  # objects by top-left anchor (min y, then min x)
+    user_text: str = "Detect all objects in the image."
+    system_text: str | None = None  # None: the default system prompt for the format
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("coord_format", COORD_FORMATS), ("field_order", FIELD_ORDERS),
+                              ("object_order", OBJECT_ORDERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"prompt {name}={getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+
+    @property
+    def variant(self) -> str:
+        custom = "" if self.system_text is None and self.user_text == PromptSpec.user_text else "+custom"
+        return f"coordexp/{self.coord_format}/{self.field_order}/{self.object_order}/v1{custom}"
+
+    def system(self) -> str:
+        if self.system_text is not None:
+            return self.system_text
+        example = ('{"objects": [{"desc": "<label>", "bbox_2d": [x1, y1, x2, y2]}]}' if self.field_order == "desc_first"
+                   else '{"objects": [{"bbox_2d": [x1, y1, x2, y2], "desc": "<label>"}]}')
+        order = ("Order objects by their top-left corner (top to bottom, then left to right). "
+                 if self.object_order == "sorted" else "")
+        return (
+            "You are a visual grounding model. Answer with exactly one line of CoordJSON: "
+            f"{example}. Use \"bbox_2d\" for boxes or \"poly\" (flat x, y list) for polygons. "
+            f"{_FORMAT_RULES[self.coord_format]} {order}Answer {{\"objects\": []}} when nothing is there."
+        )
+
+    def messages(self) -> list[dict[str, Any]]:
+        """Chat messages for the Qwen chat template with one image placeholder."""
+        return [
+            {"role": "system", "content": [{"type": "text", "text": self.system()}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.user_text}]},
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "variant": self.variant}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "PromptSpec":
+        d = dict(d or {})
+        d.pop("variant", None)
+        return cls(**d)
+
+
+def sort_key(points: Sequence[float]) -> tuple[float, float]:
+    """Top-left anchor: (min y, min x)."""
+    return (min(points[1::2]), min(points[0::2]))
+
+
+def format_coordjson(objects: Sequence[dict[str, Any]], spec: PromptSpec = PromptSpec()) -> str:
+    """The answer the model is trained to write for `objects` ([{desc, bbox_2d|poly}] in grid ints).
+
+    Coord-token mode writes bare `<|coord_k|>` literals (not valid JSON, by design of the format).
+    """
+    objs = list(objects)
+    if spec.object_order == "sorted":
+        objs.sort(key=lambda o: sort_key(o.get("bbox_2d") or o.get("poly")))
+    parts = []
+    for o in objs:
+        gtype = "bbox_2d" if "bbox_2d" in o else "poly"
+        vals = [int(v) for v in o[gtype]]
+        coords = ", ".join(coord_token(v) if spec.coord_format == "tokens" else str(v) for v in vals)
+        desc = f'"desc": {json.dumps(o["desc"], ensure_ascii=False)}'
+        geom = f'"{gtype}": [{coords}]'
+        parts.append("{" + (f"{desc}, {geom}" if spec.field_order == "desc_first" else f"{geom}, {desc}") + "}")
+    return '{"objects": [' + ", ".join(parts) + "]}"
