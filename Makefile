@@ -1,0 +1,36 @@
+# The two commands of the README:
+#   make demo   set up .venv, export the demo checkpoint, serve it with Triton, run, evaluate, visualise
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# torch 2.13.0 (CPU build) lies on these machines' local disk; pip takes it from there.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "setuptools>=69" wheel
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[server,semantic,test]"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m coordexp.demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q tests -m "not slow"
+
+bench: setup
+	$(PY) bench/bench_serving.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

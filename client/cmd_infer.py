@@ -1,0 +1,74 @@
+"""`coordexp-client infer`: run a JSONL dataset through a model, write predictions.jsonl + summary.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from coordexp.client.options import (add_decoding_args, add_local_engine_args, add_prompt_args, params_from_args,
+                                     prompt_from_args)
+from coordexp.dataset import DEFAULT_MAX_PIXELS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="run a JSONL dataset and write predictions.jsonl",
+                       description="Run an input JSONL (CoordExp format) through a local engine (--local CKPT "
+                                   "--engine torch|onnx) or Triton servers (--url, repeatable). Writes exactly one "
+                                   "prediction line per input line, in order, and summary.json beside it.")
+    p.add_argument("--data", required=True, help="input JSONL (image paths relative to its folder)")
+    p.add_argument("--out", required=True, help="predictions.jsonl to write")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from --out")
+    p.add_argument("--batch-size", type=int, default=1, help="local engines: images per generate call")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    p.add_argument("--no-progress", action="store_true")
+    add_local_engine_args(p)
+    s = p.add_argument_group("Triton servers")
+    s.add_argument("--url", action="append", default=[], help="HOST:PORT of a Triton gRPC endpoint; repeat for several")
+    s.add_argument("--model", default="coordexp", help="served model (ensemble) name")
+    s.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    s.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
+    s.add_argument("--retries", type=int, default=5)
+    s.add_argument("--wait-for-server", type=float, default=60.0,
+                   help="seconds to wait for a server that went away before failing")
+    add_decoding_args(p)
+    add_prompt_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if bool(args.local) == bool(args.url):
+        print("error: give either --local CKPT or --url HOST:PORT (one of them)", file=sys.stderr)
+        return 2
+    if not os.path.isfile(args.data):
+        print(f"error: input dataset not found: {args.data}", file=sys.stderr)
+        return 2
+    if args.resume and not os.path.exists(args.out):
+        print(f"note: --resume: {args.out} does not exist yet; starting from the beginning", file=sys.stderr)
+    try:
+        params = params_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.url:
+        from coordexp.client.remote import run_remote
+
+        return run_remote(args, params)
+    from coordexp.engines import load_engine
+    from coordexp.runner import run_dataset
+
+    prompt = prompt_from_args(args)
+    try:
+        engine = load_engine(args.engine, args.local, prompt=prompt, device=args.device, threads=args.threads)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f"error: cannot load {args.engine} engine from {args.local}: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_dataset(args.data, args.out, engine, params, batch_size=args.batch_size, resume=args.resume,
+                              max_pixels=args.max_pixels, progress=False if args.no_progress else None)
+    except ValueError as e:  # e.g. an --out that cannot be resumed
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary.to_dict()[k] for k in ("records_written", "errors", "seconds", "images_per_s")}),
+          file=sys.stderr)
+    return 0

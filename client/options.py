@@ -1,0 +1,53 @@
+"""Argument groups shared by the subcommands (decoding, prompt, model source)."""
+from __future__ import annotations
+
+import argparse
+
+from coordexp.engines.base import GenerationParams
+from coordexp.prompt import COORD_FORMATS, FIELD_ORDERS, OBJECT_ORDERS, PromptSpec
+
+
+def add_decoding_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (benchmarks)")
+    g.add_argument("--guided", action="store_true", help="constrain decoding to valid CoordJSON")
+
+
+def params_from_args(args: argparse.Namespace) -> GenerationParams:
+    return GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            ignore_eos=args.ignore_eos, guided=args.guided)
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompt")
+    g.add_argument("--coord-format", choices=COORD_FORMATS, default=None,
+                   help="coord tokens or numeric (default: the checkpoint's / tokens)")
+    g.add_argument("--field-order", choices=FIELD_ORDERS, default=None)
+    g.add_argument("--object-order", choices=OBJECT_ORDERS, default=None)
+    g.add_argument("--prompt", dest="user_text", default=None, help="user text of the prompt")
+    g.add_argument("--system-prompt", default=None)
+
+
+def prompt_from_args(args: argparse.Namespace, base: PromptSpec | None = None) -> PromptSpec:
+    d = (base or PromptSpec()).to_dict()
+    d.pop("variant")
+    for key in ("coord_format", "field_order", "object_order", "user_text"):
+        if getattr(args, key, None) is not None:
+            d[key] = getattr(args, key)
+    if getattr(args, "system_prompt", None) is not None:
+        d["system_text"] = args.system_prompt
+    return PromptSpec(**d)
+
+
+def add_local_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("local model (instead of a server)")
+    g.add_argument("--local", metavar="CKPT", help="a checkpoint folder (torch) or an exported model repository/onnx folder")
+    g.add_argument("--engine", choices=("torch", "onnx"), default="torch")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for the local engine")
