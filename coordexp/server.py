@@ -1,0 +1,267 @@
+"""Start and stop a real Triton Inference Server on loopback (`coordexp-server`).
+
+A `tritonserver` on PATH (the official container) is preferred; otherwise the one that the
+`nvidia-pytriton` wheel carries (server 2.51 with the Python backend and a stub per Python
+version) is used, with a private backend folder holding the stub for the running Python.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+
+
+class TritonError(RuntimeError):
+    """Triton could not be started, or a model failed to load (message carries Triton's words)."""
+
+
+@dataclass
+class TritonInstall:
+    binary: str
+    backend_dir: str | None  # None: the binary's own default (container: /opt/tritonserver/backends)
+    lib_dirs: list[str]
+    source: str  # "PATH" or "nvidia-pytriton"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def find_triton(prefer_path: bool = True) -> TritonInstall:
+    on_path = shutil.which("tritonserver")
+    if prefer_path and on_path:
+        return TritonInstall(binary=on_path, backend_dir=None, lib_dirs=[], source="PATH")
+    try:
+        import pytriton
+    except ImportError:
+        raise TritonError(
+            "no tritonserver found: none on PATH and the nvidia-pytriton wheel is not installed "
+            "(pip install 'coordexp-serve[server]', or run inside the Triton container)"
+        ) from None
+    root = os.path.join(os.path.dirname(pytriton.__file__), "tritonserver")
+    binary = os.path.join(root, "bin", "tritonserver")
+    libs = os.path.join(os.path.dirname(os.path.dirname(pytriton.__file__)), "nvidia_pytriton.libs")
+    if not os.path.exists(binary):
+        raise TritonError(f"nvidia-pytriton is installed but carries no server binary at {binary}")
+    return TritonInstall(binary=binary, backend_dir=os.path.join(root, "backends"), lib_dirs=[libs],
+                         source="nvidia-pytriton")
+
+
+def _prepare_backend_dir(install: TritonInstall, workdir: str) -> str | None:
+    """A backend folder whose python/ holds the wheel's backend plus the stub for this Python."""
+    if install.backend_dir is None:
+        return None
+    src = os.path.join(install.backend_dir, "python")
+    stub = os.path.join(os.path.dirname(install.backend_dir), "python_backend_stubs",
+                        f"{sys.version_info.major}.{sys.version_info.minor}", "triton_python_backend_stub")
+    if not os.path.exists(stub):
+        raise TritonError(f"nvidia-pytriton has no Python-backend stub for Python "
+                          f"{sys.version_info.major}.{sys.version_info.minor} ({stub})")
+    dst = os.path.join(workdir, "backends", "python")
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        if name.endswith((".so", ".py")):
+            os.symlink(os.path.join(src, name), os.path.join(dst, name))
+    shutil.copy2(stub, os.path.join(dst, "triton_python_backend_stub"))
+    return os.path.dirname(dst)
+
+
+def _model_errors(log_text: str) -> list[str]:
+    """Triton's own lines about models that failed, most specific first."""
+    lines = []
+    for line in log_text.splitlines():
+        if "NVML" in line or "DCGM" in line:  # CPU-only machines: warnings, not the cause
+            continue
+        if re.search(r"failed to load|UNAVAILABLE|Traceback|Error|error:", line):
+            lines.append(line.strip())
+    return lines[-15:]
+
+
+class TritonServer:
+    """A tritonserver process on loopback; use as a context manager or call start()/stop()."""
+
+    def __init__(self, repo: str, grpc_port: int | None = None, http_port: int | None = None,
+                 metrics_port: int | None = None, host: str = "127.0.0.1", log_path: str | None = None,
+                 verbose: bool = False, ready_timeout: float = 300.0, extra_args: list[str] | None = None,
+                 prefer_path: bool = True):
+        if not os.path.isdir(repo):
+            raise TritonError(f"model repository not found: {repo}")
+        self.repo = os.path.abspath(repo)
+        self.host = host
+        self.grpc_port = grpc_port or free_port(host)
+        self.http_port = http_port or free_port(host)
+        self.metrics_port = metrics_port or free_port(host)
+        self.verbose = verbose
+        self.ready_timeout = ready_timeout
+        self.extra_args = list(extra_args or [])
+        self.install = find_triton(prefer_path)
+        self._workdir = tempfile.mkdtemp(prefix="coordexp-triton-")
+        self.log_path = log_path or os.path.join(self._workdir, "tritonserver.log")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    def command(self) -> list[str]:
+        cmd = [self.install.binary, f"--model-repository={self.repo}",
+               f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+               f"--http-address={self.host}", f"--http-port={self.http_port}",
+               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+               "--exit-timeout-secs=10", "--strict-readiness=true"]
+        if self.verbose:
+            cmd.append("--log-verbose=1")
+        return cmd + self.extra_args
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The Python-backend stub runs the `python3` first on PATH: make it this interpreter's
+        # environment so models import numpy, onnxruntime and coordexp from here.
+        bindir = os.path.dirname(sys.executable)
+        scripts = sysconfig.get_path("scripts")
+        env["PATH"] = os.pathsep.join([bindir, scripts, env.get("PATH", "")])
+        if self.install.lib_dirs:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(self.install.lib_dirs + [env.get("LD_LIBRARY_PATH", "")])
+        env.setdefault("OMP_NUM_THREADS", "1")  # each model instance is one process; oversubscription hurts
+        return env
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path, "r", encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def start(self) -> "TritonServer":
+        cmd = self.command()
+        backend_dir = _prepare_backend_dir(self.install, self._workdir)
+        if backend_dir:
+            cmd.insert(2, f"--backend-directory={backend_dir}")
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
+                                     start_new_session=True)
+        log.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + self.ready_timeout
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    msgs = _model_errors(self.log_text()) or self.log_text().splitlines()[-10:]
+                    raise TritonError(f"tritonserver exited with code {self.proc.returncode} before it was ready "
+                                      f"(log: {self.log_path}):\n  " + "\n  ".join(msgs))
+                try:
+                    if client.is_server_ready():
+                        return
+                except Exception:
+                    pass
+                time.sleep(0.25)
+        finally:
+            client.close()
+        msgs = _model_errors(self.log_text())
+        raise TritonError(f"tritonserver not ready after {self.ready_timeout:.0f}s (log: {self.log_path})"
+                          + ("\n  " + "\n  ".join(msgs) if msgs else ""))
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL the whole process group (model stubs included)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        try:  # stubs left behind by a killed server
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        rc = self.proc.returncode
+        shutil.rmtree(os.path.join(self._workdir, "backends"), ignore_errors=True)
+        return rc
+
+    def kill(self) -> None:
+        """Hard kill (for fault-injection tests): no graceful shutdown."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="coordexp-server", description="Serve a CoordExp model repository with "
+                                "Triton Inference Server on loopback until Ctrl-C / SIGTERM.")
+    p.add_argument("--repo", required=True, help="Triton model repository (from export/build_engine.py)")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--log", default=None, help="write Triton's log here")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+    args = p.parse_args(argv)
+    try:
+        server = TritonServer(args.repo, args.grpc_port, args.http_port, args.metrics_port, host=args.host,
+                              log_path=args.log, verbose=args.verbose, ready_timeout=args.ready_timeout)
+        print(f"starting tritonserver ({server.install.source}) on {args.host} ...", file=sys.stderr)
+        server.start()
+    except TritonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"ready: grpc {server.grpc_url}  http {server.http_url}  log {server.log_path}", file=sys.stderr)
+    stop = {"flag": False}
+
+    def _on_signal(signum, frame):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        while not stop["flag"]:
+            if server.proc.poll() is not None:
+                print(f"error: tritonserver exited with code {server.proc.returncode} (log: {server.log_path})",
+                      file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    finally:
+        print("stopping tritonserver ...", file=sys.stderr)
+        rc = server.stop()
+    print(f"stopped (exit code {rc})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
