@@ -1,0 +1,549 @@
+"""The ONE parser for model text: CoordJSON answer -> ``list[PredObject]`` (+ what was repaired).
+
+Imported by the Triton postprocess model, the client, eval and vis; pure Python, no heavy imports.
+
+    parse_model_output(text, coord_mode="norm1000") -> ParseResult
+
+What it accepts
+---------------
+- coord-token mode (bare, unquoted ``<|coord_N|>`` literals; quoted ones too) and numeric mode
+  (plain integers), in either key order (desc first or geometry first);
+- ``{"objects": [...]}``, a bare list ``[...]``, or one bare object ``{"desc": ..., "bbox_2d": ...}``;
+- ``label`` as an alias of ``desc`` (``desc`` wins when both are there);
+- code fences, prose before/after the JSON, ``<think>...</think>`` blocks and Qwen special tokens
+  (``<|im_end|>`` ...).
+
+Repairs (each one is written to ``ParseResult.repairs``)
+-----------------------------------------------------
+1. Coord tokens are replaced by their integers, so the text becomes JSON-ish.
+2. The text is tried as strict JSON (``json.JSONDecoder.raw_decode`` from the first ``{``/``[``).
+3. Otherwise a small scanner walks the text: it turns single-quoted strings into JSON strings,
+   removes trailing commas, closes brackets the model forgot mid-text, and, when the text ends
+   inside the JSON (cut at ``max_new_tokens``), cuts it back to the last complete object and
+   closes the brackets. An object that is open at the very end of the text is kept only when the
+   text stops right after one of its complete values (all strings and arrays closed, e.g.
+   ``{"desc": "cat", "bbox_2d": [1, 2, 3, 4]`` -- only the ``}`` is missing); an object cut inside
+   a string, inside its coordinate list or after a dangling key is dropped and noted. So a cut
+   ``[<|coord_1|>, <|coord_2|>`` never becomes a 2-number (or 4-number) box.
+4. Only then ``json_repair`` fixes what is left (missing commas, unquoted keys, Python literals)
+   on text whose truncated tail has already been removed.
+
+Validation (after repair), per object, in this order
+----------------------------------------------------
+- not an object -> dropped, ``parse_failed``;
+- a ``bbox`` / ``polygon`` / ``line`` key -> dropped, ``invalid_geometry``;
+- not exactly one of ``bbox_2d`` / ``poly``, or not a list -> dropped, ``invalid_geometry``;
+- a coordinate that is not an integer (bool, string, non-integral float), negative, or above
+  the mode's maximum -> dropped, ``invalid_coord``. Integral floats (``12.0``), digit strings
+  (``"12"``), coord-token strings and ``[[x, y], ...]`` point pairs are accepted and noted;
+- wrong arity (``bbox_2d``: 4; ``poly``: even and >= 6) -> dropped, ``invalid_geometry``;
+- missing / empty / non-string desc -> dropped, ``parse_failed`` (no contract code fits better);
+- an object cut by the end of the text and not recoverable (cut inside a string or a list, or
+  before it had both a desc and a geometry) -> dropped, ``parse_failed``.
+Extra keys are ignored; the model's own score hints are ignored (every pred has score 1.0);
+duplicated boxes are kept as written (eval decides) and noted.
+
+Coordinate modes: ``norm1000`` 0..999, ``qwen3_rel1000`` 0..1000, ``pixel`` any integer >= 0;
+any other mode raises ``ValueError``.
+
+Error codes (``ParseResult.error``)
+-----------------------------------
+- at least one object survives -> ``None`` (drops are in ``repairs`` / ``num_dropped``);
+- empty or whitespace-only text (after removing special tokens) -> ``empty_pred``;
+- a valid empty answer (``{"objects": []}``, ``[]``) -> ``None`` with ``preds == []``: "nothing
+  there" is a legitimate answer, not an error;
+- no JSON recoverable at all (prose only, a bare string/number, an object without an
+  ``objects`` list, text cut before any object was complete) -> ``parse_failed``;
+- JSON recovered but every object was dropped -> the code of the first drop (``invalid_coord``,
+  ``invalid_geometry`` or ``parse_failed``); ``error_message`` repeats that drop note.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordexp.grid import COORD_MODES
+from coordexp.schema import GEOMETRY_TYPES, INVALID_GEOMETRY_KEYS, ErrorCode, PredObject
+from coordexp.tokens import QWEN_SPECIAL_TOKENS
+
+__all__ = ["ParseResult", "parse_model_output", "strip_special", "replace_coord_tokens", "COORD_MODE_MAX"]
+
+# Largest valid coordinate per mode (None: no upper bound).
+COORD_MODE_MAX: dict[str, int | None] = {"norm1000": 999, "qwen3_rel1000": 1000, "pixel": None}
+assert set(COORD_MODE_MAX) == set(COORD_MODES)
+
+_SPECIAL_RE = re.compile("|".join(re.escape(t) for t in QWEN_SPECIAL_TOKENS))
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+_THINK_RE = re.compile(r"<think>.*?</think>", re.S)
+_QUOTED_COORD_RE = re.compile(r"([\"'])<\|coord_(\d+)\|>\1")
+_BARE_COORD_RE = re.compile(r"<\|coord_(\d+)\|>")
+_START_OBJECTS_RE = re.compile(r"\{\s*[\"']?objects[\"']?\s*:")
+_START_LIST_RE = re.compile(r"\[\s*[{\]]")
+_FENCE_RE = re.compile(r"```[A-Za-z0-9_-]*")
+_DIGITS_RE = re.compile(r"^\s*\d+\s*$")
+_WS = " \t\r\n"
+
+
+@dataclass
+class ParseResult:
+    preds: list[PredObject] = field(default_factory=list)
+    error: ErrorCode | None = None
+    error_message: str | None = None
+    repairs: list[str] = field(default_factory=list)  # what was repaired or dropped, and why
+    num_dropped: int = 0  # objects seen (or started) in the text but not in preds
+    truncated: bool = False  # the text ended inside the JSON (cut, or closing brackets missing)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preds": [p.to_dict() for p in self.preds],
+            "error": None if self.error is None else str(self.error),
+            "error_message": self.error_message,
+            "repairs": list(self.repairs),
+            "num_dropped": self.num_dropped,
+            "truncated": self.truncated,
+        }
+
+
+def strip_special(text: str) -> str:
+    """Remove the Qwen special tokens (``<|im_end|>``, ``<|endoftext|>``, ...); coord tokens stay."""
+    return _SPECIAL_RE.sub("", text)
+
+
+def replace_coord_tokens(text: str) -> tuple[str, int]:
+    """``<|coord_N|>`` (bare or quoted) -> ``N``. Returns the new text and how many were quoted."""
+    text, n_quoted = _QUOTED_COORD_RE.subn(r"\2", text)
+    return _BARE_COORD_RE.sub(r"\1", text), n_quoted
+
+
+def _snip(s: str, n: int = 48) -> str:
+    s = " ".join(s.split())
+    return repr(s if len(s) <= n else s[: n - 1] + "…")
+
+
+def _closers(openers: list[str]) -> str:
+    return "".join("}" if o == "{" else "]" for o in reversed(openers))
+
+
+# ----------------------------------------------------------------------------------------------
+# The scanner: normalises quotes/commas and knows where complete objects end.
+
+
+@dataclass
+class _Frame:
+    opener: str  # "{" or "["
+    src: int  # index in the source text
+    elem: bool  # an element of the objects list
+
+
+@dataclass
+class _Scan:
+    out: list[str]
+    root_closed: bool = False
+    src_end: int = 0  # source index just after the root's closer
+    in_string: bool = False
+    stack: list[_Frame] = field(default_factory=list)
+    safe_len: int | None = None  # length of `out` at the last safe cut point ...
+    safe_stack: list[str] = field(default_factory=list)  # ... and the brackets open there
+    n_elems: int = 0  # complete elements of the objects list
+    single_quoted: int = 0
+    trailing_commas: int = 0
+    inserted: list[str] = field(default_factory=list)  # closers inserted where the model forgot them
+    stray: list[str] = field(default_factory=list)  # closers without an opener (skipped)
+    string_after: str = ""  # the significant character before the last string (":" -> a value)
+
+
+def _closes_single_quote(src: str, k: int) -> bool:
+    """Is the ' before index k the end of a single-quoted string (not an apostrophe)?"""
+    n = len(src)
+    while k < n and src[k] in _WS:
+        k += 1
+    return k >= n or src[k] in ",:}]"
+
+
+def _scan(src: str, start: int) -> _Scan:
+    sc = _Scan(out=[])
+    out, stack = sc.out, sc.stack
+    quote: str | None = None
+    i, n = start, len(src)
+
+    def closed(frame: _Frame) -> None:
+        if frame.elem:
+            sc.n_elems += 1
+        if frame.elem or len(stack) == 1:  # after a whole object, or a whole value of the root
+            sc.safe_len = len(out)
+            sc.safe_stack = [f.opener for f in stack]
+
+    while i < n:
+        c = src[i]
+        if quote is not None:
+            if c == "\\":
+                if i + 1 < n:
+                    nxt = src[i + 1]
+                    if quote == "'" and nxt == "'":
+                        out.append("'")
+                    else:
+                        out.append(c)
+                        out.append(nxt)
+                    i += 2
+                else:  # text ends on a backslash inside a string
+                    i += 1
+                continue
+            if c == quote:
+                if quote == "'" and not _closes_single_quote(src, i + 1):
+                    out.append("'")  # an apostrophe inside a single-quoted string
+                else:
+                    out.append('"')
+                    quote = None
+                i += 1
+                continue
+            out.append('\\"' if c == '"' else c)  # '"' only reaches here inside '...'
+            i += 1
+            continue
+        if c == '"' or c == "'":
+            if c == "'":
+                sc.single_quoted += 1
+            j = len(out) - 1
+            while j >= 0 and out[j] in _WS:
+                j -= 1
+            sc.string_after = out[j] if j >= 0 else ""
+            quote = c
+            out.append('"')
+        elif c == "{" or c == "[":
+            parents = [f.opener for f in stack]
+            elem = c == "{" and parents in (["["], ["{", "["])
+            stack.append(_Frame(c, i, elem))
+            out.append(c)
+        elif c == "}" or c == "]":
+            opener = "{" if c == "}" else "["
+            j = len(out) - 1
+            while j >= 0 and out[j] in _WS:
+                j -= 1
+            if j >= 0 and out[j] == ",":
+                del out[j]
+                sc.trailing_commas += 1
+            if stack[-1].opener != opener:
+                if not any(f.opener == opener for f in stack):
+                    sc.stray.append(c)
+                    i += 1
+                    continue
+                while stack[-1].opener != opener:  # the model forgot to close these
+                    frame = stack.pop()
+                    closer = "}" if frame.opener == "{" else "]"
+                    out.append(closer)
+                    sc.inserted.append(closer)
+                    closed(frame)
+            frame = stack.pop()
+            out.append(c)
+            if not stack:
+                sc.root_closed = True
+                sc.src_end = i + 1
+                return sc
+            closed(frame)
+        else:
+            out.append(c)
+        i += 1
+    sc.in_string = quote is not None
+    sc.src_end = n
+    return sc
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and validation.
+
+
+def _loads(text: str, repairs: list[str]) -> tuple[bool, Any]:
+    try:
+        return True, json.loads(text, strict=False)
+    except ValueError:
+        pass
+    try:
+        import json_repair
+    except ImportError:  # pragma: no cover - json-repair is a dependency
+        return False, None
+    try:
+        value = json_repair.loads(text)
+    except Exception:  # noqa: BLE001 - any failure of the repair library is a parse failure
+        return False, None
+    if isinstance(value, (dict, list)) and (value or text.strip() in ("{}", "[]")):
+        repairs.append("fixed malformed JSON with json_repair")
+        return True, value
+    return False, None
+
+
+def _start_candidates(text: str) -> list[int]:
+    """Where the answer may start, best guess first: ``{"objects"``, then a list of objects
+    (``[{`` / ``[]``) or the first ``{``, whichever comes first, then the other."""
+    cands: list[int] = []
+    m = _START_OBJECTS_RE.search(text)
+    if m:
+        cands.append(m.start())
+    m = _START_LIST_RE.search(text)
+    rest = sorted(p for p in ((m.start() if m else -1), text.find("{")) if p >= 0)
+    cands.extend(rest)
+    return list(dict.fromkeys(p for p in cands if p >= 0))
+
+
+def _note_outside(text: str, where: str, repairs: list[str]) -> None:
+    if "```" in text and "removed ``` code fence" not in repairs:
+        repairs.append("removed ``` code fence")
+    rest = _FENCE_RE.sub("", text).strip()
+    if rest:
+        repairs.append(f"ignored text {where} the JSON: {_snip(rest)}")
+
+
+def _coerce_coord(v: Any, where: str, notes: list[str]) -> tuple[int | None, str | None]:
+    """One coordinate -> (int, None) or (None, reason)."""
+    if isinstance(v, bool):
+        return None, f"{v!r} is not an integer"
+    if isinstance(v, int):
+        return v, None
+    if isinstance(v, float):
+        if v == v and v not in (float("inf"), float("-inf")) and v.is_integer():
+            notes.append(f"{where}: read {v!r} as {int(v)}")
+            return int(v), None
+        return None, f"{v!r} is not an integer"
+    if isinstance(v, str):
+        m = _BARE_COORD_RE.fullmatch(v.strip())
+        if m:
+            return int(m.group(1)), None
+        if _DIGITS_RE.match(v):
+            notes.append(f"{where}: read string {v!r} as {int(v)}")
+            return int(v), None
+        return None, f"{v!r} is not an integer"
+    return None, f"{v!r} is not an integer"
+
+
+def _validate(obj: Any, where: str, coord_max: int | None, notes: list[str]) -> PredObject | tuple[ErrorCode, str]:
+    if not isinstance(obj, dict):
+        return ErrorCode.PARSE_FAILED, f"not an object ({type(obj).__name__})"
+    bad = [k for k in INVALID_GEOMETRY_KEYS if k in obj]
+    if bad:
+        return ErrorCode.INVALID_GEOMETRY, f"geometry {bad[0]!r} is not allowed (use bbox_2d or poly)"
+    geoms = [k for k in GEOMETRY_TYPES if k in obj]
+    if not geoms:
+        return ErrorCode.INVALID_GEOMETRY, "no bbox_2d or poly"
+    if len(geoms) > 1:
+        return ErrorCode.INVALID_GEOMETRY, "both bbox_2d and poly"
+    gtype = geoms[0]
+    raw = obj[gtype]
+    if not isinstance(raw, list):
+        return ErrorCode.INVALID_GEOMETRY, f"{gtype} is not a list ({type(raw).__name__})"
+    local: list[str] = []
+    if raw and all(isinstance(p, list) and len(p) == 2 for p in raw):
+        raw = [v for p in raw for v in p]
+        local.append(f"{where}: flattened [x, y] pairs of {gtype}")
+    pts: list[int] = []
+    for v in raw:
+        k, why = _coerce_coord(v, where, local)
+        if why is not None:
+            return ErrorCode.INVALID_COORD, why
+        if k < 0:
+            return ErrorCode.INVALID_COORD, f"{k} < 0"
+        if coord_max is not None and k > coord_max:
+            return ErrorCode.INVALID_COORD, f"{k} > {coord_max}"
+        pts.append(k)
+    if gtype == "bbox_2d" and len(pts) != 4:
+        return ErrorCode.INVALID_GEOMETRY, f"bbox_2d needs 4 numbers, got {len(pts)}"
+    if gtype == "poly" and (len(pts) < 6 or len(pts) % 2):
+        return ErrorCode.INVALID_GEOMETRY, f"poly needs an even count >= 6 of numbers, got {len(pts)}"
+    desc = obj["desc"] if "desc" in obj else obj.get("label")
+    if desc is None:
+        return ErrorCode.PARSE_FAILED, "no desc"
+    if not isinstance(desc, str):
+        return ErrorCode.PARSE_FAILED, f"desc is not a string ({type(desc).__name__})"
+    if not desc.strip():
+        return ErrorCode.PARSE_FAILED, "empty desc"
+    notes.extend(local)
+    return PredObject(type=gtype, points=pts, desc=desc, score=1.0)
+
+
+def _objects_of(value: Any, repairs: list[str]) -> list[Any] | None:
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        if "objects" in value:
+            objs = value["objects"]
+            return objs if isinstance(objs, list) else None
+        keys = set(GEOMETRY_TYPES) | set(INVALID_GEOMETRY_KEYS) | {"desc", "label"}
+        if keys & set(value):
+            repairs.append("read a bare object as a one-object list")
+            return [value]
+    return None
+
+
+def _fail(res: ParseResult, code: ErrorCode, message: str) -> ParseResult:
+    res.preds = []
+    res.error = code
+    res.error_message = message
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_model_output(text: str, coord_mode: str = "norm1000") -> ParseResult:
+    """Parse one model answer (CoordJSON, possibly damaged) into predictions. Never raises on
+    bad text; raises ``ValueError`` for an unknown ``coord_mode``. See the module docstring."""
+    if coord_mode not in COORD_MODE_MAX:
+        raise ValueError(f"unknown coord_mode {coord_mode!r}; expected one of {', '.join(COORD_MODES)}")
+    coord_max = COORD_MODE_MAX[coord_mode]
+    res = ParseResult()
+    repairs = res.repairs
+    if text is None:
+        text = ""
+    elif isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", errors="replace")
+    elif not isinstance(text, str):
+        raise TypeError(f"model text must be str, got {type(text).__name__}")
+
+    # 1. Special tokens, think blocks, coord tokens.
+    specials = [t for t in _SPECIAL_RE.findall(text) if t not in _END_TOKENS]
+    if specials:
+        repairs.append(f"removed special token(s) {', '.join(dict.fromkeys(specials))}")
+    text = strip_special(text)
+    if "<think>" in text:
+        text, n_think = _THINK_RE.subn("", text)
+        if n_think:
+            repairs.append("removed <think> block")
+    if not text.strip():
+        return _fail(res, ErrorCode.EMPTY_PRED, "empty model output")
+    text, n_quoted = replace_coord_tokens(text)
+    if n_quoted:
+        repairs.append(f"unquoted {n_quoted} quoted coord token(s)")
+
+    first: ParseResult | None = None
+    for start in _start_candidates(text):
+        attempt = ParseResult(repairs=list(repairs))
+        if _parse_from(text, start, coord_max, attempt):
+            return attempt
+        first = first or attempt
+    if first is None:
+        return _fail(res, ErrorCode.PARSE_FAILED, f"no JSON object or list in the text: {_snip(text)}")
+    return first
+
+
+def _parse_from(text: str, start: int, coord_max: int | None, res: ParseResult) -> bool:
+    """Parse the answer starting at text[start] into `res`. False when no objects list was found
+    there (so the caller may try another start); `res` then holds the failure."""
+    repairs = res.repairs
+    _note_outside(text[:start], "before", repairs)
+
+    # 2. Strict JSON first.
+    value: Any = None
+    ok = False
+    truncated_elem: int | None = None  # index of an object closed by repair at the end of the text
+    tail_drop: str | None = None  # the note for an object cut mid-way and dropped
+    truncated_root = False  # the root object was closed by repair at the end of the text
+    try:
+        value, end = json.JSONDecoder(strict=False).raw_decode(text, start)
+        ok = True
+        _note_outside(text[end:], "after", repairs)
+    except ValueError:
+        pass
+
+    # 3. Scanner + truncation-aware cut, then json_repair.
+    if not ok:
+        sc = _scan(text, start)
+        if sc.single_quoted:
+            repairs.append("replaced single quotes with double quotes")
+        if sc.trailing_commas:
+            repairs.append(f"removed {sc.trailing_commas} trailing comma(s)")
+        if sc.inserted:
+            repairs.append(f"inserted missing closing bracket(s) {''.join(sc.inserted)!r}")
+        if sc.stray:
+            repairs.append(f"removed stray closing bracket(s) {''.join(sc.stray)!r}")
+        if sc.root_closed:
+            _note_outside(text[sc.src_end:], "after", repairs)
+            ok, value = _loads("".join(sc.out), repairs)
+        else:
+            res.truncated = True
+            stack = sc.stack
+            top = stack[-1] if stack else None
+            open_elem = next((f for f in stack if f.elem), None)
+            # (a) the text stops right after a complete value of the last open object: close it.
+            if (not sc.in_string and top is not None and top.opener == "{"
+                    and (top.elem or (len(stack) == 1 and sc.n_elems == 0))):
+                body = "".join(sc.out).rstrip(_WS)
+                if body.endswith(","):
+                    body = body[:-1].rstrip(_WS)
+                last = body[-1:]
+                # after a complete value: a string that follows ':', a closed list/object, a number
+                # or literal (only extra keys can hold those); not after a key, ':' or the '{'.
+                if (last == '"' and sc.string_after == ":") or last in ("]", "}") or last.isalnum():
+                    closers = _closers([f.opener for f in stack])
+                    trial: list[str] = []
+                    ok, value = _loads(body + closers, trial)
+                    if ok:
+                        repairs.append(f"text ends before the closing bracket(s): appended {closers!r}")
+                        repairs.extend(trial)
+                        if top.elem:
+                            truncated_elem = sc.n_elems
+                        else:
+                            truncated_root = True
+            # (b) cut back to the last complete object and close the brackets open there.
+            if not ok:
+                if open_elem is not None:
+                    res.num_dropped += 1
+                    tail_drop = (f"dropped objects[{sc.n_elems}]: parse_failed: text cut mid-object: "
+                                 f"{_snip(text[open_elem.src:])}")
+                    repairs.append(tail_drop)
+                if sc.safe_len is None:
+                    if tail_drop is None:
+                        repairs.append("text cut before any complete object")
+                    _fail(res, ErrorCode.PARSE_FAILED, tail_drop or "text cut before any complete object")
+                    return tail_drop is not None
+                tail = "".join(sc.out[sc.safe_len:]).strip(_WS + ",")
+                if open_elem is None and tail.strip("]}" + _WS):
+                    repairs.append(f"dropped unfinished text at the end: {_snip(tail)}")
+                closers = _closers(sc.safe_stack)
+                if closers:
+                    repairs.append(f"text ends before the closing bracket(s): appended {closers!r}")
+                ok, value = _loads("".join(sc.out[: sc.safe_len]) + closers, repairs)
+
+    if not ok:
+        _fail(res, ErrorCode.PARSE_FAILED, f"no CoordJSON could be recovered: {_snip(text[start:])}")
+        return False
+    objs = _objects_of(value, repairs)
+    if objs and not any(isinstance(o, dict) for o in objs):
+        objs = None  # e.g. [1, 2, 3, 4] or json_repair's reading of prose: not a list of objects
+    if objs is None:
+        _fail(res, ErrorCode.PARSE_FAILED,
+              f"no 'objects' list in the JSON: {_snip(json.dumps(value, ensure_ascii=False))}")
+        return False
+    if truncated_root and isinstance(value, dict) and "objects" not in value:
+        truncated_elem = 0  # the bare object itself was closed by repair
+
+    # 4. Validate every object.
+    first_drop: tuple[ErrorCode, str] | None = None
+    if tail_drop is not None:  # the truncated tail, dropped before validation
+        first_drop = (ErrorCode.PARSE_FAILED, tail_drop)
+    seen: dict[tuple, int] = {}
+    drops: list[tuple[ErrorCode, str]] = []
+    for idx, obj in enumerate(objs):
+        where = f"objects[{idx}]"
+        got = _validate(obj, where, coord_max, repairs)
+        if isinstance(got, tuple):
+            code, why = got
+            if idx == truncated_elem:  # closed by repair at the end of the text
+                if why in ("no bbox_2d or poly", "no desc"):  # it might have come next: a cut, not a bad object
+                    code, why = ErrorCode.PARSE_FAILED, f"text cut mid-object ({why})"
+                else:
+                    why += " (object cut by the end of the text)"
+            note = f"dropped {where}: {code.value}: {why}"
+            repairs.append(note)
+            res.num_dropped += 1
+            drops.append((code, note))
+            continue
+        key = (got.type, tuple(got.points))
+        if key in seen:
+            repairs.append(f"kept duplicate {where}: same {got.type} as objects[{seen[key]}]")
+        else:
+            seen[key] = idx
+        res.preds.append(got)
+    if drops:  # validation drops come before the truncated tail in text order
+        first_drop = drops[0]
+    if not res.preds and first_drop is not None:
+        res.error, res.error_message = first_drop
+    return True
