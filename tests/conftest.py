@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny checkpoint built once per session, datasets with every kind of bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
+SAMPLE_DIR = os.path.join(REPO_ROOT, "data", "sample")
+DEMO_CKPT = os.path.join(REPO_ROOT, "checkpoints", "coordexp-demo-shapes")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> str:
+    """A random tiny Qwen3-VL checkpoint, built offline with the project's own builder."""
+    from coordexp.tiny import build_tiny_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-qwen3vl"
+    build_tiny_checkpoint(str(out), family="qwen3_vl", seed=0)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> str:
+    return os.path.join(SAMPLE_DIR, "sample.jsonl")
+
+
+@pytest.fixture()
+def bad_dataset(tmp_path) -> tuple[str, list[str | None]]:
+    """A JSONL mixing good records with every kind of bad input; returns (path, expected error per line)."""
+    from PIL import Image
+
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    with open(os.path.join(SAMPLE_DIR, "sample.jsonl")) as f:
+        good = [json.loads(line) for line in f][:2]
+    for rec in good:
+        shutil.copy(os.path.join(SAMPLE_DIR, rec["images"][0]), img_dir / os.path.basename(rec["images"][0]))
+        rec["images"] = ["images/" + os.path.basename(rec["images"][0])]
+    (img_dir / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    (img_dir / "empty.png").write_bytes(b"")
+    Image.new("RGB", (300, 200), "white").save(img_dir / "big.png")
+    g0 = good[0]
+    lines = [
+        (json.dumps(g0), None),
+        ("{not json", "invalid_input"),
+        ("[1, 2, 3]", "invalid_input"),
+        (json.dumps({"images": ["images/x.png"], "width": 10}), "invalid_input"),  # no height
+        (json.dumps({**g0, "images": ["images/missing.png"]}), "image_load_failed"),
+        (json.dumps({**g0, "images": ["images/corrupt.png"]}), "image_load_failed"),
+        (json.dumps({**g0, "images": ["images/empty.png"]}), "image_load_failed"),
+        (json.dumps({**g0, "width": g0["width"] + 1}), "size_mismatch"),
+        (json.dumps({**g0, "images": [g0["images"][0], g0["images"][0]]}), "multi_image_not_supported"),
+        (json.dumps({"images": ["images/big.png"], "width": 300, "height": 200, "objects": []}), "image_too_large"),
+        ("   ", "invalid_input"),
+        (json.dumps({**g0, "objects": [{"desc": "x", "line": [1, 2, 3, 4]}]}), "invalid_geometry"),
+        (json.dumps(good[1]), None),
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(text for text, _ in lines) + "\n")
+    return str(path), [code for _, code in lines]
