@@ -1,0 +1,211 @@
+"""What the Triton Python models of a CoordExp repository share: tensor names, the folder layout,
+config parameters, request errors and small numpy helpers.
+
+Light imports only (numpy): the repository writer, the client and the tests import this too.
+`triton_python_backend_utils` exists only inside the Python-backend stub, so the
+`TritonPythonModel` classes import it in `initialize()` and nothing here does.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+# ---------------------------------------------------------------------------- model names
+ENSEMBLE = "coordexp"
+PREPROCESS = "preprocess"
+VISION_ENCODER = "vision_encoder"
+LLM = "llm"
+POSTPROCESS = "postprocess"
+MODELS = (PREPROCESS, VISION_ENCODER, LLM, POSTPROCESS, ENSEMBLE)
+
+# ---------------------------------------------------------------------------- folder layout
+# Paths relative to the repository root. The ONNX graphs (vision.onnx, embed.onnx, decoder.onnx,
+# onnx_meta.json) live once, inside the llm model's version folder; vision_encoder reads the
+# same folder through its `onnx_dir` parameter. The processor files (tokenizer, chat template,
+# image processor config; no weights) live once in preprocess/1/processor, which postprocess
+# reads through its `processor_dir` parameter. Triton ignores non-numeric folders inside a
+# model's version folder, and a folder at the repository root that is not a model would make
+# the server fail to start, so nothing else sits at the root except manifest.json.
+ONNX_SUBDIR = "llm/1/onnx"
+PROCESSOR_SUBDIR = "preprocess/1/processor"
+MANIFEST = "manifest.json"
+ONNX_META = "onnx_meta.json"
+
+# ---------------------------------------------------------------------------- tensor names
+# Ensemble inputs (named like Triton's TensorRT-LLM ensembles).
+IMAGE_BYTES_INPUT = "image_bytes_input"  # BYTES [1]: the encoded image file (never a path)
+TEXT_INPUT = "text_input"  # BYTES [1], optional: user prompt replacing PromptSpec.user_text
+MAX_TOKENS = "max_tokens"  # INT32 [1], optional (-> llm request_output_len)
+TEMPERATURE = "temperature"  # FP32 [1], optional; 0 = greedy
+RUNTIME_TOP_P = "runtime_top_p"  # FP32 [1], optional
+REPETITION_PENALTY = "repetition_penalty"  # FP32 [1], optional
+RANDOM_SEED = "random_seed"  # UINT64 [1], optional
+GUIDED = "guided"  # BOOL [1], optional
+IGNORE_EOS = "ignore_eos"  # BOOL [1], optional
+# Internal tensors between the steps.
+INPUT_IDS = "input_ids"  # INT32 [-1], left padded within a request
+ATTENTION_MASK = "attention_mask"  # INT32 [-1]
+INPUT_LENGTHS = "input_lengths"  # INT32 [1]
+PIXEL_VALUES = "pixel_values"  # FP32 [-1, -1] (patches x patch dim), zero padded within a request
+IMAGE_GRID_THW = "image_grid_thw"  # INT64 [3]
+IMAGE_EMBEDS = "image_embeds"  # FP32 [-1, -1] (image tokens x hidden), zero padded within a request
+DEEPSTACK_EMBEDS = "deepstack_embeds"  # FP32 [-1, -1, -1] (deepstack layers x image tokens x hidden)
+REQUEST_OUTPUT_LEN = "request_output_len"  # llm's name for max_tokens
+# Outputs.
+OUTPUT_IDS = "output_ids"  # INT32 [-1], generated ids (stop token excluded), padded with pad id
+SEQUENCE_LENGTH = "sequence_length"  # INT32 [1]: number of generated ids
+TEXT_OUTPUT = "text_output"  # BYTES [1]: the decoded model text (coord tokens kept)
+PREDS_JSON = "preds_json"  # BYTES [1]: {"preds", "error", "error_message", "repairs"}
+
+# Ensemble decoding inputs -> llm inputs
+DECODING_INPUTS = {
+    MAX_TOKENS: REQUEST_OUTPUT_LEN,
+    TEMPERATURE: TEMPERATURE,
+    RUNTIME_TOP_P: RUNTIME_TOP_P,
+    REPETITION_PENALTY: REPETITION_PENALTY,
+    RANDOM_SEED: RANDOM_SEED,
+    GUIDED: GUIDED,
+    IGNORE_EOS: IGNORE_EOS,
+}
+
+
+class RequestError(ValueError):
+    """A problem with one request: it becomes that request's Triton error, the others go on."""
+
+
+# ---------------------------------------------------------------------------- config helpers
+def config_parameters(model_config: dict[str, Any] | str) -> dict[str, str]:
+    """`parameters { key: "k" value { string_value: "v" } }` of a model config (as the stub's
+    `args["model_config"]` JSON gives it) -> {k: v}."""
+    cfg = json.loads(model_config) if isinstance(model_config, str) else model_config
+    out = {}
+    for key, val in (cfg.get("parameters") or {}).items():
+        out[key] = val.get("string_value", "") if isinstance(val, dict) else str(val)
+    return out
+
+
+def repository_root(args: dict[str, Any]) -> str:
+    """The repository root from the stub's `args` (`model_repository` is the model's folder)."""
+    return os.path.dirname(os.path.abspath(args["model_repository"]))
+
+
+def resolve(root: str, path: str) -> str:
+    """A config path parameter: absolute as given, else relative to the repository root."""
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
+
+
+def int_param(params: dict[str, str], key: str, default: int) -> int:
+    v = params.get(key, "")
+    return int(v) if v.strip() else default
+
+
+def read_manifest(repo: str) -> dict[str, Any]:
+    with open(os.path.join(repo, MANIFEST), "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------- numpy helpers
+def as_str(value: Any) -> str:
+    """One BYTES tensor element -> str."""
+    if isinstance(value, (bytes, bytearray, np.bytes_)):
+        return bytes(value).decode("utf-8", errors="strict")
+    return str(value)
+
+
+def as_bytes(value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray, np.bytes_)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    raise RequestError(f"expected bytes, got {type(value).__name__}")
+
+
+def rows(arr: np.ndarray | None, batch: int, name: str) -> list[Any]:
+    """The per-row scalars of an optional [B, 1] (or [B]) input; None -> [None] * B."""
+    if arr is None:
+        return [None] * batch
+    a = np.asarray(arr)
+    flat = a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1)
+    if flat.shape[0] != batch:
+        raise RequestError(f"{name}: {flat.shape[0]} rows for a batch of {batch}")
+    if flat.shape[1] != 1:
+        raise RequestError(f"{name}: expected one value per row, got shape {list(a.shape)}")
+    return [flat[i, 0] for i in range(batch)]
+
+
+def pad_stack(arrays: Sequence[np.ndarray], axis_len: int | None = None, value: float | int = 0,
+              left: bool = False) -> np.ndarray:
+    """Stack arrays that differ only in their first dimension, padding it to the longest."""
+    n = max(a.shape[0] for a in arrays) if axis_len is None else axis_len
+    first = arrays[0]
+    out = np.full((len(arrays), n) + tuple(first.shape[1:]), value, dtype=first.dtype)
+    for i, a in enumerate(arrays):
+        if left:
+            out[i, n - a.shape[0]:] = a
+        else:
+            out[i, :a.shape[0]] = a
+    return out
+
+
+def bytes_array(values: Iterable[str | bytes]) -> np.ndarray:
+    """[B, 1] object array of bytes (a BYTES tensor)."""
+    vals = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
+    arr = np.empty((len(vals), 1), dtype=object)
+    for i, v in enumerate(vals):
+        arr[i, 0] = v
+    return arr
+
+
+def error_text(exc: BaseException) -> str:
+    """The message a client sees for a failed request."""
+    if isinstance(exc, RequestError):
+        return str(exc)
+    code = getattr(exc, "code", None)
+    if code is not None:  # ContractError
+        return f"{code}: {getattr(exc, 'message', str(exc))}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class TritonRequestView:
+    """What the serving logic needs of one Triton request: its named inputs as numpy (absent
+    optional inputs are missing from the dict)."""
+
+    inputs: dict[str, np.ndarray]
+
+    def get(self, name: str) -> np.ndarray | None:
+        return self.inputs.get(name)
+
+    def need(self, name: str) -> np.ndarray:
+        arr = self.inputs.get(name)
+        if arr is None:
+            raise RequestError(f"missing input tensor {name!r}")
+        return arr
+
+    @property
+    def batch(self) -> int:
+        for arr in self.inputs.values():
+            return int(np.asarray(arr).shape[0]) if np.asarray(arr).ndim else 1
+        return 0
+
+
+def request_view(pb_utils: Any, request: Any, names: Iterable[str]) -> TritonRequestView:
+    """Read the named inputs of a pb_utils.InferenceRequest (optional ones may be absent)."""
+    inputs = {}
+    for name in names:
+        t = pb_utils.get_input_tensor_by_name(request, name)
+        if t is not None:
+            inputs[name] = t.as_numpy()
+    return TritonRequestView(inputs)
+
+
+def error_response(pb_utils: Any, exc: BaseException) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error_text(exc)))
+
+
+def response(pb_utils: Any, outputs: dict[str, np.ndarray]) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])

@@ -1,0 +1,223 @@
+"""The `llm` model: prompt ids + image embeddings -> generated ids (ONNX Runtime decode loop, KV cache).
+
+Per request:
+  input_ids INT32 [B, T] (left padded), attention_mask INT32 [B, T], input_lengths INT32 [B, 1],
+  image_grid_thw INT64 [B, 3], image_embeds FP32 [B, N, H], deepstack_embeds FP32 [B, L, N, H],
+  optional: request_output_len INT32, temperature FP32, runtime_top_p FP32, repetition_penalty FP32,
+            random_seed UINT64, guided BOOL, ignore_eos BOOL (each [B, 1])
+  -> output_ids INT32 [B, S] (stop token excluded, padded with the pad id), sequence_length INT32 [B, 1]
+
+Triton's dynamic batcher hands `execute()` several requests at once; every row of every request
+becomes one item, the items are grouped by their decoding parameters (same params -> one
+left-padded batch, one `OnnxParts.generate` call, in arrival order) and the results are split back.
+Decoding is exactly the in-process ONNX engine's (same `OnnxParts.generate`, same params), so a
+served greedy answer equals the in-process one token for token.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from coordexp.engines.base import GenerationParams
+from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, IGNORE_EOS, IMAGE_EMBEDS,
+                                     IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, ONNX_SUBDIR, OUTPUT_IDS,
+                                     RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P,
+                                     SEQUENCE_LENGTH, TEMPERATURE, RequestError, TritonRequestView,
+                                     config_parameters, error_response, int_param, pad_stack, repository_root,
+                                     request_view, resolve, response, rows)
+from coordexp.serving.vision_encoder import merge_size_of
+
+LLM_INPUTS = (INPUT_IDS, ATTENTION_MASK, INPUT_LENGTHS, IMAGE_GRID_THW, IMAGE_EMBEDS, DEEPSTACK_EMBEDS,
+              REQUEST_OUTPUT_LEN, TEMPERATURE, RUNTIME_TOP_P, REPETITION_PENALTY, RANDOM_SEED, GUIDED, IGNORE_EOS)
+
+
+@dataclass
+class LlmItem:
+    """One row: unpadded prompt ids, its image features and its decoding parameters."""
+
+    ids: np.ndarray  # [T_i] int64
+    grid: np.ndarray  # [3] int64
+    embeds: np.ndarray  # [N_i, H]
+    deepstack: np.ndarray  # [L, N_i, H]
+    params: GenerationParams
+
+
+def params_for_row(defaults: GenerationParams, limit: int, max_tokens: Any = None, temperature: Any = None,
+                   top_p: Any = None, repetition_penalty: Any = None, seed: Any = None, guided: Any = None,
+                   ignore_eos: Any = None) -> GenerationParams:
+    """A row's GenerationParams: the repository defaults overridden by the inputs that were sent."""
+    kw: dict[str, Any] = {}
+    if max_tokens is not None:
+        n = int(max_tokens)
+        if n < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {n}")
+        if n > limit:
+            raise RequestError(f"max_tokens={n} exceeds this repository's limit of {limit} new tokens")
+        kw["max_new_tokens"] = n
+    if temperature is not None:
+        kw["temperature"] = float(temperature)
+    if top_p is not None:
+        kw["top_p"] = float(top_p)
+    if repetition_penalty is not None:
+        kw["repetition_penalty"] = float(repetition_penalty)
+    if seed is not None:
+        kw["seed"] = int(seed)
+    if guided is not None:
+        kw["guided"] = bool(guided)
+    if ignore_eos is not None:
+        kw["ignore_eos"] = bool(ignore_eos)
+    try:
+        return replace(defaults, **kw)
+    except ValueError as e:  # GenerationParams validation
+        raise RequestError(str(e)) from None
+
+
+class LlmBatcher:
+    """Rows of several requests -> one generate call per distinct set of decoding parameters."""
+
+    def __init__(self, parts: Any, defaults: GenerationParams | None = None, max_new_tokens: int | None = None,
+                 pad_token_id: int = 0, merge_size: int | None = None, max_batch_size: int | None = None):
+        self.parts = parts
+        self.defaults = defaults or GenerationParams()
+        self.limit = int(max_new_tokens or self.defaults.max_new_tokens)
+        self.pad_token_id = int(pad_token_id)
+        self.merge_size = int(merge_size or merge_size_of(getattr(parts, "meta", {}) or {}))
+        self.max_batch_size = max_batch_size
+        self.calls: list[int] = []  # batch size of every generate call (tests, stats)
+
+    # ------------------------------------------------------------------ requests -> items
+    def items_of(self, view: TritonRequestView) -> list[LlmItem]:
+        ids = np.asarray(view.need(INPUT_IDS))
+        mask = np.asarray(view.need(ATTENTION_MASK))
+        grid = np.asarray(view.need(IMAGE_GRID_THW), dtype=np.int64)
+        embeds = np.asarray(view.need(IMAGE_EMBEDS), dtype=np.float32)
+        deep = np.asarray(view.need(DEEPSTACK_EMBEDS), dtype=np.float32)
+        if ids.ndim != 2 or mask.shape != ids.shape:
+            raise RequestError(f"{INPUT_IDS} {list(ids.shape)} / {ATTENTION_MASK} {list(mask.shape)}: expected [B, T]")
+        batch = ids.shape[0]
+        if grid.shape != (batch, 3) or embeds.ndim != 3 or embeds.shape[0] != batch or deep.ndim != 4 \
+                or deep.shape[0] != batch:
+            raise RequestError(f"inconsistent image tensors for a batch of {batch}: {IMAGE_GRID_THW} "
+                               f"{list(grid.shape)}, {IMAGE_EMBEDS} {list(embeds.shape)}, {DEEPSTACK_EMBEDS} "
+                               f"{list(deep.shape)}")
+        lengths = view.get(INPUT_LENGTHS)
+        opt = {name: rows(view.get(name), batch, name) for name in
+               (REQUEST_OUTPUT_LEN, TEMPERATURE, RUNTIME_TOP_P, REPETITION_PENALTY, RANDOM_SEED, GUIDED, IGNORE_EOS)}
+        items = []
+        for i in range(batch):
+            keep = mask[i].astype(bool)
+            row = ids[i][keep].astype(np.int64)
+            if lengths is not None and int(np.asarray(lengths).reshape(batch, -1)[i, 0]) != row.shape[0]:
+                raise RequestError(f"{INPUT_LENGTHS}[{i}] does not match {ATTENTION_MASK}[{i}]")
+            n = int(np.prod(grid[i])) // (self.merge_size ** 2)
+            if n > embeds.shape[1] or n > deep.shape[2]:
+                raise RequestError(f"{IMAGE_GRID_THW}[{i}] needs {n} image tokens, got {embeds.shape[1]}")
+            params = params_for_row(self.defaults, self.limit, opt[REQUEST_OUTPUT_LEN][i], opt[TEMPERATURE][i],
+                                    opt[RUNTIME_TOP_P][i], opt[REPETITION_PENALTY][i], opt[RANDOM_SEED][i],
+                                    opt[GUIDED][i], opt[IGNORE_EOS][i])
+            if params.guided:
+                raise RequestError("guided decoding is not available in this repository's llm model "
+                                   "(ONNX Runtime backend); send guided=false")
+            items.append(LlmItem(row, grid[i], embeds[i, :n], deep[i, :, :n], params))
+        return items
+
+    # ------------------------------------------------------------------ generation
+    def generate_group(self, items: Sequence[LlmItem]) -> list[list[int]]:
+        """Items sharing their params -> one left-padded batch -> generated ids per item."""
+        params = items[0].params
+        input_ids = pad_stack([it.ids for it in items], value=self.pad_token_id, left=True)
+        attention_mask = pad_stack([np.ones_like(it.ids) for it in items], value=0, left=True)
+        grid = np.stack([it.grid for it in items]).astype(np.int64)
+        embeds = np.concatenate([it.embeds for it in items], axis=0)
+        deep = np.concatenate([it.deepstack for it in items], axis=1)
+        self.calls.append(len(items))
+        out = self.parts.generate(input_ids, attention_mask, grid, embeds, deep, params)
+        if len(out) != len(items):
+            raise RuntimeError(f"generate returned {len(out)} rows for {len(items)}")
+        return [[int(t) for t in row] for row in out]
+
+    def generate(self, items: Sequence[LlmItem]) -> list[list[int] | Exception]:
+        """All items -> generated ids (or the exception of their group), in input order."""
+        groups: dict[str, list[int]] = {}
+        for k, it in enumerate(items):
+            groups.setdefault(json.dumps(it.params.to_dict(), sort_keys=True), []).append(k)
+        results: list[list[int] | Exception] = [RuntimeError("not run")] * len(items)
+        for idx in groups.values():
+            size = self.max_batch_size or len(idx)
+            for start in range(0, len(idx), size):
+                chunk = idx[start:start + size]
+                try:
+                    outs = self.generate_group([items[k] for k in chunk])
+                except Exception as e:  # one failing group must not fail the others
+                    outs = [e] * len(chunk)
+                for k, o in zip(chunk, outs):
+                    results[k] = o
+        return results
+
+    def outputs(self, generated: Sequence[list[int]]) -> dict[str, np.ndarray]:
+        """One request's rows -> output_ids [B, S] (pad-filled) and sequence_length [B, 1]."""
+        longest = max(1, max(len(g) for g in generated))
+        ids = np.full((len(generated), longest), self.pad_token_id, dtype=np.int32)
+        for i, g in enumerate(generated):
+            ids[i, :len(g)] = g
+        lengths = np.asarray([[len(g)] for g in generated], dtype=np.int32)
+        return {OUTPUT_IDS: ids, SEQUENCE_LENGTH: lengths}
+
+    def run(self, views: Sequence[TritonRequestView]) -> list[dict[str, np.ndarray] | Exception]:
+        """Several requests (one dynamic batch) -> their outputs (or their error)."""
+        per_request: list[list[LlmItem] | Exception] = []
+        for view in views:
+            try:
+                per_request.append(self.items_of(view))
+            except Exception as e:
+                per_request.append(e)
+        flat = [it for items in per_request if not isinstance(items, Exception) for it in items]
+        generated = self.generate(flat) if flat else []
+        results: list[dict[str, np.ndarray] | Exception] = []
+        pos = 0
+        for items in per_request:
+            if isinstance(items, Exception):
+                results.append(items)
+                continue
+            mine = generated[pos:pos + len(items)]
+            pos += len(items)
+            err = next((g for g in mine if isinstance(g, Exception)), None)
+            results.append(err if err is not None else self.outputs(mine))  # type: ignore[arg-type]
+        return results
+
+
+def defaults_from_params(params: dict[str, str]) -> GenerationParams:
+    """The decoding defaults the repository writer stored in the llm config (`decoding_defaults`)."""
+    raw = params.get("decoding_defaults")
+    return GenerationParams(**json.loads(raw)) if raw else GenerationParams()
+
+
+class TritonPythonModel:
+    """Triton Python-backend model `llm`."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        from coordexp.engines.onnx_engine import OnnxParts
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        params = config_parameters(config)
+        root = repository_root(args)
+        parts = OnnxParts(resolve(root, params.get("onnx_dir") or ONNX_SUBDIR),
+                          threads=int_param(params, "intra_op_threads", 0) or None)
+        defaults = defaults_from_params(params)
+        self.batcher = LlmBatcher(parts, defaults, int_param(params, "max_new_tokens", defaults.max_new_tokens),
+                                  pad_token_id=int_param(params, "pad_token_id", 0),
+                                  merge_size=int_param(params, "merge_size", 0) or None,
+                                  max_batch_size=int(config.get("max_batch_size") or 0) or None)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        views = [request_view(self.pb, r, LLM_INPUTS) for r in requests]
+        out = []
+        for res in self.batcher.run(views):
+            out.append(error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res))
+        return out

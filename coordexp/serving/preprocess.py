@@ -1,0 +1,119 @@
+"""The `preprocess` model: image bytes (+ optional user prompt) -> token ids and pixel patches.
+
+Per request (rows = the request's batch dimension, usually 1):
+  image_bytes_input BYTES [B, 1], text_input BYTES [B, 1] (optional)
+  -> input_ids INT32 [B, T] (left padded), attention_mask INT32 [B, T], input_lengths INT32 [B, 1],
+     pixel_values FP32 [B, P, D] (zero padded to the request's largest image), image_grid_thw INT64 [B, 3]
+
+The image arrives as the encoded file's bytes, never as a server-side path; it is checked with
+`coordexp.dataset.check_image_bytes` (header first, so decompression bombs are refused before
+decoding) and a bad one fails only its own request, with the contract's error code in the message.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from coordexp.prompt import PromptSpec
+from coordexp.serving.common import (ATTENTION_MASK, IMAGE_BYTES_INPUT, IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS,
+                                     PIXEL_VALUES, TEXT_INPUT, RequestError, TritonRequestView, as_bytes, as_str,
+                                     config_parameters, error_response, int_param, pad_stack, repository_root,
+                                     request_view, resolve, response, rows)
+
+
+class Preprocessor:
+    """Request rows -> model inputs, with the repository's prompt variant."""
+
+    def __init__(self, processor: Any, prompt: PromptSpec | None = None, max_pixels: int | None = None):
+        from coordexp.dataset import DEFAULT_MAX_PIXELS
+
+        self.processor = processor
+        self.prompt = prompt or PromptSpec()
+        self.max_pixels = int(max_pixels or DEFAULT_MAX_PIXELS)
+
+    @classmethod
+    def from_dir(cls, processor_dir: str, prompt: PromptSpec | None = None,
+                 max_pixels: int | None = None) -> "Preprocessor":
+        from coordexp.processor import CoordExpProcessor
+
+        return cls(CoordExpProcessor.from_pretrained(processor_dir), prompt, max_pixels)
+
+    def spec_for(self, text: str | None) -> PromptSpec:
+        """The prompt for one row: the repository's, with the user text replaced when given."""
+        if text is None or not text.strip():
+            return self.prompt
+        return replace(self.prompt, user_text=text)
+
+    def load_image(self, data: bytes, where: str):
+        from PIL import Image
+
+        from coordexp.dataset import check_image_bytes
+
+        check_image_bytes(data, where, self.max_pixels)  # ContractError(image_load_failed | image_too_large)
+        try:
+            return Image.open(io.BytesIO(data)).convert("RGB")
+        except Exception as e:  # verified header, broken body
+            raise RequestError(f"image_load_failed: {where}: cannot decode image ({e})") from None
+
+    def encode(self, images: Sequence[bytes], texts: Sequence[str | None] | None = None) -> dict[str, np.ndarray]:
+        """Encoded image files (+ optional user texts) -> the step's output tensors."""
+        n = len(images)
+        if n == 0:
+            raise RequestError(f"{IMAGE_BYTES_INPUT}: empty batch")
+        texts = list(texts) if texts is not None else [None] * n
+        where = (lambda i: IMAGE_BYTES_INPUT) if n == 1 else (lambda i: f"{IMAGE_BYTES_INPUT}[{i}]")
+        pil = [self.load_image(data, where(i)) for i, data in enumerate(images)]
+        specs = [self.spec_for(t) for t in texts]
+        enc = self.processor.encode(pil, specs, return_tensors="np")
+        grid = np.asarray(enc["image_grid_thw"], dtype=np.int64).reshape(n, 3)
+        patches = np.asarray(enc["pixel_values"], dtype=np.float32)
+        counts = [int(np.prod(g)) for g in grid]
+        if sum(counts) != patches.shape[0]:
+            raise RuntimeError(f"{patches.shape[0]} patches for grids {grid.tolist()}")
+        splits = np.split(patches, np.cumsum(counts)[:-1])
+        mask = np.asarray(enc["attention_mask"], dtype=np.int32)
+        return {
+            INPUT_IDS: np.asarray(enc["input_ids"], dtype=np.int32),
+            ATTENTION_MASK: mask,
+            INPUT_LENGTHS: mask.sum(axis=1, dtype=np.int32).reshape(n, 1),
+            PIXEL_VALUES: pad_stack(splits),
+            IMAGE_GRID_THW: grid,
+        }
+
+    def encode_request(self, view: TritonRequestView) -> dict[str, np.ndarray]:
+        raw = view.need(IMAGE_BYTES_INPUT)
+        batch = int(raw.shape[0]) if raw.ndim else 1
+        images = [as_bytes(v) for v in rows(raw, batch, IMAGE_BYTES_INPUT)]
+        try:
+            texts = [None if v is None else as_str(v) for v in rows(view.get(TEXT_INPUT), batch, TEXT_INPUT)]
+        except UnicodeDecodeError:
+            raise RequestError(f"{TEXT_INPUT}: not valid UTF-8") from None
+        return self.encode(images, texts)
+
+
+class TritonPythonModel:
+    """Triton Python-backend model `preprocess` (the repository's model.py imports this class)."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        params = config_parameters(args["model_config"])
+        root = repository_root(args)
+        prompt = PromptSpec.from_dict(json.loads(params["prompt_json"])) if params.get("prompt_json") else None
+        self.pre = Preprocessor.from_dir(resolve(root, params["processor_dir"]), prompt,
+                                         int_param(params, "max_pixels", 0) or None)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        out = []
+        for request in requests:
+            try:
+                view = request_view(self.pb, request, (IMAGE_BYTES_INPUT, TEXT_INPUT))
+                out.append(response(self.pb, self.pre.encode_request(view)))
+            except Exception as e:  # one bad request must not fail the others
+                out.append(error_response(self.pb, e))
+        return out

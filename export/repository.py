@@ -1,0 +1,500 @@
+"""Write a Triton model repository for an exported CoordExp checkpoint.
+
+    write_repository(repo_dir, name, onnx_dir, ckpt, max_batch_size=8, max_new_tokens=256,
+                     prompt=PromptSpec(), backend="onnx", validation=None) -> str
+
+Layout (TensorRT-LLM `all_models` style: one folder per model, its config beside its code):
+
+    <repo_dir>/
+      manifest.json                 checkpoint + sha256, versions, decoding defaults, prompt, validation
+      preprocess/config.pbtxt       image bytes (+ user text) -> input_ids, pixel_values, ...
+      preprocess/1/model.py         `from coordexp.serving.preprocess import TritonPythonModel`
+      preprocess/1/processor/       tokenizer, chat template, image processor config (no weights)
+      vision_encoder/config.pbtxt   pixel_values -> image_embeds, deepstack_embeds (ONNX Runtime)
+      vision_encoder/1/model.py
+      llm/config.pbtxt              decode loop with KV cache (ONNX Runtime), dynamic batching
+      llm/1/model.py
+      llm/1/onnx/                   vision.onnx, embed.onnx, decoder.onnx, onnx_meta.json
+      postprocess/config.pbtxt      output_ids -> text_output, preds_json (shared parser)
+      postprocess/1/model.py
+      <name>/config.pbtxt           the ensemble wiring the four steps (default name "coordexp")
+      <name>/1/                     (empty: ensembles need a version folder)
+
+Every config.pbtxt is generated here as a `ModelConfig` protobuf, printed with `text_format` and
+parsed back before it is written; the ensemble's wiring is checked against the step models'
+tensors (names, data types, dims). The repository is assembled in a temporary sibling folder and
+swapped in at the end, so a failed write never leaves half a repository behind.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordexp.engines.base import GenerationParams
+from coordexp.prompt import PromptSpec
+from coordexp.serving import common as C
+
+MANIFEST_VERSION = "coordexp.repository.v1"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx")
+SKIP_FILES = {"README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+# ---------------------------------------------------------------------------- tensor specs
+@dataclass(frozen=True)
+class T:
+    """One config tensor: name, Triton data type (without TYPE_), dims (batch dim excluded)."""
+
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+    optional: bool = False
+    ragged: bool = False
+
+
+DECODING_TENSORS = [
+    T(C.MAX_TOKENS, "INT32", (1,), optional=True),
+    T(C.TEMPERATURE, "FP32", (1,), optional=True),
+    T(C.RUNTIME_TOP_P, "FP32", (1,), optional=True),
+    T(C.REPETITION_PENALTY, "FP32", (1,), optional=True),
+    T(C.RANDOM_SEED, "UINT64", (1,), optional=True),
+    T(C.GUIDED, "BOOL", (1,), optional=True),
+    T(C.IGNORE_EOS, "BOOL", (1,), optional=True),
+]
+
+
+def _llm_decoding_tensors() -> list[T]:
+    return [T(C.DECODING_INPUTS[t.name], t.dtype, t.dims, optional=True) for t in DECODING_TENSORS]
+
+
+MODEL_TENSORS: dict[str, tuple[list[T], list[T]]] = {
+    C.PREPROCESS: (
+        [T(C.IMAGE_BYTES_INPUT, "STRING", (1,)), T(C.TEXT_INPUT, "STRING", (1,), optional=True)],
+        [T(C.INPUT_IDS, "INT32", (-1,)), T(C.ATTENTION_MASK, "INT32", (-1,)), T(C.INPUT_LENGTHS, "INT32", (1,)),
+         T(C.PIXEL_VALUES, "FP32", (-1, -1)), T(C.IMAGE_GRID_THW, "INT64", (3,))],
+    ),
+    C.VISION_ENCODER: (
+        [T(C.PIXEL_VALUES, "FP32", (-1, -1), ragged=True), T(C.IMAGE_GRID_THW, "INT64", (3,))],
+        [T(C.IMAGE_EMBEDS, "FP32", (-1, -1)), T(C.DEEPSTACK_EMBEDS, "FP32", (-1, -1, -1))],
+    ),
+    C.LLM: (
+        [T(C.INPUT_IDS, "INT32", (-1,), ragged=True), T(C.ATTENTION_MASK, "INT32", (-1,), ragged=True),
+         T(C.INPUT_LENGTHS, "INT32", (1,)), T(C.IMAGE_GRID_THW, "INT64", (3,)),
+         T(C.IMAGE_EMBEDS, "FP32", (-1, -1), ragged=True), T(C.DEEPSTACK_EMBEDS, "FP32", (-1, -1, -1), ragged=True),
+         *_llm_decoding_tensors()],
+        [T(C.OUTPUT_IDS, "INT32", (-1,)), T(C.SEQUENCE_LENGTH, "INT32", (1,))],
+    ),
+    C.POSTPROCESS: (
+        [T(C.OUTPUT_IDS, "INT32", (-1,), ragged=True), T(C.SEQUENCE_LENGTH, "INT32", (1,))],
+        [T(C.TEXT_OUTPUT, "STRING", (1,)), T(C.PREDS_JSON, "STRING", (1,))],
+    ),
+}
+
+ENSEMBLE_INPUTS = [T(C.IMAGE_BYTES_INPUT, "STRING", (1,)), T(C.TEXT_INPUT, "STRING", (1,), optional=True),
+                   *DECODING_TENSORS]
+ENSEMBLE_OUTPUTS = [T(C.TEXT_OUTPUT, "STRING", (1,)), T(C.PREDS_JSON, "STRING", (1,)),
+                    T(C.OUTPUT_IDS, "INT32", (-1,)), T(C.SEQUENCE_LENGTH, "INT32", (1,))]
+
+# The ensemble's wiring, in one place: step -> (input_map {step tensor: ensemble tensor},
+# output_map {step tensor: ensemble tensor}). Internal ensemble tensors keep the step tensors' names.
+ENSEMBLE_STEPS: list[tuple[str, dict[str, str], dict[str, str]]] = [
+    (C.PREPROCESS,
+     {C.IMAGE_BYTES_INPUT: C.IMAGE_BYTES_INPUT, C.TEXT_INPUT: C.TEXT_INPUT},
+     {n: n for n in (C.INPUT_IDS, C.ATTENTION_MASK, C.INPUT_LENGTHS, C.PIXEL_VALUES, C.IMAGE_GRID_THW)}),
+    (C.VISION_ENCODER,
+     {C.PIXEL_VALUES: C.PIXEL_VALUES, C.IMAGE_GRID_THW: C.IMAGE_GRID_THW},
+     {C.IMAGE_EMBEDS: C.IMAGE_EMBEDS, C.DEEPSTACK_EMBEDS: C.DEEPSTACK_EMBEDS}),
+    (C.LLM,
+     {**{n: n for n in (C.INPUT_IDS, C.ATTENTION_MASK, C.INPUT_LENGTHS, C.IMAGE_GRID_THW, C.IMAGE_EMBEDS,
+                        C.DEEPSTACK_EMBEDS)},
+      **{llm_name: ens_name for ens_name, llm_name in C.DECODING_INPUTS.items()}},
+     {C.OUTPUT_IDS: C.OUTPUT_IDS, C.SEQUENCE_LENGTH: C.SEQUENCE_LENGTH}),
+    (C.POSTPROCESS,
+     {C.OUTPUT_IDS: C.OUTPUT_IDS, C.SEQUENCE_LENGTH: C.SEQUENCE_LENGTH},
+     {C.TEXT_OUTPUT: C.TEXT_OUTPUT, C.PREDS_JSON: C.PREDS_JSON}),
+]
+
+
+@dataclass
+class ServingOptions:
+    """Instances, threads and batching of the step models: defaults suit a 2-core CPU."""
+
+    preprocess_instances: int = 1
+    vision_instances: int = 1
+    vision_threads: int = 1
+    vision_queue_delay_us: int = 1000
+    llm_instances: int = 1
+    llm_threads: int = 2
+    llm_queue_delay_us: int = 3000
+    postprocess_instances: int = 1
+    max_pixels: int | None = None  # None: coordexp.dataset.DEFAULT_MAX_PIXELS
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- config building
+def _pb():
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2, text_format
+
+
+def _add_tensors(pb, container, tensors: list[T]) -> None:
+    for t in tensors:
+        m = container.add()
+        m.name = t.name
+        m.data_type = pb.DataType.Value(f"TYPE_{t.dtype}")
+        m.dims.extend(t.dims)
+        if t.optional:
+            m.optional = True
+        if t.ragged:
+            m.allow_ragged_batch = True
+
+
+def _set_params(cfg, params: dict[str, Any]) -> None:
+    for k, v in params.items():
+        cfg.parameters[k].string_value = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+
+
+def python_model_config(name: str, max_batch_size: int, instances: int, params: dict[str, Any],
+                        queue_delay_us: int | None = None):
+    """The ModelConfig of one Python-backend step model."""
+    pb, _ = _pb()
+    cfg = pb.ModelConfig()
+    cfg.name = name
+    cfg.backend = "python"
+    cfg.max_batch_size = max_batch_size
+    inputs, outputs = MODEL_TENSORS[name]
+    _add_tensors(pb, cfg.input, inputs)
+    _add_tensors(pb, cfg.output, outputs)
+    group = cfg.instance_group.add()
+    group.kind = pb.ModelInstanceGroup.KIND_CPU
+    group.count = instances
+    if queue_delay_us is not None:
+        cfg.dynamic_batching.max_queue_delay_microseconds = int(queue_delay_us)
+    _set_params(cfg, params)
+    return cfg
+
+
+def ensemble_config(name: str, max_batch_size: int, params: dict[str, Any]):
+    pb, _ = _pb()
+    cfg = pb.ModelConfig()
+    cfg.name = name
+    cfg.platform = "ensemble"
+    cfg.max_batch_size = max_batch_size
+    _add_tensors(pb, cfg.input, ENSEMBLE_INPUTS)
+    _add_tensors(pb, cfg.output, ENSEMBLE_OUTPUTS)
+    for model, inputs, outputs in ENSEMBLE_STEPS:
+        step = cfg.ensemble_scheduling.step.add()
+        step.model_name = model
+        step.model_version = -1
+        for k, v in inputs.items():
+            step.input_map[k] = v
+        for k, v in outputs.items():
+            step.output_map[k] = v
+    _set_params(cfg, params)
+    return cfg
+
+
+def config_text(cfg) -> str:
+    """ModelConfig -> config.pbtxt text, checked by parsing it back."""
+    pb, text_format = _pb()
+    text = text_format.MessageToString(cfg)
+    parsed = text_format.Parse(text, pb.ModelConfig())
+    if parsed != cfg:
+        raise ValueError(f"config of {cfg.name!r} does not survive a print/parse round trip")
+    return text
+
+
+def parse_config(text: str):
+    pb, text_format = _pb()
+    return text_format.Parse(text, pb.ModelConfig())
+
+
+def load_configs(repo: str) -> dict[str, Any]:
+    """{model name: ModelConfig} of every model folder in a repository."""
+    out = {}
+    for entry in sorted(os.listdir(repo)):
+        path = os.path.join(repo, entry, "config.pbtxt")
+        if os.path.isfile(path):
+            with open(path, "r", encoding="utf-8") as f:
+                out[entry] = parse_config(f.read())
+    return out
+
+
+def check_wiring(configs: dict[str, Any], ensemble: str = C.ENSEMBLE) -> list[str]:
+    """Problems of an ensemble's wiring (empty list: consistent).
+
+    Every step model exists; every mapped step tensor is a real tensor of that model; every
+    ensemble tensor a step reads is an ensemble input or written by an earlier step with the same
+    data type and dims; required step inputs are all mapped; every ensemble output is produced.
+    """
+    problems = []
+    ens = configs.get(ensemble)
+    if ens is None:
+        return [f"no ensemble {ensemble!r}"]
+    avail: dict[str, tuple[int, tuple[int, ...], bool]] = {
+        t.name: (t.data_type, tuple(t.dims), t.optional) for t in ens.input}
+    for step in ens.ensemble_scheduling.step:
+        model = configs.get(step.model_name)
+        if model is None:
+            problems.append(f"step {step.model_name!r}: no such model in the repository")
+            continue
+        if model.max_batch_size < ens.max_batch_size:
+            problems.append(f"step {step.model_name!r}: max_batch_size {model.max_batch_size} < ensemble's "
+                            f"{ens.max_batch_size}")
+        m_in = {t.name: t for t in model.input}
+        m_out = {t.name: t for t in model.output}
+        for k, v in step.input_map.items():
+            if k not in m_in:
+                problems.append(f"step {step.model_name!r}: input_map key {k!r} is not an input of the model")
+                continue
+            if v not in avail:
+                problems.append(f"step {step.model_name!r}: {k!r} reads {v!r}, which no earlier step produces")
+                continue
+            dtype, dims, optional = avail[v]
+            if dtype != m_in[k].data_type or dims != tuple(m_in[k].dims):
+                problems.append(f"step {step.model_name!r}: {k!r} is {m_in[k].data_type}{list(m_in[k].dims)} but "
+                                f"{v!r} is {dtype}{list(dims)}")
+            if optional and not m_in[k].optional:
+                problems.append(f"step {step.model_name!r}: required input {k!r} is fed by optional {v!r}")
+        for k, t in m_in.items():
+            if k not in step.input_map and not t.optional:
+                problems.append(f"step {step.model_name!r}: required input {k!r} is not mapped")
+        for k, v in step.output_map.items():
+            if k not in m_out:
+                problems.append(f"step {step.model_name!r}: output_map key {k!r} is not an output of the model")
+                continue
+            avail[v] = (m_out[k].data_type, tuple(m_out[k].dims), False)
+    for t in ens.output:
+        if t.name not in avail:
+            problems.append(f"ensemble output {t.name!r} is produced by no step")
+        elif avail[t.name][:2] != (t.data_type, tuple(t.dims)):
+            problems.append(f"ensemble output {t.name!r}: declared {t.data_type}{list(t.dims)}, produced "
+                            f"{avail[t.name][0]}{list(avail[t.name][1])}")
+    return problems
+
+
+# ---------------------------------------------------------------------------- files
+def model_shim(module: str) -> str:
+    return (f'"""Generated by coordexp.export.repository: a thin shim, the model is {module}."""\n'
+            f"from {module} import TritonPythonModel  # noqa: F401\n")
+
+
+def _sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_digest(ckpt: str) -> dict[str, Any]:
+    """sha256 of every weight file of a checkpoint and one digest over all of them."""
+    folder = Path(ckpt)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    per_file = {p.name: _sha256(p) for p in files}
+    total = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in per_file.items()).encode()).hexdigest()
+    return {"path": str(folder.resolve()), "weights_sha256": total, "weight_files": per_file}
+
+
+def copy_processor_files(ckpt: str, dst: str) -> list[str]:
+    """Tokenizer / chat template / image processor files of a checkpoint (no weights)."""
+    os.makedirs(dst, exist_ok=True)
+    copied = []
+    for entry in sorted(os.listdir(ckpt)):
+        src = os.path.join(ckpt, entry)
+        if not os.path.isfile(src) or entry in SKIP_FILES or entry.endswith(WEIGHT_SUFFIXES):
+            continue
+        shutil.copy2(src, os.path.join(dst, entry))
+        copied.append(entry)
+    return copied
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for key, dist in (("torch", "torch"), ("transformers", "transformers"), ("onnx", "onnx"),
+                      ("onnxruntime", "onnxruntime"), ("coordexp", "coordexp-serve"), ("tritonclient", "tritonclient"),
+                      ("numpy", "numpy")):
+        try:
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[key] = None
+    return out
+
+
+def find_onnx_dir(path: str) -> str | None:
+    """The ONNX export folder of a repository or export folder: `path` itself when it holds
+    onnx_meta.json, else one subfolder holding it, else the repository's llm/1/onnx."""
+    if os.path.isfile(os.path.join(path, C.ONNX_META)):
+        return path
+    if os.path.isdir(path):
+        for entry in sorted(os.listdir(path)):
+            if os.path.isfile(os.path.join(path, entry, C.ONNX_META)):
+                return os.path.join(path, entry)
+    cand = os.path.join(path, C.ONNX_SUBDIR)
+    return cand if os.path.isfile(os.path.join(cand, C.ONNX_META)) else None
+
+
+def _check_onnx_dir(onnx_dir: str) -> dict[str, Any]:
+    meta_path = os.path.join(onnx_dir, C.ONNX_META)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{onnx_dir} is not an ONNX export folder (no {C.ONNX_META})")
+    with open(meta_path, "r", encoding="utf-8") as f:
+        meta = json.load(f)
+    graphs = meta.get("graphs") or {}
+    missing = [g["file"] for g in graphs.values() if isinstance(g, dict) and g.get("file")
+               and not os.path.isfile(os.path.join(onnx_dir, g["file"]))]
+    if missing:
+        raise FileNotFoundError(f"{onnx_dir}: missing graph file(s) {', '.join(missing)}")
+    return meta
+
+
+# ---------------------------------------------------------------------------- the writer
+def write_repository(repo_dir: str, name: str = C.ENSEMBLE, onnx_dir: str | None = None, ckpt: str | None = None,
+                     max_batch_size: int = 8, max_new_tokens: int = 256, prompt: PromptSpec | None = None,
+                     backend: str = "onnx", validation: dict[str, Any] | None = None,
+                     options: ServingOptions | None = None, decoding: GenerationParams | None = None,
+                     move_onnx: bool = False) -> str:
+    """Write (or replace) the Triton repository `repo_dir` whose ensemble is called `name`.
+
+    `onnx_dir`: the export folder (vision.onnx, embed.onnx, decoder.onnx, onnx_meta.json); it is
+    copied (`move_onnx=True`: moved) to `<repo_dir>/llm/1/onnx`. `ckpt`: the checkpoint it was
+    exported from (processor files are copied, weights are hashed for the manifest).
+    Returns the repository's absolute path.
+    """
+    if backend != "onnx":
+        raise ValueError(f"backend {backend!r} is not supported by this writer (only 'onnx')")
+    if not name or name in C.MODELS[:-1] or os.sep in name or name.startswith("."):
+        raise ValueError(f"invalid ensemble name {name!r}")
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if onnx_dir is None or ckpt is None:
+        raise ValueError("write_repository needs onnx_dir and ckpt")
+    from coordexp.engines.torch_engine import checkpoint_error
+
+    err = checkpoint_error(ckpt)
+    if err:
+        raise FileNotFoundError(err)
+    prompt = prompt or PromptSpec()
+    options = options or ServingOptions()
+    decoding = decoding or GenerationParams(max_new_tokens=max_new_tokens)
+    if decoding.max_new_tokens > max_new_tokens:
+        raise ValueError(f"default max_new_tokens {decoding.max_new_tokens} exceeds the limit {max_new_tokens}")
+    onnx_dir = os.path.abspath(onnx_dir)
+    meta = _check_onnx_dir(onnx_dir)
+    repo_dir = os.path.abspath(repo_dir)
+    parent = os.path.dirname(repo_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(repo_dir)}.tmp-", dir=parent)
+    try:
+        _assemble(tmp, name, onnx_dir, ckpt, meta, max_batch_size, max_new_tokens, prompt, backend,
+                             validation, options, decoding, move_onnx)
+        old = None
+        if os.path.exists(repo_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(repo_dir)}.old-", dir=parent)
+            os.rmdir(old)
+            os.rename(repo_dir, old)
+        os.rename(tmp, repo_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return repo_dir
+
+
+def _assemble(root: str, name: str, onnx_dir: str, ckpt: str, meta: dict[str, Any], max_batch_size: int,
+              max_new_tokens: int, prompt: PromptSpec, backend: str, validation: dict[str, Any] | None,
+              options: ServingOptions, decoding: GenerationParams, move_onnx: bool) -> dict[str, Any]:
+    from coordexp.processor import CoordExpProcessor
+
+    # graphs and processor files
+    onnx_dst = os.path.join(root, C.ONNX_SUBDIR)
+    os.makedirs(os.path.dirname(onnx_dst), exist_ok=True)
+    if move_onnx:
+        shutil.move(onnx_dir, onnx_dst)
+    else:
+        shutil.copytree(onnx_dir, onnx_dst)
+    proc_dst = os.path.join(root, C.PROCESSOR_SUBDIR)
+    copied = copy_processor_files(ckpt, proc_dst)
+    processor = CoordExpProcessor.from_pretrained(proc_dst)  # fails here, not at server start
+    processor.prompt_text(prompt)
+    pad_id = int(processor.pad_token_id)
+    merge = int(processor.merge_size)
+    if meta.get("pad_token_id") is not None and int(meta["pad_token_id"]) != pad_id:
+        raise ValueError(f"onnx_meta pad_token_id {meta['pad_token_id']} != the checkpoint's {pad_id}")
+
+    manifest: dict[str, Any] = {
+        "schema_version": MANIFEST_VERSION,
+        "name": name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "exporter": {"tool": "coordexp.export.build_engine", "writer": "coordexp.export.repository"},
+        "versions": library_versions(),
+        "checkpoint": checkpoint_digest(ckpt),
+        "backend": backend,
+        "max_batch_size": max_batch_size,
+        "max_new_tokens": max_new_tokens,
+        "decoding_defaults": decoding.to_dict(),
+        "prompt": prompt.to_dict(),
+        "coord_mode": "norm1000",  # both prompt formats answer on the 0..999 grid
+        "models": {"ensemble": name, "steps": [s[0] for s in ENSEMBLE_STEPS]},
+        "layout": {"onnx_dir": C.ONNX_SUBDIR, "processor_dir": C.PROCESSOR_SUBDIR, "processor_files": copied},
+        "onnx": {k: meta.get(k) for k in ("format", "family", "architecture", "opset", "dtype", "versions")
+                 if k in meta},
+        "serving": {k: v for k, v in options.__dict__.items() if k != "extra"} | dict(options.extra),
+        "validation": validation,
+    }
+
+    configs = {
+        C.PREPROCESS: python_model_config(
+            C.PREPROCESS, max_batch_size, options.preprocess_instances,
+            {"processor_dir": C.PROCESSOR_SUBDIR, "prompt_json": prompt.to_dict(),
+             "max_pixels": str(options.max_pixels or "")}),
+        C.VISION_ENCODER: python_model_config(
+            C.VISION_ENCODER, max_batch_size, options.vision_instances,
+            {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.vision_threads), "merge_size": str(merge)},
+            queue_delay_us=options.vision_queue_delay_us),
+        C.LLM: python_model_config(
+            C.LLM, max_batch_size, options.llm_instances,
+            {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.llm_threads),
+             "max_new_tokens": str(max_new_tokens), "decoding_defaults": decoding.to_dict(),
+             "pad_token_id": str(pad_id), "merge_size": str(merge)},
+            queue_delay_us=options.llm_queue_delay_us),
+        C.POSTPROCESS: python_model_config(
+            C.POSTPROCESS, max_batch_size, options.postprocess_instances,
+            {"processor_dir": C.PROCESSOR_SUBDIR, "coord_mode": manifest["coord_mode"]}),
+    }
+    configs[name] = ensemble_config(name, max_batch_size, {
+        "manifest_json": json.dumps(manifest, sort_keys=True, separators=(",", ":")),
+        "prompt_variant": prompt.variant, "backend": backend})
+    problems = check_wiring(configs, name)
+    if problems:
+        raise ValueError("inconsistent ensemble wiring:\n  " + "\n  ".join(problems))
+    texts = {m: config_text(cfg) for m, cfg in configs.items()}  # all validated before any is written
+
+    modules = {C.PREPROCESS: "coordexp.serving.preprocess", C.VISION_ENCODER: "coordexp.serving.vision_encoder",
+               C.LLM: "coordexp.serving.llm", C.POSTPROCESS: "coordexp.serving.postprocess"}
+    for model, text in texts.items():
+        os.makedirs(os.path.join(root, model, "1"), exist_ok=True)
+        with open(os.path.join(root, model, "config.pbtxt"), "w", encoding="utf-8") as f:
+            f.write(text)
+        if model in modules:
+            with open(os.path.join(root, model, "1", "model.py"), "w", encoding="utf-8") as f:
+                f.write(model_shim(modules[model]))
+    with open(os.path.join(root, C.MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=False)
+        f.write("\n")
+    return manifest
