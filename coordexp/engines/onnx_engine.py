@@ -1,0 +1,361 @@
+"""ONNX Runtime engine: the three exported graphs (`export/onnx_export.py`) plus numpy host glue.
+
+`OnnxParts` owns the sessions and the decode loop and is shared with the Triton Python models
+(`coordexp.serving`); `OnnxEngine` wraps it with the processor into the same `generate_batch`
+interface as the torch reference engine.
+
+Decoding semantics follow transformers' `generate` as `TorchEngine` calls it:
+
+- greedy (`temperature == 0`): argmax, ties to the lowest token id (like `torch.argmax`); greedy
+  output equals the torch reference token for token (the export is validated on exactly that);
+- `repetition_penalty` (HF semantics: every id already in the row, prompt and padding included,
+  has its logit divided by the penalty when positive, multiplied when negative), applied in greedy
+  mode too;
+- sampling: temperature, then top-p (HF `TopPLogitsWarper`: smallest set whose probability mass
+  exceeds `top_p`, at least one token), then a draw from the softmax. The draws come from a numpy
+  `Generator` seeded with `params.seed`, one per row, so a row's output depends only on its own
+  inputs and the seed (not on batch composition). This can NOT reproduce torch's RNG stream:
+  sampled text differs from the torch engine at the same seed; the promise is "same seed -> same
+  output" within ONNX Runtime;
+- a row stops at its first stop token (not returned) or after `max_new_tokens`;
+  `ignore_eos` suppresses the stop tokens instead (like `min_new_tokens = max_new_tokens`), so
+  exactly `max_new_tokens` tokens come back;
+- rows that finished are dropped from the batch (their KV cache rows are sliced away).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from coordexp.engines.base import GenerationParams, GenerationResult
+from coordexp.prompt import PromptSpec
+
+META_NAME = "onnx_meta.json"
+LogitsHook = Callable[[int, list, np.ndarray], np.ndarray]
+
+
+def find_onnx_dir(path: str | os.PathLike, max_depth: int = 3) -> Path:
+    """The folder holding `onnx_meta.json`: `path` itself or the first (sorted) folder below it,
+    up to `max_depth` levels (a model repository puts the graphs in a subfolder)."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"ONNX export folder not found: {path}")
+    if (root / META_NAME).is_file():
+        return root
+    if root.is_dir():
+        level = [root]
+        for _ in range(max_depth):
+            nxt = []
+            for d in level:
+                try:
+                    subs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+                except OSError:
+                    continue
+                for s in subs:
+                    if (s / META_NAME).is_file():
+                        return s
+                nxt += subs
+            level = nxt
+    if (root / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is a Hugging Face checkpoint, not an ONNX export; make one with "
+                                f"`python export/build_engine.py --ckpt {path}`")
+    raise FileNotFoundError(f"no {META_NAME} in {path} or its subfolders: not an ONNX export / model repository")
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def apply_repetition_penalty(logits: np.ndarray, seqs: Sequence[np.ndarray], penalty: float) -> np.ndarray:
+    """HF `RepetitionPenaltyLogitsProcessor` on each row (in place on a copy)."""
+    if penalty == 1.0:
+        return logits
+    out = logits.copy()
+    for i, seq in enumerate(seqs):
+        ids = np.unique(np.asarray(seq, dtype=np.int64))
+        ids = ids[(ids >= 0) & (ids < out.shape[1])]
+        s = out[i, ids]
+        out[i, ids] = np.where(s < 0, s * np.float32(penalty), s / np.float32(penalty))
+    return out
+
+
+def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """HF `TopPLogitsWarper` (min_tokens_to_keep=1): remove tokens whose ascending cumulative
+    probability is <= 1 - top_p."""
+    if top_p >= 1.0:
+        return logits
+    out = logits.copy()
+    for i in range(out.shape[0]):
+        order = np.argsort(out[i], kind="stable")  # ascending
+        probs = _softmax(out[i, order][None])[0]
+        remove = np.cumsum(probs) <= (1 - top_p)
+        remove[-1] = False
+        out[i, order[remove]] = -np.inf
+    return out
+
+
+class OnnxParts:
+    """The three graphs + host-side glue (M-RoPE positions, vision inputs, KV-cache decode loop)."""
+
+    def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None,
+                 providers: Sequence[str] | None = None, max_vision_patches: int = 1024):
+        import onnxruntime as ort
+
+        self.onnx_dir = find_onnx_dir(onnx_dir)
+        self.meta: dict[str, Any] = json.loads((self.onnx_dir / META_NAME).read_text(encoding="utf-8"))
+        m = self.meta
+        self.hidden = int(m["hidden_size"])
+        self.num_layers = int(m["num_layers"])
+        self.kv_heads = int(m["num_kv_heads"])
+        self.head_dim = int(m["head_dim"])
+        self.num_deepstack = int(m["num_deepstack"])
+        self.merge = int(m["spatial_merge_size"])
+        self.image_token_id = int(m["image_token_id"])
+        self.video_token_id = int(m.get("video_token_id", -1))
+        self.stop_ids = [int(i) for i in m["stop_token_ids"]]
+        self.pad_token_id = int(m["pad_token_id"])
+        self.max_vision_patches = int(max_vision_patches)
+        self.np_dtype = np.float16 if m.get("dtype") == "float16" else np.float32
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        avail = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+        self.providers = list(providers)
+        graphs = m["graphs"]
+        self.sessions = {}
+        for key in ("vision", "embed", "decoder"):
+            path = self.onnx_dir / graphs[key]["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing (listed in {META_NAME})")
+            self.sessions[key] = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+        self.vision_session, self.embed_session, self.decoder_session = (
+            self.sessions["vision"], self.sessions["embed"], self.sessions["decoder"])
+        self.decoder_outputs = [o.name for o in self.decoder_session.get_outputs()]
+
+    # -------------------------------------------------------------------------------- vision
+    def vision_feeds(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> dict[str, np.ndarray]:
+        """vision.onnx inputs for these images (all in one attention call, block-diagonal bias)."""
+        from coordexp import mrope
+
+        idx, wts = mrope.vision_interpolation(image_grid_thw, int(self.meta["num_grid_per_side"]), self.merge)
+        return {
+            "pixel_values": np.ascontiguousarray(pixel_values, dtype=self.np_dtype),
+            "vision_pos_ids": mrope.vision_position_ids(image_grid_thw, self.merge),
+            "interp_indices": idx,
+            "interp_weights": wts.astype(self.np_dtype),
+            "attention_bias": mrope.vision_attention_bias(image_grid_thw).astype(self.np_dtype),
+        }
+
+    def encode_images(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`(image_embeds [n_image_tokens, H], deepstack [n_deepstack, n_image_tokens, H])`, float32,
+        for all images concatenated in order. Images are run in groups of at most
+        `max_vision_patches` patches (a single bigger image runs alone)."""
+        from coordexp import mrope
+
+        grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+        pixel_values = np.asarray(pixel_values)
+        counts = mrope.num_patches(grid)
+        if int(counts.sum()) != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw says {int(counts.sum())}")
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        embeds, deeps = [], []
+        i = 0
+        while i < len(grid):
+            j = i + 1
+            while j < len(grid) and starts[j + 1] - starts[i] <= self.max_vision_patches:
+                j += 1
+            feeds = self.vision_feeds(pixel_values[starts[i]:starts[j]], grid[i:j])
+            e, d = self.vision_session.run(["image_embeds", "deepstack"], feeds)
+            embeds.append(e.astype(np.float32, copy=False))
+            deeps.append(d.astype(np.float32, copy=False))
+            i = j
+        return np.concatenate(embeds, axis=0), np.concatenate(deeps, axis=1)
+
+    # ---------------------------------------------------------------------------------- text
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.embed_session.run(["inputs_embeds"], {"input_ids": np.asarray(input_ids, dtype=np.int64)})[0]
+
+    def prefill_feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw: np.ndarray,
+                      image_embeds: np.ndarray, deepstack: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """decoder.onnx inputs for the prompt (empty cache) and the M-RoPE deltas `[B, 1]`."""
+        from coordexp import mrope
+
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        bsz, seq = input_ids.shape
+        embeds = np.array(self.embed(input_ids), dtype=self.np_dtype)
+        img = input_ids == self.image_token_id
+        n_img = int(img.sum())
+        if n_img != image_embeds.shape[0]:
+            raise ValueError(f"{n_img} image tokens in input_ids but {image_embeds.shape[0]} image embeddings")
+        embeds[img] = image_embeds.astype(self.np_dtype, copy=False)
+        dense = np.zeros((self.num_deepstack, bsz, seq, self.hidden), dtype=self.np_dtype)
+        if self.num_deepstack:
+            dense[:, img] = deepstack.astype(self.np_dtype, copy=False)
+        pos, deltas = mrope.get_rope_index(input_ids, image_grid_thw, attention_mask,
+                                           spatial_merge_size=self.merge, image_token_id=self.image_token_id,
+                                           video_token_id=self.video_token_id)
+        feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": pos, "deepstack": dense}
+        empty = np.zeros((bsz, self.kv_heads, 0, self.head_dim), dtype=self.np_dtype)
+        for i in range(self.num_layers):
+            feeds[f"past_key_{i}"] = empty
+            feeds[f"past_value_{i}"] = empty
+        return feeds, deltas
+
+    def decoder_step(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder call: (`logits [B, V]` float32, presents [k0, v0, k1, v1, ...])."""
+        outs = self.decoder_session.run(self.decoder_outputs, feeds)
+        return outs[0].astype(np.float32, copy=False), outs[1:]
+
+    def prefill_logits(self, input_ids, attention_mask, image_grid_thw, image_embeds, deepstack) -> np.ndarray:
+        """Logits of the first generated position `[B, V]` (validation)."""
+        feeds, _ = self.prefill_feeds(input_ids, attention_mask, image_grid_thw, image_embeds, deepstack)
+        return self.decoder_step(feeds)[0]
+
+    def _choose(self, logits: np.ndarray, seqs: list[np.ndarray], params: GenerationParams,
+                rngs: list[np.random.Generator]) -> np.ndarray:
+        if params.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seqs, params.repetition_penalty)
+        if params.greedy:
+            return np.argmax(logits, axis=-1).astype(np.int64)
+        scores = logits / np.float32(params.temperature)
+        scores = top_p_filter(scores, params.top_p)
+        probs = _softmax(scores)
+        out = np.empty(len(probs), dtype=np.int64)
+        for i, p in enumerate(probs):
+            cdf = np.cumsum(p)
+            u = rngs[i].random() * cdf[-1]
+            out[i] = min(int(np.searchsorted(cdf, u, side="right")), len(p) - 1)
+        return out
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw: np.ndarray,
+                 image_embeds: np.ndarray, deepstack: np.ndarray, params: GenerationParams,
+                 logits_hook: LogitsHook | None = None) -> list[list[int]]:
+        """Generated ids per row (stop token excluded) for a LEFT padded batch `[B, T]`.
+
+        `logits_hook(step, generated, logits)`: called at every step before sampling with
+        `generated` (list of B lists, the ids so far) and `logits [B, V]` float32 (after the
+        repetition penalty / stop suppression); returns the logits to use (e.g. -inf masks for
+        guided decoding). Rows that already finished get zero logits there and their returned
+        values are ignored.
+        """
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        if input_ids.shape != attention_mask.shape:
+            raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} differ")
+        bsz = input_ids.shape[0]
+        feeds, deltas = self.prefill_feeds(input_ids, attention_mask, image_grid_thw, image_embeds, deepstack)
+        prompt_len = attention_mask.sum(-1).astype(np.int64)
+        generated: list[list[int]] = [[] for _ in range(bsz)]
+        seqs = [list(r) for r in input_ids.tolist()] if params.repetition_penalty != 1.0 else None
+        rngs = [np.random.default_rng(int(params.seed)) for _ in range(bsz)]
+        active = np.arange(bsz)
+        stop = set(self.stop_ids)
+        mask = attention_mask
+        logits, presents = self.decoder_step(feeds)
+        for step in range(params.max_new_tokens):
+            if params.ignore_eos:
+                logits = logits.copy()
+                logits[:, [s for s in self.stop_ids if s < logits.shape[1]]] = -np.inf
+            if logits_hook is not None:
+                full = np.zeros((bsz, logits.shape[1]), dtype=np.float32)
+                full[active] = logits
+                full = np.asarray(logits_hook(step, generated, full), dtype=np.float32)
+                logits = full[active]
+            row_seqs = [np.asarray(seqs[b]) for b in active] if seqs is not None else []
+            tokens = self._choose(logits, row_seqs, params, [rngs[b] for b in active])
+            keep = []
+            for k, (b, tok) in enumerate(zip(active.tolist(), tokens.tolist())):
+                if tok in stop and not params.ignore_eos:
+                    continue
+                generated[b].append(int(tok))
+                if seqs is not None:
+                    seqs[b].append(int(tok))
+                if len(generated[b]) < params.max_new_tokens:
+                    keep.append(k)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                sel = np.asarray(keep)
+                active, tokens, mask = active[sel], tokens[sel], mask[sel]
+                presents = [p[sel] for p in presents]
+            n = len(active)
+            mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
+            pos = (prompt_len[active] + deltas[active, 0] + step).astype(np.int64)
+            feeds = {
+                "inputs_embeds": np.asarray(self.embed(tokens[:, None]), dtype=self.np_dtype),
+                "attention_mask": mask,
+                "position_ids": np.ascontiguousarray(np.broadcast_to(pos[None, :, None], (3, n, 1))),
+                "deepstack": np.zeros((self.num_deepstack, n, 1, self.hidden), dtype=self.np_dtype),
+            }
+            for i in range(self.num_layers):
+                feeds[f"past_key_{i}"] = presents[2 * i]
+                feeds[f"past_value_{i}"] = presents[2 * i + 1]
+            logits, presents = self.decoder_step(feeds)
+        return generated
+
+    def describe(self) -> dict[str, Any]:
+        m = self.meta
+        return {"onnx_dir": str(self.onnx_dir.resolve()), "checkpoint": m.get("checkpoint"),
+                "checkpoint_sha256": m.get("checkpoint_sha256"), "opset": m.get("opset"), "dtype": m.get("dtype"),
+                "providers": self.providers, "exported_with": m.get("versions")}
+
+
+class OnnxEngine:
+    """The `Engine` interface on ONNX Runtime, in process (see the module docstring for semantics)."""
+
+    name = "onnx"
+
+    def __init__(self, path: str | os.PathLike, prompt: PromptSpec | None = None, threads: int | None = None,
+                 providers: Sequence[str] | None = None):
+        from coordexp.processor import CoordExpProcessor
+
+        self.path = str(path)
+        self.parts = OnnxParts(path, threads=threads, providers=providers)
+        self.onnx_dir = self.parts.onnx_dir
+        self.processor = CoordExpProcessor.from_pretrained(str(self.onnx_dir))
+        self.prompt = prompt or PromptSpec()
+        self.threads = threads
+
+    def describe(self) -> dict[str, Any]:
+        import onnxruntime
+
+        return {"engine": self.name, "path": os.path.abspath(self.path), **self.parts.describe(),
+                "onnxruntime": onnxruntime.__version__, "threads": self.threads}
+
+    def _hook(self, params: GenerationParams, batch: int) -> LogitsHook | None:
+        if not params.guided:
+            return None
+        try:
+            from coordexp.guided import guided_logits_hook  # numpy hook: (step, generated, logits) -> logits
+        except ImportError as e:
+            raise ValueError("guided decoding with the onnx engine needs coordexp.guided.guided_logits_hook "
+                             f"(not available: {e})") from e
+        return guided_logits_hook(self.processor, self.prompt, params, batch=batch)
+
+    def generate_ids(self, images: Sequence[Any], params: GenerationParams) -> tuple[list[list[int]], int]:
+        enc = self.processor.encode(list(images), self.prompt, return_tensors="np")
+        embeds, deep = self.parts.encode_images(enc["pixel_values"], enc["image_grid_thw"])
+        rows = self.parts.generate(enc["input_ids"], enc["attention_mask"], enc["image_grid_thw"], embeds, deep,
+                                   params, logits_hook=self._hook(params, len(images)))
+        return rows, int(enc["input_ids"].shape[1])
+
+    def generate_batch(self, images: Sequence[Any], params: GenerationParams) -> list[GenerationResult]:
+        rows, prompt_len = self.generate_ids(images, params)
+        results = []
+        for ids in rows:
+            finish = "length" if len(ids) >= params.max_new_tokens else "stop"
+            results.append(GenerationResult(text=self.processor.decode(ids), token_ids=ids, prompt_tokens=prompt_len,
+                                            finish_reason=finish))
+        return results

@@ -1,0 +1,419 @@
+"""Export a CoordExp Qwen3-VL checkpoint to three ONNX graphs plus host-side metadata.
+
+Optimum's ONNX exporters do not cover Qwen-VL and transformers' own exporter leaves out the
+vision tower, so the graphs are made here with `torch.onnx.export(..., dynamo=True)` from small
+wrapper modules that call the checkpoint's own submodules (weights and math stay transformers'):
+
+- `vision.onnx`: `pixel_values [N, C*tp*p*p]`, `vision_pos_ids [N, 2]` (rotary row/col),
+  `interp_indices [N, 4]` / `interp_weights [N, 4]` (bilinear resampling of the learned position
+  table), `attention_bias [N, N]` (0 inside an image, -inf across: the packed per-image attention)
+  -> `image_embeds [N/m^2, H]`, `deepstack [D, N/m^2, H]`. The data-dependent parts (grid loops,
+  per-image splits) are computed on the host by `coordexp.mrope` from `image_grid_thw`, so the
+  graph has no data-dependent control flow.
+- `embed.onnx`: `input_ids [B, T]` -> `inputs_embeds [B, T, H]`.
+- `decoder.onnx`: `inputs_embeds [B, T, H]`, `attention_mask [B, P+T]` (int64, 1 = real token),
+  `position_ids [3, B, T]` (M-RoPE, `coordexp.mrope.get_rope_index`), `deepstack [D, B, T, H]` (the
+  vision deepstack features scattered to the image positions, zero elsewhere), `past_key_i` /
+  `past_value_i [B, kv_heads, P, head_dim]` for every layer -> `logits [B, V]` (last position only),
+  `present_key_i` / `present_value_i [B, kv_heads, P+T, head_dim]`.
+
+`onnx_meta.json` beside them holds everything the runtime needs (sizes, token ids, versions,
+checkpoint hash); the tokenizer / processor files are copied too, so the folder is self-contained
+(`CoordExpProcessor.from_pretrained(onnx_dir)` and `coordexp.engines.onnx_engine.OnnxParts(onnx_dir)`).
+
+Qwen2.5-VL (window attention vision tower, no deepstack) is not exported yet: `NotImplementedError`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+META_NAME = "onnx_meta.json"
+META_FORMAT = "coordexp-onnx/1"
+GRAPHS = ("vision.onnx", "embed.onnx", "decoder.onnx")
+DEFAULT_OPSET = 18
+# Tokenizer / processor files copied next to the graphs (whichever the checkpoint has).
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+    "video_preprocessor_config.json", "generation_config.json", "config.json",
+)
+SUPPORTED_FAMILIES = ("qwen3_vl",)
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_EXTERNAL_DATA_BYTES = 1_500_000_000  # graphs above this keep their weights in a `<graph>.data` file
+
+
+class ExportError(RuntimeError):
+    """The checkpoint cannot be exported (unsupported family, broken folder, exporter failure)."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def weight_files(ckpt: str | os.PathLike) -> list[Path]:
+    folder = Path(ckpt)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+                  and not p.name.startswith("training_args"))
+
+
+def _sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_hashes(ckpt: str | os.PathLike) -> tuple[str, dict[str, str]]:
+    """(`checkpoint_sha256`, {weights file: sha256}). With one weights file the checkpoint hash IS
+    that file's sha256; with shards it is the sha256 of the sorted "name sha" lines."""
+    files = {p.name: _sha256(p) for p in weight_files(ckpt)}
+    if not files:
+        raise ExportError(f"{ckpt}: no weights file (*.safetensors / *.bin)")
+    if len(files) == 1:
+        return next(iter(files.values())), files
+    joined = "".join(f"{k} {v}\n" for k, v in sorted(files.items()))
+    return hashlib.sha256(joined.encode()).hexdigest(), files
+
+
+def model_family(config) -> str:
+    return str(getattr(config, "model_type", ""))
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+           "onnxruntime": onnxruntime.__version__}
+    try:
+        import onnxscript
+
+        out["onnxscript"] = onnxscript.__version__
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return out
+
+
+def load_model(ckpt: str | os.PathLike, dtype: str = "float32"):
+    """The checkpoint with eager attention (the form the wrappers export)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(str(ckpt))
+    fam = model_family(config)
+    if fam == "qwen2_5_vl":
+        raise NotImplementedError(
+            "ONNX export of Qwen2.5-VL (model_type qwen2_5_vl: window-attention vision tower, no deepstack) is not "
+            "implemented yet; only Qwen3-VL (qwen3_vl) checkpoints can be exported")
+    if fam not in SUPPORTED_FAMILIES:
+        raise NotImplementedError(f"ONNX export supports {', '.join(SUPPORTED_FAMILIES)} checkpoints; "
+                                  f"{ckpt} is model_type {fam!r}")
+    model = AutoModelForImageTextToText.from_pretrained(str(ckpt), dtype=getattr(torch, dtype),
+                                                        attn_implementation="eager")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------- wrappers
+def _wrappers():
+    """Wrapper module classes (defined lazily: torch is imported only when exporting)."""
+    import torch
+    from torch import nn
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+
+    class VisionWrapper(nn.Module):
+        """Qwen3VLVisionModel.forward with the grid-derived tensors as inputs and the packed
+        per-image attention as one attention over all patches with a block-diagonal bias."""
+
+        def __init__(self, visual):
+            super().__init__()
+            self.visual = visual
+            self.deepstack_indexes = list(visual.deepstack_visual_indexes)
+
+        @staticmethod
+        def _attention(attn, x, cos, sin, bias):
+            n = x.shape[0]
+            q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, N, hd]
+            w = torch.matmul(q, k.transpose(1, 2)) * attn.scaling + bias
+            w = nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(w, v).transpose(0, 1).reshape(n, -1)
+            return attn.proj(out)
+
+        def forward(self, pixel_values, vision_pos_ids, interp_indices, interp_weights, attention_bias):
+            vis = self.visual
+            h = vis.patch_embed(pixel_values)
+            pos = (vis.pos_embed(interp_indices) * interp_weights[:, :, None].to(h.dtype)).sum(1)
+            h = h + pos.to(h.dtype)
+            cos, sin = vis.rotary_pos_emb(h, vision_pos_ids)
+            bias = attention_bias.to(torch.float32)
+            feats = []
+            for i, blk in enumerate(vis.blocks):
+                h = h + self._attention(blk.attn, blk.norm1(h), cos, sin, bias)
+                h = h + blk.mlp(blk.norm2(h))
+                if i in self.deepstack_indexes:
+                    feats.append(vis.deepstack_merger_list[self.deepstack_indexes.index(i)](h))
+            merged = vis.merger(h)
+            return merged, torch.stack(feats, dim=0)
+
+    class EmbedWrapper(nn.Module):
+        def __init__(self, embed):
+            super().__init__()
+            self.embed = embed
+
+        def forward(self, input_ids):
+            return self.embed(input_ids)
+
+    class _KVCache:
+        """The part of transformers' Cache API a decoder layer uses: `update` concatenates."""
+
+        def __init__(self, past):
+            self.past = past
+            self.present = [None] * (len(past) // 2)
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            k = torch.cat([self.past[2 * layer_idx], key_states], dim=2)
+            v = torch.cat([self.past[2 * layer_idx + 1], value_states], dim=2)
+            self.present[layer_idx] = (k, v)
+            return k, v
+
+    class DecoderWrapper(nn.Module):
+        """Qwen3VLTextModel.forward (+ lm_head on the last position) with an explicit KV cache,
+        explicit 3-row M-RoPE positions and dense deepstack features."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.lm = model.model.language_model
+            self.lm_head = model.lm_head
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, deepstack, past):
+            lm = self.lm
+            t = inputs_embeds.shape[1]
+            kv_len = attention_mask.shape[1]
+            dtype = inputs_embeds.dtype
+            q_pos = torch.arange(t, device=inputs_embeds.device) + (kv_len - t)
+            k_pos = torch.arange(kv_len, device=inputs_embeds.device)
+            allowed = (k_pos[None, :] <= q_pos[:, None])[None, :, :] & (attention_mask[:, None, :] > 0)
+            mask = torch.where(allowed, torch.zeros((), dtype=dtype),
+                               torch.full((), torch.finfo(dtype).min, dtype=dtype))[:, None, :, :]
+            cos, sin = lm.rotary_emb(inputs_embeds, position_ids)
+            cache = _KVCache(list(past))
+            h = inputs_embeds
+            n_deep = deepstack.shape[0]
+            for i, layer in enumerate(lm.layers):
+                h = layer(h, position_embeddings=(cos, sin), attention_mask=mask, past_key_values=cache)
+                if i < n_deep:
+                    h = h + deepstack[i].to(h.dtype)
+            h = lm.norm(h[:, -1:, :])
+            logits = self.lm_head(h)[:, 0, :].float()
+            presents = []
+            for k, v in cache.present:
+                presents += [k, v]
+            return (logits, *presents)
+
+    return VisionWrapper, EmbedWrapper, DecoderWrapper
+
+
+# ------------------------------------------------------------------------------------------- export
+def _save(program, path: Path, nbytes: int) -> list[str]:
+    """Save an ONNXProgram; weights go to `<name>.data` only for big graphs. Returns files written."""
+    program.save(str(path), external_data=nbytes > _EXTERNAL_DATA_BYTES)
+    files = [path.name]
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        files.append(data.name)
+    return files
+
+
+def _export(module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, opset: int) -> list[str]:
+    import torch
+
+    nbytes = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, None, input_names=list(input_names),
+                                    output_names=list(output_names), dynamic_shapes=dynamic_shapes,
+                                    opset_version=opset, dynamo=True, optimize=True, verbose=False)
+    return _save(program, path, nbytes)
+
+
+def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                dtype: str = "float32", model=None, log=None) -> dict[str, Any]:
+    """Export `ckpt` into `out_dir` (created; existing graphs are replaced). Returns the meta dict
+    (also written to `out_dir/onnx_meta.json`).
+
+    `model`: an already loaded model to export instead of loading `ckpt` (its weights are what the
+    graphs get; the hashes still come from `ckpt`). `log`: a callable taking one line of progress.
+    """
+    import numpy as np
+    import torch
+
+    from coordexp import mrope
+    from coordexp.engines.torch_engine import checkpoint_error
+    from coordexp.processor import CoordExpProcessor
+
+    log = log or (lambda s: None)
+    err = checkpoint_error(str(ckpt))
+    if err:
+        raise FileNotFoundError(err)
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}; expected float32, float16 or bfloat16")
+    t_start = time.perf_counter()
+    ckpt_sha, weight_shas = checkpoint_hashes(ckpt)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in GRAPHS:
+        for p in (out / name, out / (name + ".data")):
+            if p.exists():
+                p.unlink()
+
+    processor = CoordExpProcessor.from_pretrained(str(ckpt))
+    if model is None:
+        model = load_model(ckpt, dtype=dtype)
+    else:
+        fam = model_family(model.config)
+        if fam not in SUPPORTED_FAMILIES:
+            raise NotImplementedError(f"ONNX export supports {', '.join(SUPPORTED_FAMILIES)}; got {fam!r}")
+        model.config._attn_implementation = "eager"
+        for sub in (model.config.text_config, model.config.vision_config):
+            sub._attn_implementation = "eager"
+    model.eval()
+    cfg = model.config
+    tcfg, vcfg = cfg.text_config, cfg.vision_config
+    VisionWrapper, EmbedWrapper, DecoderWrapper = _wrappers()
+    tdtype = getattr(torch, dtype)
+    hidden = int(tcfg.hidden_size)
+    n_layers = int(tcfg.num_hidden_layers)
+    kv_heads = int(tcfg.num_key_value_heads)
+    head_dim = int(getattr(tcfg, "head_dim", None) or hidden // tcfg.num_attention_heads)
+    n_deep = len(vcfg.deepstack_visual_indexes)
+    merge = int(vcfg.spatial_merge_size)
+    patch = int(vcfg.patch_size)
+    tps = int(vcfg.temporal_patch_size)
+    in_ch = int(vcfg.in_channels)
+    side = int(model.model.visual.num_grid_per_side)
+    AUTO = torch.export.Dim.AUTO
+    timings: dict[str, float] = {}
+    files: list[str] = []
+
+    with torch.no_grad():
+        # ---- vision: one 4x6-patch image + one 4x4 (two segments, so the bias is exercised)
+        grid = np.array([[1, 4, 6], [1, 4, 4]], dtype=np.int64)
+        n = int(mrope.num_patches(grid).sum())
+        gen = torch.Generator().manual_seed(0)
+        pix = torch.randn(n, in_ch * tps * patch * patch, generator=gen).to(tdtype)
+        idx, wts = mrope.vision_interpolation(grid, side, merge)
+        vargs = (pix, torch.from_numpy(mrope.vision_position_ids(grid, merge)), torch.from_numpy(idx),
+                 torch.from_numpy(wts), torch.from_numpy(mrope.vision_attention_bias(grid)))
+        t0 = time.perf_counter()
+        log("exporting vision.onnx")
+        files += _export(VisionWrapper(model.model.visual).eval(), vargs, out / "vision.onnx",
+                         ["pixel_values", "vision_pos_ids", "interp_indices", "interp_weights", "attention_bias"],
+                         ["image_embeds", "deepstack"],
+                         ({0: AUTO}, {0: AUTO}, {0: AUTO}, {0: AUTO}, {0: AUTO, 1: AUTO}), opset)
+        timings["vision"] = round(time.perf_counter() - t0, 2)
+
+        # ---- embed
+        t0 = time.perf_counter()
+        log("exporting embed.onnx")
+        ids = torch.randint(0, int(tcfg.vocab_size), (2, 5), generator=gen)
+        files += _export(EmbedWrapper(model.model.language_model.embed_tokens).eval(), (ids,), out / "embed.onnx",
+                         ["input_ids"], ["inputs_embeds"], ({0: AUTO, 1: AUTO},), opset)
+        timings["embed"] = round(time.perf_counter() - t0, 2)
+
+        # ---- decoder: B=2, T=5 new tokens, P=3 cached
+        b, t, p = 2, 5, 3
+        embeds = torch.randn(b, t, hidden, generator=gen).to(tdtype)
+        amask = torch.ones(b, p + t, dtype=torch.int64)
+        amask[1, :2] = 0
+        pos = torch.arange(p, p + t).view(1, 1, t).expand(3, b, t).contiguous()
+        deep = torch.zeros(n_deep, b, t, hidden, dtype=tdtype)
+        past = []
+        for _ in range(n_layers):
+            past += [torch.randn(b, kv_heads, p, head_dim, generator=gen).to(tdtype),
+                     torch.randn(b, kv_heads, p, head_dim, generator=gen).to(tdtype)]
+        in_names = ["inputs_embeds", "attention_mask", "position_ids", "deepstack"]
+        out_names = ["logits"]
+        for i in range(n_layers):
+            in_names += [f"past_key_{i}", f"past_value_{i}"]
+            out_names += [f"present_key_{i}", f"present_value_{i}"]
+        dyn = ({0: AUTO, 1: AUTO}, {0: AUTO, 1: AUTO}, {1: AUTO, 2: AUTO}, {1: AUTO, 2: AUTO},
+               [{0: AUTO, 2: AUTO}] * (2 * n_layers))
+        t0 = time.perf_counter()
+        log("exporting decoder.onnx")
+        files += _export(DecoderWrapper(model).eval(), (embeds, amask, pos, deep, past), out / "decoder.onnx",
+                         in_names, out_names, dyn, opset)
+        timings["decoder"] = round(time.perf_counter() - t0, 2)
+
+    copied = []
+    for name in PROCESSOR_FILES:
+        src = Path(ckpt) / name
+        if src.is_file():
+            shutil.copy2(src, out / name)
+            copied.append(name)
+
+    image_ids = [processor.image_token_id, processor.video_token_id]
+    meta: dict[str, Any] = {
+        "format": META_FORMAT,
+        "family": model_family(cfg),
+        "architecture": type(model).__name__,
+        "graphs": {
+            "vision": {"file": "vision.onnx",
+                       "inputs": ["pixel_values", "vision_pos_ids", "interp_indices", "interp_weights", "attention_bias"],
+                       "outputs": ["image_embeds", "deepstack"]},
+            "embed": {"file": "embed.onnx", "inputs": ["input_ids"], "outputs": ["inputs_embeds"]},
+            "decoder": {"file": "decoder.onnx", "inputs": in_names, "outputs": out_names},
+        },
+        "files": sorted(set(files)),
+        "processor_files": copied,
+        "dtype": dtype,
+        "hidden_size": hidden,
+        "num_layers": n_layers,
+        "num_attention_heads": int(tcfg.num_attention_heads),
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": int(tcfg.vocab_size),
+        "num_deepstack": n_deep,
+        "deepstack_visual_indexes": list(vcfg.deepstack_visual_indexes),
+        "vision_hidden_size": int(vcfg.hidden_size),
+        "spatial_merge_size": merge,
+        "patch_size": patch,
+        "temporal_patch_size": tps,
+        "in_channels": in_ch,
+        "num_grid_per_side": side,
+        "patch_dim": in_ch * tps * patch * patch,
+        "image_token_id": int(image_ids[0]),
+        "video_token_id": int(image_ids[1]),
+        "vision_start_token_id": int(processor.vision_start_token_id),
+        "vision_end_token_id": int(processor.vision_end_token_id),
+        "stop_token_ids": [int(i) for i in processor.stop_token_ids],
+        "pad_token_id": int(processor.pad_token_id),
+        "eos_token_id": int(processor.im_end_token_id),
+        "max_position_embeddings": int(getattr(tcfg, "max_position_embeddings", 0) or 0),
+        "opset": int(opset),
+        "versions": versions(),
+        "checkpoint": os.path.abspath(str(ckpt)),
+        "checkpoint_sha256": ckpt_sha,
+        "weights_sha256": weight_shas,
+        "export_seconds": dict(timings, total=round(time.perf_counter() - t_start, 2)),
+    }
+    (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    log(f"wrote {out} in {meta['export_seconds']['total']} s")
+    return meta
+
+
+def read_meta(onnx_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(onnx_dir) / META_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{onnx_dir} is not an ONNX export folder (no {META_NAME})")
+    return json.loads(path.read_text(encoding="utf-8"))
