@@ -1,0 +1,117 @@
+"""`coordexp-client models --url HOST:PORT`: what a Triton server holds.
+
+One row per model of the server's repository: name, version, state (READY, UNAVAILABLE, ...)
+and the reason Triton gives for a model that is not ready; for our ensembles (models whose
+config carries the export manifest) also the checkpoint, its weights hash, the export date, the
+prompt variant and the library versions of the export. `--json` prints the same as JSON:
+`{"servers": [{"url", "server", "models": [...]}]}`.
+Exit status: 0, or 2 when the server cannot be reached.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the models a Triton server holds, their readiness and export manifest",
+                       description="List the models of a Triton server with their state and, for CoordExp "
+                                   "ensembles, the export manifest (checkpoint, hash, export date, versions, "
+                                   "prompt variant).")
+    p.add_argument("--url", action="append", required=True,
+                   help="HOST:PORT of a Triton gRPC endpoint; repeat for several")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    p.set_defaults(func=run)
+
+
+async def server_models(url: str, timeout: float = 10.0) -> dict[str, Any]:
+    """{"url", "server": {name, version}, "models": [...]} for one server; raises on no server."""
+    from coordexp.client.remote import ModelInterface, error_message, fetch_manifest, manifest_summary, new_client
+
+    client = new_client(url)
+    try:
+        try:
+            meta = await client.get_server_metadata(as_json=True, client_timeout=timeout)
+        except Exception as e:
+            raise ConnectionError(f"cannot reach a Triton gRPC server at {url}: {error_message(e)}") from None
+        index = await client.get_model_repository_index(as_json=True, client_timeout=timeout)
+        rows = []
+        for m in sorted(index.get("models", []), key=lambda m: (m.get("name", ""), m.get("version", ""))):
+            row: dict[str, Any] = {"name": m.get("name", ""), "version": m.get("version", ""),
+                                   "state": m.get("state", "UNKNOWN") or "UNKNOWN", "reason": m.get("reason", "")}
+            if row["state"] == "READY":
+                try:
+                    config = (await client.get_model_config(row["name"], as_json=True,
+                                                            client_timeout=timeout)).get("config", {})
+                    mmeta = await client.get_model_metadata(row["name"], as_json=True, client_timeout=timeout)
+                    iface = ModelInterface.from_metadata(mmeta, config)
+                    row["platform"] = config.get("platform") or config.get("backend") or ""
+                    row["max_batch_size"] = iface.max_batch_size
+                    row["decoupled"] = iface.decoupled
+                    manifest = await fetch_manifest(client, row["name"], config)
+                    row["coordexp"] = manifest is not None and not iface.problems()
+                    if manifest is not None:
+                        row["manifest"] = manifest_summary(manifest)
+                except Exception as e:
+                    row["reason"] = row["reason"] or f"cannot read config: {error_message(e)}"
+            rows.append(row)
+        return {"url": url, "server": {"name": meta.get("name"), "version": meta.get("version")}, "models": rows}
+    finally:
+        await client.close()
+
+
+def _short(v: Any, n: int) -> str:
+    s = "" if v is None else str(v)
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def format_server(info: dict[str, Any]) -> str:
+    srv = info["server"]
+    lines = [f"{info['url']}  ({srv.get('name') or 'triton'} {srv.get('version') or ''})".rstrip()]
+    table = [("model", "version", "state", "details")]
+    for m in info["models"]:
+        if m["state"] != "READY":
+            details = m.get("reason") or ""
+        elif "manifest" in m:
+            details = f"CoordExp ensemble, prompt {m['manifest'].get('prompt_variant')}"
+        else:
+            details = m.get("platform") or ""
+        table.append((m["name"], m["version"] or "-", m["state"], _short(details, 90)))
+    widths = [max(len(r[c]) for r in table) for c in range(4)]
+    for r in table:
+        lines.append("  " + "  ".join(cell.ljust(widths[c]) for c, cell in enumerate(r)).rstrip())
+    for m in info["models"]:
+        man = m.get("manifest")
+        if not man:
+            continue
+        lines.append(f"  manifest of {m['name']}:")
+        versions = man.get("versions") or {}
+        vtext = ", ".join(f"{k} {v}" for k, v in versions.items() if v) if isinstance(versions, dict) else versions
+        for key, val in (("checkpoint", man.get("checkpoint")), ("hash", man.get("hash")),
+                         ("export date", man.get("export_date")), ("prompt variant", man.get("prompt_variant")),
+                         ("backend", man.get("backend")), ("max new tokens", man.get("max_new_tokens")),
+                         ("versions", vtext)):
+            lines.append(f"    {key + ':':16}{val if val is not None else '-'}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from coordexp.client.remote import normalise_url
+
+    async def collect():
+        return [await server_models(normalise_url(u), args.timeout) for u in args.url]
+
+    try:
+        infos = asyncio.run(collect())
+    except ConnectionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"servers": infos}, indent=2, ensure_ascii=False))
+    else:
+        print("\n\n".join(format_server(i) for i in infos))
+    return 0
