@@ -238,7 +238,11 @@ def _save(program, path: Path, nbytes: int) -> list[str]:
 def _export(module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, opset: int) -> list[str]:
     import torch
 
+    import logging
+
     nbytes = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    # the exporter logs one warning per missing torchvision op; they are irrelevant here
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, None, input_names=list(input_names),

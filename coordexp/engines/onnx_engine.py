@@ -102,10 +102,17 @@ def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
 
 
 class OnnxParts:
-    """The three graphs + host-side glue (M-RoPE positions, vision inputs, KV-cache decode loop)."""
+    """The three graphs + host-side glue (M-RoPE positions, vision inputs, KV-cache decode loop).
+
+    `threads`: ONNX Runtime intra-op threads (None: its default). `providers`: execution providers
+    (default CUDA when available, then CPU). `max_vision_patches`: images are run through the
+    vision graph in groups of at most this many patches. `preload`: graphs to open now ("vision",
+    "embed", "decoder"); the others open on first use.
+    """
 
     def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None,
-                 providers: Sequence[str] | None = None, max_vision_patches: int = 1024):
+                 providers: Sequence[str] | None = None, max_vision_patches: int = 1024,
+                 preload: Sequence[str] = ()):
         import onnxruntime as ort
 
         self.onnx_dir = find_onnx_dir(onnx_dir)
@@ -128,20 +135,46 @@ class OnnxParts:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        self._session_options = opts
         avail = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
         self.providers = list(providers)
-        graphs = m["graphs"]
-        self.sessions = {}
         for key in ("vision", "embed", "decoder"):
-            path = self.onnx_dir / graphs[key]["file"]
+            path = self.onnx_dir / m["graphs"][key]["file"]
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing (listed in {META_NAME})")
-            self.sessions[key] = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
-        self.vision_session, self.embed_session, self.decoder_session = (
-            self.sessions["vision"], self.sessions["embed"], self.sessions["decoder"])
-        self.decoder_outputs = [o.name for o in self.decoder_session.get_outputs()]
+        # Sessions open on first use: a process serving only the vision tower never loads the decoder.
+        self.sessions: dict[str, Any] = {}
+        for key in preload:
+            self.session(key)
+
+    def session(self, key: str):
+        """The onnxruntime InferenceSession of graph `key` ("vision", "embed" or "decoder")."""
+        sess = self.sessions.get(key)
+        if sess is None:
+            import onnxruntime as ort
+
+            path = self.onnx_dir / self.meta["graphs"][key]["file"]
+            sess = ort.InferenceSession(str(path), sess_options=self._session_options, providers=self.providers)
+            self.sessions[key] = sess
+        return sess
+
+    @property
+    def vision_session(self):
+        return self.session("vision")
+
+    @property
+    def embed_session(self):
+        return self.session("embed")
+
+    @property
+    def decoder_session(self):
+        return self.session("decoder")
+
+    @property
+    def decoder_outputs(self) -> list[str]:
+        return [o.name for o in self.decoder_session.get_outputs()]
 
     # -------------------------------------------------------------------------------- vision
     def vision_feeds(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,0 +1,202 @@
+"""Validate an ONNX export against the PyTorch reference (after optimum's `validate_model_outputs`).
+
+    validate_export(onnx_dir, ckpt, ...) -> report dict      (raises ExportValidationError)
+
+On a few probe inputs (generated images of several sizes, batch 1 and a left-padded batch 2) it
+runs the torch checkpoint and the exported graphs (`OnnxParts`) and compares
+
+- every graph output on the same inputs: `vision.image_embeds`, `vision.deepstack` (same pixels),
+  `embed.inputs_embeds` (same ids), `decoder.logits` (first-step logits, the decoder fed the torch
+  vision features, so it is judged alone) and `pipeline.logits` (all three graphs chained);
+- greedy token ids for `steps` steps (stop tokens suppressed, so every row compares `steps` ids).
+
+It raises `ExportValidationError` unless the greedy tokens are identical everywhere (and, with
+`strict=True`, unless every max abs difference is within `atol`); the message names the first
+graph whose outputs differ beyond `atol` and the first diverging token. A graph ONNX Runtime
+cannot load, or an export whose recorded checkpoint hash differs from `ckpt`'s weights, fails too.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((64, 64), (160, 96), (112, 208))  # (width, height)
+GRAPH_OUTPUTS = ("vision.image_embeds", "vision.deepstack", "embed.inputs_embeds", "decoder.logits",
+                 "pipeline.logits")
+DEFAULT_ATOL = 1e-3
+
+
+class ExportValidationError(AssertionError):
+    """The exported graphs do not reproduce the torch reference."""
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.report = report or {}
+
+
+def probe_images(sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES, seed: int = 0) -> list:
+    """Deterministic synthetic RGB images (noise background + a few filled shapes), one per size."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for w, h in sizes:
+        bg = rng.integers(0, 256, size=3)
+        arr = np.clip(bg[None, None, :] + rng.normal(0, 24, size=(h, w, 3)), 0, 255).astype(np.uint8)
+        im = Image.fromarray(arr, "RGB")
+        draw = ImageDraw.Draw(im)
+        for _ in range(3):
+            x0, y0 = int(rng.integers(0, max(1, w - 8))), int(rng.integers(0, max(1, h - 8)))
+            x1, y1 = int(rng.integers(x0 + 4, w + 1)), int(rng.integers(y0 + 4, h + 1))
+            color = tuple(int(c) for c in rng.integers(0, 256, size=3))
+            (draw.rectangle if rng.random() < 0.5 else draw.ellipse)([x0, y0, x1, y1], fill=color)
+        out.append(im)
+    return out
+
+
+def _maxdiff(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def _probes(images: list, batch_sizes: Sequence[int]) -> list[tuple[str, list]]:
+    probes = []
+    for bs in batch_sizes:
+        if bs == 1:
+            probes += [(f"b1-{im.width}x{im.height}", [im]) for im in images]
+        else:
+            batch = [images[i % len(images)] for i in range(bs)]
+            probes.append((f"b{bs}-" + "+".join(f"{im.width}x{im.height}" for im in batch), batch))
+    return probes
+
+
+def validate_export(onnx_dir: str | os.PathLike, ckpt: str | os.PathLike | None = None, *, reference: Any = None,
+                    images: list | None = None, sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
+                    batch_sizes: Sequence[int] = (1, 2), steps: int = 16, atol: float = DEFAULT_ATOL,
+                    strict: bool = False, threads: int | None = None, prompt=None, check_hash: bool = True,
+                    log=None) -> dict[str, Any]:
+    """Compare the export in `onnx_dir` with the torch reference; returns the report.
+
+    `reference`: a loaded `TorchEngine` (e.g. with edited weights) instead of loading `ckpt`.
+    `check_hash`: compare onnx_meta.json's `checkpoint_sha256` with `ckpt`'s weights first.
+    """
+    import torch
+
+    from coordexp.engines.base import GenerationParams
+    from coordexp.engines.onnx_engine import OnnxParts
+    from coordexp.export.onnx_export import checkpoint_hashes, read_meta
+
+    log = log or (lambda s: None)
+    t0 = time.perf_counter()
+    meta = read_meta(onnx_dir)
+    report: dict[str, Any] = {"onnx_dir": os.path.abspath(str(onnx_dir)), "atol": atol, "steps": steps,
+                              "reference": "torch", "probes": [], "ok": False}
+    if reference is None:
+        if ckpt is None:
+            raise ValueError("validate_export needs ckpt or reference")
+        from coordexp.engines.torch_engine import TorchEngine
+
+        reference = TorchEngine(str(ckpt), prompt=prompt, threads=threads)
+    ckpt = ckpt if ckpt is not None else getattr(reference, "ckpt", None)
+    if check_hash and ckpt is not None:
+        sha, _ = checkpoint_hashes(ckpt)
+        report["checkpoint_sha256"] = sha
+        report["checkpoint_sha256_match"] = sha == meta.get("checkpoint_sha256")
+        if not report["checkpoint_sha256_match"]:
+            raise ExportValidationError(
+                f"checkpoint mismatch: {os.path.join(str(onnx_dir), 'onnx_meta.json')} records weights sha256 "
+                f"{meta.get('checkpoint_sha256')} but {ckpt} has {sha}: the graphs were exported from another "
+                "checkpoint (re-export it)", report)
+    if prompt is not None:
+        reference.prompt = prompt
+    parts = OnnxParts(onnx_dir, threads=threads)
+    for key in ("vision", "embed", "decoder"):
+        try:
+            parts.session(key)
+        except Exception as e:  # noqa: BLE001 - any loader failure means a broken graph
+            raise ExportValidationError(f"{key}.onnx cannot be loaded by ONNX Runtime: {e}", report) from e
+
+    model = reference.model
+    processor = reference.processor
+    images = images if images is not None else probe_images(sizes)
+    worst = {k: 0.0 for k in GRAPH_OUTPUTS}
+    mismatches: list[str] = []
+    compared = 0
+    params = GenerationParams(max_new_tokens=steps, ignore_eos=True)
+
+    def run_graph(name: str, fn):
+        try:
+            return fn()
+        except ExportValidationError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ExportValidationError(f"{name} failed in ONNX Runtime: {type(e).__name__}: {e}", report) from e
+
+    for name, batch in _probes(images, batch_sizes):
+        enc = processor.encode(batch, reference.prompt)
+        np_enc = {k: v.numpy() for k, v in enc.items()}
+        with torch.inference_mode():
+            vo = model.model.get_image_features(enc["pixel_values"].to(model.dtype), enc["image_grid_thw"])
+            t_embeds = torch.cat(list(vo.pooler_output)).float().numpy()
+            t_deep = torch.stack([torch.cat(list(f)) for f in vo.deepstack_features]).float().numpy()
+            t_tok = model.model.language_model.embed_tokens(enc["input_ids"]).float().numpy()
+            t_logits = model(**enc).logits[:, -1, :].float().numpy()
+        o_embeds, o_deep = run_graph("vision.onnx", lambda: parts.encode_images(np_enc["pixel_values"],
+                                                                                np_enc["image_grid_thw"]))
+        o_tok = run_graph("embed.onnx", lambda: parts.embed(np_enc["input_ids"]))
+        args = (np_enc["input_ids"], np_enc["attention_mask"], np_enc["image_grid_thw"])
+        o_logits_dec = run_graph("decoder.onnx", lambda: parts.prefill_logits(*args, t_embeds, t_deep))
+        o_logits = run_graph("decoder.onnx", lambda: parts.prefill_logits(*args, o_embeds, o_deep))
+        diffs = {
+            "vision.image_embeds": _maxdiff(t_embeds, o_embeds),
+            "vision.deepstack": _maxdiff(t_deep, o_deep),
+            "embed.inputs_embeds": _maxdiff(t_tok, o_tok),
+            "decoder.logits": _maxdiff(t_logits, o_logits_dec),
+            "pipeline.logits": _maxdiff(t_logits, o_logits),
+        }
+        for k, v in diffs.items():
+            worst[k] = max(worst[k], v)
+        t_rows, _ = reference.generate_ids(batch, params)
+        o_rows = run_graph("decoder.onnx", lambda: parts.generate(*args, o_embeds, o_deep, params))
+        probe_ok = True
+        for r, (a, b) in enumerate(zip(t_rows, o_rows)):
+            compared += len(a)
+            if a != b:
+                probe_ok = False
+                at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                ta = a[at] if at < len(a) else "<end>"
+                tb = b[at] if at < len(b) else "<end>"
+                mismatches.append(f"probe {name} row {r}: greedy token {at} is {ta} in torch but {tb} in ONNX")
+        report["probes"].append({"name": name, "batch": len(batch), "sizes": [[im.width, im.height] for im in batch],
+                                 "max_abs_diff": diffs, "tokens_match": probe_ok})
+        log(f"probe {name}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+            + ("" if probe_ok else "  TOKENS DIFFER"))
+
+    report["max_abs_diff"] = worst
+    report["within_atol"] = all(v <= atol for v in worst.values())
+    report["greedy_tokens_match"] = not mismatches
+    report["tokens_compared"] = compared
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    if mismatches or (strict and not report["within_atol"]):
+        over = [k for k in GRAPH_OUTPUTS if worst[k] > atol]
+        if over:
+            first = over[0]
+            where = (f"{first.split('.')[0]}.onnx output '{first.split('.')[1]}' differs from torch by "
+                     f"{worst[first]:.3g} (atol {atol:g})")
+            if first.startswith("pipeline"):
+                where = f"the chained graphs' first-step logits differ from torch by {worst[first]:.3g} (atol {atol:g})"
+        else:
+            where = f"all graph outputs are within atol {atol:g} (largest {max(worst.values()):.3g}): a near-tie flipped"
+        msg = "ONNX export does not match the torch reference: " + where
+        if mismatches:
+            msg += "; " + "; ".join(mismatches[:3]) + (f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else "")
+        report["error"] = msg
+        raise ExportValidationError(msg, report)
+    report["ok"] = True
+    return report
