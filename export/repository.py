@@ -471,7 +471,7 @@ def _assemble(root: str, name: str, onnx_dir: str, ckpt: str, meta: dict[str, An
             C.LLM, max_batch_size, options.llm_instances,
             {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.llm_threads),
              "max_new_tokens": str(max_new_tokens), "decoding_defaults": decoding.to_dict(),
-             "pad_token_id": str(pad_id), "merge_size": str(merge)},
+             "pad_token_id": str(pad_id), "merge_size": str(merge), "prompt_json": prompt.to_dict()},
             queue_delay_us=options.llm_queue_delay_us),
         C.POSTPROCESS: python_model_config(
             C.POSTPROCESS, max_batch_size, options.postprocess_instances,

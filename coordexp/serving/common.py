@@ -204,8 +204,16 @@ def request_view(pb_utils: Any, request: Any, names: Iterable[str]) -> TritonReq
 
 
 def error_response(pb_utils: Any, exc: BaseException) -> Any:
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error_text(exc)))
+    """A failed response: INVALID_ARG for a bad request (the client's fault), INTERNAL otherwise."""
+    bad_input = isinstance(exc, (RequestError, ValueError)) and not isinstance(exc, UnicodeError)
+    try:
+        code = pb_utils.TritonError.INVALID_ARG if bad_input else pb_utils.TritonError.INTERNAL
+        err = pb_utils.TritonError(error_text(exc), code)
+    except (AttributeError, TypeError):  # Python backends older than 23.xx: message only
+        err = pb_utils.TritonError(error_text(exc))
+    return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
 
 def response(pb_utils: Any, outputs: dict[str, np.ndarray]) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
+

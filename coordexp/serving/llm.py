@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -50,6 +50,12 @@ def params_for_row(defaults: GenerationParams, limit: int, max_tokens: Any = Non
                    ignore_eos: Any = None) -> GenerationParams:
     """A row's GenerationParams: the repository defaults overridden by the inputs that were sent."""
     kw: dict[str, Any] = {}
+
+    def f(v: Any) -> float:
+        # FP32 on the wire: 0.9 arrives as 0.89999998; take the shortest decimal that rounds to the
+        # same float32 (what the client typed), so served decoding equals in-process decoding.
+        return float(str(np.float32(v))) if isinstance(v, np.floating) and v.dtype == np.float32 else float(v)
+
     if max_tokens is not None:
         n = int(max_tokens)
         if n < 1:
@@ -58,11 +64,11 @@ def params_for_row(defaults: GenerationParams, limit: int, max_tokens: Any = Non
             raise RequestError(f"max_tokens={n} exceeds this repository's limit of {limit} new tokens")
         kw["max_new_tokens"] = n
     if temperature is not None:
-        kw["temperature"] = float(temperature)
+        kw["temperature"] = f(temperature)
     if top_p is not None:
-        kw["top_p"] = float(top_p)
+        kw["top_p"] = f(top_p)
     if repetition_penalty is not None:
-        kw["repetition_penalty"] = float(repetition_penalty)
+        kw["repetition_penalty"] = f(repetition_penalty)
     if seed is not None:
         kw["seed"] = int(seed)
     if guided is not None:
@@ -79,8 +85,10 @@ class LlmBatcher:
     """Rows of several requests -> one generate call per distinct set of decoding parameters."""
 
     def __init__(self, parts: Any, defaults: GenerationParams | None = None, max_new_tokens: int | None = None,
-                 pad_token_id: int = 0, merge_size: int | None = None, max_batch_size: int | None = None):
+                 pad_token_id: int = 0, merge_size: int | None = None, max_batch_size: int | None = None,
+                 guided_hook: Callable[[GenerationParams, int], Any] | None = None):
         self.parts = parts
+        self.guided_hook = guided_hook  # (params, batch) -> OnnxParts logits hook
         self.defaults = defaults or GenerationParams()
         self.limit = int(max_new_tokens or self.defaults.max_new_tokens)
         self.pad_token_id = int(pad_token_id)
@@ -118,9 +126,6 @@ class LlmBatcher:
             params = params_for_row(self.defaults, self.limit, opt[REQUEST_OUTPUT_LEN][i], opt[TEMPERATURE][i],
                                     opt[RUNTIME_TOP_P][i], opt[REPETITION_PENALTY][i], opt[RANDOM_SEED][i],
                                     opt[GUIDED][i], opt[IGNORE_EOS][i])
-            if params.guided:
-                raise RequestError("guided decoding is not available in this repository's llm model "
-                                   "(ONNX Runtime backend); send guided=false")
             items.append(LlmItem(row, grid[i], embeds[i, :n], deep[i, :, :n], params))
         return items
 
@@ -133,8 +138,13 @@ class LlmBatcher:
         grid = np.stack([it.grid for it in items]).astype(np.int64)
         embeds = np.concatenate([it.embeds for it in items], axis=0)
         deep = np.concatenate([it.deepstack for it in items], axis=1)
+        hook = None
+        if params.guided:
+            if self.guided_hook is None:
+                raise RequestError("guided decoding is not available in this llm model; send guided=false")
+            hook = self.guided_hook(params, len(items))
         self.calls.append(len(items))
-        out = self.parts.generate(input_ids, attention_mask, grid, embeds, deep, params)
+        out = self.parts.generate(input_ids, attention_mask, grid, embeds, deep, params, logits_hook=hook)
         if len(out) != len(items):
             raise RuntimeError(f"generate returned {len(out)} rows for {len(items)}")
         return [[int(t) for t in row] for row in out]
@@ -195,6 +205,28 @@ def defaults_from_params(params: dict[str, str]) -> GenerationParams:
     return GenerationParams(**json.loads(raw)) if raw else GenerationParams()
 
 
+def guided_hook_factory(parts: Any, prompt_json: str | None) -> Callable[[GenerationParams, int], Any]:
+    """Guided decoding as the in-process OnnxEngine does it (`coordexp.guided.guided_logits_hook`),
+    loaded on the first guided request; a clear per-request error when it is not installed."""
+    from coordexp.prompt import PromptSpec
+
+    prompt = PromptSpec.from_dict(json.loads(prompt_json)) if prompt_json else PromptSpec()
+    state: dict[str, Any] = {}
+
+    def make(params: GenerationParams, batch: int) -> Any:
+        try:
+            from coordexp.guided import guided_logits_hook
+        except ImportError as e:
+            raise RequestError(f"guided decoding is not available on this server ({e}); send guided=false") from None
+        if "processor" not in state:
+            from coordexp.processor import CoordExpProcessor
+
+            state["processor"] = CoordExpProcessor.from_pretrained(str(parts.onnx_dir))
+        return guided_logits_hook(state["processor"], prompt, params, batch=batch)
+
+    return make
+
+
 class TritonPythonModel:
     """Triton Python-backend model `llm`."""
 
@@ -213,7 +245,8 @@ class TritonPythonModel:
         self.batcher = LlmBatcher(parts, defaults, int_param(params, "max_new_tokens", defaults.max_new_tokens),
                                   pad_token_id=int_param(params, "pad_token_id", 0),
                                   merge_size=int_param(params, "merge_size", 0) or None,
-                                  max_batch_size=int(config.get("max_batch_size") or 0) or None)
+                                  max_batch_size=int(config.get("max_batch_size") or 0) or None,
+                                  guided_hook=guided_hook_factory(parts, params.get("prompt_json")))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         views = [request_view(self.pb, r, LLM_INPUTS) for r in requests]

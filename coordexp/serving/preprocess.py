@@ -53,7 +53,12 @@ class Preprocessor:
 
         from coordexp.dataset import check_image_bytes
 
-        check_image_bytes(data, where, self.max_pixels)  # ContractError(image_load_failed | image_too_large)
+        from coordexp.schema import ContractError
+
+        try:
+            check_image_bytes(data, where, self.max_pixels)
+        except ContractError as e:  # image_load_failed | image_too_large: the code leads the message
+            raise RequestError(f"{e.code}: {e.message}") from None
         try:
             return Image.open(io.BytesIO(data)).convert("RGB")
         except Exception as e:  # verified header, broken body

@@ -1,0 +1,328 @@
+"""The Triton models of a CoordExp repository.
+
+Fast tests (no server) drive the serving logic of `coordexp.serving` with a fake `OnnxParts`.
+The `slow` + `triton` tests export the tiny checkpoint to ONNX, write a repository, start the REAL
+Triton server on free loopback ports (always stopped) and check the served ensemble against the
+torch reference and the in-process ONNX Runtime engine, token for token.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from coordexp.engines.base import GenerationParams
+from coordexp.serving import common as C
+from coordexp.serving.llm import LlmBatcher, params_for_row
+from coordexp.serving.vision_encoder import VisionEncoder
+
+MAX_NEW = 24  # the served repository's limit (and the default) in these tests
+SIZES = [(64, 64), (96, 64), (64, 96), (128, 64), (64, 128), (100, 100), (128, 128), (160, 96), (96, 160),
+         (200, 80), (80, 200), (150, 150), (224, 128), (128, 224), (256, 192), (300, 48)]
+
+
+def png(w: int, h: int, seed: int = 0) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def pil(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+# ============================================================================ fast: no server
+class FakeParts:
+    """Stands in for OnnxParts: image tokens are 1-d, 'generation' echoes facts about each row."""
+
+    meta = {"spatial_merge_size": 2}
+
+    def __init__(self):
+        self.calls = []
+
+    def encode_images(self, pixel_values, grid):
+        n = int(sum(int(np.prod(g)) for g in grid)) // 4
+        emb = np.arange(n, dtype=np.float32)[:, None].repeat(3, axis=1)
+        return emb, np.stack([emb, -emb])
+
+    def generate(self, input_ids, attention_mask, grid, embeds, deep, params, logits_hook=None):
+        self.calls.append((input_ids.shape, params))
+        assert embeds.shape[0] == deep.shape[1] == int(sum(np.prod(g) for g in grid)) // 4
+        assert (attention_mask[:, -1] == 1).all()  # left padded
+        return [[int(attention_mask[i].sum()), params.max_new_tokens, params.seed][: params.max_new_tokens]
+                for i in range(input_ids.shape[0])]
+
+
+def _llm_view(lengths, grids, **opt):
+    b = len(lengths)
+    t = max(lengths)
+    ids = np.zeros((b, t), np.int32)
+    mask = np.zeros((b, t), np.int32)
+    for i, n in enumerate(lengths):
+        ids[i, t - n:] = 7
+        mask[i, t - n:] = 1
+    ntok = [int(np.prod(g)) // 4 for g in grids]
+    emb = np.zeros((b, max(ntok), 3), np.float32)
+    deep = np.zeros((b, 2, max(ntok), 3), np.float32)
+    inputs = {C.INPUT_IDS: ids, C.ATTENTION_MASK: mask, C.INPUT_LENGTHS: mask.sum(1, dtype=np.int32)[:, None],
+              C.IMAGE_GRID_THW: np.asarray(grids, np.int64), C.IMAGE_EMBEDS: emb, C.DEEPSTACK_EMBEDS: deep}
+    for name, vals in opt.items():
+        inputs[name] = np.asarray(vals).reshape(b, 1)
+    return C.TritonRequestView(inputs)
+
+
+def test_llm_groups_requests_by_decoding_params():
+    parts = FakeParts()
+    batcher = LlmBatcher(parts, GenerationParams(max_new_tokens=8), max_new_tokens=16, pad_token_id=5)
+    views = [
+        _llm_view([5], [[1, 4, 4]]),
+        _llm_view([9, 3], [[1, 4, 8], [1, 2, 2]]),  # a request with two rows
+        _llm_view([4], [[1, 4, 4]], **{C.RANDOM_SEED: np.array([3], np.uint64)}),
+        _llm_view([6], [[1, 4, 4]], **{C.REQUEST_OUTPUT_LEN: np.array([99], np.int32)}),  # over the limit
+        _llm_view([2], [[1, 2, 2]], **{C.TEMPERATURE: np.array([-1.0], np.float32)}),  # invalid
+    ]
+    out = batcher.run(views)
+    assert [c[0][0] for c in parts.calls] == [3, 1]  # one batch for the defaults, one for seed 3
+    assert parts.calls[0][0] == (3, 9)  # left padded to the longest prompt
+    np.testing.assert_array_equal(out[0][C.OUTPUT_IDS], [[5, 8, 0]])
+    np.testing.assert_array_equal(out[1][C.OUTPUT_IDS], [[9, 8, 0], [3, 8, 0]])
+    np.testing.assert_array_equal(out[1][C.SEQUENCE_LENGTH], [[3], [3]])
+    np.testing.assert_array_equal(out[2][C.OUTPUT_IDS], [[4, 8, 3]])
+    assert isinstance(out[3], C.RequestError) and "exceeds this repository's limit of 16" in str(out[3])
+    assert isinstance(out[4], C.RequestError) and "temperature" in str(out[4])
+
+
+def test_llm_params_and_guided_without_hook():
+    d = GenerationParams(max_new_tokens=8)
+    p = params_for_row(d, 16, np.int32(4), np.float32(0.5), np.float32(0.9), np.float32(1.1), np.uint64(2**63),
+                       np.bool_(False), np.bool_(True))
+    # FP32 inputs come back as the decimals the client sent (0.9, not 0.89999998)
+    assert p == GenerationParams(max_new_tokens=4, temperature=0.5, top_p=0.9, repetition_penalty=1.1, seed=2**63,
+                                 ignore_eos=True)
+    assert params_for_row(d, 16) == d
+    out = LlmBatcher(FakeParts(), d).run([_llm_view([3], [[1, 2, 2]], **{C.GUIDED: np.array([True])})])
+    assert isinstance(out[0], C.RequestError) and "guided" in str(out[0])
+
+
+def test_vision_encoder_splits_and_pads_per_request():
+    enc = VisionEncoder(FakeParts())
+    pv = np.zeros((2, 32, 6), np.float32)
+    views = [C.TritonRequestView({C.PIXEL_VALUES: pv, C.IMAGE_GRID_THW: np.array([[1, 4, 8], [1, 4, 4]])}),
+             C.TritonRequestView({C.PIXEL_VALUES: pv[:1, :16], C.IMAGE_GRID_THW: np.array([[1, 4, 8]])}),
+             C.TritonRequestView({C.PIXEL_VALUES: pv[:1], C.IMAGE_GRID_THW: np.array([[1, 8, 8]])})]
+    out = enc.run(views)
+    assert out[0][C.IMAGE_EMBEDS].shape == (2, 8, 3) and out[0][C.DEEPSTACK_EMBEDS].shape == (2, 2, 8, 3)
+    np.testing.assert_array_equal(out[0][C.IMAGE_EMBEDS][1, :, 0], [8, 9, 10, 11, 0, 0, 0, 0])  # second image
+    assert isinstance(out[1], C.RequestError) and isinstance(out[2], C.RequestError)
+
+
+def test_preprocess_and_postprocess_logic(tiny_ckpt):
+    from coordexp.processor import CoordExpProcessor
+    from coordexp.prompt import PromptSpec
+    from coordexp.serving.postprocess import Postprocessor
+    from coordexp.serving.preprocess import Preprocessor
+    from coordexp.tokens import coord_token
+
+    proc = CoordExpProcessor.from_pretrained(tiny_ckpt)
+    pre = Preprocessor(proc, PromptSpec())
+    out = pre.encode([png(64, 64), png(128, 96)], [None, "Find the cat."])
+    assert out[C.INPUT_IDS].dtype == np.int32 and out[C.INPUT_IDS].shape[0] == 2
+    assert out[C.PIXEL_VALUES].shape[:2] == (2, 48) and out[C.IMAGE_GRID_THW].tolist() == [[1, 4, 4], [1, 6, 8]]
+    ref = proc.encode([pil(png(64, 64))], PromptSpec(), return_tensors="np")
+    np.testing.assert_array_equal(out[C.INPUT_IDS][0][out[C.ATTENTION_MASK][0] == 1], ref["input_ids"][0])
+    np.testing.assert_array_equal(out[C.PIXEL_VALUES][0, :16], ref["pixel_values"])
+    assert out[C.INPUT_LENGTHS][1, 0] > out[C.INPUT_LENGTHS][0, 0]  # the longer user text
+    with pytest.raises(Exception, match="image_load_failed"):
+        pre.encode([b"\x89PNG\r\n\x1a\n" + b"garbage" * 10])
+
+    post = Postprocessor(proc)
+    text = '{"objects": [{"desc": "cat", "bbox_2d": [%s]}]}' % ", ".join(coord_token(v) for v in (1, 2, 30, 40))
+    ids = proc.tokenizer(text)["input_ids"] + [proc.im_end_token_id]
+    res = post.process([ids, []])
+    assert C.as_str(res[C.TEXT_OUTPUT][0, 0]) == text
+    payload = json.loads(C.as_str(res[C.PREDS_JSON][0, 0]))
+    assert payload["preds"] == [{"type": "bbox_2d", "points": [1, 2, 30, 40], "desc": "cat", "score": 1.0}]
+    assert payload["error"] is None and payload["repairs"] == []
+    assert json.loads(C.as_str(res[C.PREDS_JSON][1, 0]))["error"] == "empty_pred"
+
+
+# ============================================================================ slow: the real server
+@pytest.fixture(scope="module")
+def exported(tiny_ckpt, tmp_path_factory):
+    """(ckpt, repository) for the tiny checkpoint: ONNX export + repository writer."""
+    from coordexp.export.onnx_export import export_onnx
+    from coordexp.export.repository import write_repository
+
+    base = tmp_path_factory.mktemp("served")
+    export_onnx(tiny_ckpt, str(base / "onnx"))
+    repo = write_repository(str(base / "model_repository"), C.ENSEMBLE, str(base / "onnx"), tiny_ckpt,
+                            max_batch_size=8, max_new_tokens=MAX_NEW, move_onnx=True)
+    return tiny_ckpt, repo
+
+
+@pytest.fixture(scope="module")
+def server(exported):
+    from coordexp.serving.client import start_server
+
+    srv = start_server(exported[1])
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [png(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+
+
+@pytest.fixture(scope="module")
+def onnx_engine(exported):
+    from coordexp.engines.onnx_engine import OnnxEngine
+
+    return OnnxEngine(exported[1], threads=1)  # finds llm/1/onnx inside the repository
+
+
+def _batched(engine, imgs, params, bs):
+    out = []
+    for i in range(0, len(imgs), bs):
+        out += [(r.token_ids, r.text) for r in engine.generate_batch([pil(b) for b in imgs[i:i + bs]], params)]
+    return out
+
+
+def _preds(text):
+    from coordexp.serving.postprocess import preds_payload
+
+    return preds_payload(text)
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_ensemble_answers_images_of_several_sizes(server, images):
+    import tritonclient.grpc as grpcclient
+
+    from coordexp.serving.client import ensemble_arrays, ensemble_outputs, infer_inputs
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        for k in (0, 6, 9, 14):
+            res = client.infer(C.ENSEMBLE, infer_inputs(grpcclient, ensemble_arrays([images[k]])))
+            assert res.as_numpy(C.OUTPUT_IDS).dtype == np.int32
+            row = ensemble_outputs(res)[0]
+            assert len(row["token_ids"]) <= MAX_NEW  # 0 when the model stops at once
+            assert set(row["preds"]) == {"preds", "error", "error_message", "repairs"}
+        # two images in one request (the request's own batch dimension), decoding inputs sent
+        params = GenerationParams(max_new_tokens=5, ignore_eos=True)
+        res = client.infer(C.ENSEMBLE, infer_inputs(grpcclient, ensemble_arrays([images[1], images[14]], params)))
+        rows = ensemble_outputs(res)
+        assert [len(r["token_ids"]) for r in rows] == [5, 5]
+        meta = client.get_model_metadata(C.ENSEMBLE, as_json=True)
+        assert {i["name"] for i in meta["inputs"]} >= {"image_bytes_input", "max_tokens", "random_seed"}
+        cfg = client.get_model_config(C.ENSEMBLE, as_json=True)["config"]
+        manifest = json.loads(cfg["parameters"]["manifest_json"]["string_value"])
+        assert manifest["max_new_tokens"] == MAX_NEW and manifest["backend"] == "onnx"
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_greedy_parity_torch_onnx_served(exported, server, images, onnx_engine):
+    from coordexp.engines.torch_engine import TorchEngine
+    from coordexp.serving.client import infer_many, model_stats
+
+    params = GenerationParams(max_new_tokens=MAX_NEW)
+    torch_engine = TorchEngine(exported[0], threads=1)
+    ref = _batched(torch_engine, images, params, 1)
+    assert sum(len(ids) > 0 for ids, _ in ref) >= len(images) // 2  # most images do generate: not a trivial match
+    runs = {"torch@4": _batched(torch_engine, images, params, 4),
+            "onnx@1": _batched(onnx_engine, images, params, 1),
+            "onnx@4": _batched(onnx_engine, images, params, 4)}
+    before = model_stats(server.grpc_url, C.LLM)
+    served, _ = infer_many(server.grpc_url, images, params, concurrency=4)
+    after = model_stats(server.grpc_url, C.LLM)
+    assert not [r for r in served if isinstance(r, Exception)]
+    runs["served@c4"] = [(r["token_ids"], r["text"]) for r in served]
+    for name, rows in runs.items():
+        for k, ((ids, text), (ref_ids, ref_text)) in enumerate(zip(rows, ref)):
+            assert ids == ref_ids, f"{name}: image {k} {SIZES[k]} token ids differ from torch@1"
+            assert text == ref_text, f"{name}: image {k}"
+    for (ref_ids, ref_text), row in zip(ref, served):
+        assert row["preds"] == _preds(ref_text)  # the parsed preds too
+    # the dynamic batcher grouped concurrent requests: fewer executions than inferences
+    n_inf = after["inference_count"] - before["inference_count"]
+    n_exec = after["execution_count"] - before["execution_count"]
+    assert n_inf == len(images) and n_exec < n_inf, (n_inf, n_exec)
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_sampling_at_a_fixed_seed_matches_onnx(server, images, onnx_engine):
+    from coordexp.serving.client import infer_many
+
+    params = GenerationParams(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=1234)
+    imgs = images[:8]
+    local = _batched(onnx_engine, imgs, params, 4)
+    served, _ = infer_many(server.grpc_url, imgs, params, concurrency=4)
+    assert [r["token_ids"] for r in served] == [ids for ids, _ in local]
+    greedy = _batched(onnx_engine, imgs[:2], replace(params, temperature=0.0), 1)
+    assert [ids for ids, _ in local[:2]] != [ids for ids, _ in greedy]  # it really sampled
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_user_text_and_ignore_eos(exported, server, images):
+    from coordexp.engines.onnx_engine import OnnxEngine
+    from coordexp.prompt import PromptSpec
+    from coordexp.serving.client import infer_many
+
+    params = GenerationParams(max_new_tokens=10, ignore_eos=True)
+    engine = OnnxEngine(exported[1], prompt=PromptSpec(user_text="Find every red circle."), threads=1)
+    local = _batched(engine, images[:2], params, 1)
+    served, _ = infer_many(server.grpc_url, images[:2], params, text="Find every red circle.")
+    assert [r["token_ids"] for r in served] == [ids for ids, _ in local]
+    assert all(len(r["token_ids"]) == 10 for r in served)
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_bad_requests_fail_alone_with_clear_errors(server, images):
+    from coordexp.serving.client import infer_many
+
+    corrupt = b"\x89PNG\r\n\x1a\n" + b"garbage" * 20
+    batch = [images[0], corrupt, b"", images[1]]
+    out, _ = infer_many(server.grpc_url, batch, GenerationParams(max_new_tokens=4), concurrency=4)
+    assert isinstance(out[0], dict) and isinstance(out[3], dict)
+    for k in (1, 2):
+        assert isinstance(out[k], Exception)
+        msg = str(out[k])
+        assert "image_load_failed" in msg and "image_bytes_input" in msg, msg
+    assert "empty" in str(out[2])
+    over, _ = infer_many(server.grpc_url, images[:1], GenerationParams(max_new_tokens=MAX_NEW + 1))
+    assert "exceeds this repository's limit" in str(over[0])
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_model_that_fails_to_load_gives_tritons_message(exported, tmp_path):
+    from coordexp.server import TritonError
+    from coordexp.serving.client import start_server
+
+    broken = tmp_path / "repo"
+    shutil.copytree(exported[1], broken)
+    os.remove(broken / C.ONNX_SUBDIR / "decoder.onnx")
+    with pytest.raises(TritonError) as e:
+        start_server(str(broken), ready_timeout=240,
+                     extra_args=["--model-control-mode=explicit", f"--load-model={C.LLM}"])
+    msg = str(e.value)
+    assert "decoder.onnx" in msg and "'llm'" in msg, msg
