@@ -1,0 +1,65 @@
+"""`coordexp-client eval`: COCO + F1-ish metrics from the prediction artifact."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval",
+        help="COCO AP/AR + F1-ish matching of a prediction artifact against the GT",
+        description="Evaluate predictions.jsonl against the input JSONL (or a COCO json). Reads the "
+                    "prediction artifact only; writes metrics.json, per_image.json, per_class.csv, "
+                    "coco_gt.json, coco_preds.json, matches*.jsonl and plots into --out.",
+    )
+    p.add_argument("--pred", required=True, help="predictions.jsonl (the prediction artifact)")
+    p.add_argument("--gt", required=True, help="GT: the input JSONL (norm/coord/pixel) or a COCO instances json")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--metrics", choices=["coco", "f1ish", "both"], default="both")
+    p.add_argument("--reparse", action="store_true",
+                   help="re-parse every line's raw_output with the shared parser (default: only lines without preds)")
+    p.add_argument("--iou-thrs", default="0.3,0.5", help="F1-ish IoU thresholds, comma separated (0.5 is primary)")
+    p.add_argument("--no-semantic", action="store_true",
+                   help="compare descs as exact/normalised strings only (no embedding model)")
+    p.add_argument("--semantic-thr", type=float, default=0.6, help="embedding cosine threshold (default 0.6)")
+    p.add_argument("--gt-coord-mode", choices=["norm1000", "qwen3_rel1000", "pixel"], default=None,
+                   help="coordinate mode of the GT JSONL (default: each record's coord_mode, else norm1000)")
+    p.add_argument("--coco-backend", choices=["faster-coco-eval", "pycocotools"], default="faster-coco-eval",
+                   help="COCO evaluator (same numbers; faster-coco-eval is several times faster)")
+    p.add_argument("--no-plots", action="store_true", help="skip pr_curve.png and per_class_ap.png")
+    p.add_argument("--quiet", action="store_true", help="no summary table")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from coordexp.schema import ContractError
+
+    from .pipeline import evaluate, parse_thresholds
+    from .report import format_summary
+
+    try:
+        thrs = parse_thresholds(args.iou_thrs)
+        m = evaluate(args.pred, args.gt, args.out, metrics=args.metrics, iou_thrs=thrs, reparse=args.reparse,
+                     semantic=not args.no_semantic, semantic_thr=args.semantic_thr,
+                     coco_backend=args.coco_backend, gt_coord_mode=args.gt_coord_mode, plots=not args.no_plots)
+    except (OSError, ValueError, ContractError, RuntimeError) as e:
+        print(f"eval: error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(format_summary(m))
+        print(f"artifacts in {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="coordexp-eval")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

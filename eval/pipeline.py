@@ -1,0 +1,195 @@
+"""`evaluate()`: prediction artifact + GT -> metrics.json and the other artifacts."""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from typing import Any, Sequence
+
+from .coco import STAT_NAMES, CocoResult, build_coco_dets, build_coco_gt, run_cocoeval
+from .io import ImagePair, attach_predictions, load_gt
+from .matching import MatchResult, aggregate, iou_matrix, match_image
+from .semantic import DEFAULT_THRESHOLD, SemanticScorer
+
+EVAL_SCHEMA_VERSION = "coordexp.eval.v1"
+METRIC_CHOICES = ("coco", "f1ish", "both")
+DEFAULT_IOU_THRS = (0.3, 0.5)
+PRIMARY_IOU_THR = 0.5
+
+
+def thr_key(thr: float) -> str:
+    """0.5 -> "0.50" (the key in metrics.json and the `matches@0.30.jsonl` file names)."""
+    return f"{float(thr):.2f}"
+
+
+def primary_threshold(iou_thrs: Sequence[float]) -> float:
+    thrs = [float(t) for t in iou_thrs]
+    for t in thrs:
+        if abs(t - PRIMARY_IOU_THR) < 1e-12:
+            return t
+    return thrs[0]
+
+
+def parse_thresholds(text: str | Sequence[float]) -> list[float]:
+    if isinstance(text, str):
+        vals = [float(v) for v in text.replace(" ", "").split(",") if v]
+    else:
+        vals = [float(v) for v in text]
+    if not vals or any(not (0.0 < v <= 1.0) for v in vals):
+        raise ValueError(f"IoU thresholds must be in (0, 1], got {text!r}")
+    return list(dict.fromkeys(vals))
+
+
+def run_f1ish(pairs: Sequence[ImagePair], iou_thrs: Sequence[float],
+              scorer: SemanticScorer | None) -> dict[float, list[MatchResult]]:
+    """Match every image at every threshold (IoU matrices computed once per image), then apply
+    semantics with one batched embedding pass over the unique descs that need it."""
+    results: dict[float, list[MatchResult]] = {t: [] for t in iou_thrs}
+    for p in pairs:
+        ious = iou_matrix(p.preds, p.gts, p.width, p.height)
+        for t in iou_thrs:
+            results[t].append(match_image(p.preds, p.gts, t, width=p.width, height=p.height,
+                                          semantic=False, ious=ious))
+    scorer = scorer or SemanticScorer.string_only()
+    if scorer.enabled:
+        from .semantic import normalize_desc
+
+        need = {s for rs in results.values() for r in rs for m in r.pairs
+                if normalize_desc(m.pred_desc) != normalize_desc(m.gt_desc) for s in (m.pred_desc, m.gt_desc)}
+        scorer.prefetch(need)
+    for rs in results.values():
+        for r in rs:
+            r.apply_semantic(scorer)
+    return results
+
+
+def _per_class_f1(pairs, results: list[MatchResult], categories, category_of) -> dict[str, dict[str, int]]:
+    """Per category at one threshold, full mode: tp by the GT's category; fn = GT of the category
+    not counted as tp; fp = preds mapped to the category that are not a semantically right match."""
+    out = {c: {"tp": 0, "fp": 0, "fn": 0} for c in categories}
+    for p, r in zip(pairs, results):
+        ok_pred, ok_gt = set(), set()
+        for m in r.pairs:
+            if m.semantic_ok:
+                ok_pred.add(m.pred_index)
+                ok_gt.add(m.gt_index)
+                out[p.gts[m.gt_index].desc]["tp"] += 1
+        for j, g in enumerate(p.gts):
+            if j not in ok_gt:
+                out[g.desc]["fn"] += 1
+        for i, o in enumerate(p.preds):
+            c = category_of.get(o.desc)
+            if c is not None and i not in ok_pred:
+                out[c]["fp"] += 1
+    return out
+
+
+def evaluate(pred_path: str, gt_path: str, out_dir: str | None, metrics: str = "both", *,
+             iou_thrs: Sequence[float] = DEFAULT_IOU_THRS, reparse: bool = False, semantic: bool = True,
+             semantic_thr: float = DEFAULT_THRESHOLD, embedder=None, coco_backend: str = "faster-coco-eval",
+             gt_coord_mode: str | None = None, plots: bool = True, verbose: bool = False) -> dict[str, Any]:
+    """Evaluate a prediction artifact against GT; write the artifacts into `out_dir` (None: none).
+
+    - `metrics`: "coco", "f1ish" or "both".
+    - `semantic=False`: descs compare as exact/normalised strings only (no embedding model).
+    - `embedder`: a `list[str] -> (n, d) array` used instead of all-MiniLM-L6-v2 (tests).
+    Returns the metrics dict (the content of metrics.json).
+    """
+    if metrics not in METRIC_CHOICES:
+        raise ValueError(f"metrics must be one of {METRIC_CHOICES}, got {metrics!r}")
+    iou_thrs = parse_thresholds(iou_thrs)
+    primary = primary_threshold(iou_thrs)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    gt = load_gt(gt_path, coord_mode=gt_coord_mode)
+    line_info = attach_predictions(gt, pred_path, reparse=reparse)
+    pairs = gt.images
+    timings["load_s"] = time.perf_counter() - t0
+    scorer = SemanticScorer(embedder=embedder, threshold=semantic_thr, enabled=semantic)
+
+    categories = list(gt.categories)
+    pred_descs = Counter(o.desc for p in pairs for o in p.preds)
+    counts: dict[str, Any] = {
+        "images": len(pairs),
+        "gt_lines_invalid": len(gt.invalid),
+        "images_with_gt": sum(1 for p in pairs if p.gts),
+        "gt_objects": sum(len(p.gts) for p in pairs),
+        "gt_crowd": sum(1 for p in pairs for o in p.gts if o.iscrowd),
+        "gt_polygons": sum(1 for p in pairs for o in p.gts if o.type == "poly"),
+        "pred_objects": sum(pred_descs.values()),
+        "pred_polygons": sum(1 for p in pairs for o in p.preds if o.type == "poly"),
+        "categories": len(categories),
+        "pred_lines": 0, "pred_lines_missing": 0, "pred_lines_with_error": 0, "pred_lines_unreadable": 0,
+        "reparsed_lines": 0, "preds_invalid": 0, "size_mismatch_lines": 0,
+    }
+    counts.update(line_info["counts"])
+
+    # -- category mapping (COCO categories = GT descs) ---------------------------------
+    t = time.perf_counter()
+    mapping = scorer.map_to_categories(sorted(pred_descs), categories)
+    category_of = {d: m["category"] for d, m in mapping.items()}
+    mapped = [{"desc": d, "category": m["category"], "how": m["how"], "cosine": m["cosine"], "count": pred_descs[d]}
+              for d, m in mapping.items() if m["how"] in ("normalized", "embedding")]
+    dropped = [{"desc": d, "nearest": m["nearest"], "cosine": m["cosine"], "count": pred_descs[d]}
+               for d, m in mapping.items() if m["how"] == "dropped"]
+    mapped.sort(key=lambda r: (-r["count"], r["desc"]))
+    dropped.sort(key=lambda r: (-r["count"], r["desc"]))
+    counts["coco_preds"] = sum(pred_descs[d] for d, c in category_of.items() if c is not None)
+    counts["coco_preds_mapped"] = sum(r["count"] for r in mapped)
+    counts["coco_preds_dropped"] = sum(r["count"] for r in dropped)
+    timings["category_mapping_s"] = time.perf_counter() - t
+
+    result: dict[str, Any] = {
+        "schema_version": EVAL_SCHEMA_VERSION,
+        "inputs": {"pred": os.path.abspath(pred_path), "gt": os.path.abspath(gt_path),
+                   "gt_format": gt.source_format, "metrics": metrics, "reparse": bool(reparse),
+                   "iou_thrs": [float(x) for x in iou_thrs], "primary_iou_thr": primary},
+        "counts": counts,
+        "errors": line_info["errors"],
+        "categories": categories,
+        "category_mapping": {"mapped": mapped, "dropped": dropped},
+    }
+    if gt.invalid:
+        result["gt_invalid_lines"] = [gt.invalid[k] for k in sorted(gt.invalid)][:50]
+
+    # -- COCO ----------------------------------------------------------------------------
+    coco_gt = coco_dets = None
+    coco_res: dict[str, CocoResult] = {}
+    if metrics in ("coco", "both"):
+        t = time.perf_counter()
+        coco_gt = build_coco_gt(pairs, categories)
+        coco_dets = build_coco_dets(pairs, category_of, categories, "bbox")
+        iou_types = ["bbox"] + (["segm"] if counts["gt_polygons"] else [])
+        for it in iou_types:
+            dets = coco_dets if it == "bbox" else build_coco_dets(pairs, category_of, categories, "segm")
+            coco_res[it] = run_cocoeval(coco_gt, dets, it, backend=coco_backend)
+        result["coco"] = {it: r.to_dict() for it, r in coco_res.items()}
+        timings["coco_s"] = time.perf_counter() - t
+
+    # -- F1-ish --------------------------------------------------------------------------
+    f1_results: dict[float, list[MatchResult]] = {}
+    if metrics in ("f1ish", "both"):
+        t = time.perf_counter()
+        f1_results = run_f1ish(pairs, iou_thrs, scorer)
+        result["f1ish"] = {thr_key(th): aggregate(rs) for th, rs in f1_results.items()}
+        result["f1ish_primary"] = thr_key(primary)
+        timings["f1ish_s"] = time.perf_counter() - t
+
+    result["semantic"] = scorer.info()
+    if scorer.fallback_reason and semantic:
+        result["semantic"]["note"] = ("embedding model unavailable: semantic matching and category mapping "
+                                      "fell back to exact/normalised string matching")
+    timings["total_s"] = time.perf_counter() - t0
+    result["timings"] = timings
+
+    if out_dir is not None:
+        from .report import write_artifacts
+
+        write_artifacts(out_dir, result, pairs, categories, category_of, coco_gt, coco_dets, coco_res,
+                        f1_results, primary, plots=plots)
+    return result
+
+
+__all__ = ["evaluate", "run_f1ish", "thr_key", "parse_thresholds", "primary_threshold", "STAT_NAMES",
+           "EVAL_SCHEMA_VERSION"]

@@ -1,0 +1,234 @@
+"""Artifacts of an evaluation: JSON/CSV files, plots (matplotlib, Agg canvas) and the summary."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from .coco import STAT_NAMES, CocoResult
+from .matching import MatchResult, prf
+
+WORST_CLASSES = 5
+
+
+def _dump_json(path: str, obj: Any, indent: int | None = 1) -> None:
+    # json.dumps (not json.dump) so that indent=None uses the C encoder
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, ensure_ascii=False, indent=indent))
+        f.write("\n")
+
+
+def _dump_json_rows(path: str, rows: list) -> None:
+    """A JSON list with one compact element per line (fast to write, easy to grep)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[\n")
+        f.write(",\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+        f.write("\n]\n")
+
+
+def _matches_line(p, r: MatchResult) -> dict[str, Any]:
+    """One matches.jsonl line; indices are into the prediction line's `preds` and the GT line's
+    `objects` (they equal positions in ImagePair.preds/gts unless invalid preds were skipped)."""
+    pi = [o.index for o in p.preds]
+    gi = [o.index for o in p.gts]
+    d: dict[str, Any] = {"image_id": p.image_id, "images": p.images, "iou_thr": r.iou_thr, **r.counts()}
+    d["matches"] = [dict(m.to_dict(), pred_index=pi[m.pred_index], gt_index=gi[m.gt_index]) for m in r.pairs]
+    d["unmatched_pred_indices"] = [pi[i] for i in r.unmatched_preds]
+    d["unmatched_gt_indices"] = [gi[j] for j in r.unmatched_gts]
+    if p.error:
+        d["error"] = p.error
+    return d
+
+
+def write_artifacts(out_dir: str, metrics: dict[str, Any], pairs: Sequence, categories: Sequence[str],
+                    category_of: dict[str, str | None], coco_gt, coco_dets, coco_res: dict[str, CocoResult],
+                    f1_results: dict[float, list[MatchResult]], primary: float, plots: bool = True) -> None:
+    from .pipeline import thr_key
+
+    os.makedirs(out_dir, exist_ok=True)
+    files = ["metrics.json", "per_image.json", "per_class.csv"]
+
+    # per_image.json
+    per_image = []
+    for k, p in enumerate(pairs):
+        row: dict[str, Any] = {"image_id": p.image_id, "images": p.images, "width": p.width, "height": p.height,
+                               "num_gt": len(p.gts), "num_pred": len(p.preds), "error": p.error}
+        if p.coco_image_id is not None:
+            row["coco_image_id"] = p.coco_image_id
+        for flag in ("missing", "reparsed", "size_mismatch"):
+            if getattr(p, flag):
+                row[flag] = True
+        if p.preds_invalid:
+            row["preds_invalid"] = p.preds_invalid
+        if f1_results:
+            row["f1ish"] = {}
+            for th, rs in f1_results.items():
+                r = rs[k]
+                row["f1ish"][thr_key(th)] = {**r.counts(), **r.scores()}
+        per_image.append(row)
+    _dump_json_rows(os.path.join(out_dir, "per_image.json"), per_image)
+
+    # matches.jsonl (+ matches@<thr>.jsonl)
+    for th, rs in f1_results.items():
+        name = "matches.jsonl" if th == primary else f"matches@{thr_key(th)}.jsonl"
+        files.append(name)
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            for p, r in zip(pairs, rs):
+                f.write(json.dumps(_matches_line(p, r), ensure_ascii=False) + "\n")
+
+    # COCO files
+    if coco_gt is not None:
+        _dump_json(os.path.join(out_dir, "coco_gt.json"), coco_gt, indent=None)
+        _dump_json(os.path.join(out_dir, "coco_preds.json"), coco_dets, indent=None)
+        files += ["coco_gt.json", "coco_preds.json"]
+
+    # per_class.csv
+    per_class = _per_class_rows(pairs, categories, category_of, coco_res, f1_results.get(primary))
+    with open(os.path.join(out_dir, "per_class.csv"), "w", newline="", encoding="utf-8") as f:
+        cols = list(per_class[0].keys()) if per_class else ["category_id", "category"]
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for row in per_class:
+            w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+    # plots
+    if plots and "bbox" in coco_res:
+        try:
+            files += plot_pr_curve(os.path.join(out_dir, "pr_curve.png"), coco_res["bbox"], categories)
+            files += plot_per_class_ap(os.path.join(out_dir, "per_class_ap.png"), coco_res["bbox"], categories)
+        except Exception as e:  # a plotting problem must not lose the metrics
+            metrics.setdefault("warnings", []).append(f"plots not written: {type(e).__name__}: {e}")
+    metrics["artifacts"] = sorted(files)
+    _dump_json(os.path.join(out_dir, "metrics.json"), metrics)
+
+
+def _per_class_rows(pairs, categories, category_of, coco_res, primary_results) -> list[dict[str, Any]]:
+    from .pipeline import _per_class_f1
+
+    gt_count = {c: 0 for c in categories}
+    pred_count = {c: 0 for c in categories}
+    for p in pairs:
+        for o in p.gts:
+            gt_count[o.desc] += 1
+        for o in p.preds:
+            c = category_of.get(o.desc)
+            if c is not None:
+                pred_count[c] += 1
+    f1 = _per_class_f1(pairs, primary_results, categories, category_of) if primary_results is not None else None
+    rows = []
+    for k, c in enumerate(categories):
+        cid = k + 1
+        row: dict[str, Any] = {"category_id": cid, "category": c, "gt_count": gt_count[c], "pred_count": pred_count[c]}
+        for it, r in coco_res.items():
+            pre = "" if it == "bbox" else "segm_"
+            pc = r.per_class.get(cid, {})
+            for key in ("AP", "AP50", "AR100"):
+                v = pc.get(key)
+                row[pre + key] = None if v is None else round(v, 6)
+        if f1 is not None:
+            s = f1[c]
+            row.update(s)
+            row.update({k2: round(v, 6) for k2, v in prf(s["tp"], s["fp"], s["fn"]).items()})
+        rows.append(row)
+    return rows
+
+
+# -- plots -------------------------------------------------------------------------------
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_pr_curve(path: str, res: CocoResult, categories: Sequence[str]) -> list[str]:
+    """Precision-recall at IoU 0.5 (area all, maxDets 100): mean over classes + the worst ones."""
+    t50 = int(np.argmin(np.abs(res.iou_thrs - 0.5)))
+    pr = res.precision[t50, :, :, 0, -1]  # [R, K]
+    valid = [k for k in range(pr.shape[1]) if (pr[:, k] > -1).any()]
+    fig = _figure(7, 5)
+    ax = fig.add_subplot(111)
+    if valid:
+        sub = np.where(pr[:, valid] > -1, pr[:, valid], np.nan)
+        ax.plot(res.rec_thrs, np.nanmean(sub, axis=1), color="black", lw=2.5,
+                label=f"all classes (AP50 {res.stats['AP50']:.3f})")
+        ap50 = {k: float(np.mean(pr[:, k][pr[:, k] > -1])) for k in valid}
+        worst = sorted(valid, key=lambda k: (ap50[k], k))[:WORST_CLASSES]
+        for k in worst:
+            name = categories[res.cat_ids[k] - 1] if res.cat_ids[k] - 1 < len(categories) else str(res.cat_ids[k])
+            ax.plot(res.rec_thrs, np.clip(pr[:, k], 0, None), lw=1.2, label=f"{name} ({ap50[k]:.3f})")
+    else:
+        ax.text(0.5, 0.5, "no GT objects", ha="center", va="center")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"{res.iou_type} precision-recall @ IoU 0.50 (worst {WORST_CLASSES} classes by AP50)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    return [os.path.basename(path)]
+
+
+def plot_per_class_ap(path: str, res: CocoResult, categories: Sequence[str]) -> list[str]:
+    rows = [(categories[cid - 1] if cid - 1 < len(categories) else str(cid), v["AP"], v["AP50"])
+            for cid, v in res.per_class.items() if v["AP"] is not None]
+    rows.sort(key=lambda r: (r[1], r[0]))
+    n = max(len(rows), 1)
+    fig = _figure(8, min(2 + 0.22 * n, 40))
+    ax = fig.add_subplot(111)
+    if rows:
+        y = np.arange(len(rows))
+        ax.barh(y, [r[2] for r in rows], color="#9ecae1", label="AP50")
+        ax.barh(y, [r[1] for r in rows], color="#3182bd", label="AP@[.50:.95]")
+        ax.set_yticks(y)
+        ax.set_yticklabels([r[0] for r in rows], fontsize=7)
+        ax.legend(fontsize=8, loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no GT objects", ha="center", va="center")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("AP")
+    ax.set_title(f"per-class {res.iou_type} AP (mean AP {res.stats['AP']:.3f})")
+    fig.tight_layout()
+    fig.savefig(path)
+    return [os.path.basename(path)]
+
+
+# -- summary -----------------------------------------------------------------------------
+def _f(v) -> str:
+    return "   -  " if v is None else f"{v:6.3f}"
+
+
+def format_summary(m: dict[str, Any]) -> str:
+    lines = []
+    c = m.get("counts", {})
+    lines.append(f"images {c.get('images', 0)}  gt objects {c.get('gt_objects', 0)}  preds {c.get('pred_objects', 0)}"
+                 f"  categories {c.get('categories', 0)}  error lines {c.get('pred_lines_with_error', 0)}"
+                 f"  missing lines {c.get('pred_lines_missing', 0)}")
+    for it, s in (m.get("coco") or {}).items():
+        lines.append(f"COCO {it:<5} " + "  ".join(f"{n} {s[n]:.3f}" for n in STAT_NAMES[:6]))
+        lines.append(" " * 11 + "  ".join(f"{n} {s[n]:.3f}" for n in STAT_NAMES[6:]))
+    if m.get("f1ish"):
+        lines.append("F1-ish       IoU   | loc P   loc R   loc F1 | full P  full R  full F1 | sem acc")
+        for key, a in m["f1ish"].items():
+            for avg in ("micro", "macro"):
+                lo, fu = a["loc"][avg], a["full"][avg]
+                star = "*" if key == m.get("f1ish_primary") else " "
+                acc = a["semantic"]["sem_acc_on_matched"]
+                lines.append(f"  {avg:<6}{star}   {key} | {_f(lo['precision'])}  {_f(lo['recall'])}  {_f(lo['f1'])} |"
+                             f" {_f(fu['precision'])}  {_f(fu['recall'])}  {_f(fu['f1'])}  | {_f(acc)}")
+    cm = m.get("category_mapping", {})
+    if cm.get("mapped") or cm.get("dropped"):
+        lines.append(f"descs mapped to a category: {len(cm.get('mapped', []))} ({c.get('coco_preds_mapped', 0)} preds);"
+                     f" dropped: {len(cm.get('dropped', []))} ({c.get('coco_preds_dropped', 0)} preds)")
+    sem = m.get("semantic", {})
+    lines.append(f"semantic: {sem.get('backend')}" + (f" ({sem['fallback_reason']})" if sem.get("fallback_reason") else ""))
+    if m.get("errors"):
+        lines.append("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(m["errors"].items())))
+    return "\n".join(lines)
