@@ -399,6 +399,7 @@ def write_repository(repo_dir: str, name: str = C.ENSEMBLE, onnx_dir: str | None
     parent = os.path.dirname(repo_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(repo_dir)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the server may run as another user (containers)
     try:
         _assemble(tmp, name, onnx_dir, ckpt, meta, max_batch_size, max_new_tokens, prompt, backend,
                              validation, options, decoding, move_onnx)

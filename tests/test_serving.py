@@ -156,6 +156,26 @@ def test_preprocess_and_postprocess_logic(tiny_ckpt):
     assert json.loads(C.as_str(res[C.PREDS_JSON][1, 0]))["error"] == "empty_pred"
 
 
+def test_parity_compare_reports_the_first_divergence():
+    from types import SimpleNamespace
+
+    from coordexp.client.cmd_parity import Run, compare, first_difference, format_table
+
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1 and first_difference([1, 2], [1, 2, 3]) == 2
+    recs = [SimpleNamespace(index=i, line_no=i + 1) for i in range(3)]
+    p = {"preds": [], "error": None}
+    a = Run("torch@1", [([1, 2], p), ([3, 4, 5], p), ([6], p)])
+    b = Run("served@c4", [([1, 2], p), ([3, 9, 5], {"preds": [], "error": "parse_failed"}), "InferenceServerException: x"])
+    res = compare(a, b, recs, token_text=lambda t: f"<{t}>")
+    assert (res.records, res.ids_match, res.preds_match, res.ok) == (3, 1, 1, False)
+    assert res.first_divergence == {"record": 1, "line": 2, "position": 1, "torch@1": {"id": 4, "text": "<4>"},
+                                    "served@c4": {"id": 9, "text": "<9>"}}
+    table = format_table([res, compare(a, a, recs)])
+    assert "torch@1 vs served@c4" in table and "33.3%" in table and "token 1: torch@1=4 '<4>' vs served@c4=9 '<9>'" in table
+    assert compare(a, a, recs).ok
+
+
 # ============================================================================ slow: the real server
 @pytest.fixture(scope="module")
 def exported(tiny_ckpt, tmp_path_factory):
@@ -326,3 +346,25 @@ def test_model_that_fails_to_load_gives_tritons_message(exported, tmp_path):
                      extra_args=["--model-control-mode=explicit", f"--load-model={C.LLM}"])
     msg = str(e.value)
     assert "decoder.onnx" in msg and "'llm'" in msg, msg
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_parity_command_against_the_running_server(exported, server, capsys, tmp_path):
+    from coordexp.client.cli import main
+
+    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample", "sample.jsonl")
+    report = tmp_path / "parity.json"
+    rc = main(["parity", "--ckpt", exported[0], "--repo", exported[1], "--data", data, "--url", server.grpc_url,
+               "--limit", "4", "--batch-sizes", "1,2", "--max-new-tokens", "8", "--threads", "1", "--json",
+               str(report)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "torch@1 vs served@c2" in out and "onnx@2 vs served@c2" in out and "all pairs match" in out
+    pairs = json.loads(report.read_text())["pairs"]
+    assert len(pairs) == 5 and all(p["ok"] and p["records"] == 4 for p in pairs)
+    rc = main(["parity", "--ckpt", exported[0], "--repo", exported[1], "--data", data, "--url", server.grpc_url,
+               "--limit", "3", "--batch-sizes", "2", "--max-new-tokens", "6", "--sample-seed", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "onnx@2 vs served@c2" in out and "torch" not in out.split("note:")[0], out
+    assert "cannot match" in out

@@ -240,7 +240,7 @@ class TritonPythonModel:
         params = config_parameters(config)
         root = repository_root(args)
         parts = OnnxParts(resolve(root, params.get("onnx_dir") or ONNX_SUBDIR),
-                          threads=int_param(params, "intra_op_threads", 0) or None)
+                          threads=int_param(params, "intra_op_threads", 0) or None, preload=("embed", "decoder"))
         defaults = defaults_from_params(params)
         self.batcher = LlmBatcher(parts, defaults, int_param(params, "max_new_tokens", defaults.max_new_tokens),
                                   pad_token_id=int_param(params, "pad_token_id", 0),

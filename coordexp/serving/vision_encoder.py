@@ -115,8 +115,10 @@ class TritonPythonModel:
         self.pb = pb_utils
         params = config_parameters(args["model_config"])
         root = repository_root(args)
+        # the vision graph opens now (a broken one fails the load, not the first request); the
+        # text graphs are never opened in this process
         parts = OnnxParts(resolve(root, params.get("onnx_dir") or ONNX_SUBDIR),
-                          threads=int_param(params, "intra_op_threads", 0) or None)
+                          threads=int_param(params, "intra_op_threads", 0) or None, preload=("vision",))
         self.encoder = VisionEncoder(parts, int_param(params, "merge_size", 0) or None)
 
     def execute(self, requests: list[Any]) -> list[Any]:
