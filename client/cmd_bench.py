@@ -189,6 +189,7 @@ async def sweep(args, params, inputs: list[bytes], levels: list[int], user_text:
             raise PreflightError("; ".join(problems))
         results = []
         texts: dict[int, str] = {}
+        log(HEADER)
         for c in levels:
             n = args.requests or max(len(inputs), 2 * c)
             warm = args.warmup if args.warmup is not None else max(2, c)
@@ -336,7 +337,6 @@ def run(args: argparse.Namespace) -> int:
         print("error: no valid input image to send", file=sys.stderr)
         return 2
     user_text = args.user_text
-    print(HEADER)
     try:
         served = asyncio.run(sweep(args, params, inputs, levels, user_text))
     except PreflightError as e:

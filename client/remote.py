@@ -629,6 +629,13 @@ def fixed_prompt_conflicts(args: Any, manifest: dict[str, Any] | None) -> list[s
 # Dataset runs
 
 
+def reorder_window(concurrency: int) -> int:
+    """How far reading may run ahead of writing: at most this many records are between the
+    next line to write and the next record to send (results held back behind a slow earlier
+    one are capped by it)."""
+    return max(64, 4 * concurrency)
+
+
 def _decode_check(item) -> Any:
     """Fully decode an ok item's image (the header was verified by coordexp.dataset): a body
     that does not decode is the record's own error and never reaches the server."""
@@ -691,7 +698,7 @@ async def _run_dataset(args, params, pool: ServerPool, manifest, writer, user_te
     bar = progress_bar(total, writer.written, desc=f"infer[triton x{len(pool.servers)}]",
                        disable=True if args.no_progress else None)
     concurrency = max(1, int(args.concurrency))
-    window = max(64, 4 * concurrency)  # cap on results held back behind a slow earlier one
+    window = reorder_window(concurrency)
     reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="coordexp-read")
     loop = asyncio.get_running_loop()
     in_flight: set[asyncio.Task] = set()
@@ -705,7 +712,12 @@ async def _run_dataset(args, params, pool: ServerPool, manifest, writer, user_te
                             up=f"{sum(s.healthy for s in pool.servers)}/{len(pool.servers)}", refresh=False)
 
     async def handle(item) -> None:
-        gen, _facts = await pool.generate(item.image_bytes, params, user_text)
+        try:
+            gen, _facts = await pool.generate(item.image_bytes, params, user_text)
+        except AllServersDown:
+            raise
+        except Exception as e:  # e.g. a malformed response: this record fails, the run goes on
+            gen = GenerationResult(text="", error=f"{type(e).__name__}: {e}")
         item.image_bytes = None
         submit(prediction_from_generation(item, gen, extra_line))
 

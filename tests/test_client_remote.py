@@ -618,3 +618,45 @@ def test_resume_after_the_client_is_killed(fake_server, tmp_path):
     assert out.read_text() == full.read_text()  # nothing lost, nothing twice
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["resumed_from"] >= n_before - 1 and s["records_written"] == 150
+
+
+class SlowHeadPool:
+    """Stands in for ServerPool in a dataset run: the first record is slow, the others instant."""
+
+    def __init__(self):
+        self.iface = R.ModelInterface.from_metadata(ensemble_metadata(), {"max_batch_size": 8})
+        self.model, self.servers, self.total_retries = "coordexp", [R.ServerState("s")], 0
+        self.started = []
+        self.started_while_head_ran = None
+
+    async def generate(self, image_bytes, params, user_text=None):
+        from coordexp.engines.base import GenerationResult
+
+        self.started.append(len(self.started))
+        if len(self.started) == 1:
+            await asyncio.sleep(0.3)
+            self.started_while_head_ran = len(self.started)
+        elif len(self.started) == 3:
+            raise ValueError("malformed response")  # one record fails, the run goes on
+        return GenerationResult(text='{"objects": []}', token_ids=[1]), {}
+
+    def stats(self):
+        return {}
+
+
+def test_reading_runs_ahead_at_most_the_reorder_window(tmp_path):
+    from argparse import Namespace
+
+    from coordexp.runner import PredictionWriter
+
+    data = make_dataset(tmp_path, 100)
+    out = tmp_path / "p.jsonl"
+    args = Namespace(data=data, out=str(out), concurrency=4, max_pixels=None, no_progress=True)
+    pool = SlowHeadPool()
+    rc = asyncio.run(R._run_dataset(args, GenerationParams(), pool, None, PredictionWriter(str(out)), None))
+    assert rc == 0
+    assert pool.started_while_head_ran == R.reorder_window(4) == 64  # not all 100: the buffer is capped
+    rows = rows_of(out)
+    assert [r["image_id"] for r in rows] == list(range(100))
+    assert rows[2]["error"] == "generation_failed" and "ValueError: malformed response" in rows[2]["error_message"]
+    assert sum(1 for r in rows if r.get("error")) == 1
