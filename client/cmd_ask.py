@@ -203,14 +203,17 @@ def format_table(ans: dict[str, Any]) -> str:
 
 
 def draw(img, preds: list[dict[str, Any]], out_path: str) -> str:
-    """Save `img` with the predictions drawn (the vis module's annotator when there is one)."""
-    try:
-        from coordexp.vis import draw_predictions  # type: ignore[attr-defined]
-    except ImportError:
-        draw_predictions = None
+    """Save `img` with the predictions drawn: coordexp.vis's annotators (the look of the `vis`
+    overlays) when they are there, else plain Pillow outlines and labels."""
     os.makedirs(os.path.dirname(os.path.abspath(out_path)) or ".", exist_ok=True)
-    if draw_predictions is not None:
-        draw_predictions(img, preds).save(out_path)
+    try:
+        from coordexp.vis import annotate_all
+    except ImportError:
+        annotate_all = None
+    if annotate_all is not None:
+        objects = [{"desc": p["desc"], "type": p["type"], "points": p["pixel_points"], "index": i}
+                   for i, p in enumerate(preds)]
+        annotate_all(img.convert("RGB").copy(), objects).save(out_path)
         return out_path
     from PIL import ImageDraw
 

@@ -72,6 +72,25 @@ def test_answer_has_grid_and_pixel_geometry_and_a_readable_table(tmp_path):
     assert open(out, "rb").read(8) == PNG_MAGIC
 
 
+def test_draw_marks_the_objects_with_and_without_the_vis_annotators(tmp_path, monkeypatch):
+    from PIL import Image
+
+    img = Image.new("RGB", (100, 80), "white")
+    preds = [{"desc": "box", "type": "bbox_2d", "points": [], "pixel_points": [10, 10, 60, 50],
+              "pixel_box": [10, 10, 60, 50]},
+             {"desc": "tri", "type": "poly", "points": [], "pixel_points": [70, 70, 95, 70, 80, 40],
+              "pixel_box": [70, 40, 95, 70]}]
+    drawn = [cmd_ask.draw(img, preds, str(tmp_path / "vis.png"))]
+    monkeypatch.setitem(sys.modules, "coordexp.vis", None)  # no vis module: plain Pillow drawing
+    drawn.append(cmd_ask.draw(img, preds, str(tmp_path / "plain.png")))
+    for path in drawn:
+        out = Image.open(path).convert("RGB")
+        assert out.size == (100, 80)
+        assert out.getpixel((10, 30)) != (255, 255, 255)  # the box's left edge
+        assert out.getpixel((35, 30)) == (255, 255, 255)  # inside the box: untouched
+    assert img.getpixel((10, 30)) == (255, 255, 255)  # the caller's image is not drawn on
+
+
 def test_answer_reports_parse_errors_and_refuses_bad_images(tmp_path):
     ans, _ = cmd_ask.answer(StubSource("no json here"), SAMPLE_IMAGE, "x", GenerationParams(), 10**8)
     assert ans["preds"] == [] and ans["error"] == "parse_failed" and "error:  parse_failed" in cmd_ask.format_table(ans)
