@@ -21,7 +21,6 @@ Writes `<out>/bench.json` and `<out>/bench.png` (throughput and latency vs concu
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as _dt
 import io
 import json
@@ -29,8 +28,6 @@ import os
 import sys
 import time
 from typing import Any, Sequence
-
-import numpy as np
 
 from coordexp.client.options import add_decoding_args, add_prompt_args, params_from_args
 
@@ -71,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def synthetic_inputs(n: int, size: int, seed: int = 0) -> list[bytes]:
     """N PNG-encoded synthetic shapes images (reproducible)."""
+    import numpy as np
+
     from coordexp.synthetic import sample
 
     out = []
@@ -100,6 +99,8 @@ def dataset_inputs(path: str) -> tuple[list[bytes], int]:
 
 
 def latency_stats(seconds: Sequence[float]) -> dict[str, Any]:
+    import numpy as np
+
     ms = np.asarray(seconds, dtype=np.float64) * 1000.0
     if ms.size == 0:
         return {"unit": "ms", "avg": None, "min": None, "max": None, "p50": None, "p90": None, "p99": None,
@@ -113,6 +114,8 @@ def latency_stats(seconds: Sequence[float]) -> dict[str, Any]:
 def level_metrics(concurrency: int, latencies: Sequence[float], tokens: Sequence[int], errors: int,
                   wall: float) -> dict[str, Any]:
     """One level's numbers from the successful requests' latencies (s) and output lengths."""
+    import numpy as np
+
     n = len(latencies)
     rate = n / wall if wall > 0 else 0.0
     toks = np.asarray(tokens, dtype=np.float64)
@@ -150,6 +153,8 @@ async def drive(pool, inputs: Sequence[bytes], concurrency: int, n: int, params,
                 texts: dict[int, str] | None = None) -> tuple[list[float], list[int], int, float]:
     """`concurrency` workers, one request in flight each, until `n` requests are answered.
     Returns (latencies of successes in s, their output lengths, error count, wall seconds)."""
+    import asyncio
+
     counter = iter(range(n))
     lat: list[float] = []
     toks: list[int] = []
@@ -337,6 +342,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: no valid input image to send", file=sys.stderr)
         return 2
     user_text = args.user_text
+    import asyncio
+
     try:
         served = asyncio.run(sweep(args, params, inputs, levels, user_text))
     except PreflightError as e:

@@ -10,7 +10,6 @@ Exit status: 0, or 2 when the server cannot be reached.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from typing import Any
@@ -100,6 +99,8 @@ def format_server(info: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from coordexp.client.remote import normalise_url
 
     async def collect():
