@@ -333,19 +333,14 @@ async def fetch_manifest(client, model: str, config: dict[str, Any] | None = Non
 
 
 def manifest_summary(manifest: dict[str, Any] | None) -> dict[str, Any]:
-    """The facts people ask for: checkpoint, hash, export date, versions, prompt variant."""
+    """The facts people ask for (checkpoint, weights hash, export date, versions, prompt variant)
+    from the repository writer's manifest."""
     m = manifest or {}
     ckpt = m.get("checkpoint") if isinstance(m.get("checkpoint"), dict) else {}
     prompt = m.get("prompt") if isinstance(m.get("prompt"), dict) else {}
-    return {
-        "checkpoint": ckpt.get("path") or (m.get("checkpoint") if isinstance(m.get("checkpoint"), str) else None),
-        "hash": ckpt.get("weights_sha256") or m.get("hash"),
-        "export_date": m.get("created") or m.get("export_date"),
-        "versions": m.get("versions"),
-        "prompt_variant": prompt.get("variant") or m.get("prompt_variant"),
-        "backend": m.get("backend"),
-        "max_new_tokens": m.get("max_new_tokens"),
-    }
+    return {"checkpoint": ckpt.get("path"), "hash": ckpt.get("weights_sha256"), "export_date": m.get("created"),
+            "versions": m.get("versions"), "prompt_variant": prompt.get("variant"), "backend": m.get("backend"),
+            "max_new_tokens": m.get("max_new_tokens")}
 
 
 async def preflight(url: str, model: str, timeout: float = 10.0):
@@ -580,36 +575,27 @@ class ServerPool:
 
 
 def served_prompt(manifest: dict[str, Any] | None, user_text: str | None = None):
-    """The PromptSpec the served model uses (from its manifest: a `prompt` dict, else the
-    `prompt_variant` string) with the user text applied."""
+    """The PromptSpec the served model uses (the manifest's `prompt`; the default without one)
+    with the user text applied."""
     import dataclasses
 
     from coordexp.prompt import PromptSpec
 
     spec = PromptSpec()
-    m = manifest or {}
-    try:
-        if isinstance(m.get("prompt"), dict):
-            spec = PromptSpec.from_dict(m["prompt"])
-        elif isinstance(m.get("prompt_variant"), str):
-            parts = m["prompt_variant"].split("/")  # coordexp/<format>/<field order>/<object order>/v1
-            if len(parts) >= 4:
-                spec = PromptSpec(coord_format=parts[1], field_order=parts[2], object_order=parts[3])
-    except (TypeError, ValueError):
-        spec = PromptSpec()
+    p = (manifest or {}).get("prompt")
+    if isinstance(p, dict):
+        try:
+            spec = PromptSpec.from_dict(p)
+        except (TypeError, ValueError):
+            pass
     if user_text is not None:
         spec = dataclasses.replace(spec, user_text=user_text)
     return spec
 
 
 def prompt_variant(manifest: dict[str, Any] | None, user_text: str | None) -> str:
-    """The variant recorded on every line: the served prompt's, "+custom" when the user text
-    (or the exported system prompt) is not the default."""
-    v = served_prompt(manifest, user_text).variant
-    exported = (manifest or {}).get("prompt_variant")
-    if isinstance(exported, str) and exported.endswith("+custom") and not v.endswith("+custom"):
-        v += "+custom"
-    return v
+    """The variant recorded on every line ("+custom" when the user text is not the default)."""
+    return served_prompt(manifest, user_text).variant
 
 
 def fixed_prompt_conflicts(args: Any, manifest: dict[str, Any] | None) -> list[str]:

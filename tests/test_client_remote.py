@@ -111,8 +111,6 @@ def test_prompt_variant_follows_the_manifest_and_the_user_text():
                            "variant": "coordexp/numeric/desc_first/sorted/v1"}}
     assert R.prompt_variant(manifest, None) == "coordexp/numeric/desc_first/sorted/v1"
     assert R.prompt_variant(manifest, "find the cat") == "coordexp/numeric/desc_first/sorted/v1+custom"
-    assert R.prompt_variant({"prompt_variant": "coordexp/tokens/geometry_first/sorted/v1"}, None) == \
-        "coordexp/tokens/geometry_first/sorted/v1"
     assert R.served_prompt(None).variant == "coordexp/tokens/desc_first/sorted/v1"
 
 
