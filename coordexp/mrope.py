@@ -182,6 +182,46 @@ def vision_attention_bias(grid_thw) -> np.ndarray:
     return np.where(seg[:, None] == seg[None, :], np.float32(0), NEG_INF).astype(np.float32)
 
 
+def segment_bias(segments: np.ndarray) -> np.ndarray:
+    """`[N, N]` float32 additive attention bias: 0 where two patches share a segment, else -inf."""
+    seg = np.asarray(segments)
+    return np.where(seg[:, None] == seg[None, :], np.float32(0), NEG_INF).astype(np.float32)
+
+
+def vision_window_index(grid_thw, spatial_merge_size: int, window_size: int, patch_size: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen2.5-VL window attention: `(window_index [N / m^2] int64, cu_window_seqlens int64)`, a port
+    of `transformers.vision_utils.get_vision_window_index` (merged units reordered window by window)."""
+    m = int(spatial_merge_size)
+    unit = m * m
+    vws = int(window_size) // m // int(patch_size)
+    window_index: list[np.ndarray] = []
+    cu = [0]
+    offset = 0
+    for t, h, w in _grid(grid_thw).tolist():
+        lh, lw = h // m, w // m
+        index = np.arange(t * lh * lw, dtype=np.int64).reshape(t, lh, lw)
+        pad_h = vws - lh % vws
+        pad_w = vws - lw % vws
+        nwh, nww = (lh + pad_h) // vws, (lw + pad_w) // vws
+        padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-100)
+        padded = padded.reshape(t, nwh, vws, nww, vws).transpose(0, 1, 3, 2, 4).reshape(t, nwh * nww, vws, vws)
+        seqlens = (padded != -100).sum(axis=(2, 3)).reshape(-1)
+        flat = padded.reshape(-1)
+        window_index.append(flat[flat != -100] + offset)
+        cu.extend((np.cumsum(seqlens) * unit + cu[-1]).tolist())
+        offset += t * lh * lw
+    cu_arr = np.asarray(cu, dtype=np.int64)
+    keep = np.concatenate([[True], cu_arr[1:] != cu_arr[:-1]])  # unique_consecutive
+    return np.concatenate(window_index), cu_arr[keep]
+
+
+def segments_from_cu(cu_seqlens: np.ndarray) -> np.ndarray:
+    """`[N]` segment id per position from cumulative boundaries `[0, ..., N]`."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    return np.repeat(np.arange(len(cu) - 1, dtype=np.int64), np.diff(cu))
+
+
 def num_patches(grid_thw) -> np.ndarray:
     g = _grid(grid_thw)
     return g[:, 0] * g[:, 1] * g[:, 2]

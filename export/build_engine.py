@@ -189,10 +189,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     except (OSError, json.JSONDecodeError) as e:
         raise BuildError(f"{args.ckpt}/config.json is unreadable: {e}", 2) from e
     args.family = config.get("model_type")
-    if args.backend == "onnx" and args.family != "qwen3_vl":
-        hint = " (Qwen2.5-VL export is not implemented yet)" if args.family == "qwen2_5_vl" else ""
-        raise BuildError(f"ONNX export supports Qwen3-VL (model_type qwen3_vl) checkpoints; {args.ckpt} is "
-                         f"{args.family!r}{hint}", 2)
+    if args.backend == "onnx" and args.family not in ("qwen3_vl", "qwen2_5_vl"):
+        raise BuildError(f"ONNX export supports Qwen3-VL (model_type qwen3_vl) and Qwen2.5-VL (qwen2_5_vl) "
+                         f"checkpoints; {args.ckpt} is {args.family!r}", 2)
     return args
 
 
@@ -213,6 +212,8 @@ def summary_lines(args: argparse.Namespace, result: dict[str, Any], written: dic
                      f"{len(v['probes'])} probes), {v['seconds']} s")
         for k, d in v["max_abs_diff"].items():
             lines.append(f"  max |diff| {k:<22} {d:.3g}")
+        for w in v.get("warnings") or []:
+            lines.append(f"  warning: {w}")
     else:
         lines.append("validation : skipped")
     exp = (result.get("meta") or {}).get("export_seconds", {})

@@ -21,7 +21,11 @@ wrapper modules that call the checkpoint's own submodules (weights and math stay
 checkpoint hash); the tokenizer / processor files are copied too, so the folder is self-contained
 (`CoordExpProcessor.from_pretrained(onnx_dir)` and `coordexp.engines.onnx_engine.OnnxParts(onnx_dir)`).
 
-Qwen2.5-VL (window attention vision tower, no deepstack) is not exported yet: `NotImplementedError`.
+Qwen2.5-VL (`model_type` qwen2_5_vl) differs only in the vision graph and has no deepstack:
+`vision.onnx` takes `pixel_values` / `vision_pos_ids` already permuted into window order plus
+`window_bias` / `full_bias [N, N]` (window blocks / `fullatt_block_indexes` blocks) and returns
+`image_embeds` in window order (the host undoes the permutation, `coordexp.mrope.vision_window_index`);
+`decoder.onnx` has no `deepstack` input. Other families raise `NotImplementedError`.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ PROCESSOR_FILES = (
     "merges.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
     "video_preprocessor_config.json", "generation_config.json", "config.json",
 )
-SUPPORTED_FAMILIES = ("qwen3_vl",)
+SUPPORTED_FAMILIES = ("qwen3_vl", "qwen2_5_vl")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _EXTERNAL_DATA_BYTES = 1_500_000_000  # graphs above this keep their weights in a `<graph>.data` file
 
@@ -104,20 +108,25 @@ def versions() -> dict[str, str]:
     return out
 
 
+def check_supported(config, where: str = "the checkpoint") -> str:
+    """The family name, or NotImplementedError naming what is not supported."""
+    fam = model_family(config)
+    if fam not in SUPPORTED_FAMILIES:
+        raise NotImplementedError(f"ONNX export supports Qwen3-VL (qwen3_vl) and Qwen2.5-VL (qwen2_5_vl) "
+                                  f"checkpoints; {where} is model_type {fam!r}")
+    text = config.get_text_config()
+    if getattr(text, "use_sliding_window", False):
+        raise NotImplementedError(f"{where}: sliding-window attention in the language model is not supported")
+    return fam
+
+
 def load_model(ckpt: str | os.PathLike, dtype: str = "float32"):
     """The checkpoint with eager attention (the form the wrappers export)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(str(ckpt))
-    fam = model_family(config)
-    if fam == "qwen2_5_vl":
-        raise NotImplementedError(
-            "ONNX export of Qwen2.5-VL (model_type qwen2_5_vl: window-attention vision tower, no deepstack) is not "
-            "implemented yet; only Qwen3-VL (qwen3_vl) checkpoints can be exported")
-    if fam not in SUPPORTED_FAMILIES:
-        raise NotImplementedError(f"ONNX export supports {', '.join(SUPPORTED_FAMILIES)} checkpoints; "
-                                  f"{ckpt} is model_type {fam!r}")
+    check_supported(config, str(ckpt))
     model = AutoModelForImageTextToText.from_pretrained(str(ckpt), dtype=getattr(torch, dtype),
                                                         attn_implementation="eager")
     return model.eval()
@@ -166,6 +175,27 @@ def _wrappers():
             merged = vis.merger(h)
             return merged, torch.stack(feats, dim=0)
 
+    class Vision25Wrapper(nn.Module):
+        """Qwen2_5_VisionTransformerPretrainedModel.forward for inputs already in window order (the
+        host permutes patches and rotary positions, and un-permutes the merged output): window
+        blocks use `window_bias`, the `fullatt_block_indexes` blocks `full_bias`."""
+
+        def __init__(self, visual):
+            super().__init__()
+            self.visual = visual
+            self.full = set(int(i) for i in visual.fullatt_block_indexes)
+
+        def forward(self, pixel_values, vision_pos_ids, window_bias, full_bias):
+            vis = self.visual
+            h = vis.patch_embed(pixel_values)
+            cos, sin = vis.rotary_pos_emb(h, vision_pos_ids)
+            wb, fb = window_bias.to(torch.float32), full_bias.to(torch.float32)
+            for i, blk in enumerate(vis.blocks):
+                bias = fb if i in self.full else wb
+                h = h + VisionWrapper._attention(blk.attn, blk.norm1(h), cos, sin, bias)
+                h = h + blk.mlp(blk.norm2(h))
+            return vis.merger(h)
+
     class EmbedWrapper(nn.Module):
         def __init__(self, embed):
             super().__init__()
@@ -188,15 +218,15 @@ def _wrappers():
             return k, v
 
     class DecoderWrapper(nn.Module):
-        """Qwen3VLTextModel.forward (+ lm_head on the last position) with an explicit KV cache,
-        explicit 3-row M-RoPE positions and dense deepstack features."""
+        """The text model's forward (+ lm_head on the last position) with an explicit KV cache,
+        explicit 3-row M-RoPE positions and (Qwen3-VL) dense deepstack features."""
 
         def __init__(self, model):
             super().__init__()
             self.lm = model.model.language_model
             self.lm_head = model.lm_head
 
-        def forward(self, inputs_embeds, attention_mask, position_ids, deepstack, past):
+        def run(self, inputs_embeds, attention_mask, position_ids, deepstack, past):
             lm = self.lm
             t = inputs_embeds.shape[1]
             kv_len = attention_mask.shape[1]
@@ -209,9 +239,11 @@ def _wrappers():
             cos, sin = lm.rotary_emb(inputs_embeds, position_ids)
             cache = _KVCache(list(past))
             h = inputs_embeds
-            n_deep = deepstack.shape[0]
+            n_deep = deepstack.shape[0] if deepstack is not None else 0
             for i, layer in enumerate(lm.layers):
                 h = layer(h, position_embeddings=(cos, sin), attention_mask=mask, past_key_values=cache)
+                if isinstance(h, tuple):
+                    h = h[0]
                 if i < n_deep:
                     h = h + deepstack[i].to(h.dtype)
             h = lm.norm(h[:, -1:, :])
@@ -221,6 +253,17 @@ def _wrappers():
                 presents += [k, v]
             return (logits, *presents)
 
+        def forward(self, inputs_embeds, attention_mask, position_ids, deepstack, past):
+            return self.run(inputs_embeds, attention_mask, position_ids, deepstack, past)
+
+    class PlainDecoderWrapper(DecoderWrapper):
+        """Without the deepstack input (Qwen2.5-VL)."""
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, past):
+            return self.run(inputs_embeds, attention_mask, position_ids, None, past)
+
+    VisionWrapper.Vision25 = Vision25Wrapper
+    DecoderWrapper.Plain = PlainDecoderWrapper
     return VisionWrapper, EmbedWrapper, DecoderWrapper
 
 
@@ -285,46 +328,61 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int 
     if model is None:
         model = load_model(ckpt, dtype=dtype)
     else:
-        fam = model_family(model.config)
-        if fam not in SUPPORTED_FAMILIES:
-            raise NotImplementedError(f"ONNX export supports {', '.join(SUPPORTED_FAMILIES)}; got {fam!r}")
+        check_supported(model.config, "the model")
         model.config._attn_implementation = "eager"
         for sub in (model.config.text_config, model.config.vision_config):
             sub._attn_implementation = "eager"
     model.eval()
     cfg = model.config
     tcfg, vcfg = cfg.text_config, cfg.vision_config
+    family = model_family(cfg)
+    qwen3 = family == "qwen3_vl"
     VisionWrapper, EmbedWrapper, DecoderWrapper = _wrappers()
     tdtype = getattr(torch, dtype)
     hidden = int(tcfg.hidden_size)
     n_layers = int(tcfg.num_hidden_layers)
     kv_heads = int(tcfg.num_key_value_heads)
     head_dim = int(getattr(tcfg, "head_dim", None) or hidden // tcfg.num_attention_heads)
-    n_deep = len(vcfg.deepstack_visual_indexes)
+    n_deep = len(vcfg.deepstack_visual_indexes) if qwen3 else 0
     merge = int(vcfg.spatial_merge_size)
     patch = int(vcfg.patch_size)
     tps = int(vcfg.temporal_patch_size)
     in_ch = int(vcfg.in_channels)
-    side = int(model.model.visual.num_grid_per_side)
+    side = int(model.model.visual.num_grid_per_side) if qwen3 else 0
     AUTO = torch.export.Dim.AUTO
     timings: dict[str, float] = {}
     files: list[str] = []
 
     with torch.no_grad():
-        # ---- vision: one 4x6-patch image + one 4x4 (two segments, so the bias is exercised)
-        grid = np.array([[1, 4, 6], [1, 4, 4]], dtype=np.int64)
-        n = int(mrope.num_patches(grid).sum())
+        # ---- vision: two images (two attention segments, so the bias is exercised)
         gen = torch.Generator().manual_seed(0)
-        pix = torch.randn(n, in_ch * tps * patch * patch, generator=gen).to(tdtype)
-        idx, wts = mrope.vision_interpolation(grid, side, merge)
-        vargs = (pix, torch.from_numpy(mrope.vision_position_ids(grid, merge)), torch.from_numpy(idx),
-                 torch.from_numpy(wts), torch.from_numpy(mrope.vision_attention_bias(grid)))
+        if qwen3:
+            grid = np.array([[1, 4, 6], [1, 4, 4]], dtype=np.int64)
+            n = int(mrope.num_patches(grid).sum())
+            pix = torch.randn(n, in_ch * tps * patch * patch, generator=gen).to(tdtype)
+            idx, wts = mrope.vision_interpolation(grid, side, merge)
+            vargs = (pix, torch.from_numpy(mrope.vision_position_ids(grid, merge)), torch.from_numpy(idx),
+                     torch.from_numpy(wts), torch.from_numpy(mrope.vision_attention_bias(grid)))
+            vmodule = VisionWrapper(model.model.visual)
+            v_in = ["pixel_values", "vision_pos_ids", "interp_indices", "interp_weights", "attention_bias"]
+            v_out = ["image_embeds", "deepstack"]
+            v_dyn = ({0: AUTO}, {0: AUTO}, {0: AUTO}, {0: AUTO}, {0: AUTO, 1: AUTO})
+        else:  # window attention: an image spanning several windows, plus a small one
+            vws = max(1, int(vcfg.window_size) // merge // patch)
+            grid = np.array([[1, merge * (vws + 1), merge * (vws + 2)], [1, 2 * merge, 2 * merge]], dtype=np.int64)
+            n = int(mrope.num_patches(grid).sum())
+            pix = torch.randn(n, in_ch * tps * patch * patch, generator=gen).to(tdtype)
+            win, cu_win = mrope.vision_window_index(grid, merge, int(vcfg.window_size), patch)
+            vargs = (pix, torch.from_numpy(mrope.vision_position_ids(grid, merge)),
+                     torch.from_numpy(mrope.segment_bias(mrope.segments_from_cu(cu_win))),
+                     torch.from_numpy(mrope.vision_attention_bias(grid)))
+            vmodule = VisionWrapper.Vision25(model.model.visual)
+            v_in = ["pixel_values", "vision_pos_ids", "window_bias", "full_bias"]
+            v_out = ["image_embeds"]
+            v_dyn = ({0: AUTO}, {0: AUTO}, {0: AUTO, 1: AUTO}, {0: AUTO, 1: AUTO})
         t0 = time.perf_counter()
         log("exporting vision.onnx")
-        files += _export(VisionWrapper(model.model.visual).eval(), vargs, out / "vision.onnx",
-                         ["pixel_values", "vision_pos_ids", "interp_indices", "interp_weights", "attention_bias"],
-                         ["image_embeds", "deepstack"],
-                         ({0: AUTO}, {0: AUTO}, {0: AUTO}, {0: AUTO}, {0: AUTO, 1: AUTO}), opset)
+        files += _export(vmodule.eval(), vargs, out / "vision.onnx", v_in, v_out, v_dyn, opset)
         timings["vision"] = round(time.perf_counter() - t0, 2)
 
         # ---- embed
@@ -346,17 +404,21 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int 
         for _ in range(n_layers):
             past += [torch.randn(b, kv_heads, p, head_dim, generator=gen).to(tdtype),
                      torch.randn(b, kv_heads, p, head_dim, generator=gen).to(tdtype)]
-        in_names = ["inputs_embeds", "attention_mask", "position_ids", "deepstack"]
+        in_names = ["inputs_embeds", "attention_mask", "position_ids"] + (["deepstack"] if n_deep else [])
         out_names = ["logits"]
         for i in range(n_layers):
             in_names += [f"past_key_{i}", f"past_value_{i}"]
             out_names += [f"present_key_{i}", f"present_value_{i}"]
-        dyn = ({0: AUTO, 1: AUTO}, {0: AUTO, 1: AUTO}, {1: AUTO, 2: AUTO}, {1: AUTO, 2: AUTO},
-               [{0: AUTO, 2: AUTO}] * (2 * n_layers))
+        kv_dyn = [{0: AUTO, 2: AUTO}] * (2 * n_layers)
+        if n_deep:
+            dmodule, dargs = DecoderWrapper(model), (embeds, amask, pos, deep, past)
+            dyn = ({0: AUTO, 1: AUTO}, {0: AUTO, 1: AUTO}, {1: AUTO, 2: AUTO}, {1: AUTO, 2: AUTO}, kv_dyn)
+        else:
+            dmodule, dargs = DecoderWrapper.Plain(model), (embeds, amask, pos, past)
+            dyn = ({0: AUTO, 1: AUTO}, {0: AUTO, 1: AUTO}, {1: AUTO, 2: AUTO}, kv_dyn)
         t0 = time.perf_counter()
         log("exporting decoder.onnx")
-        files += _export(DecoderWrapper(model).eval(), (embeds, amask, pos, deep, past), out / "decoder.onnx",
-                         in_names, out_names, dyn, opset)
+        files += _export(dmodule.eval(), dargs, out / "decoder.onnx", in_names, out_names, dyn, opset)
         timings["decoder"] = round(time.perf_counter() - t0, 2)
 
     copied = []
@@ -369,12 +431,10 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int 
     image_ids = [processor.image_token_id, processor.video_token_id]
     meta: dict[str, Any] = {
         "format": META_FORMAT,
-        "family": model_family(cfg),
+        "family": family,
         "architecture": type(model).__name__,
         "graphs": {
-            "vision": {"file": "vision.onnx",
-                       "inputs": ["pixel_values", "vision_pos_ids", "interp_indices", "interp_weights", "attention_bias"],
-                       "outputs": ["image_embeds", "deepstack"]},
+            "vision": {"file": "vision.onnx", "inputs": v_in, "outputs": v_out},
             "embed": {"file": "embed.onnx", "inputs": ["input_ids"], "outputs": ["inputs_embeds"]},
             "decoder": {"file": "decoder.onnx", "inputs": in_names, "outputs": out_names},
         },
@@ -388,7 +448,9 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int 
         "head_dim": head_dim,
         "vocab_size": int(tcfg.vocab_size),
         "num_deepstack": n_deep,
-        "deepstack_visual_indexes": list(vcfg.deepstack_visual_indexes),
+        "deepstack_visual_indexes": list(getattr(vcfg, "deepstack_visual_indexes", None) or []),
+        "window_size": int(getattr(vcfg, "window_size", 0) or 0),
+        "fullatt_block_indexes": list(getattr(vcfg, "fullatt_block_indexes", None) or []),
         "vision_hidden_size": int(vcfg.hidden_size),
         "spatial_merge_size": merge,
         "patch_size": patch,

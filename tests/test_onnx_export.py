@@ -105,6 +105,21 @@ def test_vision_host_inputs_match_transformers():
     assert bias.shape == (len(seg), len(seg)) and bias[0, 0] == 0 and np.isneginf(bias[0, -1])
 
 
+def test_qwen25_window_index_matches_transformers():
+    import torch
+    from transformers.vision_utils import get_vision_window_index
+
+    from coordexp import mrope
+
+    grid = np.array([[1, 16, 12], [1, 4, 4], [2, 10, 18]], dtype=np.int64)
+    want_idx, want_cu = get_vision_window_index(torch.from_numpy(grid), spatial_merge_size=2, window_size=128,
+                                                patch_size=16)
+    idx, cu = mrope.vision_window_index(grid, 2, 128, 16)
+    np.testing.assert_array_equal(idx, want_idx.numpy())
+    np.testing.assert_array_equal(cu, want_cu.numpy())
+    assert np.array_equal(np.bincount(mrope.segments_from_cu(cu)), np.diff(cu))
+
+
 def test_find_onnx_dir_in_a_repository_and_clear_errors(tmp_path, tiny_ckpt):
     from coordexp.engines.onnx_engine import find_onnx_dir
 
@@ -128,14 +143,15 @@ def test_build_engine_missing_checkpoint_exits_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_build_engine_refuses_unsupported_family_and_plans_dry_run(tmp_path, tiny_ckpt, capsys):
+def test_build_engine_refuses_other_families_and_plans_dry_run(tmp_path, tiny_ckpt, capsys):
     from coordexp.export.build_engine import main
 
-    fake = tmp_path / "qwen25"
+    fake = tmp_path / "llava"
     fake.mkdir()
-    (fake / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    (fake / "config.json").write_text(json.dumps({"model_type": "llava"}))
     assert main(["--ckpt", str(fake)]) == 2
-    assert "Qwen2.5-VL" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'llava'" in err and "Qwen3-VL" in err and "Traceback" not in err
     assert main(["--ckpt", tiny_ckpt, "--dry-run", "--json", "--repo", str(tmp_path / "r")]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["name"] == os.path.basename(tiny_ckpt) and plan["backend"] == "onnx"
@@ -337,3 +353,33 @@ def test_client_infer_with_the_onnx_engine(onnx_dir, sample_data, tmp_path):
     assert [r["image_id"] for r in lines] == list(range(len(lines)))
     summary = json.loads((out.parent / "summary.json").read_text())
     assert summary["engine"]["engine"] == "onnx" and summary["engine"]["checkpoint_sha256"]
+
+
+@pytest.mark.slow
+def test_qwen25_export_matches_torch(tmp_path_factory):
+    """Qwen2.5-VL: window-attention vision graph, no deepstack; greedy parity through validate_export."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from coordexp.engines.onnx_engine import OnnxEngine
+    from coordexp.export.onnx_export import export_onnx
+    from coordexp.export.validate import validate_export
+    from coordexp.tiny import build_tiny_checkpoint
+
+    ckpt = tmp_path_factory.mktemp("ckpt25") / "tiny-qwen25vl"
+    build_tiny_checkpoint(str(ckpt), family="qwen2_5_vl", seed=0)
+    # the tiny builder leaves the merger's RMSNorm weight (ln_q) at 0, i.e. a vision tower that
+    # outputs zeros; give it ones so that the vision graph is really compared
+    weights = load_file(str(ckpt / "model.safetensors"))
+    weights["visual.merger.ln_q.weight"] = torch.ones_like(weights["visual.merger.ln_q.weight"])
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    out = ckpt.parent / "onnx"
+    meta = export_onnx(str(ckpt), str(out))
+    assert meta["family"] == "qwen2_5_vl" and meta["num_deepstack"] == 0
+    assert meta["graphs"]["vision"]["inputs"] == ["pixel_values", "vision_pos_ids", "window_bias", "full_bias"]
+    # 208x176 spans several attention windows (window 128 px)
+    report = validate_export(str(out), str(ckpt), sizes=((64, 64), (208, 176)), steps=12, threads=THREADS)
+    assert report["ok"] and not report["warnings"] and report["max_abs_diff"]["vision.image_embeds"] < 1e-4
+    engine = OnnxEngine(str(out), threads=THREADS)
+    res = engine.generate_batch(_images(2, seed=1), GenerationParams(max_new_tokens=8))
+    assert len(res) == 2 and all(r.prompt_tokens > 0 for r in res)

@@ -118,6 +118,7 @@ class OnnxParts:
         self.onnx_dir = find_onnx_dir(onnx_dir)
         self.meta: dict[str, Any] = json.loads((self.onnx_dir / META_NAME).read_text(encoding="utf-8"))
         m = self.meta
+        self.family = str(m.get("family", "qwen3_vl"))
         self.hidden = int(m["hidden_size"])
         self.num_layers = int(m["num_layers"])
         self.kv_heads = int(m["num_kv_heads"])
@@ -177,23 +178,40 @@ class OnnxParts:
         return [o.name for o in self.decoder_session.get_outputs()]
 
     # -------------------------------------------------------------------------------- vision
-    def vision_feeds(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> dict[str, np.ndarray]:
-        """vision.onnx inputs for these images (all in one attention call, block-diagonal bias)."""
+    def vision_feeds(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """vision.onnx inputs for these images (all in one attention call, block-diagonal bias) and,
+        for Qwen2.5-VL, the row order that undoes the window permutation of the output (else None)."""
         from coordexp import mrope
 
-        idx, wts = mrope.vision_interpolation(image_grid_thw, int(self.meta["num_grid_per_side"]), self.merge)
+        grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+        pixel_values = np.ascontiguousarray(pixel_values, dtype=self.np_dtype)
+        pos = mrope.vision_position_ids(grid, self.merge)
+        if self.family == "qwen2_5_vl":
+            unit = self.merge * self.merge
+            win, cu_win = mrope.vision_window_index(grid, self.merge, int(self.meta["window_size"]),
+                                                    int(self.meta["patch_size"]))
+            perm = (win[:, None] * unit + np.arange(unit)).reshape(-1)
+            feeds = {
+                "pixel_values": np.ascontiguousarray(pixel_values[perm]),
+                "vision_pos_ids": np.ascontiguousarray(pos[perm]),
+                "window_bias": mrope.segment_bias(mrope.segments_from_cu(cu_win)).astype(self.np_dtype),
+                "full_bias": mrope.vision_attention_bias(grid).astype(self.np_dtype),
+            }
+            return feeds, np.argsort(win, kind="stable")
+        idx, wts = mrope.vision_interpolation(grid, int(self.meta["num_grid_per_side"]), self.merge)
         return {
-            "pixel_values": np.ascontiguousarray(pixel_values, dtype=self.np_dtype),
-            "vision_pos_ids": mrope.vision_position_ids(image_grid_thw, self.merge),
+            "pixel_values": pixel_values,
+            "vision_pos_ids": pos,
             "interp_indices": idx,
             "interp_weights": wts.astype(self.np_dtype),
-            "attention_bias": mrope.vision_attention_bias(image_grid_thw).astype(self.np_dtype),
-        }
+            "attention_bias": mrope.vision_attention_bias(grid).astype(self.np_dtype),
+        }, None
 
     def encode_images(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`(image_embeds [n_image_tokens, H], deepstack [n_deepstack, n_image_tokens, H])`, float32,
-        for all images concatenated in order. Images are run in groups of at most
-        `max_vision_patches` patches (a single bigger image runs alone)."""
+        for all images concatenated in order (Qwen2.5-VL: `n_deepstack` = 0). Images are run in
+        groups of at most `max_vision_patches` patches (a single bigger image runs alone)."""
         from coordexp import mrope
 
         grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
@@ -202,15 +220,22 @@ class OnnxParts:
         if int(counts.sum()) != pixel_values.shape[0]:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw says {int(counts.sum())}")
         starts = np.concatenate([[0], np.cumsum(counts)])
+        outputs = [o.name for o in self.vision_session.get_outputs()]
         embeds, deeps = [], []
         i = 0
         while i < len(grid):
             j = i + 1
             while j < len(grid) and starts[j + 1] - starts[i] <= self.max_vision_patches:
                 j += 1
-            feeds = self.vision_feeds(pixel_values[starts[i]:starts[j]], grid[i:j])
-            e, d = self.vision_session.run(["image_embeds", "deepstack"], feeds)
-            embeds.append(e.astype(np.float32, copy=False))
+            feeds, order = self.vision_feeds(pixel_values[starts[i]:starts[j]], grid[i:j])
+            res = dict(zip(outputs, self.vision_session.run(outputs, feeds)))
+            e = res["image_embeds"].astype(np.float32, copy=False)
+            d = res.get("deepstack")
+            if d is None:
+                d = np.zeros((0, e.shape[0], e.shape[1]), dtype=np.float32)
+            if order is not None:
+                e, d = e[order], d[:, order]
+            embeds.append(e)
             deeps.append(d.astype(np.float32, copy=False))
             i = j
         return np.concatenate(embeds, axis=0), np.concatenate(deeps, axis=1)
@@ -233,13 +258,15 @@ class OnnxParts:
         if n_img != image_embeds.shape[0]:
             raise ValueError(f"{n_img} image tokens in input_ids but {image_embeds.shape[0]} image embeddings")
         embeds[img] = image_embeds.astype(self.np_dtype, copy=False)
-        dense = np.zeros((self.num_deepstack, bsz, seq, self.hidden), dtype=self.np_dtype)
         if self.num_deepstack:
+            dense = np.zeros((self.num_deepstack, bsz, seq, self.hidden), dtype=self.np_dtype)
             dense[:, img] = deepstack.astype(self.np_dtype, copy=False)
         pos, deltas = mrope.get_rope_index(input_ids, image_grid_thw, attention_mask,
                                            spatial_merge_size=self.merge, image_token_id=self.image_token_id,
                                            video_token_id=self.video_token_id)
-        feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": pos, "deepstack": dense}
+        feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": pos}
+        if self.num_deepstack:
+            feeds["deepstack"] = dense
         empty = np.zeros((bsz, self.kv_heads, 0, self.head_dim), dtype=self.np_dtype)
         for i in range(self.num_layers):
             feeds[f"past_key_{i}"] = empty
@@ -330,8 +357,9 @@ class OnnxParts:
                 "inputs_embeds": np.asarray(self.embed(tokens[:, None]), dtype=self.np_dtype),
                 "attention_mask": mask,
                 "position_ids": np.ascontiguousarray(np.broadcast_to(pos[None, :, None], (3, n, 1))),
-                "deepstack": np.zeros((self.num_deepstack, n, 1, self.hidden), dtype=self.np_dtype),
             }
+            if self.num_deepstack:
+                feeds["deepstack"] = np.zeros((self.num_deepstack, n, 1, self.hidden), dtype=self.np_dtype)
             for i in range(self.num_layers):
                 feeds[f"past_key_{i}"] = presents[2 * i]
                 feeds[f"past_value_{i}"] = presents[2 * i + 1]
