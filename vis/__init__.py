@@ -1,1 +1,35 @@
+"""CoordExp visualisation: GT vs prediction overlays and the HTML gallery, from the artifact alone.
 
+    from coordexp.vis import visualize, BoxAnnotator, PolygonAnnotator, LabelAnnotator, color_for
+    index = visualize("predictions.jsonl", "data.jsonl", "vis_out", iou=0.5, only_errors=True)
+
+Names resolve lazily (like coordexp.eval), so registering the `vis` command imports no Pillow.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "visualize": "render", "render_overlay": "render", "build_reports": "render", "load_matches": "render",
+    "overlay_size": "render", "panel_size": "render", "ImageReport": "render", "VIS_SCHEMA_VERSION": "render",
+    "draw_predictions": "render",
+    "BoxAnnotator": "annotators", "PolygonAnnotator": "annotators", "LabelAnnotator": "annotators",
+    "VisObject": "annotators", "annotate_all": "annotators", "color_for": "annotators", "PALETTE": "annotators",
+    "write_gallery": "gallery",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'coordexp.vis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,70 @@
+"""`coordexp-client vis`: GT vs prediction overlays and an HTML gallery from the prediction artifact."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .render import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "vis",
+        help="GT vs prediction overlays + an HTML gallery (worst images first)",
+        description="Render side-by-side overlays (left GT, right prediction) of a prediction artifact and "
+                    "write DIR/index.html, sorted worst F1 first. Reads predictions.jsonl and the GT JSONL "
+                    "only; images are found relative to the GT file's folder. Matched objects are drawn "
+                    "solid, unmatched ones dashed with an FP/FN badge, a matched box with the wrong desc "
+                    "gets a ≠ badge.",
+    )
+    p.add_argument("--pred", required=True, help="predictions.jsonl (the prediction artifact)")
+    p.add_argument("--gt", required=True, help="GT: the input JSONL (or a COCO instances json)")
+    p.add_argument("--out", required=True, help="output folder (index.html, index.json, overlays/)")
+    p.add_argument("--limit", type=int, default=None, help="render at most N images (the N worst)")
+    p.add_argument("--only-errors", action="store_true", help="only images with an FP, an FN or an error")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU threshold of a match (default 0.5)")
+    p.add_argument("--matches", default=None,
+                   help="matches.jsonl written by `coordexp-client eval` (default: match here at --iou)")
+    p.add_argument("--semantic", action="store_true",
+                   help="judge descs with the embedding model like eval does (default: normalised strings)")
+    p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the GT's)")
+    p.add_argument("--gt-coord-mode", choices=["norm1000", "qwen3_rel1000", "pixel"], default=None)
+    p.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE,
+                   help=f"upscale panels to this shorter side (default {DEFAULT_MIN_SIZE})")
+    p.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
+                   help=f"downscale panels to this longer side (default {DEFAULT_MAX_SIZE})")
+    p.add_argument("--title", default=None, help="gallery title")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from coordexp.schema import ContractError
+
+    from .render import visualize
+
+    try:
+        index = visualize(args.pred, args.gt, args.out, iou=args.iou, matches_path=args.matches, limit=args.limit,
+                          only_errors=args.only_errors, semantic=args.semantic, image_root=args.image_root,
+                          gt_coord_mode=args.gt_coord_mode, min_size=args.min_size, max_size=args.max_size,
+                          title=args.title)
+    except (OSError, ValueError, ContractError) as e:
+        print(f"vis: error: {e}", file=sys.stderr)
+        return 2
+    c = index["counts"]
+    print(f"vis: {c['rendered']} of {c['images']} images rendered "
+          f"({c['images_with_fp_or_fn']} with FP/FN, {c['images_with_errors']} with errors); "
+          f"gallery: {args.out.rstrip('/')}/index.html")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="coordexp-vis")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["vis", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
