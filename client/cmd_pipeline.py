@@ -1,0 +1,329 @@
+"""`coordexp-client pipeline --config pipeline.yaml`: infer -> (eval || vis) from one YAML file.
+
+The config is validated completely before anything runs (coordexp.pipeline_config); `--dry-run`
+prints the resolved config and stops. The run folder `<output_dir>/<name>/` gets:
+
+    resolved_config.json   the resolved config (schema-versioned, absolute paths, secrets redacted)
+    predictions.jsonl      the prediction artifact (written by infer, or copied from `predictions`)
+    gt_vs_pred.jsonl       per image: GT and predictions side by side, pixel coordinates
+    summary.json           counts read/written, per-error counters, stage status and timings
+    eval/                  coordexp.eval artifacts (metrics.json, matches.jsonl, ...)
+    vis/                   coordexp.vis overlays + index.html
+
+Infer runs first (a local torch/onnx engine in this process, or Triton servers through the same
+client as `infer --url`). Eval and vis then run in parallel in two worker processes (spawned, so
+neither inherits the model or the GIL), each from the prediction artifact alone.
+
+Exit status: 0 all stages done; 1 a stage failed (the others still ran; see summary.json);
+2 bad config or nothing could start; 3 the Triton servers went away during infer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections import Counter
+from typing import Any
+
+EXIT_OK, EXIT_STAGE_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("pipeline", help="infer -> eval + vis from one YAML config",
+                       description="Run the stages named in a YAML config (infer, eval, vis) into "
+                                   "<output_dir>/<name>/. The whole config is checked before any work. "
+                                   "Example: configs/pipeline.yaml; every key: configs/README.md.")
+    p.add_argument("--config", required=True, help="pipeline YAML file")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; run nothing")
+    p.set_defaults(func=run)
+    return p
+
+
+def _log(msg: str) -> None:
+    print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from coordexp.pipeline_config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"pipeline: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.dry_run:
+        print(json.dumps(cfg.resolved(), indent=2, ensure_ascii=False))
+        return EXIT_OK
+    return run_pipeline(cfg)
+
+
+# -- stages -----------------------------------------------------------------------------------------
+
+def _infer_local(cfg, out_path: str) -> dict[str, Any]:
+    from coordexp.engines import load_engine
+    from coordexp.runner import run_dataset
+
+    eng = cfg.infer.engine
+    kwargs: dict[str, Any] = {"threads": eng.threads}
+    if eng.kind == "torch":
+        kwargs.update(device=eng.device, dtype=eng.dtype)
+    engine = load_engine(eng.kind, eng.checkpoint, prompt=cfg.prompt_spec(), **kwargs)
+    summary = run_dataset(cfg.data, out_path, engine, cfg.generation_params(), batch_size=cfg.infer.batch_size,
+                          resume=cfg.infer.resume, max_pixels=cfg.infer.max_pixels, progress=cfg.infer.progress)
+    return {"rc": 0, "summary": summary.to_dict()}
+
+
+def triton_args(cfg, out_path: str) -> argparse.Namespace:
+    """The `infer --url` arguments that `coordexp.client.remote.run_remote` reads, from the config."""
+    eng, pr = cfg.infer.engine, cfg.infer.prompt
+    return argparse.Namespace(
+        url=list(eng.urls), model=eng.model, concurrency=eng.concurrency, timeout=eng.timeout_s,
+        retries=eng.retries, wait_for_server=eng.wait_for_server_s, data=cfg.data, out=out_path,
+        resume=cfg.infer.resume, max_pixels=cfg.infer.max_pixels,
+        no_progress=cfg.infer.progress is False, user_text=pr.user_text, coord_format=pr.coord_format,
+        field_order=pr.field_order, object_order=pr.object_order, system_prompt=pr.system_text)
+
+
+def _infer_triton(cfg, out_path: str) -> dict[str, Any]:
+    from coordexp.client.remote import run_remote
+
+    rc = run_remote(triton_args(cfg, out_path), cfg.generation_params())
+    summary_path = os.path.join(os.path.dirname(out_path), "summary.json")
+    summary = _read_json(summary_path) if rc in (0, 3) and os.path.exists(summary_path) else None
+    return {"rc": rc, "summary": summary}
+
+
+def artifact_counts(pred_path: str) -> dict[str, Any]:
+    """summary.json counts of an artifact not written by this run (stages.infer off)."""
+    errors: Counter = Counter()
+    n = 0
+    with open(pred_path, "r", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            n += 1
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                errors["unreadable_line"] += 1
+                continue
+            if isinstance(d, dict) and d.get("error"):
+                errors[str(d["error"])] += 1
+    return {"records_read": n, "records_written": n, "errors": dict(sorted(errors.items()))}
+
+
+def write_gt_vs_pred(pred_path: str, gt_path: str, out_path: str, gt_coord_mode: str | None = None) -> int:
+    """gt_vs_pred.jsonl: one line per GT image, GT and predictions in pixel coordinates."""
+    from coordexp.eval import load_pairs
+
+    pairs = load_pairs(pred_path, gt_path, gt_coord_mode=gt_coord_mode)
+    tmp = out_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for p in pairs:
+            row: dict[str, Any] = {"image_id": p.image_id, "images": p.images, "width": p.width,
+                                   "height": p.height, "coord_mode": "pixel",
+                                   "gt": [o.to_dict() for o in p.gts], "pred": [o.to_dict() for o in p.preds]}
+            if p.error:
+                row["error"] = p.error
+                if p.error_message:
+                    row["error_message"] = p.error_message
+            if p.missing:
+                row["missing_prediction"] = True
+            if p.preds_invalid:
+                row["preds_invalid"] = p.preds_invalid
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out_path)
+    return len(pairs)
+
+
+def eval_stage(pred_path: str, gt_path: str, out_dir: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """Worker: coordexp.eval on the artifact. Never raises (the error goes into the result)."""
+    t0 = time.perf_counter()
+    try:
+        from coordexp.eval import evaluate, format_summary
+
+        m = evaluate(pred_path, gt_path, out_dir, metrics=opts["metrics"], iou_thrs=opts["iou_thrs"],
+                     reparse=opts["reparse"], semantic=opts["semantic"], semantic_thr=opts["semantic_thr"],
+                     coco_backend=opts["coco_backend"], gt_coord_mode=opts["gt_coord_mode"], plots=opts["plots"])
+        return {"status": "ok", "seconds": round(time.perf_counter() - t0, 3), "headline": _eval_headline(m),
+                "report": format_summary(m)}
+    except Exception as e:  # noqa: BLE001 - reported in summary.json
+        return {"status": "failed", "seconds": round(time.perf_counter() - t0, 3),
+                "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
+
+
+def vis_stage(pred_path: str, gt_path: str, out_dir: str, opts: dict[str, Any], title: str | None = None,
+              gt_coord_mode: str | None = None) -> dict[str, Any]:
+    """Worker: coordexp.vis on the artifact. Never raises."""
+    t0 = time.perf_counter()
+    try:
+        from coordexp.vis import visualize
+
+        idx = visualize(pred_path, gt_path, out_dir, iou=opts["iou"], limit=opts["limit"],
+                        only_errors=opts["only_errors"], semantic=opts["semantic"], image_root=opts["image_root"],
+                        min_size=opts["min_size"], max_size=opts["max_size"], gt_coord_mode=gt_coord_mode,
+                        title=title)
+        return {"status": "ok", "seconds": round(time.perf_counter() - t0, 3),
+                "headline": {"images": idx["counts"]["images"], "rendered": idx["counts"]["rendered"],
+                             "micro_f1": idx["micro"]["f1"], "gallery": os.path.join(out_dir, "index.html")}}
+    except Exception as e:  # noqa: BLE001
+        return {"status": "failed", "seconds": round(time.perf_counter() - t0, 3),
+                "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
+
+
+def _eval_headline(m: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    bbox = (m.get("coco") or {}).get("bbox") or {}
+    for k in ("AP", "AP50", "AP75"):
+        if k in bbox:
+            out[f"bbox_{k}"] = bbox[k]
+    prim = m.get("f1ish_primary")
+    f1 = ((m.get("f1ish") or {}).get(prim) or {}) if prim else {}
+    for mode in ("full", "loc"):
+        micro = (f1.get(mode) or {}).get("micro") or {}
+        if "f1" in micro:
+            out[f"f1ish@{prim}_{mode}_micro_f1"] = micro["f1"]
+    return out
+
+
+def _read_json(path: str) -> Any:
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _run_parallel(jobs: dict[str, tuple]) -> dict[str, dict[str, Any]]:
+    """Run {name: (fn, *args)} in spawned worker processes at once; results by name."""
+    import concurrent.futures
+    import multiprocessing
+
+    results: dict[str, dict[str, Any]] = {}
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding a model and threads
+    with concurrent.futures.ProcessPoolExecutor(max_workers=len(jobs), mp_context=ctx) as ex:
+        futs = {ex.submit(fn, *a): name for name, (fn, *a) in jobs.items()}
+        for fut in concurrent.futures.as_completed(futs):
+            name = futs[fut]
+            try:
+                results[name] = fut.result()
+            except Exception as e:  # noqa: BLE001 - e.g. a worker killed by the OS
+                results[name] = {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}"}
+            _log_stage(name, results[name])
+    return results
+
+
+def _log_stage(name: str, res: dict[str, Any]) -> None:
+    if res.get("status") == "ok":
+        _log(f"{name}: done in {res.get('seconds', 0):.1f}s {json.dumps(res.get('headline', {}))}")
+    else:
+        _log(f"{name}: FAILED: {res.get('error')}")
+
+
+def run_pipeline(cfg) -> int:
+    """Run the stages of a validated PipelineConfig; returns the exit status."""
+    from coordexp.pipeline_config import PIPELINE_SCHEMA_VERSION
+
+    run_dir = cfg.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    _write_json(os.path.join(run_dir, "resolved_config.json"), cfg.resolved())
+    pred_path = os.path.join(run_dir, "predictions.jsonl")
+    summary_path = os.path.join(run_dir, "summary.json")
+    started = time.time()
+    t0 = time.perf_counter()
+    stages: dict[str, dict[str, Any]] = {s: {"status": "off"} for s in ("infer", "eval", "vis")}
+    base: dict[str, Any] = {}
+    rc = EXIT_OK
+    _log(f"run {cfg.name!r} -> {run_dir} (stages: {', '.join(cfg.stages_on)})")
+
+    def finish(code: int) -> int:
+        summary = {"schema_version": base.get("schema_version", "coordexp.v1"), **base}
+        summary["pipeline"] = {
+            "schema_version": PIPELINE_SCHEMA_VERSION, "name": cfg.name, "run_dir": run_dir,
+            "config_file": cfg.config_path, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "seconds": round(time.perf_counter() - t0, 3), "exit_status": code,
+            "stages": {k: {kk: vv for kk, vv in v.items() if kk not in ("report", "traceback")}
+                       for k, v in stages.items()},
+            "artifacts": sorted(f for f in ("predictions.jsonl", "gt_vs_pred.jsonl", "summary.json",
+                                            "resolved_config.json", "eval", "vis")
+                                if f == "summary.json" or os.path.exists(os.path.join(run_dir, f))),
+        }
+        _write_json(summary_path, summary)
+        _log(f"{'done' if code == 0 else 'finished with errors'} in {time.perf_counter() - t0:.1f}s; "
+             f"summary: {summary_path}")
+        return code
+
+    # -- infer ------------------------------------------------------------------------------
+    if cfg.stages.infer:
+        eng = cfg.infer.engine
+        _log(f"infer: {eng.kind} engine on {cfg.data}")
+        t = time.perf_counter()
+        try:
+            res = _infer_triton(cfg, pred_path) if eng.kind == "triton" else _infer_local(cfg, pred_path)
+        except Exception as e:  # noqa: BLE001 - engine load failures and the like
+            res = {"rc": EXIT_CONFIG, "summary": None, "error": f"{type(e).__name__}: {e}"}
+        stages["infer"] = {"status": "ok" if res["rc"] == 0 else "failed", "seconds": round(time.perf_counter() - t, 3),
+                           "engine": eng.kind}
+        if res.get("error"):
+            stages["infer"]["error"] = res["error"]
+        elif res["rc"] != 0:
+            stages["infer"]["error"] = f"infer exited with status {res['rc']} (see the messages above)"
+        base = dict(res.get("summary") or {})
+        _log_stage("infer", {**stages["infer"], "headline": {k: base.get(k) for k in ("records_written", "errors")}})
+        if res["rc"] != 0:
+            for s in ("eval", "vis"):
+                if getattr(cfg.stages, s):
+                    stages[s] = {"status": "skipped", "error": "infer failed"}
+            return finish(res["rc"] if res["rc"] in (2, 3) else EXIT_STAGE_FAILED)
+    else:
+        if os.path.abspath(cfg.predictions) != os.path.abspath(pred_path):
+            shutil.copyfile(cfg.predictions, pred_path)
+        stages["infer"] = {"status": "off", "predictions_from": cfg.predictions}
+        base = {"schema_version": "coordexp.v1", **artifact_counts(pred_path), "predictions_from": cfg.predictions}
+
+    # -- gt_vs_pred.jsonl ---------------------------------------------------------------------
+    try:
+        n = write_gt_vs_pred(pred_path, cfg.data, os.path.join(run_dir, "gt_vs_pred.jsonl"), cfg.eval.gt_coord_mode)
+        _log(f"gt_vs_pred.jsonl: {n} images")
+    except Exception as e:  # noqa: BLE001 - e.g. predictions that do not belong to this data
+        base["gt_vs_pred_error"] = f"{type(e).__name__}: {e}"
+        _log(f"gt_vs_pred.jsonl not written: {e}")
+        rc = EXIT_STAGE_FAILED
+
+    # -- eval || vis ----------------------------------------------------------------------------
+    jobs: dict[str, tuple] = {}
+    if cfg.stages.eval:
+        jobs["eval"] = (eval_stage, pred_path, cfg.data, os.path.join(run_dir, "eval"), _asdict(cfg.eval))
+    if cfg.stages.vis:
+        jobs["vis"] = (vis_stage, pred_path, cfg.data, os.path.join(run_dir, "vis"), _asdict(cfg.vis),
+                       f"{cfg.name}: predictions vs ground truth", cfg.eval.gt_coord_mode)
+    if jobs:
+        _log(f"{' + '.join(jobs)}: running{' in parallel' if len(jobs) > 1 else ''}")
+        if len(jobs) == 1:
+            name, (fn, *a) = next(iter(jobs.items()))
+            results = {name: fn(*a)}
+            _log_stage(name, results[name])
+        else:
+            results = _run_parallel(jobs)
+        for name, res in results.items():
+            stages[name] = res
+            if res.get("status") != "ok":
+                rc = EXIT_STAGE_FAILED
+        if results.get("eval", {}).get("report"):
+            print(results["eval"]["report"])
+    return finish(rc)
+
+
+def _asdict(obj) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj)

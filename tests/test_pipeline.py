@@ -1,0 +1,212 @@
+"""`coordexp-client pipeline`: one YAML -> infer -> eval || vis; bad configs fail before any work."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from coordexp.client.cli import main as cli_main
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO_ROOT, "data", "sample", "sample.jsonl")
+
+
+def _gt_rows() -> list[dict]:
+    with open(SAMPLE) as f:
+        return [json.loads(line) for line in f]
+
+
+def _write(path, text: str) -> str:
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def _predictions(path) -> str:
+    """The GT as predictions, with image 0's first object dropped and image 2 a parse failure."""
+    with open(path, "w") as f:
+        for i, r in enumerate(_gt_rows()):
+            preds = [{"type": "poly" if "poly" in o else "bbox_2d", "points": o.get("poly") or o["bbox_2d"],
+                      "desc": o["desc"], "score": 1.0} for o in r["objects"]]
+            rec = {"image_id": i, "images": r["images"], "width": r["width"], "height": r["height"],
+                   "coord_mode": "norm1000", "raw_output": "", "preds": preds[1:] if i == 0 else preds}
+            if i == 2:
+                rec.update(preds=[], error="parse_failed")
+            f.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+def _lines(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_end_to_end_local_torch_engine(tmp_path, tiny_ckpt, capsys):
+    cfg = _write(tmp_path / "pipeline.yaml", f"""
+name: tiny-e2e
+output_dir: runs
+data: {SAMPLE}
+stages: {{infer: true, eval: true, vis: true}}
+infer:
+  engine: {{kind: torch, checkpoint: {tiny_ckpt}, threads: 1}}
+  batch_size: 4
+  progress: false
+  decoding: {{max_new_tokens: 16}}
+eval: {{semantic: false, plots: false}}
+vis: {{limit: 5}}
+""")
+    assert cli_main(["pipeline", "--config", cfg]) == 0
+    run = tmp_path / "runs" / "tiny-e2e"
+    for name in ("predictions.jsonl", "gt_vs_pred.jsonl", "summary.json", "resolved_config.json",
+                 "eval/metrics.json", "eval/matches.jsonl", "eval/per_image.json", "vis/index.html",
+                 "vis/index.json"):
+        assert (run / name).is_file(), name
+    n = len(_gt_rows())
+    preds = _lines(run / "predictions.jsonl")
+    assert [p["image_id"] for p in preds] == list(range(n))
+    assert all(p["engine"] == "torch" and "raw_output" in p for p in preds)
+    gvp = _lines(run / "gt_vs_pred.jsonl")
+    assert len(gvp) == n and gvp[0]["coord_mode"] == "pixel"
+    g0, r0 = gvp[0]["gt"][0], _gt_rows()[0]
+    assert g0["points"][2] == pytest.approx(r0["objects"][0]["bbox_2d"][2] / 999 * (r0["width"] - 1))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["records_read"] == summary["records_written"] == n
+    assert sum(summary["errors"].values()) == sum(1 for p in preds if p.get("error"))
+    assert summary["params"]["max_new_tokens"] == 16
+    assert {k: v["status"] for k, v in summary["pipeline"]["stages"].items()} == \
+        {"infer": "ok", "eval": "ok", "vis": "ok"}
+    resolved = json.loads((run / "resolved_config.json").read_text())
+    assert resolved["schema_version"] == "coordexp.pipeline.v1"
+    assert resolved["stages"] == {"infer": True, "eval": True, "vis": True}
+    assert resolved["run_dir"] == str(run) and os.path.isabs(resolved["output_dir"])
+    assert resolved["infer"]["engine"] == {"kind": "torch", "checkpoint": tiny_ckpt, "device": "cpu",
+                                           "dtype": "float32", "threads": 1}
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["counts"]["images"] == n
+    vis = json.loads((run / "vis" / "index.json").read_text())
+    assert vis["counts"]["rendered"] == 5 and len(os.listdir(run / "vis" / "overlays")) == 5
+
+
+def test_eval_and_vis_only_with_secrets_redacted(tmp_path, capsys):
+    pred = _predictions(tmp_path / "given.jsonl")
+    cfg = _write(tmp_path / "p.yaml", f"""
+name: ev
+output_dir: out
+data: {SAMPLE}
+predictions: given.jsonl         # relative to this file
+stages: [eval, vis]
+eval: {{semantic: false, plots: false, iou_thrs: [0.5]}}
+vis: {{only_errors: true}}
+metadata:
+  owner: me
+  api_key: sk-123456
+  tracking: {{hf_token: hf_abcdef, password: hunter2, endpoint: "https://bob:s3cret@example.com/x"}}
+""")
+    assert cli_main(["pipeline", "--config", cfg]) == 0
+    run = tmp_path / "out" / "ev"
+    assert _lines(run / "predictions.jsonl") == _lines(pred)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["records_read"] == len(_gt_rows()) and summary["errors"] == {"parse_failed": 1}
+    assert summary["pipeline"]["stages"]["infer"]["status"] == "off"
+    assert summary["pipeline"]["stages"]["eval"]["status"] == "ok"
+    assert summary["pipeline"]["stages"]["vis"]["status"] == "ok"
+    vis = json.loads((run / "vis" / "index.json").read_text())
+    assert sorted(r["image_id"] for r in vis["rows"]) == [0, 2]  # --only-errors
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["f1ish"]["0.50"]["full"]["micro"]["fn"] == 1 + len(_gt_rows()[2]["objects"])
+    text = (run / "resolved_config.json").read_text()
+    for secret in ("sk-123456", "hf_abcdef", "hunter2", "s3cret"):
+        assert secret not in text
+    resolved = json.loads(text)
+    assert resolved["metadata"]["owner"] == "me"
+    assert resolved["metadata"]["api_key"] == resolved["metadata"]["tracking"]["password"] == "***REDACTED***"
+    assert resolved["infer"] is None and resolved["stages"]["infer"] is False
+    assert resolved["predictions"] == str(tmp_path / "given.jsonl")
+    # --dry-run: the same resolved config on stdout, nothing run
+    capsys.readouterr()
+    cfg2 = _write(tmp_path / "p2.yaml", open(cfg).read().replace("name: ev", "name: dry"))
+    assert cli_main(["pipeline", "--config", cfg2, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["name"] == "dry" and "hunter2" not in out
+    assert not (tmp_path / "out" / "dry").exists()
+
+
+BASE = """
+name: bad
+output_dir: out
+data: {data}
+predictions: {pred}
+stages: {{infer: false, eval: true, vis: true}}
+"""
+
+
+@pytest.mark.parametrize("extra,key,words", [
+    ("eval: {metric: coco}\n", "eval.metric", "unknown key"),
+    ("vis: {limit: many}\n", "vis.limit", "expected an integer"),
+    ("vis: {only_errors: 1}\n", "vis.only_errors", "expected true or false"),
+    ("eval: {iou_thrs: 0.5}\n", "eval.iou_thrs", "expected a list"),
+    ("stages: {infer: false, eval: true, train: true}\n", "stages.train", "unknown stage"),
+    ("tags: [a]\n", "tags", "unknown key"),
+    ("vis: {iou: '${eval.iou}'}\n", "vis.iou", "interpolation"),
+    ("MISSING_DATA", "data", "file not found"),
+    ("MISSING_PRED", "predictions", "file not found"),
+    ("stages: {infer: true}\ninfer: {engine: {kind: tensorrt}}\n", "infer.engine.kind",
+     "expected one of torch, onnx, triton, got 'tensorrt'"),
+    ("stages: {infer: true}\ninfer: {engine: {kind: torch, checkpoint: no/such/ckpt}}\n",
+     "infer.engine.checkpoint", "not found"),
+    ("stages: {infer: true}\ninfer: {engine: {kind: triton, urls: [h:1], device: cuda}}\n",
+     "infer.engine.device", "does not apply"),
+    ("stages: {infer: true}\ninfer: {engine: {kind: torch}, decoding: {max_new_tokens: 0}}\n",
+     "infer.decoding.max_new_tokens", "must be >= 1"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, capsys, extra, key, words):
+    pred = _predictions(tmp_path / "given.jsonl")
+    data, pred_s = SAMPLE, pred
+    if extra == "MISSING_DATA":
+        data, extra = str(tmp_path / "nope.jsonl"), ""
+    elif extra == "MISSING_PRED":
+        pred_s, extra = str(tmp_path / "nope.jsonl"), ""
+    text = BASE.format(data=data, pred=pred_s)
+    if extra.startswith("stages:"):  # replace the stages line (duplicate keys are an error)
+        text = re.sub(r"stages: .*\n", "", text)
+        if "infer: true" in extra:
+            text = text.replace(f"predictions: {pred_s}\n", "")
+    cfg = _write(tmp_path / "bad.yaml", text + extra)
+    assert cli_main(["pipeline", "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"(^|\s){re.escape(key)}: [^\n]*{re.escape(words)}", err), err
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_yaml_inheritance_and_duplicates_rejected(tmp_path, capsys):
+    pred = _predictions(tmp_path / "given.jsonl")
+    base = BASE.format(data=SAMPLE, pred=pred)
+    cfg = _write(tmp_path / "dup.yaml", base + "name: again\n")
+    assert cli_main(["pipeline", "--config", cfg]) == 2
+    assert "duplicate key 'name'" in capsys.readouterr().err
+    cfg = _write(tmp_path / "merge.yaml", base + "vis: &v {iou: 0.5}\neval:\n  <<: *v\n")
+    assert cli_main(["pipeline", "--config", cfg]) == 2
+    assert "merge keys" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_triton_adapter_has_every_argument_run_remote_reads(tmp_path):
+    """The Namespace built from the config carries every `args.<name>` the Triton client reads."""
+    import inspect
+
+    from coordexp.client import remote
+    from coordexp.client.cmd_pipeline import triton_args
+    from coordexp.pipeline_config import validate
+
+    cfg = validate({"name": "t", "output_dir": "o", "data": SAMPLE, "stages": ["infer"],
+                    "infer": {"engine": {"kind": "triton", "urls": ["a:1", "b:2"], "timeout_s": 5},
+                              "prompt": {"user_text": "find cats"}, "decoding": {"max_new_tokens": 8}}},
+                   str(tmp_path))
+    ns = triton_args(cfg, str(tmp_path / "predictions.jsonl"))
+    src = inspect.getsource(remote)
+    used = set(re.findall(r"\bargs\.([a-z_]+)", src)) | set(re.findall(r"getattr\(args, \"([a-z_]+)\"", src))
+    assert used and not [a for a in used if not hasattr(ns, a)]
+    assert ns.url == ["a:1", "b:2"] and ns.timeout == 5.0 and ns.user_text == "find cats"
+    assert cfg.generation_params().max_new_tokens == 8
