@@ -268,9 +268,57 @@ def _wrappers():
 
 
 # ------------------------------------------------------------------------------------------- export
+# Readable names for the exporter's symbolic dims ("s10" -> "batch"), per graph: input -> {axis: name}.
+DIM_NAMES = {
+    "vision.onnx": {"pixel_values": {0: "num_patches"}},
+    "embed.onnx": {"input_ids": {0: "batch", 1: "seq"}},
+    "decoder.onnx": {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {1: "total_seq"},
+                     "past_key_*": {2: "past_seq"}, "past_value_*": {2: "past_seq"}},
+}
+
+
+def _name_dims(path: Path) -> None:
+    """Rename the exporter's symbols (s0, s1, ...) to the names in DIM_NAMES everywhere in the
+    graph (inputs, outputs, value_info, also inside expressions like `s22 + s69`)."""
+    import fnmatch
+    import re
+
+    import onnx
+
+    rules = DIM_NAMES.get(path.name)
+    if not rules:
+        return
+    model = onnx.load(str(path), load_external_data=False)
+    mapping: dict[str, str] = {}
+    for inp in model.graph.input:
+        for pattern, axes in rules.items():
+            if fnmatch.fnmatch(inp.name, pattern):
+                dims = inp.type.tensor_type.shape.dim
+                for axis, name in axes.items():
+                    if axis < len(dims) and dims[axis].dim_param:
+                        mapping.setdefault(dims[axis].dim_param, name)
+    if not mapping:
+        return
+    token = re.compile(r"\bs\d+\b")
+
+    def fix(values):
+        for v in values:
+            if not v.type.HasField("tensor_type"):
+                continue
+            for d in v.type.tensor_type.shape.dim:
+                if d.dim_param:
+                    d.dim_param = token.sub(lambda m: mapping.get(m.group(0), m.group(0)), d.dim_param)
+
+    fix(model.graph.input)
+    fix(model.graph.output)
+    fix(model.graph.value_info)
+    onnx.save(model, str(path))  # external initializers keep their references; the .data file is untouched
+
+
 def _save(program, path: Path, nbytes: int) -> list[str]:
     """Save an ONNXProgram; weights go to `<name>.data` only for big graphs. Returns files written."""
     program.save(str(path), external_data=nbytes > _EXTERNAL_DATA_BYTES)
+    _name_dims(path)
     files = [path.name]
     data = path.with_name(path.name + ".data")
     if data.exists():
