@@ -262,7 +262,7 @@ def render_overlay(pair, rep: ImageReport | None, root: str, iou: float | None =
     if rep is not None:
         rep.image_error = problem
     s = panel_scale(w, h, min_size, max_size)
-    pw, ph = panel_size(w, h, min_size, max_size)
+    pw, ph = panel_size(w, h, min_size or 1, max_size or 10**9)
     base = img.resize((pw, ph), Image.BICUBIC if s >= 1 else Image.LANCZOS) if (pw, ph) != img.size else img
 
     gstat = rep.gt_status if rep else None
@@ -422,11 +422,12 @@ def visualize(pred_path: str, gt_path: str, out_dir: str, *, iou: float = 0.5, m
 
 
 
-def draw_predictions(image, preds: Sequence[Any], min_size: int = DEFAULT_MIN_SIZE, max_size: int = DEFAULT_MAX_SIZE):
-    """One image with predictions drawn (used by `coordexp-client ask --draw`).
+def draw_predictions(image, preds: Sequence[Any], min_size: int | None = None, max_size: int | None = None):
+    """A copy of `image` with predictions drawn (used by `coordexp-client ask --draw`).
 
     `preds`: dicts with `type`, `desc` and `pixel_points` (else `points`, taken as pixels) or
-    objects with `desc`/`type`/`points` in pixels. Small images are upscaled like the overlays.
+    objects with `desc`/`type`/`points` in pixels. The size is kept unless `min_size` /
+    `max_size` ask for rescaling like the overlays (e.g. 384 / 1280).
     """
     from PIL import Image
 
@@ -439,7 +440,7 @@ def draw_predictions(image, preds: Sequence[Any], min_size: int = DEFAULT_MIN_SI
         if get("type") not in ("bbox_2d", "poly") or not pts:
             continue
         objs.append(VisObject(str(get("desc", "")), get("type"), [float(v) for v in pts], index=k))
-    pw, ph = panel_size(w, h, min_size, max_size)
+    pw, ph = panel_size(w, h, min_size or 1, max_size or 10**9)
     if (pw, ph) != (w, h):
         img = img.resize((pw, ph), Image.BICUBIC if pw > w else Image.LANCZOS)
     return annotate_all(img, [o.scaled(pw / w, ph / h) for o in objs])
