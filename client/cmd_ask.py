@@ -64,8 +64,8 @@ class RemoteSource:
     def __init__(self, args: argparse.Namespace, params):
         import asyncio
 
-        from coordexp.client.remote import (PreflightError, ServerPool, normalise_url, request_problems,
-                                            served_prompt)
+        from coordexp.client.remote import (PreflightError, ServerPool, fit_params_to_server, normalise_url,
+                                            request_problems, served_prompt)
 
         self.loop = asyncio.new_event_loop()
         try:
@@ -75,6 +75,8 @@ class RemoteSource:
         except PreflightError:
             self.loop.close()
             raise
+        self.args = args
+        params = fit_params_to_server(params, self.manifest, args)
         problems = request_problems(self.pool.iface, self.manifest, params, args.user_text, args)
         if problems:
             self.close()
@@ -82,8 +84,10 @@ class RemoteSource:
         self.default_text = served_prompt(self.manifest).user_text
 
     def generate(self, image_bytes: bytes, image, params, user_text: str | None):
-        from coordexp.client.remote import AllServersDown
+        from coordexp.client.remote import AllServersDown, fit_params_to_server
         from coordexp.engines.base import GenerationResult
+
+        params = fit_params_to_server(params, self.manifest, self.args)
 
         try:
             gen, _ = self.loop.run_until_complete(self.pool.generate(image_bytes, params, user_text))

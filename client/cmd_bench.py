@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt", help="checkpoint (torch) or export folder / repository (onnx) for --baseline")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the baseline engine")
     p.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
-    add_decoding_args(p, max_new_tokens=64)
+    add_decoding_args(p)
+    p.set_defaults(max_new_tokens=64)  # a short fixed budget keeps sweeps quick
     add_prompt_args(p)
     p.set_defaults(func=run)
 
@@ -183,12 +184,13 @@ async def drive(pool, inputs: Sequence[bytes], concurrency: int, n: int, params,
 async def sweep(args, params, inputs: list[bytes], levels: list[int], user_text: str | None,
                 log=print) -> dict[str, Any]:
     from coordexp.client.remote import (PreflightError, ServerPool, manifest_summary, normalise_url,
-                                        request_problems, prompt_variant)
+                                        request_problems, prompt_variant, fit_params_to_server)
 
     pool, manifest = await ServerPool.connect([normalise_url(u) for u in args.url], args.model,
                                               preflight_timeout=10.0, timeout=args.timeout, retries=args.retries,
                                               wait_for_server=30.0)
     try:
+        params = fit_params_to_server(params, manifest, args)
         problems = request_problems(pool.iface, manifest, params, user_text, args)
         if problems:
             raise PreflightError("; ".join(problems))

@@ -7,9 +7,13 @@ from coordexp.engines.base import GenerationParams
 from coordexp.prompt import COORD_FORMATS, FIELD_ORDERS, OBJECT_ORDERS, PromptSpec
 
 
-def add_decoding_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: {DEFAULT_MAX_NEW_TOKENS} locally; a server's export default remotely")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -19,7 +23,8 @@ def add_decoding_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> 
 
 
 def params_from_args(args: argparse.Namespace) -> GenerationParams:
-    return GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
+    return GenerationParams(max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, seed=args.seed,
                             ignore_eos=args.ignore_eos, guided=args.guided)
 

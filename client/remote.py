@@ -139,6 +139,17 @@ class ModelInterface:
         return [n for n in (*REQUIRED_OUTPUTS, *OPTIONAL_OUTPUTS) if n in self.outputs]
 
 
+def fit_params_to_server(params: GenerationParams, manifest: dict[str, Any] | None, args: Any) -> GenerationParams:
+    """Without an explicit --max-new-tokens, use the served export's own default."""
+    import dataclasses
+
+    served = ((manifest or {}).get("decoding_defaults") or {}).get("max_new_tokens") or \
+        manifest_summary(manifest)["max_new_tokens"]
+    if getattr(args, "max_new_tokens", 0) is None and isinstance(served, int):
+        return dataclasses.replace(params, max_new_tokens=served)
+    return params
+
+
 def request_problems(iface: ModelInterface, manifest: dict[str, Any] | None, params: GenerationParams,
                      user_text: str | None = None, args: Any = None) -> list[str]:
     """What was asked that the served model cannot do (checked before any work)."""
@@ -658,6 +669,7 @@ async def _run_async(args: Any, params: GenerationParams) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_PREFLIGHT
     try:
+        params = fit_params_to_server(params, manifest, args)
         problems = request_problems(pool.iface, manifest, params, user_text, args)
         if problems:
             print("error: " + "; ".join(problems), file=sys.stderr)
