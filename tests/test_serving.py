@@ -362,7 +362,7 @@ def test_parity_command_against_the_running_server(exported, server, capsys, tmp
     assert rc == 0, out
     assert "torch@1 vs served@c2" in out and "onnx@2 vs served@c2" in out and "all pairs match" in out
     pairs = json.loads(report.read_text())["pairs"]
-    assert len(pairs) == 5 and all(p["ok"] and p["records"] == 4 for p in pairs)
+    assert len(pairs) == 7 and all(p["ok"] and p["records"] == 4 for p in pairs)
     rc = main(["parity", "--ckpt", exported[0], "--repo", exported[1], "--data", data, "--url", server.grpc_url,
                "--limit", "3", "--batch-sizes", "2", "--max-new-tokens", "6", "--sample-seed", "5"])
     out = capsys.readouterr().out
