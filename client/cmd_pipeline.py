@@ -84,7 +84,8 @@ def triton_args(cfg, out_path: str) -> argparse.Namespace:
         url=list(eng.urls), model=eng.model, concurrency=eng.concurrency, timeout=eng.timeout_s,
         retries=eng.retries, wait_for_server=eng.wait_for_server_s, data=cfg.data, out=out_path,
         resume=cfg.infer.resume, max_pixels=cfg.infer.max_pixels,
-        no_progress=cfg.infer.progress is False, user_text=pr.user_text, coord_format=pr.coord_format,
+        no_progress=cfg.infer.progress is False, max_new_tokens=cfg.infer.decoding.max_new_tokens,
+        user_text=pr.user_text, coord_format=pr.coord_format,
         field_order=pr.field_order, object_order=pr.object_order, system_prompt=pr.system_text)
 
 
@@ -203,22 +204,52 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _run_parallel(jobs: dict[str, tuple]) -> dict[str, dict[str, Any]]:
-    """Run {name: (fn, *args)} in spawned worker processes at once; results by name."""
-    import concurrent.futures
-    import multiprocessing
+def _stage_worker(conn, fn, args: tuple) -> None:
+    """Body of a stage process: run `fn(*args)` and send its result dict back."""
+    try:
+        res = fn(*args)
+    except BaseException as e:  # noqa: BLE001 - the stage functions catch their own errors already
+        res = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    res["pid"] = os.getpid()
+    conn.send(res)
+    conn.close()
 
+
+def _run_parallel(jobs: dict[str, tuple]) -> dict[str, dict[str, Any]]:
+    """Run {name: (fn, *args)} at once, one spawned process each (no fork of a process holding a
+    model and its threads; no shared GIL); results by name, logged as each one finishes."""
+    import multiprocessing
+    import multiprocessing.connection
+
+    ctx = multiprocessing.get_context("spawn")
+    procs: dict[str, Any] = {}
+    pending: dict[Any, str] = {}
+    for name, (fn, *a) in jobs.items():
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_stage_worker, args=(send, fn, tuple(a)), name=f"coordexp-{name}", daemon=True)
+        p.start()
+        send.close()
+        procs[name] = p
+        pending[recv] = name
     results: dict[str, dict[str, Any]] = {}
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding a model and threads
-    with concurrent.futures.ProcessPoolExecutor(max_workers=len(jobs), mp_context=ctx) as ex:
-        futs = {ex.submit(fn, *a): name for name, (fn, *a) in jobs.items()}
-        for fut in concurrent.futures.as_completed(futs):
-            name = futs[fut]
-            try:
-                results[name] = fut.result()
-            except Exception as e:  # noqa: BLE001 - e.g. a worker killed by the OS
-                results[name] = {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}"}
-            _log_stage(name, results[name])
+    try:
+        while pending:
+            for conn in multiprocessing.connection.wait(list(pending)):
+                name = pending.pop(conn)
+                try:
+                    results[name] = conn.recv()
+                except EOFError:  # the process died without a result (killed, out of memory)
+                    procs[name].join(5)
+                    results[name] = {"status": "failed",
+                                     "error": f"{name} process exited with code {procs[name].exitcode}"}
+                conn.close()
+                _log_stage(name, results[name])
+    finally:
+        for p in procs.values():
+            p.join(5)
+            if p.is_alive():  # only after an interrupt: do not leave our workers behind
+                p.terminate()
+                p.join(5)
     return results
 
 

@@ -93,7 +93,7 @@ class EngineConfig:
 
 @dataclass
 class DecodingConfig:
-    max_new_tokens: int = _f(256, min=1)
+    max_new_tokens: Optional[int] = _f(None, min=1, doc="null: 256 locally, the served export's default on Triton")
     temperature: float = _f(0.0, min=0, doc="0 = greedy")
     top_p: float = _f(1.0, gt=0, max=1)
     repetition_penalty: float = _f(1.0, gt=0)
@@ -175,7 +175,10 @@ class PipelineConfig:
     def generation_params(self):
         from coordexp.engines.base import GenerationParams
 
-        return GenerationParams(**dataclasses.asdict(self.infer.decoding))
+        d = dataclasses.asdict(self.infer.decoding)
+        if d["max_new_tokens"] is None:
+            d["max_new_tokens"] = GenerationParams().max_new_tokens
+        return GenerationParams(**d)
 
     def prompt_spec(self):
         from coordexp.prompt import PromptSpec
@@ -197,6 +200,8 @@ class PipelineConfig:
                                       if eng.kind in _field_meta(EngineConfig, k).get("kinds", ENGINE_KINDS)}
             if eng.kind == "triton":
                 out["infer"].pop("batch_size", None)
+            if eng.kind != "triton":
+                out["infer"]["decoding"]["max_new_tokens"] = self.generation_params().max_new_tokens
             if eng.kind != "triton":  # Triton: the served prompt is fixed at export; the keys stay as given
                 try:
                     out["infer"]["prompt"] = self.prompt_spec().to_dict()

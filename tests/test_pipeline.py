@@ -81,6 +81,7 @@ vis: {{limit: 5}}
     assert resolved["schema_version"] == "coordexp.pipeline.v1"
     assert resolved["stages"] == {"infer": True, "eval": True, "vis": True}
     assert resolved["run_dir"] == str(run) and os.path.isabs(resolved["output_dir"])
+    assert resolved["infer"]["decoding"]["max_new_tokens"] == 16
     assert resolved["infer"]["engine"] == {"kind": "torch", "checkpoint": tiny_ckpt, "device": "cpu",
                                            "dtype": "float32", "threads": 1}
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
@@ -112,6 +113,8 @@ metadata:
     assert summary["pipeline"]["stages"]["infer"]["status"] == "off"
     assert summary["pipeline"]["stages"]["eval"]["status"] == "ok"
     assert summary["pipeline"]["stages"]["vis"]["status"] == "ok"
+    pids = {summary["pipeline"]["stages"][s]["pid"] for s in ("eval", "vis")}
+    assert len(pids) == 2 and os.getpid() not in pids  # eval and vis ran in two processes of their own
     vis = json.loads((run / "vis" / "index.json").read_text())
     assert sorted(r["image_id"] for r in vis["rows"]) == [0, 2]  # --only-errors
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
@@ -210,3 +213,7 @@ def test_triton_adapter_has_every_argument_run_remote_reads(tmp_path):
     assert used and not [a for a in used if not hasattr(ns, a)]
     assert ns.url == ["a:1", "b:2"] and ns.timeout == 5.0 and ns.user_text == "find cats"
     assert cfg.generation_params().max_new_tokens == 8
+    cfg = validate({"name": "t", "output_dir": "o", "data": SAMPLE, "stages": ["infer"],
+                    "infer": {"engine": {"kind": "triton", "urls": ["a:1"]}}}, str(tmp_path))
+    assert triton_args(cfg, "p.jsonl").max_new_tokens is None  # the client then takes the export's default
+    assert cfg.resolved()["infer"]["decoding"]["max_new_tokens"] is None
