@@ -223,3 +223,17 @@ def test_missing_image_gives_a_placeholder(tmp_path, vis_run):
 def test_bad_inputs_exit_2(tmp_path, capsys):
     assert cli_main(["vis", "--pred", str(tmp_path / "nope.jsonl"), "--gt", SAMPLE, "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_counts_agree_with_eval(tmp_path, vis_run):
+    """Vis's own matching and the eval's matches.jsonl give the eval's F1-ish numbers (full, @0.5)."""
+    from coordexp.eval import evaluate
+
+    pred, _, index = vis_run
+    m = evaluate(pred, SAMPLE, str(tmp_path / "eval"), metrics="f1ish", iou_thrs=[0.5], semantic=False, plots=False)
+    micro = m["f1ish"]["0.50"]["full"]["micro"]
+    assert (index["counts"]["tp"], index["counts"]["fp"], index["counts"]["fn"]) == \
+        (micro["tp"], micro["fp"], micro["fn"])
+    again = visualize(pred, SAMPLE, str(tmp_path / "vis"), matches_path=str(tmp_path / "eval" / "matches.jsonl"))
+    assert [(r["image_id"], r["tp"], r["fp"], r["fn"]) for r in again["rows"]] == \
+        [(r["image_id"], r["tp"], r["fp"], r["fn"]) for r in index["rows"]]
