@@ -217,3 +217,20 @@ def test_triton_adapter_has_every_argument_run_remote_reads(tmp_path):
                     "infer": {"engine": {"kind": "triton", "urls": ["a:1"]}}}, str(tmp_path))
     assert triton_args(cfg, "p.jsonl").max_new_tokens is None  # the client then takes the export's default
     assert cfg.resolved()["infer"]["decoding"]["max_new_tokens"] is None
+
+
+def test_a_failing_stage_is_reported_and_exits_1(tmp_path, capsys):
+    """Predictions of another dataset: eval and vis both fail (in their own processes), the run ends
+    with status 1 and summary.json says why."""
+    pred = _predictions(tmp_path / "given.jsonl")
+    rows = _lines(pred)
+    rows[1]["images"] = ["images/elsewhere.png"]
+    _write(tmp_path / "given.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _write(tmp_path / "p.yaml", BASE.format(data=SAMPLE, pred=pred) + "eval: {semantic: false, plots: false}\n")
+    assert cli_main(["pipeline", "--config", cfg]) == 1
+    summary = json.loads((tmp_path / "out" / "bad" / "summary.json").read_text())
+    stages = summary["pipeline"]["stages"]
+    assert stages["eval"]["status"] == stages["vis"]["status"] == "failed"
+    assert "disagree" in stages["eval"]["error"] and "disagree" in stages["vis"]["error"]
+    assert summary["pipeline"]["exit_status"] == 1 and "gt_vs_pred_error" in summary
+    assert "FAILED" in capsys.readouterr().err
