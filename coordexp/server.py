@@ -135,8 +135,12 @@ class TritonServer:
         bindir = os.path.dirname(sys.executable)
         scripts = sysconfig.get_path("scripts")
         env["PATH"] = os.pathsep.join([bindir, scripts, env.get("PATH", "")])
-        if self.install.lib_dirs:
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(self.install.lib_dirs + [env.get("LD_LIBRARY_PATH", "")])
+        # The stub links `libpython3.X.so` by soname: without this interpreter's LIBDIR first, the
+        # loader may take the system's libpython (another patch release), and then stdlib
+        # extension modules of this interpreter fail with undefined symbols (seen: _ssl).
+        libdirs = [d for d in [sysconfig.get_config_var("LIBDIR")] if d and os.path.isdir(d)]
+        libdirs += self.install.lib_dirs
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libdirs + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
         env.setdefault("OMP_NUM_THREADS", "1")  # each model instance is one process; oversubscription hurts
         return env
 

@@ -462,12 +462,15 @@ def _init_weights(model, seed: int, std: float, real_vocab: int) -> None:
     Embedding / lm_head rows past the tokenizer's vocabulary are zeroed so they are never sampled."""
     import torch
 
+    # Norm scales are found by module type, not by name: Qwen2.5-VL's merger calls its RMSNorm `ln_q`.
+    norm_weights = {f"{mod_name}.weight" if mod_name else "weight" for mod_name, mod in model.named_modules()
+                    if "norm" in type(mod).__name__.lower() and getattr(mod, "weight", None) is not None}
     gen = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
-            elif "norm" in name and name.endswith("weight"):
+            elif name in norm_weights or ("norm" in name and name.endswith("weight")):
                 p.fill_(1.0)
             else:
                 p.zero_()

@@ -19,6 +19,8 @@ CONFIG = textwrap.dedent("""
 """)
 
 DOUBLE = textwrap.dedent("""
+    import ssl  # stdlib extension modules must match the stub's libpython (LD_LIBRARY_PATH)
+
     import triton_python_backend_utils as pb_utils
     from coordexp.grid import GRID_MAX  # the stub must see this project's environment
 
