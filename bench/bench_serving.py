@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint / repository made here")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -187,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
 
     by = {r["config"]: r for r in rows}
     cN = f"served@c{args.concurrency}"
@@ -208,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
             json.dump({"rows": rows, "ratios": ratios, "params": params.to_dict(), "images": args.images,
-                       "cpus": os.cpu_count(), "repo": repo, "ckpt": ckpt, "manifest_versions": manifest.get("versions")},
+                       "cpus": os.cpu_count(), "repo": repo, "ckpt": ckpt,
+                       "manifest_versions": manifest.get("versions")},
                       f, indent=2)
     return 0
 
