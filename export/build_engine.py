@@ -154,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="build_engine", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="Hugging Face checkpoint folder (Qwen3-VL CoordExp fine-tune)")
-    p.add_argument("--repo", default=None, help="repository folder to write (default model_repository/NAME)")
-    p.add_argument("--name", default=None, help="served (ensemble) model name (default: the checkpoint folder name)")
+    p.add_argument("--repo", default=None,
+                   help="repository folder to write (default model_repository/<checkpoint folder name>)")
+    p.add_argument("--name", default="coordexp",
+                   help="served (ensemble) model name; the client's --model default is 'coordexp'")
     p.add_argument("--backend", choices=("onnx", "trtllm"), default="onnx")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -177,8 +179,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if err:
         raise BuildError(err, 2)
     args.ckpt = os.path.abspath(args.ckpt)
-    args.name = sanitize_name(args.name or os.path.basename(os.path.normpath(args.ckpt)))
-    args.repo = args.repo or os.path.join("model_repository", args.name)
+    args.name = sanitize_name(args.name or "coordexp")
+    args.repo = args.repo or os.path.join("model_repository", sanitize_name(os.path.basename(os.path.normpath(args.ckpt))))
     args.opset = args.opset or DEFAULT_OPSET
     if args.max_batch_size < 1:
         raise BuildError(f"--max-batch-size must be >= 1, got {args.max_batch_size}", 2)

@@ -154,7 +154,7 @@ def test_build_engine_refuses_other_families_and_plans_dry_run(tmp_path, tiny_ck
     assert "'llava'" in err and "Qwen3-VL" in err and "Traceback" not in err
     assert main(["--ckpt", tiny_ckpt, "--dry-run", "--json", "--repo", str(tmp_path / "r")]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["name"] == os.path.basename(tiny_ckpt) and plan["backend"] == "onnx"
+    assert plan["name"] == "coordexp" and plan["backend"] == "onnx"  # the client's --model default
     assert not (tmp_path / "r").exists()
     assert main(["--ckpt", tiny_ckpt, "--backend", "trtllm"]) == 2
     assert "TensorRT-LLM" in capsys.readouterr().err
