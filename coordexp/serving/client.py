@@ -4,14 +4,12 @@
 - `ensemble_outputs`: a response -> per row {text, token_ids, preds};
 - `infer_many`: many one-image requests with N in flight (threads, one gRPC client each), results
   in input order, a failed request gives its exception in its slot;
-- `start_server`: `coordexp.server.TritonServer` for a repository, with this interpreter's
-  libpython on the loader path (see `python_lib_env`).
+- `start_server`: a started `coordexp.server.TritonServer` for a repository.
 """
 from __future__ import annotations
 
 import json
 import os
-import sysconfig
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -115,29 +113,9 @@ def model_stats(url: str, model: str) -> dict[str, int]:
     return {"inference_count": int(st.get("inference_count", 0)), "execution_count": int(st.get("execution_count", 0))}
 
 
-def python_lib_env() -> None:
-    """Put this interpreter's libpython folder first on LD_LIBRARY_PATH (in os.environ, which the
-    server inherits).
-
-    The Python-backend stub links `libpython3.X.so` by soname; without this the loader takes the
-    system's copy (e.g. Debian's 3.11.2) while the stdlib extension modules come from this
-    interpreter (e.g. pyenv's 3.11.7), and importing `ssl` (transformers -> huggingface_hub)
-    fails in the stub with "undefined symbol: _PyModule_Add".
-    """
-    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
-        return
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if not libdir or not os.path.isdir(libdir):
-        return
-    cur = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-    if libdir not in cur:
-        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir] + cur)
-
-
 def start_server(repo: str, **kwargs: Any):
     """A started `coordexp.server.TritonServer` for `repo` (stop it with `.stop()`)."""
     from coordexp.server import TritonServer
 
-    python_lib_env()
     kwargs.setdefault("ready_timeout", 300.0)
     return TritonServer(repo, **kwargs).start()
