@@ -396,6 +396,7 @@ class OnnxEngine:
                 "onnxruntime": onnxruntime.__version__, "threads": self.threads}
 
     def _hook(self, params: GenerationParams, batch: int) -> LogitsHook | None:
+        self.guided = None
         if not params.guided:
             return None
         try:
@@ -403,7 +404,8 @@ class OnnxEngine:
         except ImportError as e:
             raise ValueError("guided decoding with the onnx engine needs coordexp.guided.guided_logits_hook "
                              f"(not available: {e})") from e
-        return guided_logits_hook(self.processor, self.prompt, params, batch=batch)
+        self.guided = guided_logits_hook(self.processor, self.prompt, params, batch=batch)
+        return self.guided
 
     def generate_ids(self, images: Sequence[Any], params: GenerationParams) -> tuple[list[list[int]], int]:
         enc = self.processor.encode(list(images), self.prompt, return_tensors="np")
@@ -414,9 +416,10 @@ class OnnxEngine:
 
     def generate_batch(self, images: Sequence[Any], params: GenerationParams) -> list[GenerationResult]:
         rows, prompt_len = self.generate_ids(images, params)
+        extras = self.guided.extras() if self.guided is not None else [{}] * len(rows)  # guided_closed_early
         results = []
-        for ids in rows:
+        for ids, extra in zip(rows, extras):
             finish = "length" if len(ids) >= params.max_new_tokens else "stop"
             results.append(GenerationResult(text=self.processor.decode(ids), token_ids=ids, prompt_tokens=prompt_len,
-                                            finish_reason=finish))
+                                            finish_reason=finish, extra=dict(extra)))
         return results

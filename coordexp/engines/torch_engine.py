@@ -53,9 +53,10 @@ class TorchEngine:
         if params.guided:
             from coordexp.guided import guided_logits_processor  # optional dependency (xgrammar)
 
-            logits_processor = [guided_logits_processor(self.processor, self.prompt, params, batch=len(images))]
+            self.guided = guided_logits_processor(self.processor, self.prompt, params, batch=len(images))
+            logits_processor = [self.guided]
         else:
-            logits_processor = None
+            self.guided = logits_processor = None
         enc = self.processor.encode(list(images), self.prompt)
         enc = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in enc.items()}
         stop_ids = list(self.processor.stop_token_ids)
@@ -88,9 +89,10 @@ class TorchEngine:
 
     def generate_batch(self, images: Sequence[Any], params: GenerationParams) -> list[GenerationResult]:
         rows, prompt_len = self.generate_ids(images, params)
+        extras = self.guided.extras() if self.guided is not None else [{}] * len(rows)  # guided_closed_early
         results = []
-        for ids in rows:
+        for ids, extra in zip(rows, extras):
             finish = "length" if len(ids) >= params.max_new_tokens else "stop"
             results.append(GenerationResult(text=self.processor.decode(ids), token_ids=ids, prompt_tokens=prompt_len,
-                                            finish_reason=finish))
+                                            finish_reason=finish, extra=dict(extra)))
         return results
