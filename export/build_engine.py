@@ -2,6 +2,8 @@
 
     python export/build_engine.py --ckpt CKPT [--repo model_repository/NAME] [--name NAME]
         [--backend onnx|trtllm] [--max-batch-size 8] [--max-new-tokens 256] [--skip-validation] [--dry-run]
+        trtllm only: [--dtype bf16|fp16|fp8] [--max-input-len N] [--kv-cache-fraction 0.8] [--tp-size 1]
+                     [--trtllm-vision trtllm|tensorrt] [--vision-max-patches N]   (see export/trtllm.py)
     python -m coordexp.export.build_engine ...        (the same)
 
 One function per format (`export_onnx_format`, `export_trtllm_format`), Ultralytics-export style;
@@ -109,15 +111,11 @@ def export_onnx_format(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def export_trtllm_format(args: argparse.Namespace) -> dict[str, Any]:
-    """TensorRT-LLM engines: implemented by `coordexp.export.trtllm` when present (another issue)."""
-    try:
-        from coordexp.export import trtllm  # type: ignore[attr-defined]
-    except ImportError:
-        trtllm = None
-    fn = getattr(trtllm, "export_trtllm_format", None) if trtllm is not None else None
-    if fn is None:
-        raise NotImplementedError("the TensorRT-LLM backend is not implemented yet (coordexp.export.trtllm is "
-                                  "missing; see the TensorRT-LLM export issue); use --backend onnx")
+    """TensorRT-LLM repository (LLM API, PyTorch backend): `coordexp.export.trtllm.export_trtllm_format`.
+    With --dry-run it needs no TensorRT-LLM; without, it raises NotImplementedError (exit 2) when
+    tensorrt_llm is not importable."""
+    from coordexp.export.trtllm import export_trtllm_format as fn
+
     return fn(args)
 
 
@@ -160,13 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="served (ensemble) model name; the client's --model default is 'coordexp'")
     p.add_argument("--backend", choices=("onnx", "trtllm"), default="onnx")
     p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", "--max-output-len", type=int, default=256, dest="max_new_tokens")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--onnx-dir", default=None, help="also keep the ONNX export in this folder")
     p.add_argument("--skip-validation", action="store_true", help="do not compare with the torch checkpoint")
     p.add_argument("--validation-steps", type=int, default=16, help="greedy steps compared during validation")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch / ONNX Runtime")
-    p.add_argument("--dry-run", action="store_true", help="check the arguments and print the plan only")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments and print the plan only (trtllm: "
+                   "also write the whole repository and print every command, without TensorRT-LLM)")
+    t = p.add_argument_group("TensorRT-LLM (--backend trtllm)")
+    t.add_argument("--dtype", choices=("bf16", "fp16", "fp8"), default="bf16",
+                   help="LLM dtype; fp8 = FP8 KV cache (+ FP8 weights of an already quantized checkpoint)")
+    t.add_argument("--max-input-len", type=int, default=None, help="max prompt tokens (default: prompt + largest image)")
+    t.add_argument("--kv-cache-fraction", type=float, default=0.8, help="KV cache share of free GPU memory")
+    t.add_argument("--tp-size", type=int, default=1, help="tensor parallel size")
+    t.add_argument("--trtllm-vision", choices=("trtllm", "tensorrt"), default="trtllm",
+                   help="who runs the vision tower: TensorRT-LLM itself, or a TensorRT engine built from our ONNX")
+    t.add_argument("--vision-max-patches", type=int, default=None, help="vision engine profile max (patches)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
 
@@ -235,6 +243,16 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        if args.backend == "trtllm":
+            try:
+                result = export_trtllm_format(args)
+            except NotImplementedError as e:
+                raise BuildError(str(e), 2) from e
+            if args.json:
+                print(json.dumps({k: result[k] for k in ("repo", "dry_run", "plan")}, indent=2, default=str))
+            else:
+                print("\n".join(result["lines"]))
+            return 0
         if args.dry_run:
             plan = {"ckpt": args.ckpt, "family": args.family, "backend": args.backend, "name": args.name,
                     "repo": os.path.abspath(args.repo), "onnx_dir": args.onnx_dir, "opset": args.opset,
@@ -242,20 +260,13 @@ def main(argv: list[str] | None = None) -> int:
                     "validation": not args.skip_validation}
             print(json.dumps(plan, indent=2) if args.json else "\n".join(f"{k:<15}: {v}" for k, v in plan.items()))
             return 0
-        if args.backend == "trtllm":
-            try:
-                result = export_trtllm_format(args)
-            except NotImplementedError as e:
-                raise BuildError(str(e), 2) from e
-            written = {"repo": result.get("repo")}
-        else:
-            result = export_onnx_format(args)
-            keep = None
-            if args.onnx_dir and result["temporary"] is False:
-                keep = result["onnx_dir"]
-            written = write_repo(args, result)
-            if keep:
-                written["onnx_dir"] = keep
+        result = export_onnx_format(args)
+        keep = None
+        if args.onnx_dir and result["temporary"] is False:
+            keep = result["onnx_dir"]
+        written = write_repo(args, result)
+        if keep:
+            written["onnx_dir"] = keep
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
