@@ -691,7 +691,7 @@ def export_vision_onnx(ckpt: str, out: str) -> dict[str, Any]:
     return export_onnx(ckpt, out, log=lambda s: print(f"[trtllm] {s}", file=sys.stderr, flush=True))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m coordexp.export.trtllm",
                                 description="Steps of the TensorRT-LLM export (build_engine --backend trtllm runs them).")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -699,7 +699,11 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--ckpt", required=True)
     o.add_argument("--out", required=True)
     sub.add_parser("versions", help="print the pinned versions as JSON")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     if a.cmd == "versions":
         print(json.dumps({**PINNED, "installed_tensorrt_llm": tensorrt_llm_version()}, indent=2))
         return 0
