@@ -575,6 +575,8 @@ class GuidedLogitsProcessor(LogitsProcessor):
         self.prompt_len: int | None = None
 
     def __call__(self, input_ids, scores):
+        import torch
+
         s = self.state
         if self.prompt_len is None:
             self.prompt_len = int(input_ids.shape[1])
@@ -587,7 +589,8 @@ class GuidedLogitsProcessor(LogitsProcessor):
                     s.stop(row)
                 else:
                     s.accept(row, tok)
-        scores = scores.clone() if not scores.is_contiguous() else scores
+        if scores.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not scores.is_contiguous():
+            scores = scores.float().contiguous()
         s.mask(scores, range(s.batch))
         return scores
 
