@@ -88,6 +88,9 @@ TRTEXEC_FALLBACK = "/usr/local/tensorrt/bin/trtexec"  # where the TensorRT tarba
 TRTEXEC_WORKSPACE_MIB = 4096
 OPT_IMAGE = (640, 480)  # the image size the vision profile is tuned for (width, height)
 BIAS_WARN_BYTES = 1 << 30
+# tritonserver flags after --model-repository (docker/Dockerfile.gpu's CMD uses the same)
+SERVE_FLAGS = ("--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", "--exit-timeout-secs=30",
+               "--strict-readiness=true")
 
 CHECKPOINT_SUBDIR = "llm/1/checkpoint"
 MODEL_YAML = "llm/1/model.yaml"
@@ -331,6 +334,11 @@ def make_plan(ckpt: str, name: str, repo: str, opts: TrtllmOptions, prompt=None,
         raise PlanError("--trtllm-vision tensorrt is not possible for Qwen3-VL: the LLM API takes external image "
                         "embeddings as one [tokens, hidden] tensor per image and has no input for Qwen3-VL's "
                         "deepstack features; use --trtllm-vision trtllm (TensorRT-LLM runs the vision tower)")
+    if facts.family == "qwen3_vl":
+        warnings.append(f"Qwen3-VL on TensorRT-LLM's PyTorch backend: this export did not verify that "
+                        f"{PINNED['tensorrt_llm']} lists Qwen3VLForConditionalGeneration among its supported models "
+                        "(Qwen2.5-VL is listed since 0.19); if the llm model fails to load, use a newer "
+                        "TensorRT-LLM container")
     if facts.rope_layout == "rope_parameters":
         warnings.append(f"config.json was written by transformers {facts.saved_with} (`rope_parameters`); TensorRT-LLM "
                         f"{PINNED['tensorrt_llm']} reads configs with its pinned transformers 4.57.1, which expects "
@@ -403,8 +411,7 @@ def make_plan(ckpt: str, name: str, repo: str, opts: TrtllmOptions, prompt=None,
     plan.commands.append({"step": "checkpoint", "what": "copy the Hugging Face checkpoint the LLM API loads",
                           "argv": ["cp", "-a", facts.path + os.sep + ".", ckpt_dst]})
     plan.commands.append({"step": "serve", "what": f"serve the repository (inside {PINNED['trtllm_image']})",
-                          "argv": ["tritonserver", f"--model-repository={repo}", "--http-port=8000", "--grpc-port=8001",
-                                   "--metrics-port=8002", "--disable-auto-complete-config"]})
+                          "argv": ["tritonserver", f"--model-repository={repo}", *SERVE_FLAGS]})
     return plan
 
 
@@ -640,6 +647,11 @@ def plan_lines(plan: TrtllmPlan, dry_run: bool) -> list[str]:
     nproc = sum(1 for f in files if "/processor/" in f)
     if nproc:
         lines.append(f"  preprocess/1/processor/ ({nproc} tokenizer / processor files)")
+    if dry_run:
+        later = [CHECKPOINT_SUBDIR + "/ (the checkpoint copy)"]
+        if o.vision == "tensorrt":
+            later += [VISION_PLAN + " (trtexec's engine)", VISION_META + " (from the vision ONNX export)"]
+        lines += ["", "written by the real run only:"] + [f"  {f}" for f in later]
     lines += ["", "notes:"] + [f"  - {n}" for n in plan.notes]
     if plan.warnings:
         lines += ["", "warnings:"] + [f"  - {w}" for w in plan.warnings]

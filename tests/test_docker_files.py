@@ -124,6 +124,13 @@ def test_gpu_image_is_the_pinned_trtllm_container_and_keeps_two_transformers_apa
     assert "transformers>=5.20,<6" in pinned and "coordexp-build-engine" in run and "tensorrt_llm" in run
 
 
+def test_gpu_image_serves_like_the_dry_run_says():
+    from coordexp.export.trtllm import SERVE_FLAGS
+
+    cmd = exec_form(args_of(instructions(os.path.join(DOCKER, "Dockerfile.gpu")), "CMD")[-1])
+    assert cmd == ["tritonserver", "--model-repository=/models", *SERVE_FLAGS]
+
+
 def test_dockerfiles_pass_hadolint():
     exe = shutil.which("hadolint") or (os.path.join(os.path.dirname(sys.executable), "hadolint"))
     if not os.path.exists(exe):
