@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("TensorRT-LLM (--backend trtllm)")
     t.add_argument("--dtype", choices=("bf16", "fp16", "fp8"), default="bf16",
                    help="LLM dtype; fp8 = FP8 KV cache (+ FP8 weights of an already quantized checkpoint)")
-    t.add_argument("--max-input-len", type=int, default=None, help="max prompt tokens (default: prompt + largest image)")
+    t.add_argument("--max-input-len", type=int, default=None,
+                   help="max prompt tokens (default: prompt + largest image)")
     t.add_argument("--kv-cache-fraction", type=float, default=0.8, help="KV cache share of free GPU memory")
     t.add_argument("--tp-size", type=int, default=1, help="tensor parallel size")
     t.add_argument("--trtllm-vision", choices=("trtllm", "tensorrt"), default="trtllm",

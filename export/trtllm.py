@@ -626,6 +626,7 @@ def tensorrt_llm_version() -> str | None:
 
 def plan_lines(plan: TrtllmPlan, dry_run: bool) -> list[str]:
     o = plan.options
+    kv = plan.llm_api["kv_cache_config"]
     lines = [f"{'dry run: nothing was built; ' if dry_run else ''}TensorRT-LLM repository for {plan.facts.path}",
              f"pinned     : {PINNED['trtllm_image']} (TensorRT-LLM {PINNED['tensorrt_llm']}, TensorRT "
              f"{PINNED['tensorrt']})",
@@ -633,7 +634,7 @@ def plan_lines(plan: TrtllmPlan, dry_run: bool) -> list[str]:
              f"batching   : max_batch_size {o.max_batch_size}, max_input_len {plan.max_input_len}, max_new_tokens "
              f"{o.max_new_tokens}, max_seq_len {plan.max_seq_len}, max_num_tokens {plan.max_num_tokens}",
              f"kv cache   : free_gpu_memory_fraction {o.kv_cache_fraction}"
-             + (f", dtype {plan.llm_api['kv_cache_config']['dtype']}" if 'dtype' in plan.llm_api['kv_cache_config'] else ""),
+             + (f", dtype {kv['dtype']}" if "dtype" in kv else ""),
              f"vision     : {o.vision}" + (f" (engine profile {plan.profile['min']}/{plan.profile['opt']}/"
                                           f"{plan.profile['max']} patches)" if o.vision == "tensorrt" else
                                           " (TensorRT-LLM runs the vision tower)"),
@@ -705,7 +706,8 @@ def export_vision_onnx(ckpt: str, out: str) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m coordexp.export.trtllm",
-                                description="Steps of the TensorRT-LLM export (build_engine --backend trtllm runs them).")
+                                description="Steps of the TensorRT-LLM export "
+                                            "(build_engine --backend trtllm runs them).")
     sub = p.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("onnx", help="export the checkpoint's graphs (the vision engine is built from vision.onnx)")
     o.add_argument("--ckpt", required=True)

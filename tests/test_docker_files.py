@@ -94,7 +94,8 @@ def test_images_copy_the_whole_package_and_serve_on_the_documented_ports(name):
     assert sources <= copied
     ignore = open(os.path.join(ROOT, ".dockerignore"), encoding="utf-8").read().splitlines()
     assert "*" in ignore  # an allowlist: everything else stays out of the build context
-    assert {f"!{s}/" if s in pp["tool"]["setuptools"]["package-dir"].values() else f"!{s}" for s in sources} <= set(ignore)
+    pkg_dirs = set(pp["tool"]["setuptools"]["package-dir"].values())
+    assert {f"!{s}/" if s in pkg_dirs else f"!{s}" for s in sources} <= set(ignore)
     cmd = exec_form(args_of(ins, "CMD")[-1])
     assert cmd[0] == "tritonserver" and "--model-repository=/models" in cmd
     ports = {a.split("=")[0]: a.split("=")[1] for a in cmd if a.endswith(("8000", "8001", "8002"))}

@@ -284,7 +284,8 @@ class TrtllmBatcher(LlmBatcher):
             return {"prompt": text, "multi_modal_data": {"image": [Image.fromarray(item.image, "RGB")]}}
         import torch
 
-        return {"prompt": text, "multi_modal_embeddings": {"image": [torch.from_numpy(np.ascontiguousarray(item.embeds))]}}
+        embeds = torch.from_numpy(np.ascontiguousarray(item.embeds))
+        return {"prompt": text, "multi_modal_embeddings": {"image": [embeds]}}
 
     def sampling(self, params: GenerationParams) -> Any:
         kw, dropped = accepted_kwargs(self.sampling_cls, sampling_kwargs(params, self.stop_token_ids,
@@ -309,8 +310,8 @@ class TrtllmBatcher(LlmBatcher):
         for it, out in zip(items, outs):
             got = getattr(out, "prompt_token_ids", None)
             if got is not None and len(got) != len(it.ids):
-                self._warn_once("prompt", f"[coordexp.trtllm_llm] TensorRT-LLM tokenized a rebuilt prompt to {len(got)} "
-                                          f"ids, the preprocess step to {len(it.ids)}")
+                self._warn_once("prompt", f"[coordexp.trtllm_llm] TensorRT-LLM tokenized a rebuilt prompt to "
+                                          f"{len(got)} ids, the preprocess step to {len(it.ids)}")
             results.append(strip_stop(out.outputs[0].token_ids, self.stop_token_ids))
         return results
 
