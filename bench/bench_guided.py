@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     report["tiny"] = {"max_new_tokens": args.tiny_max_new_tokens, "decoding": "greedy + T=1.0 seeds 0,1,2", **tiny}
     print(f"\n## 1. tiny random checkpoint, max_new_tokens={args.tiny_max_new_tokens}, greedy + sampling T=1.0 x3")
     print(f"parse without repair   unguided {fmt_share(tiny['off'])}   guided {fmt_share(tiny['on'])}")
+    print(f"mean preds             unguided {tiny['off']['mean_preds']:.2f}   guided {tiny['on']['mean_preds']:.2f}")
     print(f"closed early (guided)  {tiny['on']['closed_early']}/{tiny['on']['n']}")
 
     # 2. demo checkpoint

@@ -465,15 +465,18 @@ class GuidedBatch:
         self.acc = [_Acc() for _ in range(self.batch)]
         self.count = [0] * self.batch  # tokens accepted per row
         self.done = [False] * self.batch  # stopped, or left unmasked (complete under ignore_eos, error)
-        self.mask_s = 0.0  # time spent building and applying masks (wall clock) ...
-        self.mask_cpu_s = 0.0  # ... and CPU time of this process (robust on a loaded machine)
+        self.mask_s = 0.0  # time spent in the adapters (accepting tokens, building and applying masks) ...
+        self.mask_cpu_s = 0.0  # ... and the CPU time of this process (robust on a loaded machine)
+        self._setup_s = (0.0, 0.0)  # the one-off setup, not counted
         self.masked_steps = 0  # row-steps masked
 
     def _setup(self, vocab_size: int) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
         g = self.guide = get_guide(self.processor, self.prompt, vocab_size)
         self.matchers = [g.new_matcher() for _ in range(self.batch)]
         self.state = [g.dfa.start] * self.batch
         self.bitmask = xgr.allocate_token_bitmask(self.batch, vocab_size)
+        self._setup_s = (time.perf_counter() - t0, time.process_time() - c0)
 
     def accept(self, row: int, token: int) -> None:
         """The row generated `token` (not a stop token)."""
@@ -550,8 +553,7 @@ class GuidedBatch:
         import torch
 
         if self.guide is None:
-            self._setup(int(logits.shape[-1]))  # once per batch (the guide itself is cached): not counted
-        t0, c0 = time.perf_counter(), time.process_time()
+            self._setup(int(logits.shape[-1]))  # once per batch (the guide itself is cached)
         arr = logits.numpy() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
         n = 0
         for r in rows:
@@ -564,8 +566,12 @@ class GuidedBatch:
             else:
                 logits[r].masked_fill_(torch.from_numpy(~bits).to(logits.device), float("-inf"))
         self.masked_steps += n
-        self.mask_s += time.perf_counter() - t0
-        self.mask_cpu_s += time.process_time() - c0
+
+    def timed(self, t0: float, c0: float) -> None:
+        """Count the time since (t0 perf_counter, c0 process_time), less the one-off setup."""
+        self.mask_s += time.perf_counter() - t0 - self._setup_s[0]
+        self.mask_cpu_s += time.process_time() - c0 - self._setup_s[1]
+        self._setup_s = (0.0, 0.0)
 
     def extras(self) -> list[dict[str, Any]]:
         out = []
@@ -599,6 +605,7 @@ class GuidedLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids, scores):
         import torch
 
+        t0, c0 = time.perf_counter(), time.process_time()
         s = self.state
         if self.prompt_len is None:
             self.prompt_len = int(input_ids.shape[1])
@@ -614,6 +621,7 @@ class GuidedLogitsProcessor(LogitsProcessor):
         if scores.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not scores.is_contiguous():
             scores = scores.float().contiguous()
         s.mask(scores, range(s.batch))
+        s.timed(t0, c0)
         return scores
 
     def extras(self) -> list[dict[str, Any]]:
@@ -630,6 +638,7 @@ class GuidedLogitsHook:
     def __call__(self, step: int, generated: Sequence[Sequence[int]], logits: np.ndarray) -> np.ndarray:
         import torch
 
+        t0, c0 = time.perf_counter(), time.process_time()
         s = self.state
         active = []
         for row, ids in enumerate(generated):
@@ -645,6 +654,7 @@ class GuidedLogitsHook:
         if out is logits:
             out = out.copy()
         s.mask(torch.from_numpy(out), active)
+        s.timed(t0, c0)
         return out
 
     def extras(self) -> list[dict[str, Any]]:
