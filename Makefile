@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip "setuptools>=69" wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[server,semantic,test]"
+	# xgrammar without its GPU kernel dependency (triton, ~1 GB): we apply its masks on the CPU.
+	$(PIP) install -q --no-deps "xgrammar>=0.2.8,<0.3" "apache-tvm-ffi>=0.1.11,<0.2"
 	touch $(STAMP)
 
 demo: setup
