@@ -2,7 +2,7 @@
 
     python -m coordexp.train_demo train --out runs/demo_ckpt --steps 1500 --minutes 45
     python -m coordexp.train_demo eval --ckpt runs/demo_ckpt --data data/demo_val/val.jsonl
-    python -m coordexp.train_demo export --ckpt runs/demo_ckpt --out checkpoints/coordexp-demo-shapes --dtype bfloat16
+    python -m coordexp.train_demo export --ckpt runs/demo_ckpt --out checkpoints/coordexp-demo-shapes --dtype float16
 
 Recipe (docs: /work/shared/notes/demo-training.md): `coordexp.tiny` builds the model (text hidden 256,
 4 layers, 4 heads / 2 KV heads, FFN 768, mrope_section [12, 10, 10], tied embeddings; vision hidden
@@ -391,7 +391,10 @@ def train(args) -> int:
     log(f"model {n_params / 1e6:.2f} M params; batch {args.batch_size} x {args.image_size}px; lr {args.lr}; "
         f"steps {total or 'from speed'}; target {args.minutes or '-'} min; cap {cap / 60 if cap else '-'} min; "
         f"amp {args.amp}; shared prefix {args.shared_prefix}; threads {torch.get_num_threads()}")
-    jlog = open(out / LOG_FILE, "a", encoding="utf-8")
+
+    def jlog_write(line: str) -> None:  # reopened per line: the folder is swapped at every checkpoint
+        with open(out / LOG_FILE, "a", encoding="utf-8") as f:
+            f.write(line)
     plain_args = {k: v for k, v in vars(args).items() if k != "func"}
 
     def state() -> dict[str, Any]:
@@ -402,8 +405,7 @@ def train(args) -> int:
         m = evaluate(model, processor, args.val, spec, max_new_tokens=args.eval_max_new_tokens,
                      limit=args.eval_limit)
         rec = {"event": "eval", "tag": tag, "step": step, "train_minutes": round(elapsed / 60, 2), **m}
-        jlog.write(json.dumps(rec) + "\n")
-        jlog.flush()
+        jlog_write(json.dumps(rec) + "\n")
         log(f"eval step {step} ({elapsed / 60:.1f} min): AP50 {m['ap50']:.3f} parse {m['parse_rate']:.2f} "
             f"strict {m['parse_rate_strict']:.2f} count {m['count_exact']:.2f} mIoU {m['mean_iou_matched']:.3f} "
             f"({m['eval_seconds']:.0f} s) | {m['examples'][0][:160]}")
@@ -418,6 +420,9 @@ def train(args) -> int:
     while True:
         if total and step >= total:
             break
+        if args.stop_at and step >= args.stop_at:
+            log(f"stopping at step {step} of {total} (--stop-at)")
+            break
         if cap and elapsed >= cap:
             log(f"hard time cap reached at step {step} of {total}")
             break
@@ -427,7 +432,7 @@ def train(args) -> int:
             total = max(args.warmup + 1, int((args.minutes * 60.0 - elapsed) / per_step) + step)
             log(f"calibrated: {per_step:.2f} s/step -> {total} steps for {args.minutes} min "
                 f"(rebuild with --steps {total})")
-            jlog.write(json.dumps({"event": "calibrated", "step": step, "s_per_step": round(per_step, 3),
+            jlog_write(json.dumps({"event": "calibrated", "step": step, "s_per_step": round(per_step, 3),
                                    "total_steps": total}) + "\n")
         t0 = time.perf_counter()
         images, objects = draw_batch(args.seed, step, args.batch_size, args.image_size)
@@ -455,30 +460,41 @@ def train(args) -> int:
             rec = {"event": "train", "step": step, "loss": round(float(np.mean(losses)), 4), "lr": lr,
                    "grad_norm": round(float(gnorm), 3), "s_per_step": round(dt, 3),
                    "train_minutes": round(elapsed / 60, 2)}
-            jlog.write(json.dumps(rec) + "\n")
-            jlog.flush()
+            jlog_write(json.dumps(rec) + "\n")
             log(f"step {step} loss {rec['loss']:.4f} lr {lr:.2e} gnorm {rec['grad_norm']:.2f} "
                 f"{dt:.2f} s/step {elapsed / 60:.1f} min")
             losses = []
         if args.ckpt_every_min and elapsed - last_ckpt >= args.ckpt_every_min * 60:
-            jlog.flush()
             save_checkpoint(model, src, out, state())
             last_ckpt = elapsed
             log(f"checkpoint at step {step}")
         if args.eval_every_min and elapsed - last_eval >= args.eval_every_min * 60:
             do_eval("periodic")
             last_eval = elapsed
-    jlog.flush()
     save_checkpoint(model, src, out, state())
     log(f"saved {out} at step {step} ({elapsed / 60:.1f} training minutes)")
     if args.val and args.final_eval:
         do_eval("final")
-    jlog.close()
     with open(out / "training.json", "w", encoding="utf-8") as f:
         json.dump({"steps": step, "total_steps": total, "train_minutes": round(elapsed / 60, 2), "params": n_params,
-                   "rebuild": f"python -m coordexp.train_demo train --out OUT --seed {args.seed} --steps {total}",
+                   "rebuild": rebuild_command(args, total, step),
                    "args": plain_args, "demo_size": DEMO_SIZE, "num_merges": DEMO_NUM_MERGES}, f, indent=2)
     return 0
+
+
+def rebuild_command(args, total: int, step: int) -> str:
+    """The command that redoes this run step for step (the speed-calibrated total made explicit; a run
+    cut by the time cap becomes --stop-at)."""
+    parts = ["python -m coordexp.train_demo train --out OUT", f"--seed {args.seed}", f"--steps {total}"]
+    if step < total:
+        parts.append(f"--stop-at {step}")
+    defaults = {"batch_size": 32, "image_size": 128, "lr": 3e-3, "weight_decay": 0.01, "warmup": 50,
+                "grad_clip": 1.0, "amp": "none", "threads": 2}
+    for k, d in defaults.items():
+        v = getattr(args, k)
+        if v != d:
+            parts.append(f"--{k.replace('_', '-')} {v}")
+    return " ".join(parts)
 
 
 def cmd_eval(args) -> int:
@@ -502,18 +518,22 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     """Copy a trained checkpoint (weights cast to --dtype) without the training files."""
-    import torch
-
     src = Path(args.ckpt)
     out = Path(args.out)
     model = load_model(src)
     save_checkpoint(model, src, out, None, dtype=args.dtype)
+    if args.dtype != "float32" and args.compute_dtype:
+        # stored in half precision, computed in float32: a plain from_pretrained (dtype "auto") then
+        # upcasts instead of running float16/bfloat16 matmuls on a CPU.
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg["dtype"] = args.compute_dtype
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for name in ("training.json",):
         if (src / name).exists():
             shutil.copy2(src / name, out / name)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     log(f"wrote {out} ({args.dtype}, {size / 1e6:.1f} MB)")
-    del torch
     return 0
 
 
@@ -529,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="target training minutes: without --steps, the total is set from the measured speed")
     t.add_argument("--max-minutes", type=float, default=0.0,
                    help="hard cap on training minutes (default 1.5 x --minutes; none without --minutes)")
+    t.add_argument("--stop-at", type=int, default=0,
+                   help="stop after this step (the schedule still runs over --steps): redoes a run cut by the cap")
     t.add_argument("--calibrate-steps", type=int, default=20, help="steps timed before fixing the total")
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--image-size", type=int, default=128)
@@ -567,7 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     x = sub.add_parser("export", help="copy a trained checkpoint, weights cast to --dtype")
     x.add_argument("--ckpt", required=True)
     x.add_argument("--out", required=True)
-    x.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    x.add_argument("--dtype", default="float16", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the stored weights (float16 keeps greedy outputs closest to float32)")
+    x.add_argument("--compute-dtype", default="float32",
+                   help="dtype written to config.json, i.e. what dtype='auto' loads as ('' keeps --dtype)")
     x.set_defaults(func=cmd_export)
 
     args = p.parse_args(argv)
