@@ -38,6 +38,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from coordexp.files import sha256_file
+
 META_NAME = "onnx_meta.json"
 META_FORMAT = "coordexp-onnx/1"
 GRAPHS = ("vision.onnx", "embed.onnx", "decoder.onnx")
@@ -64,21 +66,10 @@ def weight_files(ckpt: str | os.PathLike) -> list[Path]:
                   and not p.name.startswith("training_args"))
 
 
-def _sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_hashes(ckpt: str | os.PathLike) -> tuple[str, dict[str, str]]:
     """(`checkpoint_sha256`, {weights file: sha256}). With one weights file the checkpoint hash IS
     that file's sha256; with shards it is the sha256 of the sorted "name sha" lines."""
-    files = {p.name: _sha256(p) for p in weight_files(ckpt)}
+    files = {p.name: sha256_file(p) for p in weight_files(ckpt)}
     if not files:
         raise ExportError(f"{ckpt}: no weights file (*.safetensors / *.bin)")
     if len(files) == 1:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from coordexp.engines.base import GenerationParams
+from coordexp.files import sha256_file
 from coordexp.prompt import PromptSpec
 from coordexp.serving import common as C
 
@@ -288,22 +289,11 @@ def model_shim(module: str) -> str:
             f"from {module} import TritonPythonModel  # noqa: F401\n")
 
 
-def _sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_digest(ckpt: str) -> dict[str, Any]:
     """sha256 of every weight file of a checkpoint and one digest over all of them."""
     folder = Path(ckpt)
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    per_file = {p.name: _sha256(p) for p in files}
+    per_file = {p.name: sha256_file(p) for p in files}
     total = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in per_file.items()).encode()).hexdigest()
     return {"path": str(folder.resolve()), "weights_sha256": total, "weight_files": per_file}
 

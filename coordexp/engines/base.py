@@ -47,6 +47,17 @@ class GenerationResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def results_from_ids(processor: Any, rows: Sequence[list[int]], prompt_len: int, params: GenerationParams,
+                     guided: Any = None) -> list[GenerationResult]:
+    """Generated ids per row -> results; `guided` (a guided-decoding adapter) adds its per-row
+    facts such as `guided_closed_early`."""
+    extras = guided.extras() if guided is not None else [{}] * len(rows)
+    return [GenerationResult(text=processor.decode(ids), token_ids=list(ids), prompt_tokens=prompt_len,
+                             finish_reason="length" if len(ids) >= params.max_new_tokens else "stop",
+                             extra=dict(extra))
+            for ids, extra in zip(rows, extras)]
+
+
 class Engine(Protocol):
     name: str
     prompt: PromptSpec

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from coordexp.engines.base import GenerationParams, GenerationResult
+from coordexp.engines.base import GenerationParams, GenerationResult, results_from_ids
 from coordexp.prompt import PromptSpec
 
 META_NAME = "onnx_meta.json"
@@ -416,10 +416,4 @@ class OnnxEngine:
 
     def generate_batch(self, images: Sequence[Any], params: GenerationParams) -> list[GenerationResult]:
         rows, prompt_len = self.generate_ids(images, params)
-        extras = self.guided.extras() if self.guided is not None else [{}] * len(rows)  # guided_closed_early
-        results = []
-        for ids, extra in zip(rows, extras):
-            finish = "length" if len(ids) >= params.max_new_tokens else "stop"
-            results.append(GenerationResult(text=self.processor.decode(ids), token_ids=ids, prompt_tokens=prompt_len,
-                                            finish_reason=finish, extra=dict(extra)))
-        return results
+        return results_from_ids(self.processor, rows, prompt_len, params, self.guided)
