@@ -632,7 +632,15 @@ class SlowHeadPool:
 
         self.started.append(len(self.started))
         if len(self.started) == 1:
-            await asyncio.sleep(0.3)
+            # Hold the head until the reader stops starting requests (stable for 1 s; bounded), so
+            # the count reflects the reorder cap rather than the machine's speed.
+            seen, stable = 0, 0
+            for _ in range(600):
+                await asyncio.sleep(0.05)
+                stable = stable + 1 if len(self.started) == seen else 0
+                seen = len(self.started)
+                if stable >= 20:
+                    break
             self.started_while_head_ran = len(self.started)
         elif len(self.started) == 3:
             raise ValueError("malformed response")  # one record fails, the run goes on
