@@ -26,6 +26,36 @@ def tiny_ckpt(tmp_path_factory) -> str:
     return str(out)
 
 
+SERVED_MAX_NEW = 24  # the shared served repository's token limit (and default)
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_ckpt, tmp_path_factory) -> tuple[str, str]:
+    """(ckpt, repository): the tiny checkpoint exported to ONNX + a Triton repository, once per
+    session (exports take about a minute on 2 cores)."""
+    from coordexp.export.onnx_export import export_onnx
+    from coordexp.export.repository import write_repository
+    from coordexp.serving import common as C
+
+    base = tmp_path_factory.mktemp("served")
+    export_onnx(tiny_ckpt, str(base / "onnx"))
+    repo = write_repository(str(base / "model_repository"), C.ENSEMBLE, str(base / "onnx"), tiny_ckpt,
+                            max_batch_size=8, max_new_tokens=SERVED_MAX_NEW, move_onnx=True)
+    return tiny_ckpt, repo
+
+
+@pytest.fixture(scope="session")
+def server(exported):
+    """The real Triton server on free loopback ports, serving `exported`; always stopped."""
+    from coordexp.serving.client import start_server
+
+    srv = start_server(exported[1])
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
 @pytest.fixture(scope="session")
 def sample_data() -> str:
     return os.path.join(SAMPLE_DIR, "sample.jsonl")

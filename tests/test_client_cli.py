@@ -16,7 +16,7 @@ import pytest
 from coordexp.client import cmd_ask, cmd_bench
 from coordexp.engines.base import GenerationParams, GenerationResult
 
-from test_serving import MAX_NEW, exported, server  # noqa: F401  (the served tiny checkpoint)
+from conftest import SERVED_MAX_NEW as MAX_NEW  # the served tiny checkpoint's limit
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO_ROOT, "data", "sample", "sample.jsonl")

@@ -392,12 +392,10 @@ def test_runner_writes_the_flag_into_the_prediction_line(torch_engines, sample_d
 
 # ============================================================================ slow: parity torch / onnx / served
 @pytest.fixture(scope="module")
-def onnx_dir(tiny_ckpt, tmp_path_factory):
-    from coordexp.export.onnx_export import export_onnx
+def onnx_dir(exported):
+    from coordexp.engines.onnx_engine import find_onnx_dir
 
-    out = tmp_path_factory.mktemp("guided_onnx") / "onnx"
-    export_onnx(tiny_ckpt, str(out))
-    return str(out)
+    return str(find_onnx_dir(exported[1]))  # the shared session export (llm/1/onnx)
 
 
 @pytest.mark.slow
@@ -427,27 +425,16 @@ def _png(img) -> bytes:
 
 @pytest.mark.slow
 @pytest.mark.triton
-def test_guided_greedy_parity_served(tiny_ckpt, tmp_path_factory):
+def test_guided_greedy_parity_served(tiny_ckpt, server):
     """The served ensemble (real Triton) with `guided: true` answers token for token like the torch
     reference with guidance."""
     from coordexp.engines.torch_engine import TorchEngine
-    from coordexp.export.onnx_export import export_onnx
-    from coordexp.export.repository import write_repository
-    from coordexp.serving import common as C
-    from coordexp.serving.client import infer_many, start_server
+    from coordexp.serving.client import infer_many
 
-    base = tmp_path_factory.mktemp("guided_served")
-    export_onnx(tiny_ckpt, str(base / "onnx"))
-    repo = write_repository(str(base / "model_repository"), C.ENSEMBLE, str(base / "onnx"), tiny_ckpt,
-                            max_batch_size=4, max_new_tokens=24, move_onnx=True)
     imgs = _images(6)
     params = GenerationParams(max_new_tokens=24, guided=True)
     ref = TorchEngine(tiny_ckpt, threads=1).generate_batch(imgs, params)
-    srv = start_server(repo)
-    try:
-        served, _ = infer_many(srv.grpc_url, [_png(im) for im in imgs], params, concurrency=3)
-    finally:
-        srv.stop()
+    served, _ = infer_many(server.grpc_url, [_png(im) for im in imgs], params, concurrency=3)
     assert not [r for r in served if isinstance(r, Exception)], served
     assert [r["token_ids"] for r in served] == [r.token_ids for r in ref]
     assert all(r["preds"]["error"] is None and not r["preds"]["repairs"] for r in served)

@@ -21,7 +21,7 @@ from coordexp.serving import common as C
 from coordexp.serving.llm import LlmBatcher, params_for_row
 from coordexp.serving.vision_encoder import VisionEncoder
 
-MAX_NEW = 24  # the served repository's limit (and the default) in these tests
+from conftest import SERVED_MAX_NEW as MAX_NEW  # the served repository's limit (and default)
 SIZES = [(64, 64), (96, 64), (64, 96), (128, 64), (64, 128), (100, 100), (128, 128), (160, 96), (96, 160),
          (200, 80), (80, 200), (150, 150), (224, 128), (128, 224), (256, 192), (300, 48)]
 
@@ -177,30 +177,6 @@ def test_parity_compare_reports_the_first_divergence():
 
 
 # ============================================================================ slow: the real server
-@pytest.fixture(scope="module")
-def exported(tiny_ckpt, tmp_path_factory):
-    """(ckpt, repository) for the tiny checkpoint: ONNX export + repository writer."""
-    from coordexp.export.onnx_export import export_onnx
-    from coordexp.export.repository import write_repository
-
-    base = tmp_path_factory.mktemp("served")
-    export_onnx(tiny_ckpt, str(base / "onnx"))
-    repo = write_repository(str(base / "model_repository"), C.ENSEMBLE, str(base / "onnx"), tiny_ckpt,
-                            max_batch_size=8, max_new_tokens=MAX_NEW, move_onnx=True)
-    return tiny_ckpt, repo
-
-
-@pytest.fixture(scope="module")
-def server(exported):
-    from coordexp.serving.client import start_server
-
-    srv = start_server(exported[1])
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 @pytest.fixture(scope="module")
 def images():
     return [png(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
