@@ -3,7 +3,7 @@ import pytest
 
 from coordexp.grid import bbox_of, from_pixels, grid_to_pixel, pixel_to_grid, to_pixels
 from coordexp.prompt import PromptSpec, format_coordjson
-from coordexp.schema import ContractError, ErrorCode, GTObject, InputRecord, PredictionRecord
+from coordexp.schema import ContractError, ErrorCode, InputRecord, PredictionRecord
 from coordexp.tokens import coord_token, coord_token_value
 
 

@@ -84,8 +84,8 @@ def test_run_writes_one_line_per_input_line(bad_dataset, tmp_path):
     path, expected = bad_dataset
     out = tmp_path / "run" / "predictions.jsonl"
     engine = EchoEngine()
-    summary = run_dataset(path, str(out), engine, GenerationParams(), batch_size=4, max_pixels=MAX_PIXELS,
-                          progress=False)
+    run_dataset(path, str(out), engine, GenerationParams(), batch_size=4, max_pixels=MAX_PIXELS,
+                progress=False)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["image_id"] for r in rows] == list(range(len(expected)))
     # The last record is 128x128: its batch fails in the engine -> generation_failed, run goes on.

@@ -32,7 +32,7 @@ def _records(path: str) -> list[dict]:
 def test_generate_is_deterministic(tmp_path):
     a = generate_dataset(str(tmp_path / "a"), 6, seed=3, split="val", sizes=[96, "160x120"], poly_fraction=0.5)
     b = generate_dataset(str(tmp_path / "b"), 6, seed=3, split="val", sizes=[96, "160x120"], poly_fraction=0.5)
-    assert os.path.basename(a) == "val.jsonl"
+    assert os.path.basename(a) == os.path.basename(b) == "val.jsonl"
     assert _digest(str(tmp_path / "a")) == _digest(str(tmp_path / "b"))
     c = generate_dataset(str(tmp_path / "c"), 6, seed=4, split="val", sizes=[96, "160x120"], poly_fraction=0.5)
     assert _records(a) != _records(c)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from coordexp.serving import common as C
+from test_repository import fake_onnx_dir  # one placeholder export for both repository kinds
 
 # ---------------------------------------------------------------------------- pinned CLI facts (data)
 # TensorRT 10.x trtexec build flags (TensorRT "Command-Line Programs" reference, 10.x).
@@ -48,16 +49,6 @@ def dry_run(argv: list[str]) -> tuple[int, str]:
     with contextlib.redirect_stdout(out):
         rc = main(argv)
     return rc, out.getvalue()
-
-
-def fake_onnx_dir(path) -> str:
-    os.makedirs(path, exist_ok=True)
-    graphs = {}
-    for key in ("vision", "embed", "decoder"):
-        (path / f"{key}.onnx").write_bytes(b"placeholder")
-        graphs[key] = {"file": f"{key}.onnx"}
-    (path / C.ONNX_META).write_text(json.dumps({"format": "coordexp.onnx.v1", "graphs": graphs}))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
