@@ -393,18 +393,25 @@ def write_repository(repo_dir: str, name: str = C.ENSEMBLE, onnx_dir: str | None
     try:
         _assemble(tmp, name, onnx_dir, ckpt, meta, max_batch_size, max_new_tokens, prompt, backend,
                              validation, options, decoding, move_onnx)
-        old = None
-        if os.path.exists(repo_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(repo_dir)}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(repo_dir, old)
-        os.rename(tmp, repo_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, repo_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return repo_dir
+
+
+def swap_in(tmp: str, repo_dir: str) -> None:
+    """Replace `repo_dir` by the finished folder `tmp` (a sibling), so that a failed write never
+    leaves half a repository behind and a previous one is removed only once the new one is there."""
+    parent = os.path.dirname(os.path.abspath(repo_dir)) or "."
+    old = None
+    if os.path.exists(repo_dir):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(repo_dir)}.old-", dir=parent)
+        os.rmdir(old)
+        os.rename(repo_dir, old)
+    os.rename(tmp, repo_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _assemble(root: str, name: str, onnx_dir: str, ckpt: str, meta: dict[str, Any], max_batch_size: int,

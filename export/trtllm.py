@@ -588,14 +588,7 @@ def write_trtllm_repository(plan: TrtllmPlan, prompt=None, decoding=None, option
             shutil.copy2(built, os.path.join(tmp, VISION_PLAN))
             shutil.copy2(os.path.join(plan.onnx_dir, "onnx_meta.json"), os.path.join(tmp, VISION_META))
         Path(tmp, C.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        old = None
-        if os.path.exists(repo):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(repo)}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(repo, old)
-        os.rename(tmp, repo)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        R.swap_in(tmp, repo)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
