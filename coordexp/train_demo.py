@@ -150,6 +150,34 @@ def draw_batch(seed: int, step: int, batch_size: int, image_size: int):
     return images, objects
 
 
+class StepBatches:
+    """Map-style dataset of training batches by step number, so a DataLoader's worker processes can
+    build them ahead of the accelerator (the batch depends only on (seed, step): same data either way)."""
+
+    def __init__(self, processor, spec: PromptSpec, seed: int, start: int, stop: int, batch_size: int,
+                 image_size: int):
+        self.processor, self.spec, self.seed = processor, spec, seed
+        self.start, self.stop, self.batch_size, self.image_size = start, stop, batch_size, image_size
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __getitem__(self, i: int):
+        images, objects = draw_batch(self.seed, self.start + i, self.batch_size, self.image_size)
+        return make_batch(self.processor, self.spec, images, objects)
+
+
+def batches(processor, spec: PromptSpec, args, start: int, stop: int):
+    """Batches for steps start..stop-1 in order: built inline (`--workers 0`) or by worker processes."""
+    data = StepBatches(processor, spec, args.seed, start, stop, args.batch_size, args.image_size)
+    if args.workers <= 0:
+        return (data[i] for i in range(len(data)))
+    import torch
+
+    return iter(torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=args.workers,
+                                            prefetch_factor=4, persistent_workers=False))
+
+
 def prefix_length(batch) -> int:
     """Length of the prompt prefix shared by every row (the tokens before the first image token), or 0
     when the rows differ there (padding, different prompts)."""
@@ -300,10 +328,11 @@ def evaluate(model, processor, data: str, spec: PromptSpec = PromptSpec(), max_n
             chunk = records[s:s + batch_size]
             images = [Image.open(os.path.join(root, r.images[0])).convert("RGB") for r in chunk]
             enc = processor.encode(images, spec)
+            enc = {k: (v.to(model.device) if hasattr(v, "to") else v) for k, v in enc.items()}
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=processor.stop_token_ids, pad_token_id=processor.pad_token_id)
             gen = out[:, enc["input_ids"].shape[1]:]
-            for row in gen:
+            for row in gen.cpu():
                 texts.append(processor.decode(row))
                 n_new.append(len(processor.trim(row)))
     elapsed = time.perf_counter() - t0
@@ -349,6 +378,13 @@ def train(args) -> int:
     from coordexp.processor import CoordExpProcessor
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        # same seed + same GPU model -> same run: deterministic kernels, no TF32
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     out = Path(args.out)
     init_dir = out.with_name(out.name + ".init")
     spec = PromptSpec()
@@ -365,7 +401,7 @@ def train(args) -> int:
         src = init_dir
     processor = CoordExpProcessor.from_pretrained(src)
     torch.manual_seed(args.seed)
-    model = load_model(src)
+    model = load_model(src).to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     decay, no_decay = [], []
@@ -375,11 +411,11 @@ def train(args) -> int:
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
     step, elapsed, total = 0, 0.0, args.steps
     if resume:
-        st = torch.load(out / STATE_FILE, weights_only=False)
+        st = torch.load(out / STATE_FILE, weights_only=False, map_location=device)
         opt.load_state_dict(st["optimizer"])
         step, elapsed = st["step"], st["elapsed"]
         total = args.steps or st.get("total") or 0
-        torch.set_rng_state(st["torch_rng"])
+        torch.set_rng_state(st["torch_rng"].cpu())
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / LOG_FILE).write_text("", encoding="utf-8")
@@ -390,7 +426,8 @@ def train(args) -> int:
     calib = min(args.calibrate_steps, args.warmup)
     log(f"model {n_params / 1e6:.2f} M params; batch {args.batch_size} x {args.image_size}px; lr {args.lr}; "
         f"steps {total or 'from speed'}; target {args.minutes or '-'} min; cap {cap / 60 if cap else '-'} min; "
-        f"amp {args.amp}; shared prefix {args.shared_prefix}; threads {torch.get_num_threads()}")
+        f"amp {args.amp}; shared prefix {args.shared_prefix}; threads {torch.get_num_threads()}; "
+        f"device {device}; workers {args.workers}")
 
     def jlog_write(line: str) -> None:  # reopened per line: the folder is swapped at every checkpoint
         with open(out / LOG_FILE, "a", encoding="utf-8") as f:
@@ -411,7 +448,8 @@ def train(args) -> int:
             f"({m['eval_seconds']:.0f} s) | {m['examples'][0][:160]}")
         return rec
 
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if args.amp == "bf16" else None
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else None
+    feed = None  # the batch iterator, started at the first step
     last_ckpt = elapsed
     last_eval = elapsed
     losses: list[float] = []
@@ -435,8 +473,10 @@ def train(args) -> int:
             jlog_write(json.dumps({"event": "calibrated", "step": step, "s_per_step": round(per_step, 3),
                                    "total_steps": total}) + "\n")
         t0 = time.perf_counter()
-        images, objects = draw_batch(args.seed, step, args.batch_size, args.image_size)
-        batch = make_batch(processor, spec, images, objects)
+        if feed is None:  # open-ended while the total is still being calibrated; batches depend only on the step
+            feed = batches(processor, spec, args, step, args.stop_at or total or step + 10 ** 9)
+        batch = next(feed)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         progress = (step - args.warmup) / max(total - args.warmup, 1) if total else 0.0
         lr = args.lr * lr_factor(step, args.warmup, progress)
         for g in opt.param_groups:
@@ -453,7 +493,7 @@ def train(args) -> int:
         step += 1
         step_times.append(time.perf_counter() - t0)
         elapsed += step_times[-1]
-        losses.append(loss.item())
+        losses.append(loss.item())  # also the sync point: step_times are real on an accelerator
         if step % args.log_every == 0 or step == 1:
             dt = (time.perf_counter() - t_log) / (args.log_every if step > 1 else 1)
             t_log = time.perf_counter()
@@ -489,7 +529,7 @@ def rebuild_command(args, total: int, step: int) -> str:
     if step < total:
         parts.append(f"--stop-at {step}")
     defaults = {"batch_size": 32, "image_size": 128, "lr": 3e-3, "weight_decay": 0.01, "warmup": 50,
-                "grad_clip": 1.0, "amp": "none", "threads": 2}
+                "grad_clip": 1.0, "amp": "none", "threads": 2, "device": "cpu"}
     for k, d in defaults.items():
         v = getattr(args, k)
         if v != d:
@@ -504,7 +544,7 @@ def cmd_eval(args) -> int:
 
     torch.set_num_threads(args.threads)
     processor = CoordExpProcessor.from_pretrained(args.ckpt)
-    model = load_model(args.ckpt, args.dtype)
+    model = load_model(args.ckpt, args.dtype).to(args.device)
     m = evaluate(model, processor, args.data, PromptSpec(), max_new_tokens=args.max_new_tokens,
                  batch_size=args.batch_size, limit=args.limit, predictions_out=args.predictions)
     m["ckpt"] = args.ckpt
@@ -561,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--amp", choices=("bf16", "none"), default="none",
                    help="bf16 autocast: faster only on CPUs with native bf16 (AVX512-BF16/AMX); far slower here")
     t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    t.add_argument("--workers", type=int, default=0,
+                   help="processes that build batches ahead (0: inline; the data is the same either way)")
     t.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
                    help="run the shared prompt prefix per row (same loss, about 2x slower)")
     t.add_argument("--log-every", type=int, default=10)
@@ -582,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--device", default="cpu")
     e.add_argument("--predictions", default=None, help="also write predictions.jsonl here")
     e.add_argument("--json", default=None, help="also write the metrics here")
     e.set_defaults(func=cmd_eval)
