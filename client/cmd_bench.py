@@ -7,9 +7,14 @@ Per concurrency level C, C workers each send one request at a time (perf_analyze
 "concurrency mode") until `--requests` requests are answered; `--warmup` requests before each
 level are not counted. Metrics use GenAI-Perf's names: `request_throughput` (requests/s; one
 image per request, so also images/s), `output_token_throughput` (tokens/s), `request_latency`
-(ms: avg, min, max, p50, p90, p99, std), `output_sequence_length`; `time_to_first_token` and
-`inter_token_latency` need a streaming (decoupled) model and are null for a non-streaming
-ensemble (bench.json says so in `notes`).
+(ms: avg, min, max, p50, p90, p99, std), `output_sequence_length`, and with `--stream`
+`time_to_first_token` and `inter_token_latency` (ms, same statistics).
+
+`--stream` sends the requests to the streaming ensemble (`<model>_stream`: the same pipeline with
+a decoupled llm, one response per generated token) over the gRPC stream API. Time to first token
+is from sending the request to the first response carrying a token; inter-token latency is, per
+request, (last token's arrival - first token's arrival) / (tokens - 1). Without `--stream` the two
+are null (one response per request: there is no first token to time) and bench.json says so.
 
 `--baseline torch|onnx --ckpt CKPT` runs the same inputs through the in-process engine
 (coordexp.engines.load_engine, one image at a time) in the same run, after the sweep, and
@@ -31,8 +36,8 @@ from typing import Any, Sequence
 
 from coordexp.client.options import add_decoding_args, add_prompt_args, params_from_args
 
-STREAMING_NOTE = ("time_to_first_token and inter_token_latency are null: the served ensemble is not decoupled "
-                  "(it answers each request with one response, so there is no first token to time)")
+STREAMING_NOTE = ("time_to_first_token and inter_token_latency are null: unary requests get one response each, "
+                  "so there is no first token to time; pass --stream to bench the streaming ensemble")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images")
     p.add_argument("--url", action="append", required=True, help="HOST:PORT of a Triton gRPC endpoint; repeatable")
     p.add_argument("--model", default="coordexp", help="served model (ensemble) name")
+    p.add_argument("--stream", action="store_true",
+                   help="bench the streaming ensemble (<model>_stream) over the gRPC stream API and measure "
+                        "time_to_first_token / inter_token_latency")
     p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels (default 1,2,4,8,16)")
     p.add_argument("--requests", type=int, default=None,
                    help="measured requests per level (default: one per input, at least 2x the level)")
@@ -113,8 +121,10 @@ def latency_stats(seconds: Sequence[float]) -> dict[str, Any]:
 
 
 def level_metrics(concurrency: int, latencies: Sequence[float], tokens: Sequence[int], errors: int,
-                  wall: float) -> dict[str, Any]:
-    """One level's numbers from the successful requests' latencies (s) and output lengths."""
+                  wall: float, first_token: Sequence[float] | None = None,
+                  inter_token: Sequence[float] | None = None) -> dict[str, Any]:
+    """One level's numbers from the successful requests' latencies (s) and output lengths (and,
+    streamed, their times to first token and mean inter-token times, s)."""
     import numpy as np
 
     n = len(latencies)
@@ -131,8 +141,8 @@ def level_metrics(concurrency: int, latencies: Sequence[float], tokens: Sequence
         "request_latency": latency_stats(latencies),
         "output_sequence_length": {"unit": "tokens", "avg": round(float(toks.mean()), 3) if n else None,
                                    "min": int(toks.min()) if n else None, "max": int(toks.max()) if n else None},
-        "time_to_first_token": None,
-        "inter_token_latency": None,
+        "time_to_first_token": latency_stats(first_token) if first_token is not None else None,
+        "inter_token_latency": latency_stats(inter_token) if inter_token is not None else None,
     }
 
 
@@ -151,14 +161,17 @@ def parse_levels(text: str) -> list[int]:
 
 
 async def drive(pool, inputs: Sequence[bytes], concurrency: int, n: int, params, user_text: str | None,
-                texts: dict[int, str] | None = None) -> tuple[list[float], list[int], int, float]:
+                texts: dict[int, str] | None = None, stream: bool = False) -> dict[str, Any]:
     """`concurrency` workers, one request in flight each, until `n` requests are answered.
-    Returns (latencies of successes in s, their output lengths, error count, wall seconds)."""
+    Returns latencies of successes (s), their output lengths, error count, wall seconds and, streamed,
+    times to first token and mean inter-token times (s)."""
     import asyncio
 
     counter = iter(range(n))
     lat: list[float] = []
     toks: list[int] = []
+    ttft: list[float] = []
+    itl: list[float] = []
     errors = 0
 
     async def worker() -> None:
@@ -166,19 +179,25 @@ async def drive(pool, inputs: Sequence[bytes], concurrency: int, n: int, params,
         for i in counter:
             data = inputs[i % len(inputs)]
             t0 = time.perf_counter()
-            gen, _ = await pool.generate(data, params, user_text)
+            gen, facts = await pool.generate(data, params, user_text, stream=stream)
             dt = time.perf_counter() - t0
             if gen.error:
                 errors += 1
                 continue
             lat.append(dt)
             toks.append(len(gen.token_ids))
+            timing = facts.get("timing")
+            if timing is not None and timing.first_token_s is not None:
+                ttft.append(timing.first_token_s)
+                if timing.inter_token_s is not None:
+                    itl.append(timing.inter_token_s)
             if texts is not None and i < len(inputs):
                 texts[i] = gen.text
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return lat, toks, errors, time.perf_counter() - t0
+    return {"latencies": lat, "tokens": toks, "errors": errors, "wall": time.perf_counter() - t0,
+            "first_token": ttft if stream else None, "inter_token": itl if stream else None}
 
 
 async def sweep(args, params, inputs: list[bytes], levels: list[int], user_text: str | None,
@@ -186,9 +205,16 @@ async def sweep(args, params, inputs: list[bytes], levels: list[int], user_text:
     from coordexp.client.remote import (PreflightError, ServerPool, manifest_summary, normalise_url,
                                         request_problems, prompt_variant, fit_params_to_server)
 
-    pool, manifest = await ServerPool.connect([normalise_url(u) for u in args.url], args.model,
-                                              preflight_timeout=10.0, timeout=args.timeout, retries=args.retries,
-                                              wait_for_server=30.0)
+    model = stream_model(args.model) if args.stream else args.model
+    try:
+        pool, manifest = await ServerPool.connect([normalise_url(u) for u in args.url], model,
+                                                  preflight_timeout=10.0, timeout=args.timeout, retries=args.retries,
+                                                  wait_for_server=30.0)
+    except PreflightError as e:
+        if args.stream:
+            raise PreflightError(f"{e} (--stream needs the streaming ensemble {model!r}: export without "
+                                 "--no-stream)") from None
+        raise
     try:
         params = fit_params_to_server(params, manifest, args)
         problems = request_problems(pool.iface, manifest, params, user_text, args)
@@ -201,14 +227,15 @@ async def sweep(args, params, inputs: list[bytes], levels: list[int], user_text:
             n = args.requests or max(len(inputs), 2 * c)
             warm = args.warmup if args.warmup is not None else max(2, c)
             if warm:
-                await drive(pool, inputs, c, warm, params, user_text)
-            lat, toks, errors, wall = await drive(pool, inputs, c, n, params, user_text, texts)
-            m = level_metrics(c, lat, toks, errors, wall)
+                await drive(pool, inputs, c, warm, params, user_text, stream=args.stream)
+            d = await drive(pool, inputs, c, n, params, user_text, texts, stream=args.stream)
+            m = level_metrics(c, d["latencies"], d["tokens"], d["errors"], d["wall"], d["first_token"],
+                              d["inter_token"])
             results.append(m)
             log(_row(m))
         return {"levels": results, "texts": texts, "manifest": manifest, "iface": pool.iface,
                 "servers": pool.stats(), "retries": pool.total_retries,
-                "server": {"urls": [s.url for s in pool.servers], "model": args.model,
+                "server": {"urls": [s.url for s in pool.servers], "model": model,
                            "model_version": pool.iface.version, "max_batch_size": pool.iface.max_batch_size,
                            "decoupled": pool.iface.decoupled, "manifest": manifest_summary(manifest)},
                 "prompt_variant": prompt_variant(manifest, user_text)}
@@ -254,15 +281,24 @@ def run_baseline(kind: str, ckpt: str, inputs: Sequence[bytes], n: int, warmup: 
 # Report
 
 
+def stream_model(model: str) -> str:
+    from coordexp.serving.common import STREAM_SUFFIX, stream_ensemble_name
+
+    return model if model.endswith(STREAM_SUFFIX) else stream_ensemble_name(model)
+
+
 def _row(m: dict[str, Any], label: str | None = None) -> str:
     lat = m["request_latency"]
     f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    ttft = (m.get("time_to_first_token") or {}).get("p50")
+    itl = (m.get("inter_token_latency") or {}).get("avg")
     return (f"{label or str(m['concurrency']):>11}  {m['request_throughput']['avg']:8.2f}  "
             f"{m['output_token_throughput']['avg']:10.1f}  {f(lat['p50']):>8}  {f(lat['p90']):>8}  "
-            f"{f(lat['p99']):>8}  {m['errors']:>6}")
+            f"{f(lat['p99']):>8}  {f(ttft):>9}  {f(itl):>7}  {m['errors']:>6}")
 
 
-HEADER = f"{'concurrency':>11}  {'img/s':>8}  {'out tok/s':>10}  {'p50 ms':>8}  {'p90 ms':>8}  {'p99 ms':>8}  {'errors':>6}"
+HEADER = (f"{'concurrency':>11}  {'img/s':>8}  {'out tok/s':>10}  {'p50 ms':>8}  {'p90 ms':>8}  {'p99 ms':>8}  "
+          f"{'TTFT p50':>9}  {'ITL ms':>7}  {'errors':>6}")
 
 
 def plot(report: dict[str, Any], path: str) -> str:
@@ -295,7 +331,10 @@ def plot(report: dict[str, Any], path: str) -> str:
         ax2.plot(xs, [m["request_latency"][key] for m in levels], style, label=f"served {key}")
     if base and base["request_latency"]["p99"] is not None:
         ax2.axhline(base["request_latency"]["p99"], color="tab:gray", ls="--", label="in-process p99")
-    ax2.set_title("Request latency")
+    if any(m.get("time_to_first_token") for m in levels):
+        ax2.plot(xs, [(m.get("time_to_first_token") or {}).get("p50") for m in levels], "D--", color="tab:purple",
+                 label="time to first token p50")
+    ax2.set_title("Request latency" + (" (streamed)" if report.get("streaming") else ""))
     ax2.set_xlabel("concurrency (requests in flight)")
     ax2.set_ylabel("ms")
     ax2.set_ylim(bottom=0)
@@ -351,8 +390,7 @@ def run(args: argparse.Namespace) -> int:
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    notes = [STREAMING_NOTE if not served["iface"].decoupled else
-             "the ensemble is decoupled, but this bench sends unary requests: streaming metrics were not measured"]
+    notes = [] if args.stream else [STREAMING_NOTE]
     report: dict[str, Any] = {
         "schema_version": "coordexp.bench.v1",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -361,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
         "params": params.to_dict(),
         "prompt_variant": served["prompt_variant"],
         "warmup_per_level": args.warmup if args.warmup is not None else "max(2, concurrency)",
-        "streaming": False,
+        "streaming": bool(args.stream),
         "levels": served["levels"],
         "server_stats": served["servers"],
         "retries": served["retries"],

@@ -46,7 +46,7 @@ REQUIRED_INPUTS = {
     "repetition_penalty": "FP32",
     "random_seed": "UINT64",
 }
-OPTIONAL_INPUTS = {"text_input": "BYTES", "guided": "BOOL", "ignore_eos": "BOOL"}
+OPTIONAL_INPUTS = {"text_input": "BYTES", "guided": "BOOL", "ignore_eos": "BOOL", "stream": "BOOL"}
 REQUIRED_OUTPUTS = {"text_output": "BYTES"}
 OPTIONAL_OUTPUTS = {"preds_json": "BYTES", "output_ids": None, "sequence_length": None}
 
@@ -135,6 +135,12 @@ class ModelInterface:
         return [1 if d < 0 else d for d in dims] or [1]
 
     @property
+    def streams(self) -> bool:
+        """Answers over the gRPC stream API: a decoupled model, or an ensemble with a decoupled step
+        (CoordExp's `<name>_stream`, recognised by its `stream` input)."""
+        return self.decoupled or "stream" in self.inputs
+
+    @property
     def output_names(self) -> list[str]:
         return [n for n in (*REQUIRED_OUTPUTS, *OPTIONAL_OUTPUTS) if n in self.outputs]
 
@@ -169,7 +175,8 @@ def request_problems(iface: ModelInterface, manifest: dict[str, Any] | None, par
     return out
 
 
-def request_values(params: GenerationParams, image_bytes: bytes, user_text: str | None) -> dict[str, Any]:
+def request_values(params: GenerationParams, image_bytes: bytes, user_text: str | None,
+                   stream: bool = False) -> dict[str, Any]:
     """Input name -> scalar value of one request (before shaping)."""
     vals: dict[str, Any] = {
         "image_bytes_input": bytes(image_bytes),
@@ -180,6 +187,7 @@ def request_values(params: GenerationParams, image_bytes: bytes, user_text: str 
         "random_seed": params.seed,
         "guided": params.guided,
         "ignore_eos": params.ignore_eos,
+        "stream": stream,
     }
     if user_text is not None:
         vals["text_input"] = user_text.encode("utf-8")
@@ -187,11 +195,11 @@ def request_values(params: GenerationParams, image_bytes: bytes, user_text: str 
 
 
 def build_arrays(iface: ModelInterface, params: GenerationParams, image_bytes: bytes,
-                 user_text: str | None = None) -> dict[str, np.ndarray]:
+                 user_text: str | None = None, stream: bool = False) -> dict[str, np.ndarray]:
     """The request tensors as numpy arrays, shaped for `iface` (optional inputs the model does
     not declare are left out; `guided`/`ignore_eos` only when true or declared)."""
     arrays = {}
-    for name, value in request_values(params, image_bytes, user_text).items():
+    for name, value in request_values(params, image_bytes, user_text, stream).items():
         if name not in iface.inputs:
             continue
         dtype = iface.inputs[name][0]
@@ -200,11 +208,11 @@ def build_arrays(iface: ModelInterface, params: GenerationParams, image_bytes: b
 
 
 def build_inputs(iface: ModelInterface, params: GenerationParams, image_bytes: bytes,
-                 user_text: str | None = None) -> list:
+                 user_text: str | None = None, stream: bool = False) -> list:
     import tritonclient.grpc as grpcclient
 
     inputs = []
-    for name, arr in build_arrays(iface, params, image_bytes, user_text).items():
+    for name, arr in build_arrays(iface, params, image_bytes, user_text, stream).items():
         t = grpcclient.InferInput(name, list(arr.shape), iface.inputs[name][0])
         t.set_data_from_numpy(arr)
         inputs.append(t)
@@ -269,25 +277,61 @@ def pick_server(servers: Sequence["ServerState"]) -> int | None:
 
 
 def error_status(exc: BaseException) -> str:
-    st = getattr(exc, "status", None)
-    if callable(st):
-        try:
-            return str(st() or "")
-        except Exception:
-            return ""
+    """"StatusCode.X" of a tritonclient error, or of a raw grpc.aio error (the stream API raises those)."""
+    for attr in ("status", "code"):
+        st = getattr(exc, attr, None)
+        if callable(st):
+            try:
+                v = st()
+            except Exception:
+                continue
+            if v:
+                return str(v)
     return ""
 
 
 def error_message(exc: BaseException) -> str:
-    msg = getattr(exc, "message", None)
-    if callable(msg):
-        try:
-            m = msg()
-            if m:
-                return str(m)
-        except Exception:
-            pass
+    for attr in ("message", "details"):
+        msg = getattr(exc, attr, None)
+        if callable(msg):
+            try:
+                m = msg()
+                if m:
+                    return str(m)
+            except Exception:
+                pass
     return str(exc) or type(exc).__name__
+
+
+def is_final_response(result: Any) -> bool:
+    """Whether a streamed response is its request's last: Triton marks every response of a decoupled
+    model with the `triton_final_response` parameter (absent: a unary-style single response)."""
+    try:
+        p = result.get_response().parameters.get("triton_final_response")
+    except Exception:
+        return True
+    return True if p is None else bool(p.bool_param)
+
+
+@dataclass
+class StreamTiming:
+    """When the responses of one streamed request arrived (seconds after it was sent)."""
+
+    responses: int = 0
+    token_times: list[tuple[float, int]] = field(default_factory=list)  # (t, sequence_length) when it grew
+    end_s: float | None = None
+
+    @property
+    def first_token_s(self) -> float | None:
+        return self.token_times[0][0] if self.token_times else None
+
+    @property
+    def inter_token_s(self) -> float | None:
+        """Mean time between generated tokens after the first (GenAI-Perf's inter_token_latency)."""
+        if len(self.token_times) < 1:
+            return None
+        (t0, n0), (t1, n1) = self.token_times[0], self.token_times[-1]
+        return (t1 - t0) / (n1 - n0) if n1 > n0 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,18 +574,62 @@ class ServerPool:
                     await client.close()
             await asyncio.sleep(self.probe_interval)
 
+    async def _stream_request(self, s: ServerState, inputs: list, outputs: list,
+                              on_partial: Any = None) -> tuple[Any, StreamTiming]:
+        """One request over the gRPC stream API (a decoupled model): reads its responses until the
+        final one, timing each; `on_partial(GenerationResult)` sees every partial answer."""
+        done = asyncio.Event()
+
+        async def requests():
+            yield {"model_name": self.model, "inputs": inputs, "outputs": outputs}
+            await done.wait()  # keep the stream open until the final response is in
+
+        timing = StreamTiming()
+        last = None
+        t0 = time.perf_counter()
+        call = s.client.stream_infer(requests(), stream_timeout=self.timeout)
+        try:
+            async for res, err in call:
+                if err is not None:
+                    raise err
+                t = time.perf_counter() - t0
+                timing.responses += 1
+                n = _first(res.as_numpy("sequence_length")) if "sequence_length" in self.iface.outputs else None
+                n = int(n) if n is not None else timing.responses
+                if n > (timing.token_times[-1][1] if timing.token_times else 0):
+                    timing.token_times.append((t, n))
+                last = res
+                if on_partial is not None:
+                    on_partial(generation_from_result(res, self.iface, GenerationParams()))
+                if is_final_response(res):
+                    timing.end_s = t
+                    break
+            if last is None or timing.end_s is None:
+                raise RuntimeError("the response stream ended before the final response")
+        finally:
+            done.set()
+            call.cancel()
+        return last, timing
+
     async def generate(self, image_bytes: bytes, params: GenerationParams,
-                       user_text: str | None = None) -> tuple[GenerationResult, dict[str, Any]]:
+                       user_text: str | None = None, stream: bool = False,
+                       on_partial: Any = None) -> tuple[GenerationResult, dict[str, Any]]:
         """One request with retries. Returns (result, facts); a server-side error for this request
-        comes back as a result with `error` set. Raises AllServersDown."""
-        inputs = build_inputs(self.iface, params, image_bytes, user_text)
+        comes back as a result with `error` set. Raises AllServersDown. `stream`: over the gRPC
+        stream API (decoupled models), facts then carry `timing` (a StreamTiming)."""
+        stream = stream or self.iface.streams
+        inputs = build_inputs(self.iface, params, image_bytes, user_text, stream=stream)
         outputs = requested_outputs(self.iface)
         attempt = 0
         while True:
             s = await self.acquire()
             t0 = time.perf_counter()
+            timing = None
             try:
-                res = await s.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout)
+                if stream:
+                    res, timing = await self._stream_request(s, inputs, outputs, on_partial)
+                else:
+                    res = await s.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -566,7 +654,10 @@ class ServerPool:
                 self.release(s)
             s.succeeded += 1
             gen = generation_from_result(res, self.iface, params)
-            return gen, {"server": s.url, "attempts": attempt + 1, "latency_s": time.perf_counter() - t0}
+            facts = {"server": s.url, "attempts": attempt + 1, "latency_s": time.perf_counter() - t0}
+            if timing is not None:
+                facts["timing"] = timing
+            return gen, facts
 
     def stats(self) -> dict[str, Any]:
         return {s.url: s.stats() for s in self.servers}

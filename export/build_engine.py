@@ -139,6 +139,10 @@ def write_repo(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, An
                                   prompt=PromptSpec(), backend=args.backend, validation=result.get("validation"))
     if "move_onnx" in inspect.signature(write_repository).parameters:
         kwargs["move_onnx"] = bool(result["temporary"])
+    if not getattr(args, "stream", True):
+        from coordexp.export.repository import ServingOptions
+
+        kwargs["options"] = ServingOptions(streaming=False)
     try:
         repo = write_repository(args.repo, args.name, result["onnx_dir"], args.ckpt, **kwargs)
     finally:
@@ -161,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", "--max-output-len", type=int, default=256, dest="max_new_tokens")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--onnx-dir", default=None, help="also keep the ONNX export in this folder")
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="no streaming ensemble (<name>_stream, decoupled llm_stream): saves the second decoder "
+                        "session's memory")
     p.add_argument("--skip-validation", action="store_true", help="do not compare with the torch checkpoint")
     p.add_argument("--validation-steps", type=int, default=16, help="greedy steps compared during validation")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch / ONNX Runtime")

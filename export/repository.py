@@ -19,6 +19,10 @@ Layout (TensorRT-LLM `all_models` style: one folder per model, its config beside
       postprocess/1/model.py
       <name>/config.pbtxt           the ensemble wiring the four steps (default name "coordexp")
       <name>/1/                     (empty: ensembles need a version folder)
+      llm_stream/config.pbtxt       the same llm, decoupled (`stream` input: one response per token)
+      <name>_stream/config.pbtxt    the streaming ensemble: same steps with llm_stream, gRPC stream API
+                                    only (Triton refuses unary calls to a decoupled pipeline, so the
+                                    unary ensemble keeps its own llm); left out with streaming=False
 
 Every config.pbtxt is generated here as a `ModelConfig` protobuf, printed with `text_format` and
 parsed back before it is written; the ensemble's wiring is checked against the step models'
@@ -98,6 +102,9 @@ MODEL_TENSORS: dict[str, tuple[list[T], list[T]]] = {
     ),
 }
 
+STREAM_TENSOR = T(C.STREAM, "BOOL", (1,), optional=True)
+MODEL_TENSORS[C.LLM_STREAM] = ([*MODEL_TENSORS[C.LLM][0], STREAM_TENSOR], MODEL_TENSORS[C.LLM][1])
+
 ENSEMBLE_INPUTS = [T(C.IMAGE_BYTES_INPUT, "STRING", (1,)), T(C.TEXT_INPUT, "STRING", (1,), optional=True),
                    *DECODING_TENSORS]
 ENSEMBLE_OUTPUTS = [T(C.TEXT_OUTPUT, "STRING", (1,)), T(C.PREDS_JSON, "STRING", (1,)),
@@ -123,6 +130,16 @@ ENSEMBLE_STEPS: list[tuple[str, dict[str, str], dict[str, str]]] = [
 ]
 
 
+def stream_steps(steps: list[tuple[str, dict[str, str], dict[str, str]]] = ENSEMBLE_STEPS):
+    """The streaming ensemble's steps: the same, with llm_stream (fed `stream`) in place of llm."""
+    out = []
+    for model, inputs, outputs in steps:
+        if model == C.LLM:
+            model, inputs = C.LLM_STREAM, {**inputs, C.STREAM: C.STREAM}
+        out.append((model, inputs, outputs))
+    return out
+
+
 @dataclass
 class ServingOptions:
     """Instances, threads and batching of the step models: defaults suit a 2-core CPU."""
@@ -135,6 +152,7 @@ class ServingOptions:
     llm_threads: int = 2
     llm_queue_delay_us: int = 3000
     postprocess_instances: int = 1
+    streaming: bool = True  # also write llm_stream + <name>_stream (a second decoder session in memory)
     max_pixels: int | None = None  # None: coordexp.dataset.DEFAULT_MAX_PIXELS
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -165,7 +183,7 @@ def _set_params(cfg, params: dict[str, Any]) -> None:
 
 
 def python_model_config(name: str, max_batch_size: int, instances: int, params: dict[str, Any],
-                        queue_delay_us: int | None = None):
+                        queue_delay_us: int | None = None, decoupled: bool = False):
     """The ModelConfig of one Python-backend step model."""
     pb, _ = _pb()
     cfg = pb.ModelConfig()
@@ -180,19 +198,22 @@ def python_model_config(name: str, max_batch_size: int, instances: int, params: 
     group.count = instances
     if queue_delay_us is not None:
         cfg.dynamic_batching.max_queue_delay_microseconds = int(queue_delay_us)
+    if decoupled:
+        cfg.model_transaction_policy.decoupled = True
     _set_params(cfg, params)
     return cfg
 
 
-def ensemble_config(name: str, max_batch_size: int, params: dict[str, Any]):
+def ensemble_config(name: str, max_batch_size: int, params: dict[str, Any], stream: bool = False):
+    """The unary ensemble, or (`stream`) the streaming one: + the `stream` input, llm_stream."""
     pb, _ = _pb()
     cfg = pb.ModelConfig()
     cfg.name = name
     cfg.platform = "ensemble"
     cfg.max_batch_size = max_batch_size
-    _add_tensors(pb, cfg.input, ENSEMBLE_INPUTS)
+    _add_tensors(pb, cfg.input, ENSEMBLE_INPUTS + ([STREAM_TENSOR] if stream else []))
     _add_tensors(pb, cfg.output, ENSEMBLE_OUTPUTS)
-    for model, inputs, outputs in ENSEMBLE_STEPS:
+    for model, inputs, outputs in (stream_steps() if stream else ENSEMBLE_STEPS):
         step = cfg.ensemble_scheduling.step.add()
         step.model_name = model
         step.model_version = -1
@@ -448,7 +469,8 @@ def _assemble(root: str, name: str, onnx_dir: str, ckpt: str, meta: dict[str, An
         "decoding_defaults": decoding.to_dict(),
         "prompt": prompt.to_dict(),
         "coord_mode": "norm1000",  # both prompt formats answer on the 0..999 grid
-        "models": {"ensemble": name, "steps": [s[0] for s in ENSEMBLE_STEPS]},
+        "models": {"ensemble": name, "steps": [s[0] for s in ENSEMBLE_STEPS],
+                   "stream_ensemble": C.stream_ensemble_name(name) if options.streaming else None},
         "layout": {"onnx_dir": C.ONNX_SUBDIR, "processor_dir": C.PROCESSOR_SUBDIR, "processor_files": copied},
         "onnx": {k: meta.get(k) for k in ("format", "family", "architecture", "opset", "dtype", "versions")
                  if k in meta},
@@ -456,6 +478,9 @@ def _assemble(root: str, name: str, onnx_dir: str, ckpt: str, meta: dict[str, An
         "validation": validation,
     }
 
+    llm_params = {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.llm_threads),
+                  "max_new_tokens": str(max_new_tokens), "decoding_defaults": decoding.to_dict(),
+                  "pad_token_id": str(pad_id), "merge_size": str(merge), "prompt_json": prompt.to_dict()}
     configs = {
         C.PREPROCESS: python_model_config(
             C.PREPROCESS, max_batch_size, options.preprocess_instances,
@@ -465,26 +490,30 @@ def _assemble(root: str, name: str, onnx_dir: str, ckpt: str, meta: dict[str, An
             C.VISION_ENCODER, max_batch_size, options.vision_instances,
             {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.vision_threads), "merge_size": str(merge)},
             queue_delay_us=options.vision_queue_delay_us),
-        C.LLM: python_model_config(
-            C.LLM, max_batch_size, options.llm_instances,
-            {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.llm_threads),
-             "max_new_tokens": str(max_new_tokens), "decoding_defaults": decoding.to_dict(),
-             "pad_token_id": str(pad_id), "merge_size": str(merge), "prompt_json": prompt.to_dict()},
-            queue_delay_us=options.llm_queue_delay_us),
+        C.LLM: python_model_config(C.LLM, max_batch_size, options.llm_instances, llm_params,
+                                   queue_delay_us=options.llm_queue_delay_us),
         C.POSTPROCESS: python_model_config(
             C.POSTPROCESS, max_batch_size, options.postprocess_instances,
             {"processor_dir": C.PROCESSOR_SUBDIR, "coord_mode": manifest["coord_mode"]}),
     }
-    configs[name] = ensemble_config(name, max_batch_size, {
-        "manifest_json": json.dumps(manifest, sort_keys=True, separators=(",", ":")),
-        "prompt_variant": prompt.variant, "backend": backend})
-    problems = check_wiring(configs, name)
+    ens_params = {"manifest_json": json.dumps(manifest, sort_keys=True, separators=(",", ":")),
+                  "prompt_variant": prompt.variant, "backend": backend}
+    configs[name] = ensemble_config(name, max_batch_size, ens_params)
+    ensembles = [name]
+    if options.streaming:
+        configs[C.LLM_STREAM] = python_model_config(C.LLM_STREAM, max_batch_size, options.llm_instances, llm_params,
+                                                    queue_delay_us=options.llm_queue_delay_us, decoupled=True)
+        stream_name = C.stream_ensemble_name(name)
+        configs[stream_name] = ensemble_config(stream_name, max_batch_size, ens_params, stream=True)
+        ensembles.append(stream_name)
+    problems = [p for ens in ensembles for p in check_wiring(configs, ens)]
     if problems:
         raise ValueError("inconsistent ensemble wiring:\n  " + "\n  ".join(problems))
     texts = {m: config_text(cfg) for m, cfg in configs.items()}  # all validated before any is written
 
     modules = {C.PREPROCESS: "coordexp.serving.preprocess", C.VISION_ENCODER: "coordexp.serving.vision_encoder",
-               C.LLM: "coordexp.serving.llm", C.POSTPROCESS: "coordexp.serving.postprocess"}
+               C.LLM: "coordexp.serving.llm", C.LLM_STREAM: "coordexp.serving.llm",
+               C.POSTPROCESS: "coordexp.serving.postprocess"}
     for model, text in texts.items():
         os.makedirs(os.path.join(root, model, "1"), exist_ok=True)
         with open(os.path.join(root, model, "config.pbtxt"), "w", encoding="utf-8") as f:

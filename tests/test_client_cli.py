@@ -274,10 +274,37 @@ def test_bench_short_sweep_with_in_process_baseline(server, exported, tmp_path):
         assert set(lv["request_latency"]) >= {"p50", "p90", "p99"}
         assert lv["output_sequence_length"]["min"] == lv["output_sequence_length"]["max"] == 6  # ignore_eos
         assert lv["time_to_first_token"] is None and lv["inter_token_latency"] is None
-    assert rep["streaming"] is False and "not decoupled" in rep["notes"][0]
+    assert rep["streaming"] is False and "pass --stream" in rep["notes"][0]
     assert rep["baseline"]["engine"] == "onnx" and rep["baseline"]["metrics"]["requests"] == 4
     assert rep["baseline"]["same_text_fraction"] == 1.0  # served == in-process, token for token
     assert [x["concurrency"] for x in rep["ratios"]] == [1, 2] and all(x["request_throughput_ratio"] > 0
                                                                       for x in rep["ratios"])
     assert (out / "bench.png").read_bytes()[:8] == PNG_MAGIC
     assert "served / in-process throughput" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_bench_stream_measures_time_to_first_token(server, tmp_path):
+    out = tmp_path / "bench"
+    r = run_client("bench", "--url", server.grpc_url, "--synthetic", "2", "--size", "64", "--concurrency", "1,2",
+                   "--requests", "3", "--warmup", "1", "--max-new-tokens", "6", "--ignore-eos", "--stream",
+                   "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "bench.json").read_text())
+    assert rep["streaming"] is True and rep["notes"] == [] and rep["server"]["model"] == "coordexp_stream"
+    for lv in rep["levels"]:
+        assert lv["requests"] == 3 and lv["errors"] == 0
+        assert lv["output_sequence_length"]["min"] == 6
+        ttft, itl, lat = lv["time_to_first_token"], lv["inter_token_latency"], lv["request_latency"]
+        assert ttft["unit"] == itl["unit"] == "ms" and 0 < ttft["min"] and 0 < itl["min"]
+        assert ttft["max"] <= lat["max"]  # the first token arrives before the answer is complete
+    assert "TTFT p50" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_bench_stream_without_a_streaming_ensemble_is_a_clear_error(server, tmp_path):
+    r = run_client("bench", "--url", server.grpc_url, "--synthetic", "1", "--concurrency", "1", "--stream",
+                   "--model", "nope", "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "nope_stream" in r.stderr and "--no-stream" in r.stderr, r.stderr

@@ -36,7 +36,7 @@ def repo(tiny_ckpt, tmp_path_factory) -> str:
 
 
 def test_layout_and_thin_shims(repo):
-    assert sorted(os.listdir(repo)) == sorted([*C.MODELS, C.MANIFEST])
+    assert sorted(os.listdir(repo)) == sorted([*C.MODELS, C.LLM_STREAM, "coordexp_stream", C.MANIFEST])
     assert os.path.isfile(os.path.join(repo, C.ONNX_SUBDIR, C.ONNX_META))
     assert os.path.isfile(os.path.join(repo, C.PROCESSOR_SUBDIR, "tokenizer.json"))
     assert not [f for f in os.listdir(os.path.join(repo, C.PROCESSOR_SUBDIR)) if f.endswith(".safetensors")]
@@ -53,12 +53,12 @@ def test_every_config_parses_with_tritons_protobuf(repo):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    for model in C.MODELS:
+    for model in (*C.MODELS, C.LLM_STREAM, "coordexp_stream"):
         text = open(os.path.join(repo, model, "config.pbtxt")).read()
         cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
         assert cfg.name == model
         assert cfg.max_batch_size == 4
-        if model == C.ENSEMBLE:
+        if model in (C.ENSEMBLE, "coordexp_stream"):
             assert cfg.platform == "ensemble"
         else:
             assert cfg.backend == "python"
@@ -183,7 +183,30 @@ def test_rewrite_replaces_the_repository(tiny_ckpt, tmp_path):
     out = str(tmp_path / "repo")
     write_repository(out, "coordexp", onnx, tiny_ckpt, max_batch_size=2)
     open(os.path.join(out, "stale.txt"), "w").write("x")
-    write_repository(out, "cx", onnx, tiny_ckpt, max_batch_size=3)
+    write_repository(out, "cx", onnx, tiny_ckpt, max_batch_size=3, options=ServingOptions(streaming=False))
     assert sorted(os.listdir(out)) == sorted(["cx", C.PREPROCESS, C.VISION_ENCODER, C.LLM, C.POSTPROCESS,
                                               C.MANIFEST])
+    assert json.load(open(os.path.join(out, C.MANIFEST)))["models"]["stream_ensemble"] is None
     assert parse_config(open(os.path.join(out, "cx", "config.pbtxt")).read()).max_batch_size == 3
+
+
+def test_streaming_ensemble_is_the_same_pipeline_with_a_decoupled_llm(repo):
+    configs = load_configs(repo)
+    unary, stream = configs[C.ENSEMBLE], configs["coordexp_stream"]
+    assert check_wiring(configs, "coordexp_stream") == []
+    assert configs[C.LLM_STREAM].model_transaction_policy.decoupled
+    assert not configs[C.LLM].model_transaction_policy.decoupled  # unary calls need a unary pipeline
+
+    def names(cfg, kind):
+        return [(t.name, t.data_type, list(t.dims), getattr(t, "optional", False)) for t in getattr(cfg, kind)]
+
+    assert names(stream, "input") == names(unary, "input") + [(C.STREAM, names(stream, "input")[-1][1], [1], True)]
+    assert names(stream, "output") == names(unary, "output")
+    steps = lambda cfg: [s.model_name for s in cfg.ensemble_scheduling.step]  # noqa: E731
+    assert steps(stream) == [C.PREPROCESS, C.VISION_ENCODER, C.LLM_STREAM, C.POSTPROCESS]
+    assert steps(unary) == [C.PREPROCESS, C.VISION_ENCODER, C.LLM, C.POSTPROCESS]
+    llm_s, llm_u = configs[C.LLM_STREAM], configs[C.LLM]
+    assert names(llm_s, "input") == names(llm_u, "input") + [names(llm_s, "input")[-1]]
+    assert dict(llm_s.parameters) == dict(llm_u.parameters)  # the same graphs, limits and defaults
+    manifest = json.load(open(os.path.join(repo, C.MANIFEST)))
+    assert manifest["models"]["stream_ensemble"] == "coordexp_stream"

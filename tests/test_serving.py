@@ -102,6 +102,65 @@ def test_llm_groups_requests_by_decoding_params():
     assert isinstance(out[4], C.RequestError) and "temperature" in str(out[4])
 
 
+class SteppingParts(FakeParts):
+    """Generates step by step like OnnxParts: row i writes 100+step until it has i+2 tokens, then
+    'picks the stop token' at the next step (or hits max_new_tokens), reporting through on_step."""
+
+    def generate(self, input_ids, attention_mask, grid, embeds, deep, params, logits_hook=None, on_step=None):
+        self.calls.append((input_ids.shape, params))
+        n = input_ids.shape[0]
+        generated, open_rows = [[] for _ in range(n)], set(range(n))
+        for step in range(params.max_new_tokens):
+            finished = []
+            for i in sorted(open_rows):
+                if len(generated[i]) == i + 2:  # stop token: nothing appended
+                    finished.append(i)
+                    continue
+                generated[i].append(100 + step)
+                if len(generated[i]) == params.max_new_tokens:
+                    finished.append(i)
+            open_rows -= set(finished)
+            if on_step is not None:
+                on_step(generated, finished)
+            if not open_rows:
+                break
+        return generated
+
+
+def test_decoupled_llm_streams_per_step_and_ends_every_request_once():
+    from coordexp.serving.llm import DecoupledRun
+
+    views = [
+        _llm_view([5], [[1, 4, 4]], **{C.STREAM: [True]}),
+        _llm_view([4, 6], [[1, 4, 4], [1, 2, 2]]),  # not streamed, two rows
+        _llm_view([2], [[1, 2, 2]], **{C.TEMPERATURE: np.array([-1.0], np.float32)}),  # invalid
+        _llm_view([3, 3], [[1, 4, 4], [1, 4, 4]], **{C.STREAM: [True, True], C.RANDOM_SEED: np.array([4, 4], np.uint64)}),
+        _llm_view([3], [[1, 4, 4]], **{C.STREAM: [True], C.REQUEST_OUTPUT_LEN: np.array([1], np.int32)}),
+    ]
+    unary = LlmBatcher(SteppingParts(), GenerationParams(max_new_tokens=8), max_new_tokens=16).run(views)
+    sent = []
+    batcher = LlmBatcher(SteppingParts(), GenerationParams(max_new_tokens=8), max_new_tokens=16)
+    DecoupledRun(batcher, lambda r, res, final: sent.append((r, res, final))).run(views)
+    by_req = {r: [(res, final) for q, res, final in sent if q == r] for r in range(len(views))}
+    for r, responses in by_req.items():
+        assert [f for _, f in responses] == [False] * (len(responses) - 1) + [True], r  # one final, last
+    assert len(by_req[1]) == 1 and len(by_req[2]) == 1  # unary-style request, invalid request
+    assert isinstance(by_req[2][0][0], C.RequestError) and "temperature" in str(by_req[2][0][0])
+    for r in (0, 1, 3, 4):
+        final = by_req[r][-1][0]
+        for k in (C.OUTPUT_IDS, C.SEQUENCE_LENGTH):  # the streamed answer ends as the unary one
+            np.testing.assert_array_equal(final[k], unary[r][k])
+    # request 0 (one row, 2 tokens then the stop token): [1], [2] tokens, then the final repeat
+    assert [int(res[C.SEQUENCE_LENGTH][0, 0]) for res, _ in by_req[0]] == [1, 2, 2]
+    # request 3 (two rows of another group): every step shows both rows' ids so far
+    lengths = [res[C.SEQUENCE_LENGTH][:, 0].tolist() for res, _ in by_req[3]]
+    assert lengths == [[1, 1], [2, 2], [2, 3], [2, 3]]
+    for res, _ in by_req[3]:  # each partial is a prefix of the final ids
+        for row, n in zip(res[C.OUTPUT_IDS], res[C.SEQUENCE_LENGTH][:, 0]):
+            assert list(row[:n]) == [100 + i for i in range(n)]
+    assert [int(res[C.SEQUENCE_LENGTH][0, 0]) for res, _ in by_req[4]] == [1]  # length limit: final at once
+
+
 def test_llm_params_and_guided_without_hook():
     d = GenerationParams(max_new_tokens=8)
     p = params_for_row(d, 16, np.int32(4), np.float32(0.5), np.float32(0.9), np.float32(1.1), np.uint64(2**63),
@@ -344,3 +403,44 @@ def test_parity_command_against_the_running_server(exported, server, capsys, tmp
     out = capsys.readouterr().out
     assert rc == 0 and "onnx@2 vs served@c2" in out and "torch" not in out.split("note:")[0], out
     assert "cannot match" in out
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_streamed_answers_equal_unary_answers_token_by_token(server, images):
+    import asyncio
+
+    from coordexp.client.remote import ServerPool
+
+    params = GenerationParams(max_new_tokens=MAX_NEW)
+
+    async def go():
+        unary, _ = await ServerPool.connect([server.grpc_url], C.ENSEMBLE)
+        stream, _ = await ServerPool.connect([server.grpc_url], C.stream_ensemble_name(C.ENSEMBLE))
+        try:
+            out = []
+            for k in (0, 6, 14):
+                u, _ = await unary.generate(images[k], params)
+                partials: list = []
+                st, facts = await stream.generate(images[k], params, on_partial=partials.append)
+                out.append((u, st, facts["timing"], partials))
+            bad, _ = await stream.generate(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20, params)
+            after, _ = await stream.generate(images[1], params)
+            return stream.iface, out, bad, after
+        finally:
+            await unary.close()
+            await stream.close()
+
+    iface, out, bad, after = asyncio.run(go())
+    assert iface.streams and "stream" in iface.inputs
+    for u, st, timing, partials in out:
+        assert u.error is None and st.error is None
+        assert st.token_ids == u.token_ids and st.text == u.text  # same answer, streamed
+        # one response per generated token, each one token longer, each a prefix of the answer
+        assert [n for _, n in timing.token_times] == list(range(1, len(u.token_ids) + 1))
+        assert timing.responses == len(partials) >= len(u.token_ids)
+        for p in partials:
+            assert u.token_ids[:len(p.token_ids)] == p.token_ids
+        assert [t for t, _ in timing.token_times] == sorted(t for t, _ in timing.token_times)
+    assert bad.error and "image_load_failed" in bad.error  # an error ends that request alone
+    assert after.error is None and after.token_ids

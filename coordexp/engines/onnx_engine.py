@@ -301,7 +301,8 @@ class OnnxParts:
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw: np.ndarray,
                  image_embeds: np.ndarray, deepstack: np.ndarray, params: GenerationParams,
-                 logits_hook: LogitsHook | None = None) -> list[list[int]]:
+                 logits_hook: LogitsHook | None = None,
+                 on_step: Callable[[list[list[int]], list[int]], None] | None = None) -> list[list[int]]:
         """Generated ids per row (stop token excluded) for a LEFT padded batch `[B, T]`.
 
         `logits_hook(step, generated, logits)`: called at every step before sampling with
@@ -309,6 +310,10 @@ class OnnxParts:
         repetition penalty / stop suppression); returns the logits to use (e.g. -inf masks for
         guided decoding). Rows that already finished get zero logits there and their returned
         values are ignored.
+
+        `on_step(generated, finished)`: called after every step (token streaming) with the ids so
+        far and the rows that finished at this step (stop token or length limit); every row is
+        reported finished exactly once.
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
@@ -336,14 +341,20 @@ class OnnxParts:
             row_seqs = [np.asarray(seqs[b]) for b in active] if seqs is not None else []
             tokens = self._choose(logits, row_seqs, params, [rngs[b] for b in active])
             keep = []
+            finished = []
             for k, (b, tok) in enumerate(zip(active.tolist(), tokens.tolist())):
                 if tok in stop and not params.ignore_eos:
+                    finished.append(b)
                     continue
                 generated[b].append(int(tok))
                 if seqs is not None:
                     seqs[b].append(int(tok))
                 if len(generated[b]) < params.max_new_tokens:
                     keep.append(k)
+                else:
+                    finished.append(b)
+            if on_step is not None:
+                on_step(generated, finished)
             if not keep:
                 break
             if len(keep) < len(active):

@@ -19,8 +19,14 @@ ENSEMBLE = "coordexp"
 PREPROCESS = "preprocess"
 VISION_ENCODER = "vision_encoder"
 LLM = "llm"
+LLM_STREAM = "llm_stream"  # the same llm code, decoupled: the step of the streaming ensemble
 POSTPROCESS = "postprocess"
+STREAM_SUFFIX = "_stream"  # the streaming ensemble of ensemble NAME is NAME_stream
 MODELS = (PREPROCESS, VISION_ENCODER, LLM, POSTPROCESS, ENSEMBLE)
+
+
+def stream_ensemble_name(name: str) -> str:
+    return name + STREAM_SUFFIX
 
 # ---------------------------------------------------------------------------- folder layout
 # Paths relative to the repository root. The ONNX graphs (vision.onnx, embed.onnx, decoder.onnx,
@@ -46,6 +52,7 @@ REPETITION_PENALTY = "repetition_penalty"  # FP32 [1], optional
 RANDOM_SEED = "random_seed"  # UINT64 [1], optional
 GUIDED = "guided"  # BOOL [1], optional
 IGNORE_EOS = "ignore_eos"  # BOOL [1], optional
+STREAM = "stream"  # BOOL [1], optional, streaming ensemble only: one response per decoding step
 # Internal tensors between the steps.
 INPUT_IDS = "input_ids"  # INT32 [-1], left padded within a request
 ATTENTION_MASK = "attention_mask"  # INT32 [-1]

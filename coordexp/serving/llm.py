@@ -7,6 +7,12 @@ Per request:
             random_seed UINT64, guided BOOL, ignore_eos BOOL (each [B, 1])
   -> output_ids INT32 [B, S] (stop token excluded, padded with the pad id), sequence_length INT32 [B, 1]
 
+Decoupled (`model_transaction_policy { decoupled: true }`, the `llm_stream` model of the streaming
+ensemble): every request gets its responses through its response sender. With `stream` true, one
+response per decoding step that advanced it, each carrying the ids generated so far (cumulative, so
+the postprocess step parses every partial answer and the last response equals the unary answer);
+the last one is flagged final. Without `stream`, one final response.
+
 Triton's dynamic batcher hands `execute()` several requests at once; every row of every request
 becomes one item, the items are grouped by their decoding parameters (same params -> one
 left-padded batch, one `OnnxParts.generate` call, in arrival order) and the results are split back.
@@ -25,13 +31,16 @@ from coordexp.engines.base import GenerationParams
 from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, IGNORE_EOS, IMAGE_EMBEDS,
                                      IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, ONNX_SUBDIR, OUTPUT_IDS,
                                      RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P,
-                                     SEQUENCE_LENGTH, TEMPERATURE, RequestError, TritonRequestView,
+                                     SEQUENCE_LENGTH, STREAM, TEMPERATURE, RequestError, TritonRequestView,
                                      config_parameters, error_response, int_param, pad_stack, repository_root,
                                      request_view, resolve, response, rows)
 from coordexp.serving.vision_encoder import merge_size_of
 
 LLM_INPUTS = (INPUT_IDS, ATTENTION_MASK, INPUT_LENGTHS, IMAGE_GRID_THW, IMAGE_EMBEDS, DEEPSTACK_EMBEDS,
-              REQUEST_OUTPUT_LEN, TEMPERATURE, RUNTIME_TOP_P, REPETITION_PENALTY, RANDOM_SEED, GUIDED, IGNORE_EOS)
+              REQUEST_OUTPUT_LEN, TEMPERATURE, RUNTIME_TOP_P, REPETITION_PENALTY, RANDOM_SEED, GUIDED, IGNORE_EOS,
+              STREAM)
+# (item index -> ids so far, item indices that finished at this step)
+ProgressCallback = Callable[[dict[int, list[int]], list[int]], None]
 
 
 @dataclass
@@ -130,8 +139,10 @@ class LlmBatcher:
         return items
 
     # ------------------------------------------------------------------ generation
-    def generate_group(self, items: Sequence[LlmItem]) -> list[list[int]]:
-        """Items sharing their params -> one left-padded batch -> generated ids per item."""
+    def generate_group(self, items: Sequence[LlmItem],
+                       on_step: Callable[[list[list[int]], list[int]], None] | None = None) -> list[list[int]]:
+        """Items sharing their params -> one left-padded batch -> generated ids per item
+        (`on_step`: see `OnnxParts.generate`, rows numbered within this group)."""
         params = items[0].params
         input_ids = pad_stack([it.ids for it in items], value=self.pad_token_id, left=True)
         attention_mask = pad_stack([np.ones_like(it.ids) for it in items], value=0, left=True)
@@ -144,13 +155,16 @@ class LlmBatcher:
                 raise RequestError("guided decoding is not available in this llm model; send guided=false")
             hook = self.guided_hook(params, len(items))
         self.calls.append(len(items))
-        out = self.parts.generate(input_ids, attention_mask, grid, embeds, deep, params, logits_hook=hook)
+        kw = {"on_step": on_step} if on_step is not None else {}
+        out = self.parts.generate(input_ids, attention_mask, grid, embeds, deep, params, logits_hook=hook, **kw)
         if len(out) != len(items):
             raise RuntimeError(f"generate returned {len(out)} rows for {len(items)}")
         return [[int(t) for t in row] for row in out]
 
-    def generate(self, items: Sequence[LlmItem]) -> list[list[int] | Exception]:
-        """All items -> generated ids (or the exception of their group), in input order."""
+    def generate(self, items: Sequence[LlmItem], on_progress: ProgressCallback | None = None
+                 ) -> list[list[int] | Exception]:
+        """All items -> generated ids (or the exception of their group), in input order.
+        `on_progress(partial, finished)`: after every decoding step, item indices as in `items`."""
         groups: dict[str, list[int]] = {}
         for k, it in enumerate(items):
             groups.setdefault(json.dumps(it.params.to_dict(), sort_keys=True), []).append(k)
@@ -159,8 +173,12 @@ class LlmBatcher:
             size = self.max_batch_size or len(idx)
             for start in range(0, len(idx), size):
                 chunk = idx[start:start + size]
+                step_cb = None
+                if on_progress is not None:
+                    def step_cb(generated: list[list[int]], finished: list[int], chunk=chunk) -> None:
+                        on_progress({k: generated[i] for i, k in enumerate(chunk)}, [chunk[b] for b in finished])
                 try:
-                    outs = self.generate_group([items[k] for k in chunk])
+                    outs = self.generate_group([items[k] for k in chunk], step_cb)
                 except Exception as e:  # one failing group must not fail the others
                     outs = [e] * len(chunk)
                 for k, o in zip(chunk, outs):
@@ -197,6 +215,68 @@ class LlmBatcher:
             err = next((g for g in mine if isinstance(g, Exception)), None)
             results.append(err if err is not None else self.outputs(mine))  # type: ignore[arg-type]
         return results
+
+
+def wants_stream(view: TritonRequestView) -> bool:
+    """A request's optional `stream` input (any row true -> streamed)."""
+    flag = view.get(STREAM)
+    return flag is not None and bool(np.asarray(flag).astype(bool).any())
+
+
+class DecoupledRun:
+    """One `execute()` of the decoupled llm: requests -> responses through `send(request_index,
+    outputs_or_error, final)`, streamed per decoding step for the requests that asked for it."""
+
+    def __init__(self, batcher: LlmBatcher, send: Callable[[int, dict[str, np.ndarray] | Exception, bool], None]):
+        self.batcher = batcher
+        self.send = send
+
+    def run(self, views: Sequence[TritonRequestView]) -> None:
+        owner: list[int] = []  # item index -> request index
+        first: dict[int, int] = {}  # request index -> its first item index
+        count: dict[int, int] = {}
+        flat: list[LlmItem] = []
+        streams: dict[int, bool] = {}
+        for r, view in enumerate(views):
+            try:
+                items = self.batcher.items_of(view)
+                streams[r] = wants_stream(view)
+            except Exception as e:
+                self.send(r, e, True)
+                continue
+            first[r], count[r] = len(flat), len(items)
+            flat.extend(items)
+            owner.extend([r] * len(items))
+        if not flat:
+            return
+        partial: list[list[int]] = [[] for _ in flat]
+        remaining = dict(count)
+        done: set[int] = set()  # requests whose final response went out
+
+        def on_progress(ids: dict[int, list[int]], finished: list[int]) -> None:
+            touched = {owner[k] for k in ids}
+            for k, g in ids.items():
+                partial[k] = g
+            for k in finished:
+                remaining[owner[k]] -= 1
+            for r in sorted(touched):
+                if r in done:
+                    continue
+                final = remaining[r] == 0
+                if final or streams[r]:
+                    rows_ = partial[first[r]:first[r] + count[r]]
+                    self.send(r, self.batcher.outputs([list(x) for x in rows_]), final)
+                    if final:
+                        done.add(r)
+
+        results = self.batcher.generate(flat, on_progress)
+        for r in first:
+            if r in done:
+                continue
+            mine = results[first[r]:first[r] + count[r]]
+            err = next((g for g in mine if isinstance(g, Exception)), None)
+            self.send(r, err if err is not None else self.batcher.outputs(mine), True)  # type: ignore[arg-type]
+            done.add(r)
 
 
 def defaults_from_params(params: dict[str, str]) -> GenerationParams:
@@ -247,9 +327,20 @@ class TritonPythonModel:
                                   merge_size=int_param(params, "merge_size", 0) or None,
                                   max_batch_size=int(config.get("max_batch_size") or 0) or None,
                                   guided_hook=guided_hook_factory(parts, params.get("prompt_json")))
+        self.decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled"))
 
-    def execute(self, requests: list[Any]) -> list[Any]:
+    def execute(self, requests: list[Any]) -> list[Any] | None:
         views = [request_view(self.pb, r, LLM_INPUTS) for r in requests]
+        if self.decoupled:
+            senders = [r.get_response_sender() for r in requests]
+            final_flag = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+            def send(i: int, res: dict[str, np.ndarray] | Exception, final: bool) -> None:
+                msg = error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res)
+                senders[i].send(msg, flags=final_flag if final else 0)
+
+            DecoupledRun(self.batcher, send).run(views)
+            return None
         out = []
         for res in self.batcher.run(views):
             out.append(error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res))
