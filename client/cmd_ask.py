@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = p.add_argument_group("Triton server")
     s.add_argument("--url", help="HOST:PORT of a Triton gRPC endpoint")
     s.add_argument("--model", default="coordexp", help="served model (ensemble) name")
+    s.add_argument("--stream", action="store_true",
+                   help="stream the answer from the streaming ensemble (<model>_stream): the text is written to "
+                        "stderr token by token as it is generated; stdout gets the final answer as usual")
     s.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
     s.add_argument("--retries", type=int, default=2)
     add_local_engine_args(p)
@@ -67,10 +70,13 @@ class RemoteSource:
         from coordexp.client.remote import (PreflightError, ServerPool, fit_params_to_server, normalise_url,
                                             request_problems, served_prompt)
 
+        from coordexp.client.cmd_bench import stream_model
+
+        model = stream_model(args.model) if getattr(args, "stream", False) else args.model
         self.loop = asyncio.new_event_loop()
         try:
             self.pool, self.manifest = self.loop.run_until_complete(ServerPool.connect(
-                [normalise_url(args.url)], args.model, preflight_timeout=min(10.0, args.timeout),
+                [normalise_url(args.url)], model, preflight_timeout=min(10.0, args.timeout),
                 timeout=args.timeout, retries=args.retries, wait_for_server=min(10.0, args.timeout)))
         except PreflightError:
             self.loop.close()
@@ -89,10 +95,23 @@ class RemoteSource:
 
         params = fit_params_to_server(params, self.manifest, self.args)
 
+        shown = [""]
+
+        def show(partial) -> None:  # the text so far -> its new part, as it arrives
+            if partial.text.startswith(shown[0]):
+                sys.stderr.write(partial.text[len(shown[0]):])
+                sys.stderr.flush()
+                shown[0] = partial.text
+
+        streaming = self.pool.iface.streams
         try:
-            gen, _ = self.loop.run_until_complete(self.pool.generate(image_bytes, params, user_text))
+            gen, _ = self.loop.run_until_complete(self.pool.generate(
+                image_bytes, params, user_text, on_partial=show if streaming else None))
         except AllServersDown as e:
             return GenerationResult(text="", error=str(e))
+        finally:
+            if streaming and shown[0]:
+                sys.stderr.write("\n")
         return gen
 
     def close(self) -> None:
@@ -315,6 +334,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not args.interactive and not args.image:
         print("error: --image is required (or use --interactive)", file=sys.stderr)
+        return 2
+    if args.stream and not args.url:
+        print("error: --stream needs --url (a server's streaming ensemble)", file=sys.stderr)
         return 2
     if args.user_text == "-":
         if args.interactive:

@@ -198,7 +198,6 @@ def causal_lm_loss(model, batch, shared_prefix: bool = True):
     once with batch 1 and its keys/values are broadcast to the batch: with causal attention this gives
     the same loss and gradients as `model(**batch).loss` at about half the text compute (the prompt is
     longer than image + answer). Logits are computed only where a label follows."""
-    import torch
     import torch.nn.functional as F
     from transformers import DynamicCache
 

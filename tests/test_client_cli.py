@@ -209,6 +209,14 @@ def test_ask_single_shot_served_and_local_give_the_same_answer(server, exported,
                    "4", "--ignore-eos", input="find the red circle\n")
     assert r.returncode == 0, r.stderr
     assert "prompt: find the red circle" in r.stdout and "raw:" in r.stdout
+    # streamed: the same answer on stdout, the text on stderr as it was generated
+    streamed = run_client(*common, "--url", server.grpc_url, "--stream")
+    assert streamed.returncode == 0, streamed.stderr
+    b = json.loads(streamed.stdout)
+    assert {k: v for k, v in b.items() if k != "drawn"} == a
+    assert a["raw_output"] in streamed.stderr
+    r = run_client(*common, "--local", exported[0], "--stream")
+    assert r.returncode == 2 and "--stream needs --url" in r.stderr
 
 
 @pytest.mark.slow

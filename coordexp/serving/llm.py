@@ -90,6 +90,13 @@ def params_for_row(defaults: GenerationParams, limit: int, max_tokens: Any = Non
         raise RequestError(str(e)) from None
 
 
+def _renumbered(on_progress: ProgressCallback, chunk: list[int]) -> Callable[[list[list[int]], list[int]], None]:
+    """A group's per-step callback (rows numbered within the group) -> `on_progress` (item indices)."""
+    def step(generated: list[list[int]], finished: list[int]) -> None:
+        on_progress({k: generated[i] for i, k in enumerate(chunk)}, [chunk[b] for b in finished])
+    return step
+
+
 class LlmBatcher:
     """Rows of several requests -> one generate call per distinct set of decoding parameters."""
 
@@ -173,10 +180,7 @@ class LlmBatcher:
             size = self.max_batch_size or len(idx)
             for start in range(0, len(idx), size):
                 chunk = idx[start:start + size]
-                step_cb = None
-                if on_progress is not None:
-                    def step_cb(generated: list[list[int]], finished: list[int], chunk=chunk) -> None:
-                        on_progress({k: generated[i] for i, k in enumerate(chunk)}, [chunk[b] for b in finished])
+                step_cb = _renumbered(on_progress, chunk) if on_progress is not None else None
                 try:
                     outs = self.generate_group([items[k] for k in chunk], step_cb)
                 except Exception as e:  # one failing group must not fail the others
