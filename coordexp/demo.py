@@ -115,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 
         # 5. bench
         if not args.no_bench:
-            t = stages.start("coordexp-client bench (concurrency 1, 4, 8)")
+            t = stages.start("coordexp-client bench (concurrency 1, 4, 8; then streamed at 1, 4)")
+            fixed = ["--ignore-eos", "--max-new-tokens", str(min(64, args.max_new_tokens))]
             _run(_cli("bench", "--url", server.grpc_url, "--model", name, "--data", args.data,
-                      "--concurrency", "1,4,8", "--requests", "24", "--ignore-eos",
-                      "--max-new-tokens", str(min(64, args.max_new_tokens)), "--out", os.path.join(out, "bench")))
+                      "--concurrency", "1,4,8", "--requests", "24", *fixed, "--out", os.path.join(out, "bench")))
+            _run(_cli("bench", "--url", server.grpc_url, "--model", name, "--data", args.data, "--stream",
+                      "--concurrency", "1,4", "--requests", "12", *fixed, "--out", os.path.join(out, "bench_stream")))
             stages.done(t)
     finally:
         t = stages.start("stop Triton")
@@ -140,7 +142,8 @@ def _repository_current(repo: str, ckpt: str, max_new_tokens: int) -> bool:
         with open(manifest) as f:
             m = json.load(f)
         return (m.get("checkpoint", {}).get("weights_sha256") == checkpoint_digest(ckpt)["weights_sha256"]
-                and m.get("max_new_tokens") == max_new_tokens)
+                and m.get("max_new_tokens") == max_new_tokens
+                and bool((m.get("models") or {}).get("stream_ensemble")))  # older exports: no streaming
     except Exception:
         return False
 
@@ -174,9 +177,14 @@ def _report(out: str, preds: str, seconds: float) -> None:
         levels = bench.get("levels") or bench.get("results") or []
         best = max((lv.get("images_per_s") or 0 for lv in levels if isinstance(lv, dict)), default=None)
         print(f"  bench best images/s  {fmt(best)}")
+    streamed = (_load(os.path.join(out, "bench_stream", "bench.json")).get("levels") or [{}])[0]
+    if streamed.get("time_to_first_token"):
+        print(f"  streamed, 1 in flight: time to first token {fmt(streamed['time_to_first_token']['p50'])} ms "
+              f"(p50), inter-token {fmt(streamed['inter_token_latency']['avg'])} ms")
     print("Artifacts:")
     for rel in ("predictions.jsonl", "summary.json", "eval/metrics.json", "eval/per_class.csv",
-                "eval/pr_curve.png", "vis/index.html", "bench/bench.png", "model_repository/manifest.json"):
+                "eval/pr_curve.png", "vis/index.html", "bench/bench.png", "bench_stream/bench.json",
+                "model_repository/manifest.json"):
         path = os.path.join(out, rel)
         if os.path.exists(path):
             print(f"  {path}")

@@ -508,7 +508,25 @@ def build_configs(plan: TrtllmPlan, prompt, decoding, options, pad_id: int, stop
                 for k in (C.IMAGE_EMBEDS, C.DEEPSTACK_EMBEDS):
                     del new.input_map[k]
     configs[plan.name] = ens
-    problems = R.check_wiring(configs, plan.name)
+    ensembles = [plan.name]
+    if options.streaming:  # the ONNX repository's streaming pair, on the same TensorRT-LLM glue
+        llm_s = pb.ModelConfig()
+        llm_s.CopyFrom(llm)
+        llm_s.name = C.LLM_STREAM
+        R._add_tensors(pb, llm_s.input, [R.STREAM_TENSOR])
+        llm_s.model_transaction_policy.decoupled = True
+        configs[C.LLM_STREAM] = llm_s
+        ens_s = pb.ModelConfig()
+        ens_s.CopyFrom(ens)
+        ens_s.name = C.stream_ensemble_name(plan.name)
+        R._add_tensors(pb, ens_s.input, [R.STREAM_TENSOR])
+        for step in ens_s.ensemble_scheduling.step:
+            if step.model_name == C.LLM:
+                step.model_name = C.LLM_STREAM
+                step.input_map[C.STREAM] = C.STREAM
+        configs[ens_s.name] = ens_s
+        ensembles.append(ens_s.name)
+    problems = [p for name in ensembles for p in R.check_wiring(configs, name)]
     if problems:
         raise ValueError("inconsistent ensemble wiring:\n  " + "\n  ".join(problems))
     return configs
@@ -558,7 +576,8 @@ def write_trtllm_repository(plan: TrtllmPlan, prompt=None, decoding=None, option
             "coord_mode": "norm1000",
             "models": {"ensemble": plan.name,
                        "steps": [s[0] for s in R.ENSEMBLE_STEPS
-                                 if not (s[0] == C.VISION_ENCODER and plan.options.vision == "trtllm")]},
+                                 if not (s[0] == C.VISION_ENCODER and plan.options.vision == "trtllm")],
+                       "stream_ensemble": C.stream_ensemble_name(plan.name) if options.streaming else None},
             "layout": {"processor_dir": C.PROCESSOR_SUBDIR, "processor_files": copied,
                        "checkpoint_dir": CHECKPOINT_SUBDIR, "model_yaml": MODEL_YAML,
                        "vision_plan": VISION_PLAN if plan.options.vision == "tensorrt" else None,
@@ -567,18 +586,26 @@ def write_trtllm_repository(plan: TrtllmPlan, prompt=None, decoding=None, option
             "validation": None,
             "trtllm": {"pinned": dict(PINNED), "dry_run": bool(dry_run), **_plan_summary(plan)},
         }
+        llm_api = json.loads(json.dumps(plan.llm_api))
+        if options.streaming:  # llm and llm_stream each load the model: each takes half the KV-cache share
+            kv = llm_api["kv_cache_config"]
+            kv["free_gpu_memory_fraction"] = round(kv["free_gpu_memory_fraction"] / 2, 4)
+            manifest["trtllm"]["kv_cache_note"] = ("llm and llm_stream are two TensorRT-LLM instances (two copies of the "
+                                                   "weights); each gets half of --kv-cache-fraction. Export with "
+                                                   "--no-stream for one instance.")
         configs = build_configs(plan, prompt, decoding, options, pad_id, stop_ids, manifest)
         texts = {m: R.config_text(cfg) for m, cfg in configs.items()}
         modules = {C.PREPROCESS: ("coordexp.serving.preprocess", "TritonPythonModel", "first"),
                    C.POSTPROCESS: ("coordexp.serving.postprocess", "TritonPythonModel", "first"),
                    C.LLM: ("coordexp.serving.trtllm_llm", "TritonPythonModel", "last"),
+                   C.LLM_STREAM: ("coordexp.serving.trtllm_llm", "TritonPythonModel", "last"),
                    C.VISION_ENCODER: ("coordexp.serving.trtllm_llm", "TrtVisionEncoderModel", "last")}
         for model, text in texts.items():
             os.makedirs(os.path.join(tmp, model, "1"), exist_ok=True)
             Path(tmp, model, "config.pbtxt").write_text(text, encoding="utf-8")
             if model in modules:
                 Path(tmp, model, "1", "model.py").write_text(shim(*modules[model]), encoding="utf-8")
-        Path(tmp, MODEL_YAML).write_text(_yaml_text(plan.llm_api, (
+        Path(tmp, MODEL_YAML).write_text(_yaml_text(llm_api, (
             f"# tensorrt_llm.LLM(**this) - TorchLlmArgs of TensorRT-LLM {PINNED['tensorrt_llm']} (PyTorch backend).\n"
             "# Written by coordexp.export.trtllm; `model` is relative to the repository root.\n")), encoding="utf-8")
         if copy_checkpoint:
@@ -672,7 +699,10 @@ def export_trtllm_format(args: argparse.Namespace) -> dict[str, Any]:
         raise TrtllmUnavailable(str(e)) from e  # build_engine maps it to exit 2
     if not dry:
         run_commands(plan)
-    manifest = write_trtllm_repository(plan, PromptSpec(), dry_run=dry, copy_checkpoint=not dry)
+    from coordexp.export.repository import ServingOptions
+
+    manifest = write_trtllm_repository(plan, PromptSpec(), options=ServingOptions(streaming=getattr(args, "stream", True)),
+                                       dry_run=dry, copy_checkpoint=not dry)
     return {"repo": plan.repo, "dry_run": dry, "plan": plan.to_dict(), "manifest": manifest,
             "lines": plan_lines(plan, dry)}
 

@@ -100,11 +100,16 @@ def test_configs_parse_and_keep_the_ensemble_contract(repos, kind):
     from coordexp.export.repository import check_wiring
 
     onnx, trt = configs(repos["onnx"]), configs(repos[kind])
-    assert check_wiring(trt, "coordexp") == []
-    ens_o, ens_t = onnx["coordexp"], trt["coordexp"]
-    assert ens_t.platform == "ensemble" and ens_t.max_batch_size == ens_o.max_batch_size
-    assert tensors(ens_t, "input") == tensors(ens_o, "input")  # names, dtypes, dims, optional: identical
-    assert tensors(ens_t, "output") == tensors(ens_o, "output")
+    for name in ("coordexp", "coordexp_stream"):  # the unary and the streaming ensemble
+        assert check_wiring(trt, name) == []
+        ens_o, ens_t = onnx[name], trt[name]
+        assert ens_t.platform == "ensemble" and ens_t.max_batch_size == ens_o.max_batch_size
+        assert tensors(ens_t, "input") == tensors(ens_o, "input")  # names, dtypes, dims, optional: identical
+        assert tensors(ens_t, "output") == tensors(ens_o, "output")
+    assert trt[C.LLM_STREAM].model_transaction_policy.decoupled and not trt[C.LLM].model_transaction_policy.decoupled
+    assert tensors(trt[C.LLM_STREAM], "input") == {**tensors(trt[C.LLM], "input"),
+                                                   **{C.STREAM: tensors(onnx[C.LLM_STREAM], "input")[C.STREAM]}}
+    ens_t = trt["coordexp"]
     for step in (C.PREPROCESS, C.POSTPROCESS):  # the very same step models
         assert trt[step] == onnx[step]
     llm_o, llm_t = onnx[C.LLM], trt[C.LLM]
@@ -130,15 +135,18 @@ def test_layout_model_yaml_and_manifest(repos):
     from coordexp.export.trtllm import PINNED
 
     repo = repos["llmapi"]
-    assert sorted(os.listdir(repo)) == sorted(["coordexp", C.LLM, C.PREPROCESS, C.POSTPROCESS, C.MANIFEST])
+    assert sorted(os.listdir(repo)) == sorted(["coordexp", C.LLM, C.PREPROCESS, C.POSTPROCESS, C.MANIFEST,
+                                               "coordexp_stream", C.LLM_STREAM])
     assert os.path.isfile(os.path.join(repo, C.PROCESSOR_SUBDIR, "tokenizer.json"))
     assert not os.path.exists(os.path.join(repo, "llm", "1", "checkpoint"))  # weights: the real run's copy
     args = yaml.safe_load(open(os.path.join(repo, "llm", "1", "model.yaml")))
     assert set(args) <= TORCH_LLM_ARGS and set(args["kv_cache_config"]) <= KV_CACHE_CONFIG
     assert args["backend"] == "pytorch" and args["dtype"] == "bfloat16" and args["tensor_parallel_size"] == 1
     assert args["max_seq_len"] == args["max_input_len"] + 256 and args["max_num_tokens"] >= args["max_input_len"]
-    assert args["kv_cache_config"]["free_gpu_memory_fraction"] == 0.8 and args["model"] == "llm/1/checkpoint"
+    # llm and llm_stream are two LLM API instances: each gets half of --kv-cache-fraction (default 0.8)
+    assert args["kv_cache_config"]["free_gpu_memory_fraction"] == 0.4 and args["model"] == "llm/1/checkpoint"
     m = json.load(open(os.path.join(repo, C.MANIFEST)))
+    assert m["models"]["stream_ensemble"] == "coordexp_stream" and "half" in m["trtllm"]["kv_cache_note"]
     assert m["backend"] == "trtllm" and m["trtllm"]["dry_run"] is True and m["trtllm"]["pinned"] == PINNED
     assert m["models"]["steps"] == [C.PREPROCESS, C.LLM, C.POSTPROCESS] and m["max_new_tokens"] == 256
     assert PINNED["trtllm_image"].endswith("25.12-trtllm-python-py3") and PINNED["triton_image"].endswith("25.12-py3")
@@ -150,6 +158,7 @@ def test_shims_import_the_trtllm_models(repos):
     import runpy
 
     for model, cls in ((C.LLM, "coordexp.serving.trtllm_llm.TritonPythonModel"),
+                       (C.LLM_STREAM, "coordexp.serving.trtllm_llm.TritonPythonModel"),
                        (C.VISION_ENCODER, "coordexp.serving.trtllm_llm.TrtVisionEncoderModel"),
                        (C.PREPROCESS, "coordexp.serving.preprocess.TritonPythonModel")):
         code = open(os.path.join(repos["trt"], model, "1", "model.py")).read()
@@ -349,6 +358,52 @@ def test_batcher_runs_requests_through_the_llm_api(tiny_ckpt):
     # no pixel_values -> that request fails, clearly
     bare = C.TritonRequestView({k: v for k, v in good.inputs.items() if k != C.PIXEL_VALUES})
     assert "pixel_values" in str(batcher.run([bare])[0])
+
+
+class FakeStreamingLLM(FakeLLM):
+    """+ `generate_async(..., streaming=True)`: an async iterator of cumulative outputs, one per token."""
+
+    def generate_async(self, prompt, sampling_params=None, streaming=False):
+        assert streaming
+        self.calls.append(([prompt], [sampling_params]))
+        answer = list(self.answer)
+
+        async def outputs():
+            for n in range(1, len(answer) + 1):
+                if prompt.get("fail") and n == 2:
+                    raise RuntimeError("engine error")
+                yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=answer[:n])], finished=n == len(answer))
+        return outputs()
+
+
+def test_streaming_batcher_sends_every_token_then_the_unary_answer(tiny_ckpt):
+    from coordexp.processor import CoordExpProcessor
+    from coordexp.serving.llm import DecoupledRun
+    from coordexp.serving.trtllm_llm import PromptRebuilder, TrtllmBatcher
+
+    proc = CoordExpProcessor.from_pretrained(tiny_ckpt)
+    enc = proc.encode([np.zeros((64, 64, 3), np.uint8)], return_tensors="np")
+    view = {C.INPUT_IDS: enc["input_ids"].astype(np.int32), C.ATTENTION_MASK: enc["attention_mask"].astype(np.int32),
+            C.IMAGE_GRID_THW: enc["image_grid_thw"], C.PIXEL_VALUES: enc["pixel_values"][None].astype(np.float32)}
+    stop = proc.stop_token_ids
+    llm = FakeStreamingLLM([21, 22, 23, stop[0]])
+    batcher = TrtllmBatcher(llm, FakeSampling, PromptRebuilder.from_dir(tiny_ckpt), max_new_tokens=64,
+                            pad_token_id=proc.pad_token_id, stop_token_ids=stop)
+    unary = batcher.run([C.TritonRequestView(view)])[0]
+    sent = []
+    views = [C.TritonRequestView({**view, C.STREAM: np.array([[True]])}), C.TritonRequestView(view)]
+    DecoupledRun(batcher, lambda r, res, final: sent.append((r, res, final))).run(views)
+    streamed = [(res[C.SEQUENCE_LENGTH][0, 0], final) for r, res, final in sent if r == 0]
+    assert streamed == [(1, False), (2, False), (3, False), (3, True)]  # the stop id is stripped, then final
+    assert [final for r, _, final in sent if r == 1] == [True]  # not streamed: one response
+    for r in (0, 1):
+        last = [res for q, res, _ in sent if q == r][-1]
+        assert last[C.OUTPUT_IDS].tolist() == unary[C.OUTPUT_IDS].tolist() == [[21, 22, 23]]
+    # an engine error mid-stream ends that request with the error, once
+    batcher.llm_input = lambda it: {"prompt": "x", "fail": True}
+    sent.clear()
+    DecoupledRun(batcher, lambda r, res, final: sent.append((r, res, final))).run(views[:1])
+    assert [f for _, _, f in sent] == [False, True] and isinstance(sent[-1][1], RuntimeError)
 
 
 def test_batcher_external_embeddings_refuse_grids_the_llm_api_would_guess_wrong(tiny_ckpt):

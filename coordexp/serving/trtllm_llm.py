@@ -22,6 +22,10 @@ Qwen-VL input processors of the LLM API take an image and a prompt text, so per 
   processor guesses the patch grid from the token count, so rows whose grid is not that guess are
   refused instead of being decoded with wrong M-RoPE positions).
 
+Streaming (`llm_stream`, decoupled): every row goes to `LLM.generate_async(..., streaming=True)`
+on one background event loop, so rows of later requests join the running batch (TensorRT-LLM's
+in-flight batching) and each new token is sent back through `DecoupledRun`, as on the ONNX path.
+
 `tensorrt_llm`, `tensorrt` and `torch` are imported in `initialize()` only: the helpers here are
 plain numpy and are tested without them.
 """
@@ -40,11 +44,12 @@ import numpy as np
 from coordexp.engines.base import GenerationParams
 from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, IMAGE_EMBEDS, IMAGE_GRID_THW, INPUT_IDS,
                                      INPUT_LENGTHS, PIXEL_VALUES, PROCESSOR_SUBDIR, REQUEST_OUTPUT_LEN,
-                                     RANDOM_SEED, REPETITION_PENALTY, RUNTIME_TOP_P, TEMPERATURE, GUIDED,
+                                     RANDOM_SEED, REPETITION_PENALTY, RUNTIME_TOP_P, STREAM, TEMPERATURE, GUIDED,
                                      IGNORE_EOS, RequestError, TritonRequestView, config_parameters,
                                      error_response, int_param, repository_root, request_view, resolve, response,
                                      rows)
-from coordexp.serving.llm import LLM_INPUTS, LlmBatcher, defaults_from_params, params_for_row
+from coordexp.serving.llm import (LLM_INPUTS, DecoupledRun, LlmBatcher, ProgressCallback, defaults_from_params,
+                                  params_for_row)
 
 TRTLLM_INPUTS = (*LLM_INPUTS, PIXEL_VALUES)
 MODEL_YAML = "llm/1/model.yaml"
@@ -295,10 +300,46 @@ class TrtllmBatcher(LlmBatcher):
                             f"[coordexp.trtllm_llm] SamplingParams of this TensorRT-LLM has no {', '.join(dropped)}")
         return self.sampling_cls(**kw)
 
-    def generate(self, items: Sequence[TrtllmItem]) -> list[list[int] | Exception]:  # type: ignore[override]
-        """All rows in one `LLM.generate` call: TensorRT-LLM batches them in flight."""
+    def _event_loop(self) -> Any:
+        """The one loop every streamed row runs on (a daemon thread), started on first use."""
+        import asyncio
+        import threading
+
+        if getattr(self, "_loop", None) is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, name="trtllm-stream", daemon=True).start()
+        return self._loop
+
+    async def _stream_rows(self, items: Sequence[TrtllmItem], on_progress: ProgressCallback
+                           ) -> list[list[int] | Exception]:
+        import asyncio
+
+        async def one(k: int, it: TrtllmItem) -> list[int]:
+            ids: list[int] = []
+            finished = False
+            async for out in self.llm.generate_async(self.llm_input(it), self.sampling(it.params), streaming=True):
+                ids = strip_stop(out.outputs[0].token_ids, self.stop_token_ids)  # cumulative in streaming mode
+                finished = bool(getattr(out, "finished", False))
+                on_progress({k: ids}, [k] if finished else [])
+            if not finished:  # an iterator that ends without a finished output still ends the row
+                on_progress({k: ids}, [k])
+            return ids
+
+        self.calls.append(len(items))
+        got = await asyncio.gather(*(one(k, it) for k, it in enumerate(items)), return_exceptions=True)
+        return [g if isinstance(g, (list, Exception)) else RuntimeError(str(g)) for g in got]
+
+    def generate(self, items: Sequence[TrtllmItem],  # type: ignore[override]
+                 on_progress: ProgressCallback | None = None) -> list[list[int] | Exception]:
+        """All rows in one `LLM.generate` call: TensorRT-LLM batches them in flight. With
+        `on_progress` (the decoupled model), per-row streaming on the background loop instead."""
         if not items:
             return []
+        if on_progress is not None:
+            import asyncio
+
+            return asyncio.run_coroutine_threadsafe(self._stream_rows(items, on_progress),
+                                                    self._event_loop()).result()
         try:
             prompts = [self.llm_input(it) for it in items]
             sampling = [self.sampling(it.params) for it in items]
@@ -362,13 +403,31 @@ class TritonPythonModel:
             defaults=defaults, max_new_tokens=int_param(params, "max_new_tokens", defaults.max_new_tokens),
             pad_token_id=int_param(params, "pad_token_id", 0), stop_token_ids=stops,
             log=(logger.log_warn if logger is not None else print))
+        self.decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled"))
+        if self.decoupled:  # execute() returns at once; requests stream from these threads
+            from concurrent.futures import ThreadPoolExecutor
 
-    def execute(self, requests: list[Any]) -> list[Any]:
-        views = [request_view(self.pb, r, TRTLLM_INPUTS) for r in requests]
+            self.workers = ThreadPoolExecutor(max_workers=max(1, int(config.get("max_batch_size") or 1)))
+
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        views = [request_view(self.pb, r, (*TRTLLM_INPUTS, STREAM)) for r in requests]
+        if self.decoupled:
+            senders = [r.get_response_sender() for r in requests]
+            final_flag = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+            def send(i: int, res: Any, final: bool) -> None:
+                msg = error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res)
+                senders[i].send(msg, flags=final_flag if final else 0)
+
+            self.workers.submit(DecoupledRun(self.batcher, send).run, views)
+            return None
         return [error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res)
                 for res in self.batcher.run(views)]
 
     def finalize(self) -> None:
+        workers = getattr(self, "workers", None)
+        if workers is not None:
+            workers.shutdown(wait=True)
         llm = getattr(self, "llm", None)
         if llm is not None and hasattr(llm, "shutdown"):
             llm.shutdown()
