@@ -51,6 +51,7 @@ async def server_models(url: str, timeout: float = 10.0) -> dict[str, Any]:
                     row["platform"] = config.get("platform") or config.get("backend") or ""
                     row["max_batch_size"] = iface.max_batch_size
                     row["decoupled"] = iface.decoupled
+                    row["streams"] = iface.streams  # answers over the gRPC stream API (bench/ask --stream)
                     manifest = await fetch_manifest(client, row["name"], config)
                     row["coordexp"] = manifest is not None and not iface.problems()
                     if manifest is not None:
@@ -76,7 +77,8 @@ def format_server(info: dict[str, Any]) -> str:
         if m["state"] != "READY":
             details = m.get("reason") or ""
         elif "manifest" in m:
-            details = f"CoordExp ensemble, prompt {m['manifest'].get('prompt_variant')}"
+            kind = "streaming CoordExp ensemble" if m.get("streams") else "CoordExp ensemble"
+            details = f"{kind}, prompt {m['manifest'].get('prompt_variant')}"
         else:
             details = m.get("platform") or ""
         table.append((m["name"], m["version"] or "-", m["state"], _short(details, 90)))

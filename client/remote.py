@@ -48,7 +48,7 @@ REQUIRED_INPUTS = {
 }
 OPTIONAL_INPUTS = {"text_input": "BYTES", "guided": "BOOL", "ignore_eos": "BOOL", "stream": "BOOL"}
 REQUIRED_OUTPUTS = {"text_output": "BYTES"}
-OPTIONAL_OUTPUTS = {"preds_json": "BYTES", "output_ids": None, "sequence_length": None}
+OPTIONAL_OUTPUTS = {"preds_json": "BYTES", "output_ids": None, "sequence_length": None, "guided_closed_early": None}
 
 _NP_DTYPES = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32,
               "UINT64": np.uint64, "BOOL": np.bool_}
@@ -244,7 +244,11 @@ def generation_from_arrays(out: dict[str, np.ndarray | None], params: Generation
         if n is not None and 0 <= int(n) <= len(ids):
             ids = ids[: int(n)]
     finish = "length" if ids and len(ids) >= params.max_new_tokens else "stop"
-    return GenerationResult(text=text, token_ids=ids, finish_reason=finish)
+    extra: dict[str, Any] = {}
+    if params.guided:  # the same facts the in-process engines record
+        closed = _first(out.get("guided_closed_early"))
+        extra = {"guided": True, **({"guided_closed_early": bool(closed)} if closed is not None else {})}
+    return GenerationResult(text=text, token_ids=ids, finish_reason=finish, extra=extra)
 
 
 def generation_from_result(result, iface: ModelInterface, params: GenerationParams) -> GenerationResult:

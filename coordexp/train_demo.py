@@ -1,6 +1,8 @@
-"""Train the demo checkpoint: a tiny Qwen3-VL that really detects synthetic shapes, on CPU.
+"""Train the demo checkpoint: a tiny Qwen3-VL that really detects synthetic shapes (CPU or GPU).
 
     python -m coordexp.train_demo train --out runs/demo_ckpt --steps 1500 --minutes 45
+    python -m coordexp.train_demo train --out runs/demo_ckpt --seed 0 --steps 4661 --stop-at 4455 \
+        --device cuda --workers 4 --threads 1      # the bundled checkpoint (15 min on one H100)
     python -m coordexp.train_demo eval --ckpt runs/demo_ckpt --data data/demo_val/val.jsonl
     python -m coordexp.train_demo export --ckpt runs/demo_ckpt --out checkpoints/coordexp-demo-shapes --dtype float16
 
@@ -11,7 +13,8 @@ step draws 32 fresh 128x128 images from `coordexp.synthetic`; the inputs are bui
 `CoordExpProcessor.encode` (exactly what inference feeds) and the answer is
 `format_coordjson(objects, PromptSpec())` + `<|im_end|>`; the causal-LM loss covers only the answer
 tokens and `<|im_end|>`. AdamW (lr 3e-3, weight decay 0.01), 50 linear warm-up steps then cosine to
-zero, gradient clipping 1.0, bf16 autocast (optional), 2 threads.
+zero, gradient clipping 1.0, bf16 autocast (optional), 2 threads. `--device cuda` trains on a GPU
+(deterministic kernels where torch has them, no TF32); `--workers N` builds batches in N processes.
 
 Determinism: the batch of step s is drawn from a generator seeded by (seed, s), the model init by
 `seed`, and the schedule depends only on the step and the total step count, so `--steps N` rebuilds a

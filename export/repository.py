@@ -94,7 +94,7 @@ MODEL_TENSORS: dict[str, tuple[list[T], list[T]]] = {
          T(C.INPUT_LENGTHS, "INT32", (1,)), T(C.IMAGE_GRID_THW, "INT64", (3,)),
          T(C.IMAGE_EMBEDS, "FP32", (-1, -1), ragged=True), T(C.DEEPSTACK_EMBEDS, "FP32", (-1, -1, -1), ragged=True),
          *_llm_decoding_tensors()],
-        [T(C.OUTPUT_IDS, "INT32", (-1,)), T(C.SEQUENCE_LENGTH, "INT32", (1,))],
+        [T(C.OUTPUT_IDS, "INT32", (-1,)), T(C.SEQUENCE_LENGTH, "INT32", (1,)), T(C.GUIDED_CLOSED_EARLY, "BOOL", (1,))],
     ),
     C.POSTPROCESS: (
         [T(C.OUTPUT_IDS, "INT32", (-1,), ragged=True), T(C.SEQUENCE_LENGTH, "INT32", (1,))],
@@ -108,7 +108,8 @@ MODEL_TENSORS[C.LLM_STREAM] = ([*MODEL_TENSORS[C.LLM][0], STREAM_TENSOR], MODEL_
 ENSEMBLE_INPUTS = [T(C.IMAGE_BYTES_INPUT, "STRING", (1,)), T(C.TEXT_INPUT, "STRING", (1,), optional=True),
                    *DECODING_TENSORS]
 ENSEMBLE_OUTPUTS = [T(C.TEXT_OUTPUT, "STRING", (1,)), T(C.PREDS_JSON, "STRING", (1,)),
-                    T(C.OUTPUT_IDS, "INT32", (-1,)), T(C.SEQUENCE_LENGTH, "INT32", (1,))]
+                    T(C.OUTPUT_IDS, "INT32", (-1,)), T(C.SEQUENCE_LENGTH, "INT32", (1,)),
+                    T(C.GUIDED_CLOSED_EARLY, "BOOL", (1,))]
 
 # The ensemble's wiring, in one place: step -> (input_map {step tensor: ensemble tensor},
 # output_map {step tensor: ensemble tensor}). Internal ensemble tensors keep the step tensors' names.
@@ -123,7 +124,8 @@ ENSEMBLE_STEPS: list[tuple[str, dict[str, str], dict[str, str]]] = [
      {**{n: n for n in (C.INPUT_IDS, C.ATTENTION_MASK, C.INPUT_LENGTHS, C.IMAGE_GRID_THW, C.IMAGE_EMBEDS,
                         C.DEEPSTACK_EMBEDS)},
       **{llm_name: ens_name for ens_name, llm_name in C.DECODING_INPUTS.items()}},
-     {C.OUTPUT_IDS: C.OUTPUT_IDS, C.SEQUENCE_LENGTH: C.SEQUENCE_LENGTH}),
+     {C.OUTPUT_IDS: C.OUTPUT_IDS, C.SEQUENCE_LENGTH: C.SEQUENCE_LENGTH,
+      C.GUIDED_CLOSED_EARLY: C.GUIDED_CLOSED_EARLY}),
     (C.POSTPROCESS,
      {C.OUTPUT_IDS: C.OUTPUT_IDS, C.SEQUENCE_LENGTH: C.SEQUENCE_LENGTH},
      {C.TEXT_OUTPUT: C.TEXT_OUTPUT, C.PREDS_JSON: C.PREDS_JSON}),

@@ -248,10 +248,13 @@ def test_models_lists_readiness_and_the_export_manifest(server, exported):
     assert r.returncode == 0, r.stderr
     (srv,) = json.loads(r.stdout)["servers"]
     models = {m["name"]: m for m in srv["models"]}
-    assert set(models) == {"coordexp", "preprocess", "vision_encoder", "llm", "postprocess"}
+    assert set(models) == {"coordexp", "preprocess", "vision_encoder", "llm", "postprocess", "coordexp_stream",
+                           "llm_stream"}
     assert all(m["state"] == "READY" for m in models.values())
     ens = models["coordexp"]
     assert ens["coordexp"] is True and ens["max_batch_size"] == 8 and ens["decoupled"] is False
+    assert ens["streams"] is False and models["coordexp_stream"]["streams"] is True
+    assert models["llm_stream"]["decoupled"] is True and models["coordexp_stream"]["coordexp"] is True
     man = ens["manifest"]
     assert man["hash"] == checkpoint_digest(exported[0])["weights_sha256"]
     assert man["prompt_variant"] == "coordexp/tokens/desc_first/sorted/v1" and man["export_date"]

@@ -438,3 +438,22 @@ def test_guided_greedy_parity_served(tiny_ckpt, server):
     assert not [r for r in served if isinstance(r, Exception)], served
     assert [r["token_ids"] for r in served] == [r.token_ids for r in ref]
     assert all(r["preds"]["error"] is None and not r["preds"]["repairs"] for r in served)
+    # the "closed early" flag comes back from the server too, unary and streamed, as the engines set it
+    flags = [r.extra["guided_closed_early"] for r in ref]
+    assert any(flags)  # a random model in 24 tokens: guidance must close some answers early
+    assert [r["guided_closed_early"] for r in served] == flags
+
+    import asyncio
+
+    from coordexp.client.remote import ServerPool
+
+    async def via_pool(model):
+        pool, _ = await ServerPool.connect([server.grpc_url], model)
+        try:
+            return [(await pool.generate(_png(im), params))[0] for im in imgs]
+        finally:
+            await pool.close()
+
+    for model in ("coordexp", "coordexp_stream"):
+        got = asyncio.run(via_pool(model))
+        assert [g.extra for g in got] == [r.extra for r in ref], model

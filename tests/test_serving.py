@@ -161,6 +161,32 @@ def test_decoupled_llm_streams_per_step_and_ends_every_request_once():
     assert [int(res[C.SEQUENCE_LENGTH][0, 0]) for res, _ in by_req[4]] == [1]  # length limit: final at once
 
 
+def test_guided_closed_early_flag_reaches_unary_and_streamed_outputs():
+    from types import SimpleNamespace
+
+    from coordexp.serving.llm import DecoupledRun
+
+    def hook_factory(params, batch):  # stands in for GuidedLogitsHook: its state says which rows closed early
+        return SimpleNamespace(state=SimpleNamespace(closed_early=[i % 2 == 0 for i in range(batch)]))
+
+    def batcher():
+        return LlmBatcher(SteppingParts(), GenerationParams(max_new_tokens=8), max_new_tokens=16,
+                          guided_hook=hook_factory)
+
+    guided = {C.GUIDED: [True, True]}
+    views = [_llm_view([4, 6], [[1, 4, 4], [1, 2, 2]], **guided),
+             _llm_view([4, 6], [[1, 4, 4], [1, 2, 2]], **guided, **{C.STREAM: [True, True]}),
+             _llm_view([5], [[1, 4, 4]])]
+    unary = batcher().run(views)
+    np.testing.assert_array_equal(unary[0][C.GUIDED_CLOSED_EARLY], [[True], [False]])
+    np.testing.assert_array_equal(unary[2][C.GUIDED_CLOSED_EARLY], [[False]])  # not guided
+    sent = []
+    DecoupledRun(batcher(), lambda r, res, final: sent.append((r, res, final))).run(views)
+    finals = {r: res for r, res, final in sent if final}
+    for r in range(3):
+        np.testing.assert_array_equal(finals[r][C.GUIDED_CLOSED_EARLY], unary[r][C.GUIDED_CLOSED_EARLY])
+
+
 def test_llm_params_and_guided_without_hook():
     d = GenerationParams(max_new_tokens=8)
     p = params_for_row(d, 16, np.int32(4), np.float32(0.5), np.float32(0.9), np.float32(1.1), np.uint64(2**63),

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coordexp.serving.common import (ENSEMBLE, GUIDED, IGNORE_EOS, IMAGE_BYTES_INPUT, MAX_TOKENS, OUTPUT_IDS,
+from coordexp.serving.common import (ENSEMBLE, GUIDED, GUIDED_CLOSED_EARLY, IGNORE_EOS, IMAGE_BYTES_INPUT, MAX_TOKENS, OUTPUT_IDS,
                                      PREDS_JSON, RANDOM_SEED, REPETITION_PENALTY, RUNTIME_TOP_P, SEQUENCE_LENGTH,
                                      TEMPERATURE, TEXT_INPUT, TEXT_OUTPUT, as_str, bytes_array)
 
@@ -60,8 +60,10 @@ def ensemble_outputs(result: Any) -> list[dict[str, Any]]:
     preds = np.asarray(result.as_numpy(PREDS_JSON)).reshape(b, -1)
     ids = np.asarray(result.as_numpy(OUTPUT_IDS)).reshape(b, -1)
     lengths = np.asarray(result.as_numpy(SEQUENCE_LENGTH)).reshape(b, -1)
+    closed = result.as_numpy(GUIDED_CLOSED_EARLY)
+    closed = np.asarray(closed).reshape(b, -1) if closed is not None else np.zeros((b, 1), bool)
     return [{"text": as_str(texts[i, 0]), "token_ids": [int(t) for t in ids[i, :int(lengths[i, 0])]],
-             "preds": json.loads(as_str(preds[i, 0]))} for i in range(b)]
+             "preds": json.loads(as_str(preds[i, 0])), "guided_closed_early": bool(closed[i, 0])} for i in range(b)]
 
 
 def infer_many(url: str, images: Sequence[bytes], params: Any = None, concurrency: int = 1,

@@ -67,6 +67,7 @@ OUTPUT_IDS = "output_ids"  # INT32 [-1], generated ids (stop token excluded), pa
 SEQUENCE_LENGTH = "sequence_length"  # INT32 [1]: number of generated ids
 TEXT_OUTPUT = "text_output"  # BYTES [1]: the decoded model text (coord tokens kept)
 PREDS_JSON = "preds_json"  # BYTES [1]: {"preds", "error", "error_message", "repairs"}
+GUIDED_CLOSED_EARLY = "guided_closed_early"  # BOOL [1]: guided decoding closed the answer early (budget)
 
 # Ensemble decoding inputs -> llm inputs
 DECODING_INPUTS = {

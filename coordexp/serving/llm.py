@@ -5,7 +5,8 @@ Per request:
   image_grid_thw INT64 [B, 3], image_embeds FP32 [B, N, H], deepstack_embeds FP32 [B, L, N, H],
   optional: request_output_len INT32, temperature FP32, runtime_top_p FP32, repetition_penalty FP32,
             random_seed UINT64, guided BOOL, ignore_eos BOOL (each [B, 1])
-  -> output_ids INT32 [B, S] (stop token excluded, padded with the pad id), sequence_length INT32 [B, 1]
+  -> output_ids INT32 [B, S] (stop token excluded, padded with the pad id), sequence_length INT32 [B, 1],
+     guided_closed_early BOOL [B, 1] (guided decoding had to close the answer early to fit max_tokens)
 
 Decoupled (`model_transaction_policy { decoupled: true }`, the `llm_stream` model of the streaming
 ensemble): every request gets its responses through its response sender. With `stream` true, one
@@ -28,7 +29,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from coordexp.engines.base import GenerationParams
-from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, IGNORE_EOS, IMAGE_EMBEDS,
+from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, GUIDED_CLOSED_EARLY, IGNORE_EOS,
+                                     IMAGE_EMBEDS,
                                      IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, ONNX_SUBDIR, OUTPUT_IDS,
                                      RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P,
                                      SEQUENCE_LENGTH, STREAM, TEMPERATURE, RequestError, TritonRequestView,
@@ -88,6 +90,23 @@ def params_for_row(defaults: GenerationParams, limit: int, max_tokens: Any = Non
         return replace(defaults, **kw)
     except ValueError as e:  # GenerationParams validation
         raise RequestError(str(e)) from None
+
+
+class Generated(list):
+    """A row's generated ids, plus what guided decoding says of them."""
+
+    closed_early: bool = False
+
+    @classmethod
+    def of(cls, ids: Sequence[int], closed_early: bool = False) -> "Generated":
+        g = cls(int(t) for t in ids)
+        g.closed_early = bool(closed_early)
+        return g
+
+
+def _closed_early(hook: Any, row: int) -> bool:
+    state = getattr(hook, "state", None)
+    return bool(state is not None and state.closed_early[row])
 
 
 def _renumbered(on_progress: ProgressCallback, chunk: list[int]) -> Callable[[list[list[int]], list[int]], None]:
@@ -162,11 +181,20 @@ class LlmBatcher:
                 raise RequestError("guided decoding is not available in this llm model; send guided=false")
             hook = self.guided_hook(params, len(items))
         self.calls.append(len(items))
-        kw = {"on_step": on_step} if on_step is not None else {}
+        kw = {}
+        if on_step is not None:
+            ended: dict[int, Generated] = {}
+
+            def flagged(generated: list[list[int]], finished: list[int]) -> None:
+                # a finished row's ids carry its guided flag, final from then on
+                for b in finished:
+                    ended[b] = Generated.of(generated[b], _closed_early(hook, b))
+                on_step([ended.get(b, g) for b, g in enumerate(generated)], finished)
+            kw["on_step"] = flagged
         out = self.parts.generate(input_ids, attention_mask, grid, embeds, deep, params, logits_hook=hook, **kw)
         if len(out) != len(items):
             raise RuntimeError(f"generate returned {len(out)} rows for {len(items)}")
-        return [[int(t) for t in row] for row in out]
+        return [Generated.of(row, _closed_early(hook, b)) for b, row in enumerate(out)]
 
     def generate(self, items: Sequence[LlmItem], on_progress: ProgressCallback | None = None
                  ) -> list[list[int] | Exception]:
@@ -196,7 +224,8 @@ class LlmBatcher:
         for i, g in enumerate(generated):
             ids[i, :len(g)] = g
         lengths = np.asarray([[len(g)] for g in generated], dtype=np.int32)
-        return {OUTPUT_IDS: ids, SEQUENCE_LENGTH: lengths}
+        closed = np.asarray([[bool(getattr(g, "closed_early", False))] for g in generated], dtype=np.bool_)
+        return {OUTPUT_IDS: ids, SEQUENCE_LENGTH: lengths, GUIDED_CLOSED_EARLY: closed}
 
     def run(self, views: Sequence[TritonRequestView]) -> list[dict[str, np.ndarray] | Exception]:
         """Several requests (one dynamic batch) -> their outputs (or their error)."""
@@ -268,8 +297,7 @@ class DecoupledRun:
                     continue
                 final = remaining[r] == 0
                 if final or streams[r]:
-                    rows_ = partial[first[r]:first[r] + count[r]]
-                    self.send(r, self.batcher.outputs([list(x) for x in rows_]), final)
+                    self.send(r, self.batcher.outputs(partial[first[r]:first[r] + count[r]]), final)
                     if final:
                         done.add(r)
 
