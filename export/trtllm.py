@@ -117,6 +117,11 @@ class TrtllmOptions:
     tp_size: int = 1
     vision: str = "trtllm"
     vision_max_patches: int | None = None  # None: the image processor's largest image
+    streaming: bool = True  # + llm_stream / <name>_stream: a second LLM instance, each with half the KV share
+
+    @property
+    def kv_fraction_per_instance(self) -> float:
+        return round(self.kv_cache_fraction / 2, 4) if self.streaming else self.kv_cache_fraction
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrtllmOptions":
@@ -124,7 +129,8 @@ class TrtllmOptions:
                    max_input_len=getattr(args, "max_input_len", None), max_new_tokens=args.max_new_tokens,
                    kv_cache_fraction=getattr(args, "kv_cache_fraction", None) or 0.8,
                    tp_size=getattr(args, "tp_size", None) or 1, vision=getattr(args, "trtllm_vision", None) or "trtllm",
-                   vision_max_patches=getattr(args, "vision_max_patches", None))
+                   vision_max_patches=getattr(args, "vision_max_patches", None),
+                   streaming=getattr(args, "stream", True))
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
@@ -303,7 +309,7 @@ def llm_api_config(plan_facts: CheckpointFacts, opts: TrtllmOptions, max_input_l
     `model` is relative to the repository root (the model resolves it); the other keys are the
     LLM API's own names, so the file also works with the official `llmapi` Triton model."""
     dt = DTYPES[opts.dtype]
-    kv: dict[str, Any] = {"free_gpu_memory_fraction": float(opts.kv_cache_fraction)}
+    kv: dict[str, Any] = {"free_gpu_memory_fraction": float(opts.kv_fraction_per_instance)}
     if dt["kv_cache"]:
         kv["dtype"] = dt["kv_cache"]
     return {
@@ -545,7 +551,7 @@ def write_trtllm_repository(plan: TrtllmPlan, prompt=None, decoding=None, option
     from coordexp.serving import common as C
 
     prompt = prompt or PromptSpec()
-    options = options or R.ServingOptions()
+    options = options or R.ServingOptions(streaming=plan.options.streaming)
     decoding = decoding or GenerationParams(max_new_tokens=plan.options.max_new_tokens)
     repo = plan.repo
     parent = os.path.dirname(repo)
@@ -586,10 +592,9 @@ def write_trtllm_repository(plan: TrtllmPlan, prompt=None, decoding=None, option
             "validation": None,
             "trtllm": {"pinned": dict(PINNED), "dry_run": bool(dry_run), **_plan_summary(plan)},
         }
-        llm_api = json.loads(json.dumps(plan.llm_api))
-        if options.streaming:  # llm and llm_stream each load the model: each takes half the KV-cache share
-            kv = llm_api["kv_cache_config"]
-            kv["free_gpu_memory_fraction"] = round(kv["free_gpu_memory_fraction"] / 2, 4)
+        if options.streaming != plan.options.streaming:
+            raise ValueError("the plan's and the repository's streaming settings differ (KV-cache split)")
+        if options.streaming:
             manifest["trtllm"]["kv_cache_note"] = ("llm and llm_stream are two TensorRT-LLM instances (two copies of the "
                                                    "weights); each gets half of --kv-cache-fraction. Export with "
                                                    "--no-stream for one instance.")
@@ -605,7 +610,7 @@ def write_trtllm_repository(plan: TrtllmPlan, prompt=None, decoding=None, option
             Path(tmp, model, "config.pbtxt").write_text(text, encoding="utf-8")
             if model in modules:
                 Path(tmp, model, "1", "model.py").write_text(shim(*modules[model]), encoding="utf-8")
-        Path(tmp, MODEL_YAML).write_text(_yaml_text(llm_api, (
+        Path(tmp, MODEL_YAML).write_text(_yaml_text(plan.llm_api, (
             f"# tensorrt_llm.LLM(**this) - TorchLlmArgs of TensorRT-LLM {PINNED['tensorrt_llm']} (PyTorch backend).\n"
             "# Written by coordexp.export.trtllm; `model` is relative to the repository root.\n")), encoding="utf-8")
         if copy_checkpoint:
@@ -653,7 +658,8 @@ def plan_lines(plan: TrtllmPlan, dry_run: bool) -> list[str]:
              f"model      : {plan.facts.family} ({plan.facts.architecture}), dtype {o.dtype}, tp {o.tp_size}",
              f"batching   : max_batch_size {o.max_batch_size}, max_input_len {plan.max_input_len}, max_new_tokens "
              f"{o.max_new_tokens}, max_seq_len {plan.max_seq_len}, max_num_tokens {plan.max_num_tokens}",
-             f"kv cache   : free_gpu_memory_fraction {o.kv_cache_fraction}"
+             f"kv cache   : free_gpu_memory_fraction {o.kv_fraction_per_instance}"
+             + (f" per LLM instance (llm and llm_stream: half of {o.kv_cache_fraction} each)" if o.streaming else "")
              + (f", dtype {kv['dtype']}" if "dtype" in kv else ""),
              f"vision     : {o.vision}" + (f" (engine profile {plan.profile['min']}/{plan.profile['opt']}/"
                                           f"{plan.profile['max']} patches)" if o.vision == "tensorrt" else
@@ -701,7 +707,7 @@ def export_trtllm_format(args: argparse.Namespace) -> dict[str, Any]:
         run_commands(plan)
     from coordexp.export.repository import ServingOptions
 
-    manifest = write_trtllm_repository(plan, PromptSpec(), options=ServingOptions(streaming=getattr(args, "stream", True)),
+    manifest = write_trtllm_repository(plan, PromptSpec(), options=ServingOptions(streaming=opts.streaming),
                                        dry_run=dry, copy_checkpoint=not dry)
     return {"repo": plan.repo, "dry_run": dry, "plan": plan.to_dict(), "manifest": manifest,
             "lines": plan_lines(plan, dry)}

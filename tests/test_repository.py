@@ -102,7 +102,8 @@ def test_tensor_names_and_optional_inputs(repo):
     assert dtype == {"image_bytes_input": "TYPE_STRING", "text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32",
                      "temperature": "TYPE_FP32", "runtime_top_p": "TYPE_FP32", "repetition_penalty": "TYPE_FP32",
                      "random_seed": "TYPE_UINT64", "guided": "TYPE_BOOL", "ignore_eos": "TYPE_BOOL"}
-    assert [t.name for t in ens.output] == ["text_output", "preds_json", "output_ids", "sequence_length"]
+    assert [t.name for t in ens.output] == ["text_output", "preds_json", "output_ids", "sequence_length",
+                                           "guided_closed_early"]
     llm = configs[C.LLM]
     assert llm.dynamic_batching.max_queue_delay_microseconds == ServingOptions().llm_queue_delay_us
     assert {t.name for t in llm.input if t.allow_ragged_batch} == {"input_ids", "attention_mask", "image_embeds",

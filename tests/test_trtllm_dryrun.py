@@ -225,13 +225,27 @@ def test_precision_and_options(tiny_ckpt, tmp_path):
         assert DTYPES[dtype]["trtexec"] == flag
     plan = make_plan(tiny_ckpt, "coordexp", str(tmp_path / "r"),
                      TrtllmOptions(dtype="fp8", max_batch_size=4, max_input_len=400, max_new_tokens=64,
-                                   kv_cache_fraction=0.5, tp_size=2, vision_max_patches=128))
+                                   kv_cache_fraction=0.5, tp_size=2, vision_max_patches=128, streaming=False))
     api = plan.llm_api
     assert api["kv_cache_config"] == {"free_gpu_memory_fraction": 0.5, "dtype": "fp8"} and api["dtype"] == "bfloat16"
     assert api["tensor_parallel_size"] == 2 and api["max_batch_size"] == 4
     assert api["max_input_len"] == 400 and api["max_seq_len"] == 464
     assert plan.profile["max"] == 128 and any("below the image processor's largest image" in w for w in plan.warnings)
     assert any("Model Optimizer" in n for n in plan.notes) and any("MPI workers" in n for n in plan.notes)
+
+
+def test_no_stream_gives_one_llm_instance_with_the_whole_kv_share(tiny_ckpt, tmp_path):
+    import yaml
+
+    rc, out = dry_run(["--ckpt", tiny_ckpt, "--backend", "trtllm", "--dry-run", "--repo", str(tmp_path / "r"),
+                       "--no-stream"])
+    assert rc == 0, out
+    assert sorted(os.listdir(tmp_path / "r")) == sorted(["coordexp", C.LLM, C.PREPROCESS, C.POSTPROCESS, C.MANIFEST])
+    args = yaml.safe_load(open(tmp_path / "r" / "llm" / "1" / "model.yaml"))
+    assert args["kv_cache_config"]["free_gpu_memory_fraction"] == 0.8
+    assert "free_gpu_memory_fraction 0.8" in out and "llm_stream" not in out
+    manifest = json.load(open(tmp_path / "r" / C.MANIFEST))
+    assert manifest["models"]["stream_ensemble"] is None and "kv_cache_note" not in manifest["trtllm"]
 
 
 def test_refusals_exit_2(tiny_ckpt, tmp_path, capsys):
