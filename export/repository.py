@@ -49,7 +49,8 @@ from coordexp.serving import common as C
 
 MANIFEST_VERSION = "coordexp.repository.v1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx")
-SKIP_FILES = {"README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+SKIP_FILES = {"README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+              "training.json", "train_log.txt", "train_log.jsonl"}  # model card and training records: not served
 
 
 # ---------------------------------------------------------------------------- tensor specs
