@@ -181,12 +181,14 @@ async def drive(pool, inputs: Sequence[bytes], concurrency: int, n: int, params,
             t0 = time.perf_counter()
             gen, facts = await pool.generate(data, params, user_text, stream=stream)
             dt = time.perf_counter() - t0
+            timing = facts.get("timing")
+            if timing is not None and timing.end_s is not None and facts.get("attempts", 1) == 1:
+                dt = timing.end_s  # the final response's arrival (not the stream's close after it)
             if gen.error:
                 errors += 1
                 continue
             lat.append(dt)
             toks.append(len(gen.token_ids))
-            timing = facts.get("timing")
             if timing is not None and timing.first_token_s is not None:
                 ttft.append(timing.first_token_s)
                 if timing.inter_token_s is not None:

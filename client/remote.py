@@ -317,6 +317,11 @@ def is_final_response(result: Any) -> bool:
     return True if p is None else bool(p.bool_param)
 
 
+async def _drain(call: Any) -> None:
+    async for _ in call:
+        pass
+
+
 @dataclass
 class StreamTiming:
     """When the responses of one streamed request arrived (seconds after it was sent)."""
@@ -610,9 +615,14 @@ class ServerPool:
                     break
             if last is None or timing.end_s is None:
                 raise RuntimeError("the response stream ended before the final response")
+            done.set()  # half-close: the server ends the call once its side is done (a cancelled call
+            try:        # can leave the streaming ensemble unable to unload at server shutdown)
+                await asyncio.wait_for(_drain(call), timeout=5.0)
+            except (asyncio.TimeoutError, Exception):
+                pass
         finally:
             done.set()
-            call.cancel()
+            call.cancel()  # no-op on a call that already ended
         return last, timing
 
     async def generate(self, image_bytes: bytes, params: GenerationParams,

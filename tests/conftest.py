@@ -53,7 +53,10 @@ def server(exported):
     try:
         yield srv
     finally:
-        srv.stop()
+        rc = srv.stop()
+    # a clean shutdown: every model unloads in time (a streamed request the client left half-open
+    # kept the streaming ensemble alive, and Triton exited 1 after its exit timeout)
+    assert rc == 0, f"tritonserver exited with {rc}; see {srv.log_path}"
 
 
 @pytest.fixture(scope="session")
