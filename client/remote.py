@@ -594,13 +594,14 @@ class ServerPool:
             await done.wait()  # keep the stream open until the final response is in
 
         timing = StreamTiming()
-        last = None
+        last = failure = None
         t0 = time.perf_counter()
         call = s.client.stream_infer(requests(), stream_timeout=self.timeout)
         try:
             async for res, err in call:
-                if err is not None:
-                    raise err
+                if err is not None:  # this request failed (the stream itself goes on)
+                    failure = err
+                    break
                 t = time.perf_counter() - t0
                 timing.responses += 1
                 n = _first(res.as_numpy("sequence_length")) if "sequence_length" in self.iface.outputs else None
@@ -613,16 +614,20 @@ class ServerPool:
                 if is_final_response(res):
                     timing.end_s = t
                     break
-            if last is None or timing.end_s is None:
-                raise RuntimeError("the response stream ended before the final response")
-            done.set()  # half-close: the server ends the call once its side is done (a cancelled call
-            try:        # can leave the streaming ensemble unable to unload at server shutdown)
+            # Half-close and let the server end the call: a cancelled call can leave the streaming
+            # ensemble unable to unload at server shutdown (Triton then exits 1 after its timeout).
+            done.set()
+            try:
                 await asyncio.wait_for(_drain(call), timeout=5.0)
             except (asyncio.TimeoutError, Exception):
                 pass
         finally:
             done.set()
             call.cancel()  # no-op on a call that already ended
+        if failure is not None:
+            raise failure
+        if last is None or timing.end_s is None:
+            raise RuntimeError("the response stream ended before the final response")
         return last, timing
 
     async def generate(self, image_bytes: bytes, params: GenerationParams,
