@@ -280,13 +280,13 @@ def pick_server(servers: Sequence["ServerState"]) -> int | None:
     return None if best is None else best[1]
 
 
-def error_status(exc: BaseException) -> str:
-    """"StatusCode.X" of a tritonclient error, or of a raw grpc.aio error (the stream API raises those)."""
-    for attr in ("status", "code"):
-        st = getattr(exc, attr, None)
-        if callable(st):
+def _first_answer(exc: BaseException, methods: Sequence[str]) -> str:
+    """The first non-empty answer of the named no-argument methods of an error ("" if none)."""
+    for name in methods:
+        fn = getattr(exc, name, None)
+        if callable(fn):
             try:
-                v = st()
+                v = fn()
             except Exception:
                 continue
             if v:
@@ -294,17 +294,13 @@ def error_status(exc: BaseException) -> str:
     return ""
 
 
+def error_status(exc: BaseException) -> str:
+    """"StatusCode.X" of a tritonclient error, or of a raw grpc.aio error (the stream API raises those)."""
+    return _first_answer(exc, ("status", "code"))
+
+
 def error_message(exc: BaseException) -> str:
-    for attr in ("message", "details"):
-        msg = getattr(exc, attr, None)
-        if callable(msg):
-            try:
-                m = msg()
-                if m:
-                    return str(m)
-            except Exception:
-                pass
-    return str(exc) or type(exc).__name__
+    return _first_answer(exc, ("message", "details")) or str(exc) or type(exc).__name__
 
 
 def is_final_response(result: Any) -> bool:
