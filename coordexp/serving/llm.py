@@ -30,8 +30,7 @@ import numpy as np
 
 from coordexp.engines.base import GenerationParams
 from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, GUIDED_CLOSED_EARLY, IGNORE_EOS,
-                                     IMAGE_EMBEDS,
-                                     IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, ONNX_SUBDIR, OUTPUT_IDS,
+                                     IMAGE_EMBEDS, IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, ONNX_SUBDIR, OUTPUT_IDS,
                                      RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P,
                                      SEQUENCE_LENGTH, STREAM, TEMPERATURE, RequestError, TritonRequestView,
                                      config_parameters, error_response, int_param, pad_stack, repository_root,
