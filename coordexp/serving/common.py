@@ -225,3 +225,16 @@ def error_response(pb_utils: Any, exc: BaseException) -> Any:
 def response(pb_utils: Any, outputs: dict[str, np.ndarray]) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
+
+def decoupled_sender(pb_utils: Any, requests: Sequence[Any]):
+    """`send(i, outputs_or_error, final)` for the requests of a decoupled model's `execute()`:
+    through request i's response sender, flagged final on its last response."""
+    senders = [r.get_response_sender() for r in requests]
+    final_flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+    def send(i: int, res: dict[str, np.ndarray] | BaseException, final: bool) -> None:
+        msg = error_response(pb_utils, res) if isinstance(res, BaseException) else response(pb_utils, res)
+        senders[i].send(msg, flags=final_flag if final else 0)
+
+    return send
+

@@ -33,7 +33,8 @@ from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, G
                                      IMAGE_EMBEDS, IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, ONNX_SUBDIR, OUTPUT_IDS,
                                      RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P,
                                      SEQUENCE_LENGTH, STREAM, TEMPERATURE, RequestError, TritonRequestView,
-                                     config_parameters, error_response, int_param, pad_stack, repository_root,
+                                     config_parameters, decoupled_sender, error_response, int_param, pad_stack,
+                                     repository_root,
                                      request_view, resolve, response, rows)
 from coordexp.serving.vision_encoder import merge_size_of
 
@@ -363,14 +364,7 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any] | None:
         views = [request_view(self.pb, r, LLM_INPUTS) for r in requests]
         if self.decoupled:
-            senders = [r.get_response_sender() for r in requests]
-            final_flag = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-            def send(i: int, res: dict[str, np.ndarray] | Exception, final: bool) -> None:
-                msg = error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res)
-                senders[i].send(msg, flags=final_flag if final else 0)
-
-            DecoupledRun(self.batcher, send).run(views)
+            DecoupledRun(self.batcher, decoupled_sender(self.pb, requests)).run(views)
             return None
         out = []
         for res in self.batcher.run(views):

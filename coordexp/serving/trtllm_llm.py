@@ -45,7 +45,7 @@ from coordexp.engines.base import GenerationParams
 from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, IMAGE_EMBEDS, IMAGE_GRID_THW, INPUT_IDS,
                                      INPUT_LENGTHS, PIXEL_VALUES, PROCESSOR_SUBDIR, REQUEST_OUTPUT_LEN,
                                      RANDOM_SEED, REPETITION_PENALTY, RUNTIME_TOP_P, STREAM, TEMPERATURE, GUIDED,
-                                     IGNORE_EOS, RequestError, TritonRequestView, config_parameters,
+                                     IGNORE_EOS, RequestError, TritonRequestView, config_parameters, decoupled_sender,
                                      error_response, int_param, repository_root, request_view, resolve, response,
                                      rows)
 from coordexp.serving.llm import (LLM_INPUTS, DecoupledRun, LlmBatcher, ProgressCallback, defaults_from_params,
@@ -411,15 +411,8 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
         views = [request_view(self.pb, r, (*TRTLLM_INPUTS, STREAM)) for r in requests]
-        if self.decoupled:
-            senders = [r.get_response_sender() for r in requests]
-            final_flag = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-            def send(i: int, res: Any, final: bool) -> None:
-                msg = error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res)
-                senders[i].send(msg, flags=final_flag if final else 0)
-
-            self.workers.submit(DecoupledRun(self.batcher, send).run, views)
+        if self.decoupled:  # the responses go out from a worker thread; execute() returns at once
+            self.workers.submit(DecoupledRun(self.batcher, decoupled_sender(self.pb, requests)).run, views)
             return None
         return [error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res)
                 for res in self.batcher.run(views)]
