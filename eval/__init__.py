@@ -12,8 +12,7 @@ that need them.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from coordexp.lazy import lazy_exports
 
 _EXPORTS = {
     "evaluate": "pipeline", "run_f1ish": "pipeline", "EVAL_SCHEMA_VERSION": "pipeline",
@@ -29,14 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'coordexp.eval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -96,6 +96,14 @@ def config_parameters(model_config: dict[str, Any] | str) -> dict[str, str]:
     return out
 
 
+def model_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], str, bool]:
+    """What a model's `initialize(args)` needs: (model config, its string parameters, repository root,
+    whether the model is decoupled)."""
+    config = json.loads(args["model_config"])
+    decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled"))
+    return config, config_parameters(config), repository_root(args), decoupled
+
+
 def repository_root(args: dict[str, Any]) -> str:
     """The repository root from the stub's `args` (`model_repository` is the model's folder)."""
     return os.path.dirname(os.path.abspath(args["model_repository"]))

@@ -33,9 +33,8 @@ from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, G
                                      IMAGE_EMBEDS, IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, ONNX_SUBDIR, OUTPUT_IDS,
                                      RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P,
                                      SEQUENCE_LENGTH, STREAM, TEMPERATURE, RequestError, TritonRequestView,
-                                     config_parameters, decoupled_sender, error_response, int_param, pad_stack,
-                                     repository_root,
-                                     request_view, resolve, response, rows)
+                                     decoupled_sender, error_response, int_param, model_args, pad_stack, request_view,
+                                     resolve, response, rows)
 from coordexp.serving.vision_encoder import merge_size_of
 
 LLM_INPUTS = (INPUT_IDS, ATTENTION_MASK, INPUT_LENGTHS, IMAGE_GRID_THW, IMAGE_EMBEDS, DEEPSTACK_EMBEDS,
@@ -348,9 +347,7 @@ class TritonPythonModel:
         from coordexp.engines.onnx_engine import OnnxParts
 
         self.pb = pb_utils
-        config = json.loads(args["model_config"])
-        params = config_parameters(config)
-        root = repository_root(args)
+        config, params, root, self.decoupled = model_args(args)
         parts = OnnxParts(resolve(root, params.get("onnx_dir") or ONNX_SUBDIR),
                           threads=int_param(params, "intra_op_threads", 0) or None, preload=("embed", "decoder"))
         defaults = defaults_from_params(params)
@@ -359,7 +356,6 @@ class TritonPythonModel:
                                   merge_size=int_param(params, "merge_size", 0) or None,
                                   max_batch_size=int(config.get("max_batch_size") or 0) or None,
                                   guided_hook=guided_hook_factory(parts, params.get("prompt_json")))
-        self.decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled"))
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
         views = [request_view(self.pb, r, LLM_INPUTS) for r in requests]

@@ -42,12 +42,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from coordexp.engines.base import GenerationParams
-from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, IMAGE_EMBEDS, IMAGE_GRID_THW, INPUT_IDS,
-                                     INPUT_LENGTHS, PIXEL_VALUES, PROCESSOR_SUBDIR, REQUEST_OUTPUT_LEN,
-                                     RANDOM_SEED, REPETITION_PENALTY, RUNTIME_TOP_P, STREAM, TEMPERATURE, GUIDED,
-                                     IGNORE_EOS, RequestError, TritonRequestView, config_parameters, decoupled_sender,
-                                     error_response, int_param, repository_root, request_view, resolve, response,
-                                     rows)
+from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, IGNORE_EOS, IMAGE_EMBEDS,
+                                     IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, PIXEL_VALUES, PROCESSOR_SUBDIR,
+                                     RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P, STREAM,
+                                     TEMPERATURE, RequestError, TritonRequestView, decoupled_sender, error_response,
+                                     int_param, model_args, request_view, resolve, response, rows)
 from coordexp.serving.llm import (LLM_INPUTS, DecoupledRun, LlmBatcher, ProgressCallback, defaults_from_params,
                                   params_for_row)
 
@@ -378,9 +377,7 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
-        config = json.loads(args["model_config"])
-        params = config_parameters(config)
-        root = repository_root(args)
+        config, params, root, self.decoupled = model_args(args)
         llm_args = read_llm_args(resolve(root, params.get("model_yaml") or MODEL_YAML), root)
         try:
             from tensorrt_llm import LLM, SamplingParams
@@ -403,7 +400,6 @@ class TritonPythonModel:
             defaults=defaults, max_new_tokens=int_param(params, "max_new_tokens", defaults.max_new_tokens),
             pad_token_id=int_param(params, "pad_token_id", 0), stop_token_ids=stops,
             log=(logger.log_warn if logger is not None else print))
-        self.decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled"))
         if self.decoupled:  # execute() returns at once; requests stream from these threads
             from concurrent.futures import ThreadPoolExecutor
 
@@ -504,8 +500,7 @@ class TrtVisionEncoderModel:
         from coordexp.serving.vision_encoder import VisionEncoder
 
         self.pb = pb_utils
-        params = config_parameters(args["model_config"])
-        root = repository_root(args)
+        _, params, root, _ = model_args(args)
         folder = os.path.join(root, "vision_encoder", "1")
         device = int(args.get("model_instance_device_id") or 0)
         parts = tensorrt_vision_parts(resolve(root, params.get("plan") or "vision_encoder/1/model.plan"),
