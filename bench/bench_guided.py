@@ -82,7 +82,7 @@ def run(engine, images, params, batch: int = 4) -> dict[str, Any]:
 
 
 def sweep(engine, images, max_new: int, settings: Sequence[tuple[float, int]], guided: bool) -> dict[str, Any]:
-    from coordexp.engines.base import GenerationParams
+    from coordexp.generation import GenerationParams
 
     parts = [run(engine, images, GenerationParams(max_new_tokens=max_new, temperature=t, seed=s, guided=guided))
              for t, s in settings]

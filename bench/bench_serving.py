@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from coordexp.engines.base import GenerationParams
+    from coordexp.generation import GenerationParams
     from coordexp.prompt import PromptSpec
     from coordexp.serving.common import ENSEMBLE, read_manifest
 

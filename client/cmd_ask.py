@@ -91,7 +91,7 @@ class RemoteSource:
 
     def generate(self, image_bytes: bytes, image, params, user_text: str | None):
         from coordexp.client.remote import AllServersDown, fit_params_to_server
-        from coordexp.engines.base import GenerationResult
+        from coordexp.generation import GenerationResult
 
         params = fit_params_to_server(params, self.manifest, self.args)
 
@@ -134,7 +134,7 @@ class LocalSource:
     def generate(self, image_bytes: bytes, image, params, user_text: str | None):
         import dataclasses
 
-        from coordexp.engines.base import GenerationResult
+        from coordexp.generation import GenerationResult
 
         self.engine.prompt = dataclasses.replace(self.base, user_text=user_text or self.base.user_text)
         try:

@@ -177,7 +177,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from coordexp.dataset import iter_dataset
-    from coordexp.engines.base import GenerationParams
+    from coordexp.generation import GenerationParams
     from coordexp.prompt import PromptSpec
     from coordexp.serving.common import ENSEMBLE, read_manifest
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from coordexp.engines.base import GenerationParams
+from coordexp.generation import GenerationParams
 from coordexp.prompt import COORD_FORMATS, FIELD_ORDERS, OBJECT_ORDERS, PromptSpec
 
 

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from coordexp.engines.base import GenerationParams, GenerationResult
+from coordexp.generation import GenerationParams, GenerationResult
 
 # The ensemble's interface (TensorRT-LLM-style names). Every required input must be declared with
 # this dtype; optional ones are sent only when the model declares them.

@@ -137,11 +137,11 @@ def _repository_current(repo: str, ckpt: str, max_new_tokens: int) -> bool:
     if not os.path.exists(manifest):
         return False
     try:
-        from coordexp.export.repository import checkpoint_digest
+        from coordexp.checkpoint import checkpoint_digest
 
         with open(manifest) as f:
             m = json.load(f)
-        return (m.get("checkpoint", {}).get("weights_sha256") == checkpoint_digest(ckpt)["weights_sha256"]
+        return (m.get("checkpoint", {}).get("weights_sha256") == checkpoint_digest(ckpt).sha256
                 and m.get("max_new_tokens") == max_new_tokens
                 and bool((m.get("models") or {}).get("stream_ensemble")))  # older exports: no streaming
     except Exception:

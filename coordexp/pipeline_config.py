@@ -173,7 +173,7 @@ class PipelineConfig:
         return [s for s in STAGES if getattr(self.stages, s)]
 
     def generation_params(self):
-        from coordexp.engines.base import GenerationParams
+        from coordexp.generation import GenerationParams
 
         d = dataclasses.asdict(self.infer.decoding)
         if d["max_new_tokens"] is None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from coordexp.dataset import DatasetItem, count_records, iter_dataset
-from coordexp.engines.base import GenerationParams, GenerationResult
+from coordexp.generation import GenerationParams, GenerationResult
 from coordexp.schema import SCHEMA_VERSION, ErrorCode, PredictionRecord
 
 

@@ -29,7 +29,6 @@ Qwen2.5-VL (`model_type` qwen2_5_vl) differs only in the vision graph and has no
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from coordexp.files import sha256_file
+from coordexp.checkpoint import checkpoint_digest
 
 META_NAME = "onnx_meta.json"
 META_FORMAT = "coordexp-onnx/1"
@@ -51,7 +50,6 @@ PROCESSOR_FILES = (
     "video_preprocessor_config.json", "generation_config.json", "config.json",
 )
 SUPPORTED_FAMILIES = ("qwen3_vl", "qwen2_5_vl")
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _EXTERNAL_DATA_BYTES = 1_500_000_000  # graphs above this keep their weights in a `<graph>.data` file
 
 
@@ -60,24 +58,6 @@ class ExportError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def weight_files(ckpt: str | os.PathLike) -> list[Path]:
-    folder = Path(ckpt)
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
-                  and not p.name.startswith("training_args"))
-
-
-def checkpoint_hashes(ckpt: str | os.PathLike) -> tuple[str, dict[str, str]]:
-    """(`checkpoint_sha256`, {weights file: sha256}). With one weights file the checkpoint hash IS
-    that file's sha256; with shards it is the sha256 of the sorted "name sha" lines."""
-    files = {p.name: sha256_file(p) for p in weight_files(ckpt)}
-    if not files:
-        raise ExportError(f"{ckpt}: no weights file (*.safetensors / *.bin)")
-    if len(files) == 1:
-        return next(iter(files.values())), files
-    joined = "".join(f"{k} {v}\n" for k, v in sorted(files.items()))
-    return hashlib.sha256(joined.encode()).hexdigest(), files
-
-
 def model_family(config) -> str:
     return str(getattr(config, "model_type", ""))
 
@@ -355,7 +335,7 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int 
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype={dtype!r}; expected float32, float16 or bfloat16")
     t_start = time.perf_counter()
-    ckpt_sha, weight_shas = checkpoint_hashes(ckpt)
+    digest = checkpoint_digest(ckpt)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in GRAPHS:
@@ -508,8 +488,8 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int 
         "opset": int(opset),
         "versions": versions(),
         "checkpoint": os.path.abspath(str(ckpt)),
-        "checkpoint_sha256": ckpt_sha,
-        "weights_sha256": weight_shas,
+        "checkpoint_sha256": digest.sha256,
+        "weights_sha256": digest.files,
         "export_seconds": dict(timings, total=round(time.perf_counter() - t_start, 2)),
     }
     (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

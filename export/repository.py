@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordexp.engines.base import GenerationParams
-from coordexp.files import sha256_file
+from coordexp.generation import GenerationParams
+from coordexp.checkpoint import checkpoint_digest
 from coordexp.prompt import PromptSpec
 from coordexp.serving import common as C
 
@@ -313,15 +313,6 @@ def model_shim(module: str) -> str:
             f"from {module} import TritonPythonModel  # noqa: F401\n")
 
 
-def checkpoint_digest(ckpt: str) -> dict[str, Any]:
-    """sha256 of every weight file of a checkpoint and one digest over all of them."""
-    folder = Path(ckpt)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    per_file = {p.name: sha256_file(p) for p in files}
-    total = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in per_file.items()).encode()).hexdigest()
-    return {"path": str(folder.resolve()), "weights_sha256": total, "weight_files": per_file}
-
-
 def copy_processor_files(ckpt: str, dst: str) -> list[str]:
     """Tokenizer / chat template / image processor files of a checkpoint (no weights)."""
     os.makedirs(dst, exist_ok=True)
@@ -465,7 +456,7 @@ def _assemble(root: str, name: str, onnx_dir: str, ckpt: str, meta: dict[str, An
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "exporter": {"tool": "coordexp.export.build_engine", "writer": "coordexp.export.repository"},
         "versions": library_versions(),
-        "checkpoint": checkpoint_digest(ckpt),
+        "checkpoint": checkpoint_digest(ckpt).to_manifest(),
         "backend": backend,
         "max_batch_size": max_batch_size,
         "max_new_tokens": max_new_tokens,

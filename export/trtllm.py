@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordexp.checkpoint import checkpoint_digest
+
 # ---------------------------------------------------------------------------- pinned versions
 PINNED: dict[str, str] = {
     "triton_release": "25.12",
@@ -544,7 +546,7 @@ def write_trtllm_repository(plan: TrtllmPlan, prompt=None, decoding=None, option
 
     The checkpoint copy and the vision engine are the real run's (`copy_checkpoint`, the trtexec
     command); a dry run writes everything else."""
-    from coordexp.engines.base import GenerationParams
+    from coordexp.generation import GenerationParams
     from coordexp.export import repository as R
     from coordexp.processor import CoordExpProcessor
     from coordexp.prompt import PromptSpec
@@ -573,7 +575,7 @@ def write_trtllm_repository(plan: TrtllmPlan, prompt=None, decoding=None, option
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "exporter": {"tool": "coordexp.export.build_engine", "writer": "coordexp.export.trtllm"},
             "versions": R.library_versions(),
-            "checkpoint": R.checkpoint_digest(plan.facts.path),
+            "checkpoint": checkpoint_digest(plan.facts.path).to_manifest(),
             "backend": "trtllm",
             "max_batch_size": plan.options.max_batch_size,
             "max_new_tokens": plan.options.max_new_tokens,

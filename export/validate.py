@@ -90,9 +90,10 @@ def validate_export(onnx_dir: str | os.PathLike, ckpt: str | os.PathLike | None 
     """
     import torch
 
-    from coordexp.engines.base import GenerationParams
+    from coordexp.generation import GenerationParams
     from coordexp.engines.onnx_engine import OnnxParts
-    from coordexp.export.onnx_export import checkpoint_hashes, read_meta
+    from coordexp.checkpoint import checkpoint_digest
+    from coordexp.export.onnx_export import read_meta
 
     log = log or (lambda s: None)
     t0 = time.perf_counter()
@@ -108,7 +109,7 @@ def validate_export(onnx_dir: str | os.PathLike, ckpt: str | os.PathLike | None 
         reference = TorchEngine(str(ckpt), prompt=prompt, threads=threads)
     ckpt = ckpt if ckpt is not None else getattr(reference, "ckpt", None)
     if check_hash and ckpt is not None:
-        sha, _ = checkpoint_hashes(ckpt)
+        sha = checkpoint_digest(ckpt).sha256
         report["checkpoint_sha256"] = sha
         report["checkpoint_sha256_match"] = sha == meta.get("checkpoint_sha256")
         if not report["checkpoint_sha256_match"]:

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from coordexp.client import cmd_ask, cmd_bench
-from coordexp.engines.base import GenerationParams, GenerationResult
+from coordexp.generation import GenerationParams, GenerationResult
 
 from conftest import SERVED_MAX_NEW as MAX_NEW  # the served tiny checkpoint's limit
 
@@ -242,7 +242,7 @@ def test_ask_interactive_keeps_going_until_quit(server, tmp_path):
 @pytest.mark.slow
 @pytest.mark.triton
 def test_models_lists_readiness_and_the_export_manifest(server, exported):
-    from coordexp.export.repository import checkpoint_digest
+    from coordexp.checkpoint import checkpoint_digest
 
     r = run_client("models", "--url", server.grpc_url, "--json")
     assert r.returncode == 0, r.stderr
@@ -256,7 +256,7 @@ def test_models_lists_readiness_and_the_export_manifest(server, exported):
     assert ens["streams"] is False and models["coordexp_stream"]["streams"] is True
     assert models["llm_stream"]["decoupled"] is True and models["coordexp_stream"]["coordexp"] is True
     man = ens["manifest"]
-    assert man["hash"] == checkpoint_digest(exported[0])["weights_sha256"]
+    assert man["hash"] == checkpoint_digest(exported[0]).sha256
     assert man["prompt_variant"] == "coordexp/tokens/desc_first/sorted/v1" and man["export_date"]
     assert man["versions"]["onnxruntime"] and man["max_new_tokens"] == MAX_NEW
     assert "manifest" not in models["llm"]

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from coordexp.client import remote as R
-from coordexp.engines.base import GenerationParams
+from coordexp.generation import GenerationParams
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO_ROOT, "data", "sample", "sample.jsonl")
@@ -627,7 +627,7 @@ class SlowHeadPool:
         self.started_while_head_ran = None
 
     async def generate(self, image_bytes, params, user_text=None):
-        from coordexp.engines.base import GenerationResult
+        from coordexp.generation import GenerationResult
 
         self.started.append(len(self.started))
         if len(self.started) == 1:

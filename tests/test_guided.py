@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("xgrammar", reason="guided decoding needs xgrammar: pip install --no-deps "
                                        "'xgrammar>=0.2.8,<0.3' 'apache-tvm-ffi>=0.1.11' (make setup does it)")
 
-from coordexp.engines.base import GenerationParams  # noqa: E402
+from coordexp.generation import GenerationParams  # noqa: E402
 from coordexp.parser import parse_model_output  # noqa: E402
 from coordexp.prompt import PromptSpec, format_coordjson  # noqa: E402
 

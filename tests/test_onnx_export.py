@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from coordexp.engines.base import GenerationParams
+from coordexp.generation import GenerationParams
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THREADS = 1  # the test machines are small and shared
@@ -163,14 +163,14 @@ def test_build_engine_refuses_other_families_and_plans_dry_run(tmp_path, tiny_ck
 # ------------------------------------------------------------------------------- the graphs (slow)
 @pytest.mark.slow
 def test_export_folder_is_self_contained(onnx_dir, tiny_ckpt):
-    from coordexp.export.onnx_export import checkpoint_hashes
+    from coordexp.checkpoint import checkpoint_digest
     from coordexp.processor import CoordExpProcessor
 
     meta = json.loads(open(os.path.join(onnx_dir, "onnx_meta.json")).read())
     for f in ("vision.onnx", "embed.onnx", "decoder.onnx"):
         assert os.path.isfile(os.path.join(onnx_dir, f))
     assert meta["family"] == "qwen3_vl" and meta["num_deepstack"] == 2 and meta["num_layers"] == 2
-    assert meta["checkpoint_sha256"] == checkpoint_hashes(tiny_ckpt)[0]
+    assert meta["checkpoint_sha256"] == checkpoint_digest(tiny_ckpt).sha256
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(meta["versions"])
     proc = CoordExpProcessor.from_pretrained(onnx_dir)
     assert proc.image_token_id == meta["image_token_id"] and proc.stop_token_ids == meta["stop_token_ids"]

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from coordexp.dataset import iter_dataset
-from coordexp.engines.base import GenerationParams, GenerationResult
+from coordexp.generation import GenerationParams, GenerationResult
 from coordexp.prompt import PromptSpec
 from coordexp.runner import PredictionWriter, run_dataset
 from coordexp.schema import PredictionRecord

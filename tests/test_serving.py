@@ -16,7 +16,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from coordexp.engines.base import GenerationParams
+from coordexp.generation import GenerationParams
 from coordexp.serving import common as C
 from coordexp.serving.llm import LlmBatcher, params_for_row
 from coordexp.serving.vision_encoder import VisionEncoder

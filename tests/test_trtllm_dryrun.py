@@ -293,7 +293,7 @@ def test_image_and_prompt_rebuilt_exactly(tiny_ckpt):
 
 
 def test_small_helpers():
-    from coordexp.engines.base import GenerationParams
+    from coordexp.generation import GenerationParams
     from coordexp.serving.trtllm_llm import accepted_kwargs, near_square_grid, sampling_kwargs, strip_stop
 
     assert strip_stop([5, 6, 9, 7], [9, 10]) == [5, 6] and strip_stop([5], [9]) == [5]

@@ -1,50 +1,9 @@
-"""What every engine (torch reference, ONNX Runtime in-process, Triton over gRPC) shares."""
+"""Engine helpers shared by the torch and ONNX engines."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
-from coordexp.prompt import PromptSpec
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Decoding parameters, identical in meaning for every engine."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 -> greedy
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-    ignore_eos: bool = False  # benchmarks: generate exactly max_new_tokens
-    guided: bool = False  # constrain decoding to valid CoordJSON (where the engine supports it)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class GenerationResult:
-    text: str  # decoded answer, coord tokens kept, stop token removed
-    token_ids: list[int] = field(default_factory=list)  # generated ids (stop token excluded)
-    prompt_tokens: int = 0
-    finish_reason: str = "stop"  # "stop" | "length"
-    error: str | None = None  # engine-level failure for this record (-> generation_failed)
-    extra: dict[str, Any] = field(default_factory=dict)
+from coordexp.generation import GenerationParams, GenerationResult
 
 
 def results_from_ids(processor: Any, rows: Sequence[list[int]], prompt_len: int, params: GenerationParams,
@@ -56,16 +15,3 @@ def results_from_ids(processor: Any, rows: Sequence[list[int]], prompt_len: int,
                              finish_reason="length" if len(ids) >= params.max_new_tokens else "stop",
                              extra=dict(extra))
             for ids, extra in zip(rows, extras)]
-
-
-class Engine(Protocol):
-    name: str
-    prompt: PromptSpec
-
-    def generate_batch(self, images: Sequence[Any], params: GenerationParams) -> list[GenerationResult]:
-        """Generate for a batch of PIL images; one result per image, in order."""
-        ...
-
-    def describe(self) -> dict[str, Any]:
-        """Facts recorded in summary.json (engine, checkpoint, versions)."""
-        ...

@@ -31,7 +31,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from coordexp.engines.base import GenerationParams, GenerationResult, results_from_ids
+from coordexp.engines.base import results_from_ids
+from coordexp.generation import GenerationParams, GenerationResult
 from coordexp.prompt import PromptSpec
 
 META_NAME = "onnx_meta.json"

@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from coordexp.engines.base import GenerationParams, GenerationResult, results_from_ids
+from coordexp.engines.base import results_from_ids
+from coordexp.generation import GenerationParams, GenerationResult
 from coordexp.prompt import PromptSpec
 
 

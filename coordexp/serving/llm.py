@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from coordexp.engines.base import GenerationParams
+from coordexp.generation import GenerationParams
 from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, GUIDED_CLOSED_EARLY, IGNORE_EOS,
                                      IMAGE_EMBEDS, IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, ONNX_SUBDIR, OUTPUT_IDS,
                                      RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P,

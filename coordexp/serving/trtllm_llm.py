@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coordexp.engines.base import GenerationParams
+from coordexp.generation import GenerationParams
 from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, IGNORE_EOS, IMAGE_EMBEDS,
                                      IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, PIXEL_VALUES, PROCESSOR_SUBDIR,
                                      RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P, STREAM,
