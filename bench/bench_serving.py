@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from coordexp.generation import GenerationParams
     from coordexp.prompt import PromptSpec
-    from coordexp.serving.common import ENSEMBLE, read_manifest
+    from coordexp.serving.common import read_manifest
+    from coordexp.wire import ENSEMBLE
 
     workdir = tempfile.mkdtemp(prefix="coordexp-bench-")
     ckpt, repo = prepare(args, workdir)

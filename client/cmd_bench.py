@@ -284,7 +284,7 @@ def run_baseline(kind: str, ckpt: str, inputs: Sequence[bytes], n: int, warmup: 
 
 
 def stream_model(model: str) -> str:
-    from coordexp.serving.common import STREAM_SUFFIX, stream_ensemble_name
+    from coordexp.wire import STREAM_SUFFIX, stream_ensemble_name
 
     return model if model.endswith(STREAM_SUFFIX) else stream_ensemble_name(model)
 

@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     from coordexp.dataset import iter_dataset
     from coordexp.generation import GenerationParams
     from coordexp.prompt import PromptSpec
-    from coordexp.serving.common import ENSEMBLE, read_manifest
+    from coordexp.serving.common import read_manifest
+    from coordexp.wire import ENSEMBLE
 
     try:
         sizes = _batch_sizes(args.batch_sizes)

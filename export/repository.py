@@ -32,115 +32,24 @@ swapped in at the end, so a failed write never leaves half a repository behind.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from coordexp.generation import GenerationParams
 from coordexp.checkpoint import checkpoint_digest
 from coordexp.prompt import PromptSpec
+from coordexp import wire
 from coordexp.serving import common as C
 
 MANIFEST_VERSION = "coordexp.repository.v1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx")
 SKIP_FILES = {"README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json",
               "training.json", "train_log.txt", "train_log.jsonl"}  # model card and training records: not served
-
-
-# ---------------------------------------------------------------------------- tensor specs
-@dataclass(frozen=True)
-class T:
-    """One config tensor: name, Triton data type (without TYPE_), dims (batch dim excluded)."""
-
-    name: str
-    dtype: str
-    dims: tuple[int, ...]
-    optional: bool = False
-    ragged: bool = False
-
-
-DECODING_TENSORS = [
-    T(C.MAX_TOKENS, "INT32", (1,), optional=True),
-    T(C.TEMPERATURE, "FP32", (1,), optional=True),
-    T(C.RUNTIME_TOP_P, "FP32", (1,), optional=True),
-    T(C.REPETITION_PENALTY, "FP32", (1,), optional=True),
-    T(C.RANDOM_SEED, "UINT64", (1,), optional=True),
-    T(C.GUIDED, "BOOL", (1,), optional=True),
-    T(C.IGNORE_EOS, "BOOL", (1,), optional=True),
-]
-
-
-def _llm_decoding_tensors() -> list[T]:
-    return [T(C.DECODING_INPUTS[t.name], t.dtype, t.dims, optional=True) for t in DECODING_TENSORS]
-
-
-MODEL_TENSORS: dict[str, tuple[list[T], list[T]]] = {
-    C.PREPROCESS: (
-        [T(C.IMAGE_BYTES_INPUT, "STRING", (1,)), T(C.TEXT_INPUT, "STRING", (1,), optional=True)],
-        [T(C.INPUT_IDS, "INT32", (-1,)), T(C.ATTENTION_MASK, "INT32", (-1,)), T(C.INPUT_LENGTHS, "INT32", (1,)),
-         T(C.PIXEL_VALUES, "FP32", (-1, -1)), T(C.IMAGE_GRID_THW, "INT64", (3,))],
-    ),
-    C.VISION_ENCODER: (
-        [T(C.PIXEL_VALUES, "FP32", (-1, -1), ragged=True), T(C.IMAGE_GRID_THW, "INT64", (3,))],
-        [T(C.IMAGE_EMBEDS, "FP32", (-1, -1)), T(C.DEEPSTACK_EMBEDS, "FP32", (-1, -1, -1))],
-    ),
-    C.LLM: (
-        [T(C.INPUT_IDS, "INT32", (-1,), ragged=True), T(C.ATTENTION_MASK, "INT32", (-1,), ragged=True),
-         T(C.INPUT_LENGTHS, "INT32", (1,)), T(C.IMAGE_GRID_THW, "INT64", (3,)),
-         T(C.IMAGE_EMBEDS, "FP32", (-1, -1), ragged=True), T(C.DEEPSTACK_EMBEDS, "FP32", (-1, -1, -1), ragged=True),
-         *_llm_decoding_tensors()],
-        [T(C.OUTPUT_IDS, "INT32", (-1,)), T(C.SEQUENCE_LENGTH, "INT32", (1,)), T(C.GUIDED_CLOSED_EARLY, "BOOL", (1,))],
-    ),
-    C.POSTPROCESS: (
-        [T(C.OUTPUT_IDS, "INT32", (-1,), ragged=True), T(C.SEQUENCE_LENGTH, "INT32", (1,))],
-        [T(C.TEXT_OUTPUT, "STRING", (1,)), T(C.PREDS_JSON, "STRING", (1,))],
-    ),
-}
-
-STREAM_TENSOR = T(C.STREAM, "BOOL", (1,), optional=True)
-MODEL_TENSORS[C.LLM_STREAM] = ([*MODEL_TENSORS[C.LLM][0], STREAM_TENSOR], MODEL_TENSORS[C.LLM][1])
-
-ENSEMBLE_INPUTS = [T(C.IMAGE_BYTES_INPUT, "STRING", (1,)), T(C.TEXT_INPUT, "STRING", (1,), optional=True),
-                   *DECODING_TENSORS]
-ENSEMBLE_OUTPUTS = [T(C.TEXT_OUTPUT, "STRING", (1,)), T(C.PREDS_JSON, "STRING", (1,)),
-                    T(C.OUTPUT_IDS, "INT32", (-1,)), T(C.SEQUENCE_LENGTH, "INT32", (1,)),
-                    T(C.GUIDED_CLOSED_EARLY, "BOOL", (1,))]
-
-# The ensemble's wiring, in one place: step -> (input_map {step tensor: ensemble tensor},
-# output_map {step tensor: ensemble tensor}). Internal ensemble tensors keep the step tensors' names.
-ENSEMBLE_STEPS: list[tuple[str, dict[str, str], dict[str, str]]] = [
-    (C.PREPROCESS,
-     {C.IMAGE_BYTES_INPUT: C.IMAGE_BYTES_INPUT, C.TEXT_INPUT: C.TEXT_INPUT},
-     {n: n for n in (C.INPUT_IDS, C.ATTENTION_MASK, C.INPUT_LENGTHS, C.PIXEL_VALUES, C.IMAGE_GRID_THW)}),
-    (C.VISION_ENCODER,
-     {C.PIXEL_VALUES: C.PIXEL_VALUES, C.IMAGE_GRID_THW: C.IMAGE_GRID_THW},
-     {C.IMAGE_EMBEDS: C.IMAGE_EMBEDS, C.DEEPSTACK_EMBEDS: C.DEEPSTACK_EMBEDS}),
-    (C.LLM,
-     {**{n: n for n in (C.INPUT_IDS, C.ATTENTION_MASK, C.INPUT_LENGTHS, C.IMAGE_GRID_THW, C.IMAGE_EMBEDS,
-                        C.DEEPSTACK_EMBEDS)},
-      **{llm_name: ens_name for ens_name, llm_name in C.DECODING_INPUTS.items()}},
-     {C.OUTPUT_IDS: C.OUTPUT_IDS, C.SEQUENCE_LENGTH: C.SEQUENCE_LENGTH,
-      C.GUIDED_CLOSED_EARLY: C.GUIDED_CLOSED_EARLY}),
-    (C.POSTPROCESS,
-     {C.OUTPUT_IDS: C.OUTPUT_IDS, C.SEQUENCE_LENGTH: C.SEQUENCE_LENGTH},
-     {C.TEXT_OUTPUT: C.TEXT_OUTPUT, C.PREDS_JSON: C.PREDS_JSON}),
-]
-
-
-def stream_steps(steps: list[tuple[str, dict[str, str], dict[str, str]]] = ENSEMBLE_STEPS):
-    """The streaming ensemble's steps: the same, with llm_stream (fed `stream`) in place of llm."""
-    out = []
-    for model, inputs, outputs in steps:
-        if model == C.LLM:
-            model, inputs = C.LLM_STREAM, {**inputs, C.STREAM: C.STREAM}
-        out.append((model, inputs, outputs))
-    return out
 
 
 @dataclass
@@ -161,14 +70,14 @@ class ServingOptions:
 
 
 # ---------------------------------------------------------------------------- config building
-def _pb():
+def config_protos():
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     return model_config_pb2, text_format
 
 
-def _add_tensors(pb, container, tensors: list[T]) -> None:
+def add_tensors(pb, container, tensors) -> None:
     for t in tensors:
         m = container.add()
         m.name = t.name
@@ -188,14 +97,14 @@ def _set_params(cfg, params: dict[str, Any]) -> None:
 def python_model_config(name: str, max_batch_size: int, instances: int, params: dict[str, Any],
                         queue_delay_us: int | None = None, decoupled: bool = False):
     """The ModelConfig of one Python-backend step model."""
-    pb, _ = _pb()
+    pb, _ = config_protos()
     cfg = pb.ModelConfig()
     cfg.name = name
     cfg.backend = "python"
     cfg.max_batch_size = max_batch_size
-    inputs, outputs = MODEL_TENSORS[name]
-    _add_tensors(pb, cfg.input, inputs)
-    _add_tensors(pb, cfg.output, outputs)
+    inputs, outputs = wire.MODEL_TENSORS[name]
+    add_tensors(pb, cfg.input, inputs)
+    add_tensors(pb, cfg.output, outputs)
     group = cfg.instance_group.add()
     group.kind = pb.ModelInstanceGroup.KIND_CPU
     group.count = instances
@@ -209,14 +118,14 @@ def python_model_config(name: str, max_batch_size: int, instances: int, params: 
 
 def ensemble_config(name: str, max_batch_size: int, params: dict[str, Any], stream: bool = False):
     """The unary ensemble, or (`stream`) the streaming one: + the `stream` input, llm_stream."""
-    pb, _ = _pb()
+    pb, _ = config_protos()
     cfg = pb.ModelConfig()
     cfg.name = name
     cfg.platform = "ensemble"
     cfg.max_batch_size = max_batch_size
-    _add_tensors(pb, cfg.input, ENSEMBLE_INPUTS + ([STREAM_TENSOR] if stream else []))
-    _add_tensors(pb, cfg.output, ENSEMBLE_OUTPUTS)
-    for model, inputs, outputs in (stream_steps() if stream else ENSEMBLE_STEPS):
+    add_tensors(pb, cfg.input, wire.ENSEMBLE_INPUTS + ((wire.STREAM_TENSOR,) if stream else ()))
+    add_tensors(pb, cfg.output, wire.ENSEMBLE_OUTPUTS)
+    for model, inputs, outputs in (wire.stream_steps() if stream else wire.ENSEMBLE_STEPS):
         step = cfg.ensemble_scheduling.step.add()
         step.model_name = model
         step.model_version = -1
@@ -230,7 +139,7 @@ def ensemble_config(name: str, max_batch_size: int, params: dict[str, Any], stre
 
 def config_text(cfg) -> str:
     """ModelConfig -> config.pbtxt text, checked by parsing it back."""
-    pb, text_format = _pb()
+    pb, text_format = config_protos()
     text = text_format.MessageToString(cfg)
     parsed = text_format.Parse(text, pb.ModelConfig())
     if parsed != cfg:
@@ -239,7 +148,7 @@ def config_text(cfg) -> str:
 
 
 def parse_config(text: str):
-    pb, text_format = _pb()
+    pb, text_format = config_protos()
     return text_format.Parse(text, pb.ModelConfig())
 
 
@@ -254,7 +163,7 @@ def load_configs(repo: str) -> dict[str, Any]:
     return out
 
 
-def check_wiring(configs: dict[str, Any], ensemble: str = C.ENSEMBLE) -> list[str]:
+def check_wiring(configs: dict[str, Any], ensemble: str = wire.ENSEMBLE) -> list[str]:
     """Problems of an ensemble's wiring (empty list: consistent).
 
     Every step model exists; every mapped step tensor is a real tensor of that model; every
@@ -368,7 +277,7 @@ def _check_onnx_dir(onnx_dir: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- the writer
-def write_repository(repo_dir: str, name: str = C.ENSEMBLE, onnx_dir: str | None = None, ckpt: str | None = None,
+def write_repository(repo_dir: str, name: str = wire.ENSEMBLE, onnx_dir: str | None = None, ckpt: str | None = None,
                      max_batch_size: int = 8, max_new_tokens: int = 256, prompt: PromptSpec | None = None,
                      backend: str = "onnx", validation: dict[str, Any] | None = None,
                      options: ServingOptions | None = None, decoding: GenerationParams | None = None,
@@ -382,7 +291,7 @@ def write_repository(repo_dir: str, name: str = C.ENSEMBLE, onnx_dir: str | None
     """
     if backend != "onnx":
         raise ValueError(f"backend {backend!r} is not supported by this writer (only 'onnx')")
-    if not name or name in C.MODELS[:-1] or os.sep in name or name.startswith("."):
+    if not name or name in wire.MODELS[:-1] or os.sep in name or name.startswith("."):
         raise ValueError(f"invalid ensemble name {name!r}")
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -463,8 +372,8 @@ def _assemble(root: str, name: str, onnx_dir: str, ckpt: str, meta: dict[str, An
         "decoding_defaults": decoding.to_dict(),
         "prompt": prompt.to_dict(),
         "coord_mode": "norm1000",  # both prompt formats answer on the 0..999 grid
-        "models": {"ensemble": name, "steps": [s[0] for s in ENSEMBLE_STEPS],
-                   "stream_ensemble": C.stream_ensemble_name(name) if options.streaming else None},
+        "models": {"ensemble": name, "steps": [s[0] for s in wire.ENSEMBLE_STEPS],
+                   "stream_ensemble": wire.stream_ensemble_name(name) if options.streaming else None},
         "layout": {"onnx_dir": C.ONNX_SUBDIR, "processor_dir": C.PROCESSOR_SUBDIR, "processor_files": copied},
         "onnx": {k: meta.get(k) for k in ("format", "family", "architecture", "opset", "dtype", "versions")
                  if k in meta},
@@ -476,18 +385,18 @@ def _assemble(root: str, name: str, onnx_dir: str, ckpt: str, meta: dict[str, An
                   "max_new_tokens": str(max_new_tokens), "decoding_defaults": decoding.to_dict(),
                   "pad_token_id": str(pad_id), "merge_size": str(merge), "prompt_json": prompt.to_dict()}
     configs = {
-        C.PREPROCESS: python_model_config(
-            C.PREPROCESS, max_batch_size, options.preprocess_instances,
+        wire.PREPROCESS: python_model_config(
+            wire.PREPROCESS, max_batch_size, options.preprocess_instances,
             {"processor_dir": C.PROCESSOR_SUBDIR, "prompt_json": prompt.to_dict(),
              "max_pixels": str(options.max_pixels or "")}),
-        C.VISION_ENCODER: python_model_config(
-            C.VISION_ENCODER, max_batch_size, options.vision_instances,
+        wire.VISION_ENCODER: python_model_config(
+            wire.VISION_ENCODER, max_batch_size, options.vision_instances,
             {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.vision_threads), "merge_size": str(merge)},
             queue_delay_us=options.vision_queue_delay_us),
-        C.LLM: python_model_config(C.LLM, max_batch_size, options.llm_instances, llm_params,
+        wire.LLM: python_model_config(wire.LLM, max_batch_size, options.llm_instances, llm_params,
                                    queue_delay_us=options.llm_queue_delay_us),
-        C.POSTPROCESS: python_model_config(
-            C.POSTPROCESS, max_batch_size, options.postprocess_instances,
+        wire.POSTPROCESS: python_model_config(
+            wire.POSTPROCESS, max_batch_size, options.postprocess_instances,
             {"processor_dir": C.PROCESSOR_SUBDIR, "coord_mode": manifest["coord_mode"]}),
     }
     ens_params = {"manifest_json": json.dumps(manifest, sort_keys=True, separators=(",", ":")),
@@ -495,9 +404,9 @@ def _assemble(root: str, name: str, onnx_dir: str, ckpt: str, meta: dict[str, An
     configs[name] = ensemble_config(name, max_batch_size, ens_params)
     ensembles = [name]
     if options.streaming:
-        configs[C.LLM_STREAM] = python_model_config(C.LLM_STREAM, max_batch_size, options.llm_instances, llm_params,
+        configs[wire.LLM_STREAM] = python_model_config(wire.LLM_STREAM, max_batch_size, options.llm_instances, llm_params,
                                                     queue_delay_us=options.llm_queue_delay_us, decoupled=True)
-        stream_name = C.stream_ensemble_name(name)
+        stream_name = wire.stream_ensemble_name(name)
         configs[stream_name] = ensemble_config(stream_name, max_batch_size, ens_params, stream=True)
         ensembles.append(stream_name)
     problems = [p for ens in ensembles for p in check_wiring(configs, ens)]
@@ -505,9 +414,9 @@ def _assemble(root: str, name: str, onnx_dir: str, ckpt: str, meta: dict[str, An
         raise ValueError("inconsistent ensemble wiring:\n  " + "\n  ".join(problems))
     texts = {m: config_text(cfg) for m, cfg in configs.items()}  # all validated before any is written
 
-    modules = {C.PREPROCESS: "coordexp.serving.preprocess", C.VISION_ENCODER: "coordexp.serving.vision_encoder",
-               C.LLM: "coordexp.serving.llm", C.LLM_STREAM: "coordexp.serving.llm",
-               C.POSTPROCESS: "coordexp.serving.postprocess"}
+    modules = {wire.PREPROCESS: "coordexp.serving.preprocess", wire.VISION_ENCODER: "coordexp.serving.vision_encoder",
+               wire.LLM: "coordexp.serving.llm", wire.LLM_STREAM: "coordexp.serving.llm",
+               wire.POSTPROCESS: "coordexp.serving.postprocess"}
     for model, text in texts.items():
         os.makedirs(os.path.join(root, model, "1"), exist_ok=True)
         with open(os.path.join(root, model, "config.pbtxt"), "w", encoding="utf-8") as f:

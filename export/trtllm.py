@@ -463,75 +463,76 @@ def build_configs(plan: TrtllmPlan, prompt, decoding, options, pad_id: int, stop
     """{model: ModelConfig} of the repository, built with coordexp.export.repository's own functions
     and checked with its `check_wiring`."""
     from coordexp.export import repository as R
+    from coordexp import wire
     from coordexp.serving import common as C
 
-    pb, _ = R._pb()
+    pb, _ = R.config_protos()
     mbs = plan.options.max_batch_size
     merge = plan.facts.merge_size
     configs = {
-        C.PREPROCESS: R.python_model_config(
-            C.PREPROCESS, mbs, options.preprocess_instances,
+        wire.PREPROCESS: R.python_model_config(
+            wire.PREPROCESS, mbs, options.preprocess_instances,
             {"processor_dir": C.PROCESSOR_SUBDIR, "prompt_json": prompt.to_dict(),
              "max_pixels": str(options.max_pixels or "")}),
-        C.POSTPROCESS: R.python_model_config(
-            C.POSTPROCESS, mbs, options.postprocess_instances,
+        wire.POSTPROCESS: R.python_model_config(
+            wire.POSTPROCESS, mbs, options.postprocess_instances,
             {"processor_dir": C.PROCESSOR_SUBDIR, "coord_mode": manifest["coord_mode"]}),
     }
     llm = R.python_model_config(
-        C.LLM, mbs, options.llm_instances,
+        wire.LLM, mbs, options.llm_instances,
         {"model_yaml": MODEL_YAML, "processor_dir": C.PROCESSOR_SUBDIR, "vision": plan.options.vision,
          "max_new_tokens": str(plan.options.max_new_tokens), "decoding_defaults": decoding.to_dict(),
          "pad_token_id": str(pad_id), "stop_token_ids": stop_ids, "merge_size": str(merge),
          "prompt_json": prompt.to_dict()},
         queue_delay_us=options.llm_queue_delay_us)
     # the one extra input: the preprocess output the LLM API needs to rebuild the image
-    R._add_tensors(pb, llm.input, [R.T(C.PIXEL_VALUES, "FP32", (-1, -1), optional=True, ragged=True)])
+    R.add_tensors(pb, llm.input, [wire.Tensor(wire.PIXEL_VALUES, "FP32", (-1, -1), optional=True, ragged=True)])
     if plan.options.vision == "trtllm":  # no vision step feeds these
         for t in llm.input:
-            if t.name in (C.IMAGE_EMBEDS, C.DEEPSTACK_EMBEDS):
+            if t.name in (wire.IMAGE_EMBEDS, wire.DEEPSTACK_EMBEDS):
                 t.optional = True
-    configs[C.LLM] = llm
+    configs[wire.LLM] = llm
     if plan.options.vision == "tensorrt":
         vis = R.python_model_config(
-            C.VISION_ENCODER, mbs, options.vision_instances,
+            wire.VISION_ENCODER, mbs, options.vision_instances,
             {"plan": VISION_PLAN, "onnx_meta": VISION_META, "merge_size": str(merge),
              "max_patches": str(plan.profile["max"]),
              "processor_dir": C.PROCESSOR_SUBDIR},
             queue_delay_us=options.vision_queue_delay_us)
         vis.instance_group[0].kind = pb.ModelInstanceGroup.KIND_GPU
-        configs[C.VISION_ENCODER] = vis
+        configs[wire.VISION_ENCODER] = vis
     ens = R.ensemble_config(plan.name, mbs, {
         "manifest_json": json.dumps(manifest, sort_keys=True, separators=(",", ":")),
         "prompt_variant": prompt.variant, "backend": "trtllm"})
     steps = list(ens.ensemble_scheduling.step)
     del ens.ensemble_scheduling.step[:]
     for step in steps:
-        if step.model_name == C.VISION_ENCODER and plan.options.vision == "trtllm":
+        if step.model_name == wire.VISION_ENCODER and plan.options.vision == "trtllm":
             continue
         new = ens.ensemble_scheduling.step.add()
         new.CopyFrom(step)
-        if step.model_name == C.LLM:
-            new.input_map[C.PIXEL_VALUES] = C.PIXEL_VALUES
+        if step.model_name == wire.LLM:
+            new.input_map[wire.PIXEL_VALUES] = wire.PIXEL_VALUES
             if plan.options.vision == "trtllm":
-                for k in (C.IMAGE_EMBEDS, C.DEEPSTACK_EMBEDS):
+                for k in (wire.IMAGE_EMBEDS, wire.DEEPSTACK_EMBEDS):
                     del new.input_map[k]
     configs[plan.name] = ens
     ensembles = [plan.name]
     if options.streaming:  # the ONNX repository's streaming pair, on the same TensorRT-LLM glue
         llm_s = pb.ModelConfig()
         llm_s.CopyFrom(llm)
-        llm_s.name = C.LLM_STREAM
-        R._add_tensors(pb, llm_s.input, [R.STREAM_TENSOR])
+        llm_s.name = wire.LLM_STREAM
+        R.add_tensors(pb, llm_s.input, [wire.STREAM_TENSOR])
         llm_s.model_transaction_policy.decoupled = True
-        configs[C.LLM_STREAM] = llm_s
+        configs[wire.LLM_STREAM] = llm_s
         ens_s = pb.ModelConfig()
         ens_s.CopyFrom(ens)
-        ens_s.name = C.stream_ensemble_name(plan.name)
-        R._add_tensors(pb, ens_s.input, [R.STREAM_TENSOR])
+        ens_s.name = wire.stream_ensemble_name(plan.name)
+        R.add_tensors(pb, ens_s.input, [wire.STREAM_TENSOR])
         for step in ens_s.ensemble_scheduling.step:
-            if step.model_name == C.LLM:
-                step.model_name = C.LLM_STREAM
-                step.input_map[C.STREAM] = C.STREAM
+            if step.model_name == wire.LLM:
+                step.model_name = wire.LLM_STREAM
+                step.input_map[wire.STREAM] = wire.STREAM
         configs[ens_s.name] = ens_s
         ensembles.append(ens_s.name)
     problems = [p for name in ensembles for p in R.check_wiring(configs, name)]
@@ -550,6 +551,7 @@ def write_trtllm_repository(plan: TrtllmPlan, prompt=None, decoding=None, option
     from coordexp.export import repository as R
     from coordexp.processor import CoordExpProcessor
     from coordexp.prompt import PromptSpec
+    from coordexp import wire
     from coordexp.serving import common as C
 
     prompt = prompt or PromptSpec()
@@ -583,9 +585,9 @@ def write_trtllm_repository(plan: TrtllmPlan, prompt=None, decoding=None, option
             "prompt": prompt.to_dict(),
             "coord_mode": "norm1000",
             "models": {"ensemble": plan.name,
-                       "steps": [s[0] for s in R.ENSEMBLE_STEPS
-                                 if not (s[0] == C.VISION_ENCODER and plan.options.vision == "trtllm")],
-                       "stream_ensemble": C.stream_ensemble_name(plan.name) if options.streaming else None},
+                       "steps": [s[0] for s in wire.ENSEMBLE_STEPS
+                                 if not (s[0] == wire.VISION_ENCODER and plan.options.vision == "trtllm")],
+                       "stream_ensemble": wire.stream_ensemble_name(plan.name) if options.streaming else None},
             "layout": {"processor_dir": C.PROCESSOR_SUBDIR, "processor_files": copied,
                        "checkpoint_dir": CHECKPOINT_SUBDIR, "model_yaml": MODEL_YAML,
                        "vision_plan": VISION_PLAN if plan.options.vision == "tensorrt" else None,
@@ -602,11 +604,11 @@ def write_trtllm_repository(plan: TrtllmPlan, prompt=None, decoding=None, option
                                                    "--no-stream for one instance.")
         configs = build_configs(plan, prompt, decoding, options, pad_id, stop_ids, manifest)
         texts = {m: R.config_text(cfg) for m, cfg in configs.items()}
-        modules = {C.PREPROCESS: ("coordexp.serving.preprocess", "TritonPythonModel", "first"),
-                   C.POSTPROCESS: ("coordexp.serving.postprocess", "TritonPythonModel", "first"),
-                   C.LLM: ("coordexp.serving.trtllm_llm", "TritonPythonModel", "last"),
-                   C.LLM_STREAM: ("coordexp.serving.trtllm_llm", "TritonPythonModel", "last"),
-                   C.VISION_ENCODER: ("coordexp.serving.trtllm_llm", "TrtVisionEncoderModel", "last")}
+        modules = {wire.PREPROCESS: ("coordexp.serving.preprocess", "TritonPythonModel", "first"),
+                   wire.POSTPROCESS: ("coordexp.serving.postprocess", "TritonPythonModel", "first"),
+                   wire.LLM: ("coordexp.serving.trtllm_llm", "TritonPythonModel", "last"),
+                   wire.LLM_STREAM: ("coordexp.serving.trtllm_llm", "TritonPythonModel", "last"),
+                   wire.VISION_ENCODER: ("coordexp.serving.trtllm_llm", "TrtVisionEncoderModel", "last")}
         for model, text in texts.items():
             os.makedirs(os.path.join(tmp, model, "1"), exist_ok=True)
             Path(tmp, model, "config.pbtxt").write_text(text, encoding="utf-8")

@@ -35,11 +35,11 @@ def exported(tiny_ckpt, tmp_path_factory) -> tuple[str, str]:
     session (exports take about a minute on 2 cores)."""
     from coordexp.export.onnx_export import export_onnx
     from coordexp.export.repository import write_repository
-    from coordexp.serving import common as C
+    from coordexp import wire
 
     base = tmp_path_factory.mktemp("served")
     export_onnx(tiny_ckpt, str(base / "onnx"))
-    repo = write_repository(str(base / "model_repository"), C.ENSEMBLE, str(base / "onnx"), tiny_ckpt,
+    repo = write_repository(str(base / "model_repository"), wire.ENSEMBLE, str(base / "onnx"), tiny_ckpt,
                             max_batch_size=8, max_new_tokens=SERVED_MAX_NEW, move_onnx=True)
     return tiny_ckpt, repo
 

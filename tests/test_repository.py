@@ -8,9 +8,10 @@ import os
 
 import pytest
 
-from coordexp.export.repository import (ENSEMBLE_STEPS, ServingOptions, check_wiring, find_onnx_dir, load_configs,
+from coordexp.export.repository import (ServingOptions, check_wiring, find_onnx_dir, load_configs,
                                         parse_config, write_repository)
 from coordexp.prompt import PromptSpec
+from coordexp import wire
 from coordexp.serving import common as C
 
 PROMPT = PromptSpec(field_order="geometry_first")
@@ -36,12 +37,12 @@ def repo(tiny_ckpt, tmp_path_factory) -> str:
 
 
 def test_layout_and_thin_shims(repo):
-    assert sorted(os.listdir(repo)) == sorted([*C.MODELS, C.LLM_STREAM, "coordexp_stream", C.MANIFEST])
+    assert sorted(os.listdir(repo)) == sorted([*wire.MODELS, wire.LLM_STREAM, "coordexp_stream", C.MANIFEST])
     assert os.path.isfile(os.path.join(repo, C.ONNX_SUBDIR, C.ONNX_META))
     assert os.path.isfile(os.path.join(repo, C.PROCESSOR_SUBDIR, "tokenizer.json"))
     assert not [f for f in os.listdir(os.path.join(repo, C.PROCESSOR_SUBDIR)) if f.endswith(".safetensors")]
-    assert os.path.isdir(os.path.join(repo, C.ENSEMBLE, "1"))  # ensembles need a version folder
-    for model in (C.PREPROCESS, C.VISION_ENCODER, C.LLM, C.POSTPROCESS):
+    assert os.path.isdir(os.path.join(repo, wire.ENSEMBLE, "1"))  # ensembles need a version folder
+    for model in (wire.PREPROCESS, wire.VISION_ENCODER, wire.LLM, wire.POSTPROCESS):
         code = open(os.path.join(repo, model, "1", "model.py")).read()
         lines = [ln for ln in code.splitlines() if ln.strip() and not ln.startswith(('"""', "#"))]
         assert lines == [f"from coordexp.serving.{model} import TritonPythonModel  # noqa: F401"]
@@ -53,12 +54,12 @@ def test_every_config_parses_with_tritons_protobuf(repo):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    for model in (*C.MODELS, C.LLM_STREAM, "coordexp_stream"):
+    for model in (*wire.MODELS, wire.LLM_STREAM, "coordexp_stream"):
         text = open(os.path.join(repo, model, "config.pbtxt")).read()
         cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
         assert cfg.name == model
         assert cfg.max_batch_size == 4
-        if model in (C.ENSEMBLE, "coordexp_stream"):
+        if model in (wire.ENSEMBLE, "coordexp_stream"):
             assert cfg.platform == "ensemble"
         else:
             assert cfg.backend == "python"
@@ -67,11 +68,11 @@ def test_every_config_parses_with_tritons_protobuf(repo):
 
 def test_ensemble_wiring_is_consistent(repo):
     configs = load_configs(repo)
-    ens = configs[C.ENSEMBLE]
+    ens = configs[wire.ENSEMBLE]
     # tensors the ensemble can read at each step: (data_type, dims)
     avail = {t.name: (t.data_type, list(t.dims)) for t in ens.input}
     steps = [s.model_name for s in ens.ensemble_scheduling.step]
-    assert steps == [C.PREPROCESS, C.VISION_ENCODER, C.LLM, C.POSTPROCESS]
+    assert steps == [wire.PREPROCESS, wire.VISION_ENCODER, wire.LLM, wire.POSTPROCESS]
     for step in ens.ensemble_scheduling.step:
         model = configs[step.model_name]
         m_in = {t.name: t for t in model.input}
@@ -92,7 +93,7 @@ def test_ensemble_wiring_is_consistent(repo):
 
 def test_tensor_names_and_optional_inputs(repo):
     configs = load_configs(repo)
-    ens = configs[C.ENSEMBLE]
+    ens = configs[wire.ENSEMBLE]
     inputs = {t.name: t for t in ens.input}
     assert list(inputs) == ["image_bytes_input", "text_input", "max_tokens", "temperature", "runtime_top_p",
                             "repetition_penalty", "random_seed", "guided", "ignore_eos"]
@@ -104,15 +105,15 @@ def test_tensor_names_and_optional_inputs(repo):
                      "random_seed": "TYPE_UINT64", "guided": "TYPE_BOOL", "ignore_eos": "TYPE_BOOL"}
     assert [t.name for t in ens.output] == ["text_output", "preds_json", "output_ids", "sequence_length",
                                            "guided_closed_early"]
-    llm = configs[C.LLM]
+    llm = configs[wire.LLM]
     assert llm.dynamic_batching.max_queue_delay_microseconds == ServingOptions().llm_queue_delay_us
     assert {t.name for t in llm.input if t.allow_ragged_batch} == {"input_ids", "attention_mask", "image_embeds",
                                                                    "deepstack_embeds"}
     assert llm.parameters["intra_op_threads"].string_value == "2"
     assert llm.parameters["onnx_dir"].string_value == C.ONNX_SUBDIR
-    assert configs[C.VISION_ENCODER].parameters["onnx_dir"].string_value == C.ONNX_SUBDIR
+    assert configs[wire.VISION_ENCODER].parameters["onnx_dir"].string_value == C.ONNX_SUBDIR
     assert json.loads(llm.parameters["decoding_defaults"].string_value)["max_new_tokens"] == 64
-    assert json.loads(configs[C.PREPROCESS].parameters["prompt_json"].string_value) == PROMPT.to_dict()
+    assert json.loads(configs[wire.PREPROCESS].parameters["prompt_json"].string_value) == PROMPT.to_dict()
 
 
 def model_dtype(value: int) -> str:
@@ -139,7 +140,7 @@ def test_manifest(repo, tiny_ckpt):
     assert manifest["validation"] == {"passed": True, "records": 3}
     assert manifest["layout"]["onnx_dir"] == C.ONNX_SUBDIR
     # the client reads it from the ensemble's config (`coordexp-client models`)
-    ens = load_configs(repo)[C.ENSEMBLE]
+    ens = load_configs(repo)[wire.ENSEMBLE]
     assert json.loads(ens.parameters["manifest_json"].string_value) == manifest
     assert ens.parameters["prompt_variant"].string_value == PROMPT.variant
 
@@ -148,21 +149,21 @@ def test_graphs_are_found_from_the_repository(repo):
     onnx = os.path.join(repo, C.ONNX_SUBDIR)
     assert find_onnx_dir(repo) == onnx
     assert find_onnx_dir(onnx) == onnx
-    assert find_onnx_dir(os.path.join(repo, C.LLM, "1")) == onnx
-    assert find_onnx_dir(os.path.join(repo, C.PREPROCESS)) is None
+    assert find_onnx_dir(os.path.join(repo, wire.LLM, "1")) == onnx
+    assert find_onnx_dir(os.path.join(repo, wire.PREPROCESS)) is None
 
 
 def test_check_wiring_reports_broken_steps(repo):
     configs = load_configs(repo)
-    ens = configs[C.ENSEMBLE]
+    ens = configs[wire.ENSEMBLE]
     step = ens.ensemble_scheduling.step[2]  # llm
     step.input_map["image_embeds"] = "deepstack_embeds"  # dims mismatch
     step.input_map["no_such_input"] = "input_ids"
-    del configs[C.POSTPROCESS]
+    del configs[wire.POSTPROCESS]
     problems = "\n".join(check_wiring(configs))
     assert "'image_embeds'" in problems and "no_such_input" in problems and "'postprocess'" in problems
     assert "ensemble output 'text_output' is produced by no step" in problems
-    assert [s[0] for s in ENSEMBLE_STEPS] == [C.PREPROCESS, C.VISION_ENCODER, C.LLM, C.POSTPROCESS]
+    assert [s[0] for s in wire.ENSEMBLE_STEPS] == [wire.PREPROCESS, wire.VISION_ENCODER, wire.LLM, wire.POSTPROCESS]
 
 
 def test_failed_write_keeps_the_previous_repository(repo, tiny_ckpt, tmp_path):
@@ -185,7 +186,7 @@ def test_rewrite_replaces_the_repository(tiny_ckpt, tmp_path):
     write_repository(out, "coordexp", onnx, tiny_ckpt, max_batch_size=2)
     open(os.path.join(out, "stale.txt"), "w").write("x")
     write_repository(out, "cx", onnx, tiny_ckpt, max_batch_size=3, options=ServingOptions(streaming=False))
-    assert sorted(os.listdir(out)) == sorted(["cx", C.PREPROCESS, C.VISION_ENCODER, C.LLM, C.POSTPROCESS,
+    assert sorted(os.listdir(out)) == sorted(["cx", wire.PREPROCESS, wire.VISION_ENCODER, wire.LLM, wire.POSTPROCESS,
                                               C.MANIFEST])
     assert json.load(open(os.path.join(out, C.MANIFEST)))["models"]["stream_ensemble"] is None
     assert parse_config(open(os.path.join(out, "cx", "config.pbtxt")).read()).max_batch_size == 3
@@ -193,20 +194,20 @@ def test_rewrite_replaces_the_repository(tiny_ckpt, tmp_path):
 
 def test_streaming_ensemble_is_the_same_pipeline_with_a_decoupled_llm(repo):
     configs = load_configs(repo)
-    unary, stream = configs[C.ENSEMBLE], configs["coordexp_stream"]
+    unary, stream = configs[wire.ENSEMBLE], configs["coordexp_stream"]
     assert check_wiring(configs, "coordexp_stream") == []
-    assert configs[C.LLM_STREAM].model_transaction_policy.decoupled
-    assert not configs[C.LLM].model_transaction_policy.decoupled  # unary calls need a unary pipeline
+    assert configs[wire.LLM_STREAM].model_transaction_policy.decoupled
+    assert not configs[wire.LLM].model_transaction_policy.decoupled  # unary calls need a unary pipeline
 
     def names(cfg, kind):
         return [(t.name, t.data_type, list(t.dims), getattr(t, "optional", False)) for t in getattr(cfg, kind)]
 
-    assert names(stream, "input") == names(unary, "input") + [(C.STREAM, names(stream, "input")[-1][1], [1], True)]
+    assert names(stream, "input") == names(unary, "input") + [(wire.STREAM, names(stream, "input")[-1][1], [1], True)]
     assert names(stream, "output") == names(unary, "output")
     steps = lambda cfg: [s.model_name for s in cfg.ensemble_scheduling.step]  # noqa: E731
-    assert steps(stream) == [C.PREPROCESS, C.VISION_ENCODER, C.LLM_STREAM, C.POSTPROCESS]
-    assert steps(unary) == [C.PREPROCESS, C.VISION_ENCODER, C.LLM, C.POSTPROCESS]
-    llm_s, llm_u = configs[C.LLM_STREAM], configs[C.LLM]
+    assert steps(stream) == [wire.PREPROCESS, wire.VISION_ENCODER, wire.LLM_STREAM, wire.POSTPROCESS]
+    assert steps(unary) == [wire.PREPROCESS, wire.VISION_ENCODER, wire.LLM, wire.POSTPROCESS]
+    llm_s, llm_u = configs[wire.LLM_STREAM], configs[wire.LLM]
     assert names(llm_s, "input") == names(llm_u, "input") + [names(llm_s, "input")[-1]]
     assert dict(llm_s.parameters) == dict(llm_u.parameters)  # the same graphs, limits and defaults
     manifest = json.load(open(os.path.join(repo, C.MANIFEST)))

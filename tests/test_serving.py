@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from coordexp.generation import GenerationParams
+from coordexp import wire
 from coordexp.serving import common as C
 from coordexp.serving.llm import LlmBatcher, params_for_row
 from coordexp.serving.vision_encoder import VisionEncoder
@@ -74,8 +75,8 @@ def _llm_view(lengths, grids, **opt):
     ntok = [int(np.prod(g)) // 4 for g in grids]
     emb = np.zeros((b, max(ntok), 3), np.float32)
     deep = np.zeros((b, 2, max(ntok), 3), np.float32)
-    inputs = {C.INPUT_IDS: ids, C.ATTENTION_MASK: mask, C.INPUT_LENGTHS: mask.sum(1, dtype=np.int32)[:, None],
-              C.IMAGE_GRID_THW: np.asarray(grids, np.int64), C.IMAGE_EMBEDS: emb, C.DEEPSTACK_EMBEDS: deep}
+    inputs = {wire.INPUT_IDS: ids, wire.ATTENTION_MASK: mask, wire.INPUT_LENGTHS: mask.sum(1, dtype=np.int32)[:, None],
+              wire.IMAGE_GRID_THW: np.asarray(grids, np.int64), wire.IMAGE_EMBEDS: emb, wire.DEEPSTACK_EMBEDS: deep}
     for name, vals in opt.items():
         inputs[name] = np.asarray(vals).reshape(b, 1)
     return C.TritonRequestView(inputs)
@@ -87,17 +88,17 @@ def test_llm_groups_requests_by_decoding_params():
     views = [
         _llm_view([5], [[1, 4, 4]]),
         _llm_view([9, 3], [[1, 4, 8], [1, 2, 2]]),  # a request with two rows
-        _llm_view([4], [[1, 4, 4]], **{C.RANDOM_SEED: np.array([3], np.uint64)}),
-        _llm_view([6], [[1, 4, 4]], **{C.REQUEST_OUTPUT_LEN: np.array([99], np.int32)}),  # over the limit
-        _llm_view([2], [[1, 2, 2]], **{C.TEMPERATURE: np.array([-1.0], np.float32)}),  # invalid
+        _llm_view([4], [[1, 4, 4]], **{wire.RANDOM_SEED: np.array([3], np.uint64)}),
+        _llm_view([6], [[1, 4, 4]], **{wire.REQUEST_OUTPUT_LEN: np.array([99], np.int32)}),  # over the limit
+        _llm_view([2], [[1, 2, 2]], **{wire.TEMPERATURE: np.array([-1.0], np.float32)}),  # invalid
     ]
     out = batcher.run(views)
     assert [c[0][0] for c in parts.calls] == [3, 1]  # one batch for the defaults, one for seed 3
     assert parts.calls[0][0] == (3, 9)  # left padded to the longest prompt
-    np.testing.assert_array_equal(out[0][C.OUTPUT_IDS], [[5, 8, 0]])
-    np.testing.assert_array_equal(out[1][C.OUTPUT_IDS], [[9, 8, 0], [3, 8, 0]])
-    np.testing.assert_array_equal(out[1][C.SEQUENCE_LENGTH], [[3], [3]])
-    np.testing.assert_array_equal(out[2][C.OUTPUT_IDS], [[4, 8, 3]])
+    np.testing.assert_array_equal(out[0][wire.OUTPUT_IDS], [[5, 8, 0]])
+    np.testing.assert_array_equal(out[1][wire.OUTPUT_IDS], [[9, 8, 0], [3, 8, 0]])
+    np.testing.assert_array_equal(out[1][wire.SEQUENCE_LENGTH], [[3], [3]])
+    np.testing.assert_array_equal(out[2][wire.OUTPUT_IDS], [[4, 8, 3]])
     assert isinstance(out[3], C.RequestError) and "exceeds this repository's limit of 16" in str(out[3])
     assert isinstance(out[4], C.RequestError) and "temperature" in str(out[4])
 
@@ -131,11 +132,11 @@ def test_decoupled_llm_streams_per_step_and_ends_every_request_once():
     from coordexp.serving.llm import DecoupledRun
 
     views = [
-        _llm_view([5], [[1, 4, 4]], **{C.STREAM: [True]}),
+        _llm_view([5], [[1, 4, 4]], **{wire.STREAM: [True]}),
         _llm_view([4, 6], [[1, 4, 4], [1, 2, 2]]),  # not streamed, two rows
-        _llm_view([2], [[1, 2, 2]], **{C.TEMPERATURE: np.array([-1.0], np.float32)}),  # invalid
-        _llm_view([3, 3], [[1, 4, 4], [1, 4, 4]], **{C.STREAM: [True, True], C.RANDOM_SEED: np.array([4, 4], np.uint64)}),
-        _llm_view([3], [[1, 4, 4]], **{C.STREAM: [True], C.REQUEST_OUTPUT_LEN: np.array([1], np.int32)}),
+        _llm_view([2], [[1, 2, 2]], **{wire.TEMPERATURE: np.array([-1.0], np.float32)}),  # invalid
+        _llm_view([3, 3], [[1, 4, 4], [1, 4, 4]], **{wire.STREAM: [True, True], wire.RANDOM_SEED: np.array([4, 4], np.uint64)}),
+        _llm_view([3], [[1, 4, 4]], **{wire.STREAM: [True], wire.REQUEST_OUTPUT_LEN: np.array([1], np.int32)}),
     ]
     unary = LlmBatcher(SteppingParts(), GenerationParams(max_new_tokens=8), max_new_tokens=16).run(views)
     sent = []
@@ -148,17 +149,17 @@ def test_decoupled_llm_streams_per_step_and_ends_every_request_once():
     assert isinstance(by_req[2][0][0], C.RequestError) and "temperature" in str(by_req[2][0][0])
     for r in (0, 1, 3, 4):
         final = by_req[r][-1][0]
-        for k in (C.OUTPUT_IDS, C.SEQUENCE_LENGTH):  # the streamed answer ends as the unary one
+        for k in (wire.OUTPUT_IDS, wire.SEQUENCE_LENGTH):  # the streamed answer ends as the unary one
             np.testing.assert_array_equal(final[k], unary[r][k])
     # request 0 (one row, 2 tokens then the stop token): [1], [2] tokens, then the final repeat
-    assert [int(res[C.SEQUENCE_LENGTH][0, 0]) for res, _ in by_req[0]] == [1, 2, 2]
+    assert [int(res[wire.SEQUENCE_LENGTH][0, 0]) for res, _ in by_req[0]] == [1, 2, 2]
     # request 3 (two rows of another group): every step shows both rows' ids so far
-    lengths = [res[C.SEQUENCE_LENGTH][:, 0].tolist() for res, _ in by_req[3]]
+    lengths = [res[wire.SEQUENCE_LENGTH][:, 0].tolist() for res, _ in by_req[3]]
     assert lengths == [[1, 1], [2, 2], [2, 3], [2, 3]]
     for res, _ in by_req[3]:  # each partial is a prefix of the final ids
-        for row, n in zip(res[C.OUTPUT_IDS], res[C.SEQUENCE_LENGTH][:, 0]):
+        for row, n in zip(res[wire.OUTPUT_IDS], res[wire.SEQUENCE_LENGTH][:, 0]):
             assert list(row[:n]) == [100 + i for i in range(n)]
-    assert [int(res[C.SEQUENCE_LENGTH][0, 0]) for res, _ in by_req[4]] == [1]  # length limit: final at once
+    assert [int(res[wire.SEQUENCE_LENGTH][0, 0]) for res, _ in by_req[4]] == [1]  # length limit: final at once
 
 
 def test_guided_closed_early_flag_reaches_unary_and_streamed_outputs():
@@ -173,18 +174,18 @@ def test_guided_closed_early_flag_reaches_unary_and_streamed_outputs():
         return LlmBatcher(SteppingParts(), GenerationParams(max_new_tokens=8), max_new_tokens=16,
                           guided_hook=hook_factory)
 
-    guided = {C.GUIDED: [True, True]}
+    guided = {wire.GUIDED: [True, True]}
     views = [_llm_view([4, 6], [[1, 4, 4], [1, 2, 2]], **guided),
-             _llm_view([4, 6], [[1, 4, 4], [1, 2, 2]], **guided, **{C.STREAM: [True, True]}),
+             _llm_view([4, 6], [[1, 4, 4], [1, 2, 2]], **guided, **{wire.STREAM: [True, True]}),
              _llm_view([5], [[1, 4, 4]])]
     unary = batcher().run(views)
-    np.testing.assert_array_equal(unary[0][C.GUIDED_CLOSED_EARLY], [[True], [False]])
-    np.testing.assert_array_equal(unary[2][C.GUIDED_CLOSED_EARLY], [[False]])  # not guided
+    np.testing.assert_array_equal(unary[0][wire.GUIDED_CLOSED_EARLY], [[True], [False]])
+    np.testing.assert_array_equal(unary[2][wire.GUIDED_CLOSED_EARLY], [[False]])  # not guided
     sent = []
     DecoupledRun(batcher(), lambda r, res, final: sent.append((r, res, final))).run(views)
     finals = {r: res for r, res, final in sent if final}
     for r in range(3):
-        np.testing.assert_array_equal(finals[r][C.GUIDED_CLOSED_EARLY], unary[r][C.GUIDED_CLOSED_EARLY])
+        np.testing.assert_array_equal(finals[r][wire.GUIDED_CLOSED_EARLY], unary[r][wire.GUIDED_CLOSED_EARLY])
 
 
 def test_llm_params_and_guided_without_hook():
@@ -195,19 +196,19 @@ def test_llm_params_and_guided_without_hook():
     assert p == GenerationParams(max_new_tokens=4, temperature=0.5, top_p=0.9, repetition_penalty=1.1, seed=2**63,
                                  ignore_eos=True)
     assert params_for_row(d, 16) == d
-    out = LlmBatcher(FakeParts(), d).run([_llm_view([3], [[1, 2, 2]], **{C.GUIDED: np.array([True])})])
+    out = LlmBatcher(FakeParts(), d).run([_llm_view([3], [[1, 2, 2]], **{wire.GUIDED: np.array([True])})])
     assert isinstance(out[0], C.RequestError) and "guided" in str(out[0])
 
 
 def test_vision_encoder_splits_and_pads_per_request():
     enc = VisionEncoder(FakeParts())
     pv = np.zeros((2, 32, 6), np.float32)
-    views = [C.TritonRequestView({C.PIXEL_VALUES: pv, C.IMAGE_GRID_THW: np.array([[1, 4, 8], [1, 4, 4]])}),
-             C.TritonRequestView({C.PIXEL_VALUES: pv[:1, :16], C.IMAGE_GRID_THW: np.array([[1, 4, 8]])}),
-             C.TritonRequestView({C.PIXEL_VALUES: pv[:1], C.IMAGE_GRID_THW: np.array([[1, 8, 8]])})]
+    views = [C.TritonRequestView({wire.PIXEL_VALUES: pv, wire.IMAGE_GRID_THW: np.array([[1, 4, 8], [1, 4, 4]])}),
+             C.TritonRequestView({wire.PIXEL_VALUES: pv[:1, :16], wire.IMAGE_GRID_THW: np.array([[1, 4, 8]])}),
+             C.TritonRequestView({wire.PIXEL_VALUES: pv[:1], wire.IMAGE_GRID_THW: np.array([[1, 8, 8]])})]
     out = enc.run(views)
-    assert out[0][C.IMAGE_EMBEDS].shape == (2, 8, 3) and out[0][C.DEEPSTACK_EMBEDS].shape == (2, 2, 8, 3)
-    np.testing.assert_array_equal(out[0][C.IMAGE_EMBEDS][1, :, 0], [8, 9, 10, 11, 0, 0, 0, 0])  # second image
+    assert out[0][wire.IMAGE_EMBEDS].shape == (2, 8, 3) and out[0][wire.DEEPSTACK_EMBEDS].shape == (2, 2, 8, 3)
+    np.testing.assert_array_equal(out[0][wire.IMAGE_EMBEDS][1, :, 0], [8, 9, 10, 11, 0, 0, 0, 0])  # second image
     assert isinstance(out[1], C.RequestError) and isinstance(out[2], C.RequestError)
 
 
@@ -221,12 +222,12 @@ def test_preprocess_and_postprocess_logic(tiny_ckpt):
     proc = CoordExpProcessor.from_pretrained(tiny_ckpt)
     pre = Preprocessor(proc, PromptSpec())
     out = pre.encode([png(64, 64), png(128, 96)], [None, "Find the cat."])
-    assert out[C.INPUT_IDS].dtype == np.int32 and out[C.INPUT_IDS].shape[0] == 2
-    assert out[C.PIXEL_VALUES].shape[:2] == (2, 48) and out[C.IMAGE_GRID_THW].tolist() == [[1, 4, 4], [1, 6, 8]]
+    assert out[wire.INPUT_IDS].dtype == np.int32 and out[wire.INPUT_IDS].shape[0] == 2
+    assert out[wire.PIXEL_VALUES].shape[:2] == (2, 48) and out[wire.IMAGE_GRID_THW].tolist() == [[1, 4, 4], [1, 6, 8]]
     ref = proc.encode([pil(png(64, 64))], PromptSpec(), return_tensors="np")
-    np.testing.assert_array_equal(out[C.INPUT_IDS][0][out[C.ATTENTION_MASK][0] == 1], ref["input_ids"][0])
-    np.testing.assert_array_equal(out[C.PIXEL_VALUES][0, :16], ref["pixel_values"])
-    assert out[C.INPUT_LENGTHS][1, 0] > out[C.INPUT_LENGTHS][0, 0]  # the longer user text
+    np.testing.assert_array_equal(out[wire.INPUT_IDS][0][out[wire.ATTENTION_MASK][0] == 1], ref["input_ids"][0])
+    np.testing.assert_array_equal(out[wire.PIXEL_VALUES][0, :16], ref["pixel_values"])
+    assert out[wire.INPUT_LENGTHS][1, 0] > out[wire.INPUT_LENGTHS][0, 0]  # the longer user text
     with pytest.raises(Exception, match="image_load_failed"):
         pre.encode([b"\x89PNG\r\n\x1a\n" + b"garbage" * 10])
 
@@ -234,11 +235,11 @@ def test_preprocess_and_postprocess_logic(tiny_ckpt):
     text = '{"objects": [{"desc": "cat", "bbox_2d": [%s]}]}' % ", ".join(coord_token(v) for v in (1, 2, 30, 40))
     ids = proc.tokenizer(text)["input_ids"] + [proc.im_end_token_id]
     res = post.process([ids, []])
-    assert C.as_str(res[C.TEXT_OUTPUT][0, 0]) == text
-    payload = json.loads(C.as_str(res[C.PREDS_JSON][0, 0]))
+    assert C.as_str(res[wire.TEXT_OUTPUT][0, 0]) == text
+    payload = json.loads(C.as_str(res[wire.PREDS_JSON][0, 0]))
     assert payload["preds"] == [{"type": "bbox_2d", "points": [1, 2, 30, 40], "desc": "cat", "score": 1.0}]
     assert payload["error"] is None and payload["repairs"] == []
-    assert json.loads(C.as_str(res[C.PREDS_JSON][1, 0]))["error"] == "empty_pred"
+    assert json.loads(C.as_str(res[wire.PREDS_JSON][1, 0]))["error"] == "empty_pred"
 
 
 def test_parity_compare_reports_the_first_divergence():
@@ -297,19 +298,19 @@ def test_ensemble_answers_images_of_several_sizes(server, images):
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
         for k in (0, 6, 9, 14):
-            res = client.infer(C.ENSEMBLE, infer_inputs(grpcclient, ensemble_arrays([images[k]])))
-            assert res.as_numpy(C.OUTPUT_IDS).dtype == np.int32
+            res = client.infer(wire.ENSEMBLE, infer_inputs(grpcclient, ensemble_arrays([images[k]])))
+            assert res.as_numpy(wire.OUTPUT_IDS).dtype == np.int32
             row = ensemble_outputs(res)[0]
             assert len(row["token_ids"]) <= MAX_NEW  # 0 when the model stops at once
             assert set(row["preds"]) == {"preds", "error", "error_message", "repairs"}
         # two images in one request (the request's own batch dimension), decoding inputs sent
         params = GenerationParams(max_new_tokens=5, ignore_eos=True)
-        res = client.infer(C.ENSEMBLE, infer_inputs(grpcclient, ensemble_arrays([images[1], images[14]], params)))
+        res = client.infer(wire.ENSEMBLE, infer_inputs(grpcclient, ensemble_arrays([images[1], images[14]], params)))
         rows = ensemble_outputs(res)
         assert [len(r["token_ids"]) for r in rows] == [5, 5]
-        meta = client.get_model_metadata(C.ENSEMBLE, as_json=True)
+        meta = client.get_model_metadata(wire.ENSEMBLE, as_json=True)
         assert {i["name"] for i in meta["inputs"]} >= {"image_bytes_input", "max_tokens", "random_seed"}
-        cfg = client.get_model_config(C.ENSEMBLE, as_json=True)["config"]
+        cfg = client.get_model_config(wire.ENSEMBLE, as_json=True)["config"]
         manifest = json.loads(cfg["parameters"]["manifest_json"]["string_value"])
         assert manifest["max_new_tokens"] == MAX_NEW and manifest["backend"] == "onnx"
     finally:
@@ -329,9 +330,9 @@ def test_greedy_parity_torch_onnx_served(exported, server, images, onnx_engine):
     runs = {"torch@4": _batched(torch_engine, images, params, 4),
             "onnx@1": _batched(onnx_engine, images, params, 1),
             "onnx@4": _batched(onnx_engine, images, params, 4)}
-    before = model_stats(server.grpc_url, C.LLM)
+    before = model_stats(server.grpc_url, wire.LLM)
     served, _ = infer_many(server.grpc_url, images, params, concurrency=4)
-    after = model_stats(server.grpc_url, C.LLM)
+    after = model_stats(server.grpc_url, wire.LLM)
     assert not [r for r in served if isinstance(r, Exception)]
     runs["served@c4"] = [(r["token_ids"], r["text"]) for r in served]
     for name, rows in runs.items():
@@ -404,7 +405,7 @@ def test_model_that_fails_to_load_gives_tritons_message(exported, tmp_path):
     os.remove(broken / C.ONNX_SUBDIR / "decoder.onnx")
     with pytest.raises(TritonError) as e:
         start_server(str(broken), ready_timeout=240,
-                     extra_args=["--model-control-mode=explicit", f"--load-model={C.LLM}"])
+                     extra_args=["--model-control-mode=explicit", f"--load-model={wire.LLM}"])
     msg = str(e.value)
     assert "decoder.onnx" in msg and "'llm'" in msg, msg
 
@@ -441,8 +442,8 @@ def test_streamed_answers_equal_unary_answers_token_by_token(server, images):
     params = GenerationParams(max_new_tokens=MAX_NEW)
 
     async def go():
-        unary, _ = await ServerPool.connect([server.grpc_url], C.ENSEMBLE)
-        stream, _ = await ServerPool.connect([server.grpc_url], C.stream_ensemble_name(C.ENSEMBLE))
+        unary, _ = await ServerPool.connect([server.grpc_url], wire.ENSEMBLE)
+        stream, _ = await ServerPool.connect([server.grpc_url], wire.stream_ensemble_name(wire.ENSEMBLE))
         try:
             out = []
             for k in (0, 6, 14):

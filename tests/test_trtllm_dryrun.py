@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from coordexp import wire
 from coordexp.serving import common as C
 from test_repository import fake_onnx_dir  # one placeholder export for both repository kinds
 
@@ -106,26 +107,26 @@ def test_configs_parse_and_keep_the_ensemble_contract(repos, kind):
         assert ens_t.platform == "ensemble" and ens_t.max_batch_size == ens_o.max_batch_size
         assert tensors(ens_t, "input") == tensors(ens_o, "input")  # names, dtypes, dims, optional: identical
         assert tensors(ens_t, "output") == tensors(ens_o, "output")
-    assert trt[C.LLM_STREAM].model_transaction_policy.decoupled and not trt[C.LLM].model_transaction_policy.decoupled
-    assert tensors(trt[C.LLM_STREAM], "input") == {**tensors(trt[C.LLM], "input"),
-                                                   **{C.STREAM: tensors(onnx[C.LLM_STREAM], "input")[C.STREAM]}}
+    assert trt[wire.LLM_STREAM].model_transaction_policy.decoupled and not trt[wire.LLM].model_transaction_policy.decoupled
+    assert tensors(trt[wire.LLM_STREAM], "input") == {**tensors(trt[wire.LLM], "input"),
+                                                   **{wire.STREAM: tensors(onnx[wire.LLM_STREAM], "input")[wire.STREAM]}}
     ens_t = trt["coordexp"]
-    for step in (C.PREPROCESS, C.POSTPROCESS):  # the very same step models
+    for step in (wire.PREPROCESS, wire.POSTPROCESS):  # the very same step models
         assert trt[step] == onnx[step]
-    llm_o, llm_t = onnx[C.LLM], trt[C.LLM]
+    llm_o, llm_t = onnx[wire.LLM], trt[wire.LLM]
     assert tensors(llm_t, "output") == tensors(llm_o, "output")
     ins_o, ins_t = tensors(llm_o, "input"), tensors(llm_t, "input")
-    assert set(ins_t) - set(ins_o) == {C.PIXEL_VALUES}
+    assert set(ins_t) - set(ins_o) == {wire.PIXEL_VALUES}
     assert all(ins_t[k][:2] == v[:2] for k, v in ins_o.items())
-    assert ins_t[C.PIXEL_VALUES][:2] == tensors(onnx[C.PREPROCESS], "output")[C.PIXEL_VALUES][:2]
+    assert ins_t[wire.PIXEL_VALUES][:2] == tensors(onnx[wire.PREPROCESS], "output")[wire.PIXEL_VALUES][:2]
     steps = [s.model_name for s in ens_t.ensemble_scheduling.step]
     if kind == "llmapi":
-        assert steps == [C.PREPROCESS, C.LLM, C.POSTPROCESS] and C.VISION_ENCODER not in trt
+        assert steps == [wire.PREPROCESS, wire.LLM, wire.POSTPROCESS] and wire.VISION_ENCODER not in trt
     else:
-        assert steps == [C.PREPROCESS, C.VISION_ENCODER, C.LLM, C.POSTPROCESS]
-        assert tensors(trt[C.VISION_ENCODER], "input") == tensors(onnx[C.VISION_ENCODER], "input")
-        assert tensors(trt[C.VISION_ENCODER], "output") == tensors(onnx[C.VISION_ENCODER], "output")
-        assert trt[C.VISION_ENCODER].instance_group[0].kind == 1  # KIND_GPU
+        assert steps == [wire.PREPROCESS, wire.VISION_ENCODER, wire.LLM, wire.POSTPROCESS]
+        assert tensors(trt[wire.VISION_ENCODER], "input") == tensors(onnx[wire.VISION_ENCODER], "input")
+        assert tensors(trt[wire.VISION_ENCODER], "output") == tensors(onnx[wire.VISION_ENCODER], "output")
+        assert trt[wire.VISION_ENCODER].instance_group[0].kind == 1  # KIND_GPU
     assert json.loads(ens_t.parameters["manifest_json"].string_value)["backend"] == "trtllm"
 
 
@@ -135,8 +136,8 @@ def test_layout_model_yaml_and_manifest(repos):
     from coordexp.export.trtllm import PINNED
 
     repo = repos["llmapi"]
-    assert sorted(os.listdir(repo)) == sorted(["coordexp", C.LLM, C.PREPROCESS, C.POSTPROCESS, C.MANIFEST,
-                                               "coordexp_stream", C.LLM_STREAM])
+    assert sorted(os.listdir(repo)) == sorted(["coordexp", wire.LLM, wire.PREPROCESS, wire.POSTPROCESS, C.MANIFEST,
+                                               "coordexp_stream", wire.LLM_STREAM])
     assert os.path.isfile(os.path.join(repo, C.PROCESSOR_SUBDIR, "tokenizer.json"))
     assert not os.path.exists(os.path.join(repo, "llm", "1", "checkpoint"))  # weights: the real run's copy
     args = yaml.safe_load(open(os.path.join(repo, "llm", "1", "model.yaml")))
@@ -148,7 +149,7 @@ def test_layout_model_yaml_and_manifest(repos):
     m = json.load(open(os.path.join(repo, C.MANIFEST)))
     assert m["models"]["stream_ensemble"] == "coordexp_stream" and "half" in m["trtllm"]["kv_cache_note"]
     assert m["backend"] == "trtllm" and m["trtllm"]["dry_run"] is True and m["trtllm"]["pinned"] == PINNED
-    assert m["models"]["steps"] == [C.PREPROCESS, C.LLM, C.POSTPROCESS] and m["max_new_tokens"] == 256
+    assert m["models"]["steps"] == [wire.PREPROCESS, wire.LLM, wire.POSTPROCESS] and m["max_new_tokens"] == 256
     assert PINNED["trtllm_image"].endswith("25.12-trtllm-python-py3") and PINNED["triton_image"].endswith("25.12-py3")
     out = repos["out"]
     assert "dry run" in out and "tritonserver --model-repository=" in out and "trtexec" not in out
@@ -157,10 +158,10 @@ def test_layout_model_yaml_and_manifest(repos):
 def test_shims_import_the_trtllm_models(repos):
     import runpy
 
-    for model, cls in ((C.LLM, "coordexp.serving.trtllm_llm.TritonPythonModel"),
-                       (C.LLM_STREAM, "coordexp.serving.trtllm_llm.TritonPythonModel"),
-                       (C.VISION_ENCODER, "coordexp.serving.trtllm_llm.TrtVisionEncoderModel"),
-                       (C.PREPROCESS, "coordexp.serving.preprocess.TritonPythonModel")):
+    for model, cls in ((wire.LLM, "coordexp.serving.trtllm_llm.TritonPythonModel"),
+                       (wire.LLM_STREAM, "coordexp.serving.trtllm_llm.TritonPythonModel"),
+                       (wire.VISION_ENCODER, "coordexp.serving.trtllm_llm.TrtVisionEncoderModel"),
+                       (wire.PREPROCESS, "coordexp.serving.preprocess.TritonPythonModel")):
         code = open(os.path.join(repos["trt"], model, "1", "model.py")).read()
         assert "COORDEXP_SITE" in code
         got = runpy.run_path(os.path.join(repos["trt"], model, "1", "model.py"))["TritonPythonModel"]
@@ -240,7 +241,7 @@ def test_no_stream_gives_one_llm_instance_with_the_whole_kv_share(tiny_ckpt, tmp
     rc, out = dry_run(["--ckpt", tiny_ckpt, "--backend", "trtllm", "--dry-run", "--repo", str(tmp_path / "r"),
                        "--no-stream"])
     assert rc == 0, out
-    assert sorted(os.listdir(tmp_path / "r")) == sorted(["coordexp", C.LLM, C.PREPROCESS, C.POSTPROCESS, C.MANIFEST])
+    assert sorted(os.listdir(tmp_path / "r")) == sorted(["coordexp", wire.LLM, wire.PREPROCESS, wire.POSTPROCESS, C.MANIFEST])
     args = yaml.safe_load(open(tmp_path / "r" / "llm" / "1" / "model.yaml"))
     assert args["kv_cache_config"]["free_gpu_memory_fraction"] == 0.8
     assert "free_gpu_memory_fraction 0.8" in out and "llm_stream" not in out
@@ -352,25 +353,25 @@ def test_batcher_runs_requests_through_the_llm_api(tiny_ckpt):
     pv[0, :n[0]], pv[1, :n[1]] = enc["pixel_values"][:n[0]], enc["pixel_values"][n[0]:]
     stop = proc.stop_token_ids
     good = C.TritonRequestView({
-        C.INPUT_IDS: enc["input_ids"].astype(np.int32), C.ATTENTION_MASK: enc["attention_mask"].astype(np.int32),
-        C.INPUT_LENGTHS: enc["attention_mask"].sum(1, keepdims=True).astype(np.int32),
-        C.IMAGE_GRID_THW: enc["image_grid_thw"], C.PIXEL_VALUES: pv,
-        C.REQUEST_OUTPUT_LEN: np.array([[7], [7]], np.int32)})
-    guided = C.TritonRequestView({**{k: v[:1] for k, v in good.inputs.items()}, C.GUIDED: np.array([[True]])})
+        wire.INPUT_IDS: enc["input_ids"].astype(np.int32), wire.ATTENTION_MASK: enc["attention_mask"].astype(np.int32),
+        wire.INPUT_LENGTHS: enc["attention_mask"].sum(1, keepdims=True).astype(np.int32),
+        wire.IMAGE_GRID_THW: enc["image_grid_thw"], wire.PIXEL_VALUES: pv,
+        wire.REQUEST_OUTPUT_LEN: np.array([[7], [7]], np.int32)})
+    guided = C.TritonRequestView({**{k: v[:1] for k, v in good.inputs.items()}, wire.GUIDED: np.array([[True]])})
     llm = FakeLLM([11, 12, stop[0], 13])
     batcher = TrtllmBatcher(llm, FakeSampling, PromptRebuilder.from_dir(tiny_ckpt), vision="trtllm",
                             max_new_tokens=64, pad_token_id=proc.pad_token_id, stop_token_ids=stop)
     res = batcher.run([good, guided])
     assert isinstance(res[1], C.RequestError) and "guided" in str(res[1])
     out = res[0]
-    assert out[C.OUTPUT_IDS].tolist() == [[11, 12], [11, 12]] and out[C.SEQUENCE_LENGTH].tolist() == [[2], [2]]
+    assert out[wire.OUTPUT_IDS].tolist() == [[11, 12], [11, 12]] and out[wire.SEQUENCE_LENGTH].tolist() == [[2], [2]]
     (prompts, sampling), = llm.calls
     assert len(prompts) == 2 and all(p["prompt"] == proc.prompt_text() for p in prompts)
     sizes = [p["multi_modal_data"]["image"][0].size for p in prompts]
     assert sizes == [(int(g[2]) * 16, int(g[1]) * 16) for g in enc["image_grid_thw"]]
     assert sampling[0].max_tokens == 7 and sampling[0].top_k == 1 and sampling[0].end_id == stop[0]
     # no pixel_values -> that request fails, clearly
-    bare = C.TritonRequestView({k: v for k, v in good.inputs.items() if k != C.PIXEL_VALUES})
+    bare = C.TritonRequestView({k: v for k, v in good.inputs.items() if k != wire.PIXEL_VALUES})
     assert "pixel_values" in str(batcher.run([bare])[0])
 
 
@@ -397,22 +398,22 @@ def test_streaming_batcher_sends_every_token_then_the_unary_answer(tiny_ckpt):
 
     proc = CoordExpProcessor.from_pretrained(tiny_ckpt)
     enc = proc.encode([np.zeros((64, 64, 3), np.uint8)], return_tensors="np")
-    view = {C.INPUT_IDS: enc["input_ids"].astype(np.int32), C.ATTENTION_MASK: enc["attention_mask"].astype(np.int32),
-            C.IMAGE_GRID_THW: enc["image_grid_thw"], C.PIXEL_VALUES: enc["pixel_values"][None].astype(np.float32)}
+    view = {wire.INPUT_IDS: enc["input_ids"].astype(np.int32), wire.ATTENTION_MASK: enc["attention_mask"].astype(np.int32),
+            wire.IMAGE_GRID_THW: enc["image_grid_thw"], wire.PIXEL_VALUES: enc["pixel_values"][None].astype(np.float32)}
     stop = proc.stop_token_ids
     llm = FakeStreamingLLM([21, 22, 23, stop[0]])
     batcher = TrtllmBatcher(llm, FakeSampling, PromptRebuilder.from_dir(tiny_ckpt), max_new_tokens=64,
                             pad_token_id=proc.pad_token_id, stop_token_ids=stop)
     unary = batcher.run([C.TritonRequestView(view)])[0]
     sent = []
-    views = [C.TritonRequestView({**view, C.STREAM: np.array([[True]])}), C.TritonRequestView(view)]
+    views = [C.TritonRequestView({**view, wire.STREAM: np.array([[True]])}), C.TritonRequestView(view)]
     DecoupledRun(batcher, lambda r, res, final: sent.append((r, res, final))).run(views)
-    streamed = [(res[C.SEQUENCE_LENGTH][0, 0], final) for r, res, final in sent if r == 0]
+    streamed = [(res[wire.SEQUENCE_LENGTH][0, 0], final) for r, res, final in sent if r == 0]
     assert streamed == [(1, False), (2, False), (3, False), (3, True)]  # the stop id is stripped, then final
     assert [final for r, _, final in sent if r == 1] == [True]  # not streamed: one response
     for r in (0, 1):
         last = [res for q, res, _ in sent if q == r][-1]
-        assert last[C.OUTPUT_IDS].tolist() == unary[C.OUTPUT_IDS].tolist() == [[21, 22, 23]]
+        assert last[wire.OUTPUT_IDS].tolist() == unary[wire.OUTPUT_IDS].tolist() == [[21, 22, 23]]
     # an engine error mid-stream ends that request with the error, once
     batcher.llm_input = lambda it: {"prompt": "x", "fail": True}
     sent.clear()
@@ -429,10 +430,10 @@ def test_batcher_external_embeddings_refuse_grids_the_llm_api_would_guess_wrong(
     def view(grid):
         n = int(np.prod(grid)) // 4
         ids = np.array([[3] + [rb.image_token_id] * n + [4]], np.int32)
-        return C.TritonRequestView({C.INPUT_IDS: ids, C.ATTENTION_MASK: np.ones_like(ids),
-                                    C.IMAGE_GRID_THW: np.array([grid], np.int64),
-                                    C.IMAGE_EMBEDS: np.zeros((1, n, 8), np.float32),
-                                    C.DEEPSTACK_EMBEDS: np.zeros((1, 0, n, 8), np.float32)})
+        return C.TritonRequestView({wire.INPUT_IDS: ids, wire.ATTENTION_MASK: np.ones_like(ids),
+                                    wire.IMAGE_GRID_THW: np.array([grid], np.int64),
+                                    wire.IMAGE_EMBEDS: np.zeros((1, n, 8), np.float32),
+                                    wire.DEEPSTACK_EMBEDS: np.zeros((1, 0, n, 8), np.float32)})
 
     square, wide = batcher.run([view([1, 4, 6]), view([1, 2, 12])])
     assert isinstance(wide, C.RequestError) and "near-square" in str(wide)

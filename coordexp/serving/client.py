@@ -16,9 +16,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coordexp.serving.common import (ENSEMBLE, GUIDED, GUIDED_CLOSED_EARLY, IGNORE_EOS, IMAGE_BYTES_INPUT, MAX_TOKENS, OUTPUT_IDS,
-                                     PREDS_JSON, RANDOM_SEED, REPETITION_PENALTY, RUNTIME_TOP_P, SEQUENCE_LENGTH,
-                                     TEMPERATURE, TEXT_INPUT, TEXT_OUTPUT, as_str, bytes_array)
+from coordexp.serving.common import as_str, bytes_array
+from coordexp.wire import (ENSEMBLE, GUIDED, GUIDED_CLOSED_EARLY, IGNORE_EOS, IMAGE_BYTES_INPUT, MAX_TOKENS,
+                           OUTPUT_IDS, PREDS_JSON, RANDOM_SEED, REPETITION_PENALTY, RUNTIME_TOP_P, SEQUENCE_LENGTH,
+                           TEMPERATURE, TEXT_INPUT, TEXT_OUTPUT)
 
 WIRE_DTYPES = {IMAGE_BYTES_INPUT: "BYTES", TEXT_INPUT: "BYTES", MAX_TOKENS: "INT32", TEMPERATURE: "FP32",
                RUNTIME_TOP_P: "FP32", REPETITION_PENALTY: "FP32", RANDOM_SEED: "UINT64", GUIDED: "BOOL",

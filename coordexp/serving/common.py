@@ -1,5 +1,5 @@
-"""What the Triton Python models of a CoordExp repository share: tensor names, the folder layout,
-config parameters, request errors and small numpy helpers.
+"""What the Triton Python models of a CoordExp repository share: the folder layout, config
+parameters, request errors and small numpy helpers (model and tensor names: `coordexp.wire`).
 
 Light imports only (numpy): the repository writer, the client and the tests import this too.
 `triton_python_backend_utils` exists only inside the Python-backend stub, so the
@@ -14,20 +14,6 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-# ---------------------------------------------------------------------------- model names
-ENSEMBLE = "coordexp"
-PREPROCESS = "preprocess"
-VISION_ENCODER = "vision_encoder"
-LLM = "llm"
-LLM_STREAM = "llm_stream"  # the same llm code, decoupled: the step of the streaming ensemble
-POSTPROCESS = "postprocess"
-STREAM_SUFFIX = "_stream"  # the streaming ensemble of ensemble NAME is NAME_stream
-MODELS = (PREPROCESS, VISION_ENCODER, LLM, POSTPROCESS, ENSEMBLE)
-
-
-def stream_ensemble_name(name: str) -> str:
-    return name + STREAM_SUFFIX
-
 # ---------------------------------------------------------------------------- folder layout
 # Paths relative to the repository root. The ONNX graphs (vision.onnx, embed.onnx, decoder.onnx,
 # onnx_meta.json) live once, inside the llm model's version folder; vision_encoder reads the
@@ -40,45 +26,6 @@ ONNX_SUBDIR = "llm/1/onnx"
 PROCESSOR_SUBDIR = "preprocess/1/processor"
 MANIFEST = "manifest.json"
 ONNX_META = "onnx_meta.json"
-
-# ---------------------------------------------------------------------------- tensor names
-# Ensemble inputs (named like Triton's TensorRT-LLM ensembles).
-IMAGE_BYTES_INPUT = "image_bytes_input"  # BYTES [1]: the encoded image file (never a path)
-TEXT_INPUT = "text_input"  # BYTES [1], optional: user prompt replacing PromptSpec.user_text
-MAX_TOKENS = "max_tokens"  # INT32 [1], optional (-> llm request_output_len)
-TEMPERATURE = "temperature"  # FP32 [1], optional; 0 = greedy
-RUNTIME_TOP_P = "runtime_top_p"  # FP32 [1], optional
-REPETITION_PENALTY = "repetition_penalty"  # FP32 [1], optional
-RANDOM_SEED = "random_seed"  # UINT64 [1], optional
-GUIDED = "guided"  # BOOL [1], optional
-IGNORE_EOS = "ignore_eos"  # BOOL [1], optional
-STREAM = "stream"  # BOOL [1], optional, streaming ensemble only: one response per decoding step
-# Internal tensors between the steps.
-INPUT_IDS = "input_ids"  # INT32 [-1], left padded within a request
-ATTENTION_MASK = "attention_mask"  # INT32 [-1]
-INPUT_LENGTHS = "input_lengths"  # INT32 [1]
-PIXEL_VALUES = "pixel_values"  # FP32 [-1, -1] (patches x patch dim), zero padded within a request
-IMAGE_GRID_THW = "image_grid_thw"  # INT64 [3]
-IMAGE_EMBEDS = "image_embeds"  # FP32 [-1, -1] (image tokens x hidden), zero padded within a request
-DEEPSTACK_EMBEDS = "deepstack_embeds"  # FP32 [-1, -1, -1] (deepstack layers x image tokens x hidden)
-REQUEST_OUTPUT_LEN = "request_output_len"  # llm's name for max_tokens
-# Outputs.
-OUTPUT_IDS = "output_ids"  # INT32 [-1], generated ids (stop token excluded), padded with pad id
-SEQUENCE_LENGTH = "sequence_length"  # INT32 [1]: number of generated ids
-TEXT_OUTPUT = "text_output"  # BYTES [1]: the decoded model text (coord tokens kept)
-PREDS_JSON = "preds_json"  # BYTES [1]: {"preds", "error", "error_message", "repairs"}
-GUIDED_CLOSED_EARLY = "guided_closed_early"  # BOOL [1]: guided decoding closed the answer early (budget)
-
-# Ensemble decoding inputs -> llm inputs
-DECODING_INPUTS = {
-    MAX_TOKENS: REQUEST_OUTPUT_LEN,
-    TEMPERATURE: TEMPERATURE,
-    RUNTIME_TOP_P: RUNTIME_TOP_P,
-    REPETITION_PENALTY: REPETITION_PENALTY,
-    RANDOM_SEED: RANDOM_SEED,
-    GUIDED: GUIDED,
-    IGNORE_EOS: IGNORE_EOS,
-}
 
 
 class RequestError(ValueError):

@@ -29,17 +29,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from coordexp.generation import GenerationParams
-from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, GUIDED_CLOSED_EARLY, IGNORE_EOS,
-                                     IMAGE_EMBEDS, IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, ONNX_SUBDIR, OUTPUT_IDS,
-                                     RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P,
-                                     SEQUENCE_LENGTH, STREAM, TEMPERATURE, RequestError, TritonRequestView,
-                                     decoupled_sender, error_response, int_param, model_args, pad_stack, request_view,
-                                     resolve, response, rows)
+from coordexp import wire
+from coordexp.serving.common import (ONNX_SUBDIR, RequestError, TritonRequestView, decoupled_sender,
+                                     error_response, int_param, model_args, pad_stack, request_view, resolve,
+                                     response, rows)
+from coordexp.wire import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, GUIDED_CLOSED_EARLY, IGNORE_EOS, IMAGE_EMBEDS,
+                           IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, OUTPUT_IDS, RANDOM_SEED, REPETITION_PENALTY,
+                           REQUEST_OUTPUT_LEN, RUNTIME_TOP_P, SEQUENCE_LENGTH, STREAM, TEMPERATURE)
 from coordexp.serving.vision_encoder import merge_size_of
 
-LLM_INPUTS = (INPUT_IDS, ATTENTION_MASK, INPUT_LENGTHS, IMAGE_GRID_THW, IMAGE_EMBEDS, DEEPSTACK_EMBEDS,
-              REQUEST_OUTPUT_LEN, TEMPERATURE, RUNTIME_TOP_P, REPETITION_PENALTY, RANDOM_SEED, GUIDED, IGNORE_EOS,
-              STREAM)
+LLM_INPUTS = wire.input_names(wire.LLM_STREAM)  # llm reads the same, less `stream`
 # (item index -> ids so far, item indices that finished at this step)
 ProgressCallback = Callable[[dict[int, list[int]], list[int]], None]
 

@@ -14,9 +14,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coordexp.serving.common import (OUTPUT_IDS, PREDS_JSON, SEQUENCE_LENGTH, TEXT_OUTPUT, RequestError,
-                                     TritonRequestView, bytes_array, config_parameters, error_response,
-                                     repository_root, request_view, resolve, response)
+from coordexp import wire
+from coordexp.serving.common import (RequestError, TritonRequestView, bytes_array, config_parameters,
+                                     error_response, repository_root, request_view, resolve, response)
+from coordexp.wire import OUTPUT_IDS, PREDS_JSON, SEQUENCE_LENGTH, TEXT_OUTPUT
 
 
 def preds_payload(text: str, coord_mode: str = "norm1000") -> dict[str, Any]:
@@ -74,7 +75,7 @@ class TritonPythonModel:
         out = []
         for request in requests:
             try:
-                view = request_view(self.pb, request, (OUTPUT_IDS, SEQUENCE_LENGTH))
+                view = request_view(self.pb, request, wire.input_names(wire.POSTPROCESS))
                 out.append(response(self.pb, self.post.process_request(view)))
             except Exception as e:
                 out.append(error_response(self.pb, e))

@@ -19,10 +19,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from coordexp.prompt import PromptSpec
-from coordexp.serving.common import (ATTENTION_MASK, IMAGE_BYTES_INPUT, IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS,
-                                     PIXEL_VALUES, TEXT_INPUT, RequestError, TritonRequestView, as_bytes, as_str,
-                                     config_parameters, error_response, int_param, pad_stack, repository_root,
-                                     request_view, resolve, response, rows)
+from coordexp import wire
+from coordexp.serving.common import (RequestError, TritonRequestView, as_bytes, as_str, config_parameters,
+                                     error_response, int_param, pad_stack, repository_root, request_view, resolve,
+                                     response, rows)
+from coordexp.wire import (ATTENTION_MASK, IMAGE_BYTES_INPUT, IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS,
+                           PIXEL_VALUES, TEXT_INPUT)
 
 
 class Preprocessor:
@@ -117,7 +119,7 @@ class TritonPythonModel:
         out = []
         for request in requests:
             try:
-                view = request_view(self.pb, request, (IMAGE_BYTES_INPUT, TEXT_INPUT))
+                view = request_view(self.pb, request, wire.input_names(wire.PREPROCESS))
                 out.append(response(self.pb, self.pre.encode_request(view)))
             except Exception as e:  # one bad request must not fail the others
                 out.append(error_response(self.pb, e))

@@ -42,11 +42,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from coordexp.generation import GenerationParams
-from coordexp.serving.common import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, IGNORE_EOS, IMAGE_EMBEDS,
-                                     IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, PIXEL_VALUES, PROCESSOR_SUBDIR,
-                                     RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P, STREAM,
-                                     TEMPERATURE, RequestError, TritonRequestView, decoupled_sender, error_response,
-                                     int_param, model_args, request_view, resolve, response, rows)
+from coordexp.serving.common import (PROCESSOR_SUBDIR, RequestError, TritonRequestView, decoupled_sender,
+                                     error_response, int_param, model_args, request_view, resolve, response, rows)
+from coordexp.wire import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, IGNORE_EOS, IMAGE_EMBEDS, IMAGE_GRID_THW,
+                           INPUT_IDS, INPUT_LENGTHS, PIXEL_VALUES, RANDOM_SEED, REPETITION_PENALTY,
+                           REQUEST_OUTPUT_LEN, RUNTIME_TOP_P, STREAM, TEMPERATURE)
 from coordexp.serving.llm import (LLM_INPUTS, DecoupledRun, LlmBatcher, ProgressCallback, defaults_from_params,
                                   params_for_row)
 
@@ -509,7 +509,7 @@ class TrtVisionEncoderModel:
         self.encoder = VisionEncoder(parts, int_param(params, "merge_size", 0) or None)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        from coordexp.serving.common import PIXEL_VALUES as PV
+        from coordexp.wire import PIXEL_VALUES as PV
 
         views = [request_view(self.pb, r, (PV, IMAGE_GRID_THW)) for r in requests]
         return [error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res)

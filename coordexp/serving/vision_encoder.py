@@ -13,9 +13,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coordexp.serving.common import (DEEPSTACK_EMBEDS, IMAGE_EMBEDS, IMAGE_GRID_THW, ONNX_SUBDIR, PIXEL_VALUES,
-                                     RequestError, TritonRequestView, config_parameters, error_response, int_param,
-                                     pad_stack, repository_root, request_view, resolve, response)
+from coordexp import wire
+from coordexp.serving.common import (ONNX_SUBDIR, RequestError, TritonRequestView, config_parameters,
+                                     error_response, int_param, pad_stack, repository_root, request_view, resolve,
+                                     response)
+from coordexp.wire import DEEPSTACK_EMBEDS, IMAGE_EMBEDS, IMAGE_GRID_THW, PIXEL_VALUES
 
 
 def merge_size_of(meta: dict[str, Any], default: int = 2) -> int:
@@ -124,7 +126,7 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         views = []
         for request in requests:
-            views.append(request_view(self.pb, request, (PIXEL_VALUES, IMAGE_GRID_THW)))
+            views.append(request_view(self.pb, request, wire.input_names(wire.VISION_ENCODER)))
         out = []
         for res in self.encoder.run(views):
             out.append(error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res))
