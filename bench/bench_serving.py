@@ -83,17 +83,19 @@ def bench_local(name: str, generate: Callable[[list], list], images: Sequence[by
 
 def bench_served(name: str, url: str, model: str, images: Sequence[bytes], params: Any, concurrency: int,
                  warmup: int) -> dict[str, Any]:
-    from coordexp.serving.client import infer_many
+    """The served ensemble through the client users run (`TritonEngine`), `concurrency` in flight."""
+    from coordexp.engines.triton import ClientOptions, TritonEngine
 
-    if warmup:
-        infer_many(url, list(images[:max(warmup, concurrency)]), params, concurrency=concurrency, model=model)
-    t0 = time.perf_counter()
-    out, lat = infer_many(url, images, params, concurrency=concurrency, model=model)
-    wall = time.perf_counter() - t0
-    errors = [r for r in out if isinstance(r, Exception)]
+    with TritonEngine.connect([url], ClientOptions(model=model, timeout=300.0, max_in_flight=concurrency)) as engine:
+        if warmup:
+            engine.generate_batch(list(images[:max(warmup, concurrency)]), params)
+        t0 = time.perf_counter()
+        out = engine.generate_batch(list(images), params)
+        wall = time.perf_counter() - t0
+    errors = [r.error for r in out if r.error]
     if errors:
         raise RuntimeError(f"{name}: {len(errors)} failed requests, first: {errors[0]}")
-    return row(name, len(images), sum(len(r["token_ids"]) for r in out), wall, lat)
+    return row(name, len(images), sum(len(r.token_ids) for r in out), wall, [r.latency_s for r in out])
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -109,7 +111,7 @@ def prepare(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
     """(ckpt, repo): the given ones, or the tiny checkpoint built and exported here."""
     ckpt, repo = args.ckpt, args.repo
     if not ckpt:
-        from coordexp.tiny import build_tiny_checkpoint
+        from coordexp.demo.tiny import build_tiny_checkpoint
 
         ckpt = os.path.join(workdir, "tiny-qwen3vl")
         print(f"building the tiny checkpoint in {ckpt}", file=sys.stderr)
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url
     try:
         if not url:
-            from coordexp.serving.client import start_server
+            from coordexp.serving.server import start_server
 
             print(f"starting Triton from {repo} ...", file=sys.stderr)
             server = start_server(repo)

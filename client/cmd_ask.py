@@ -62,38 +62,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 class RemoteSource:
-    """A Triton server; one event loop and one gRPC channel for the whole session."""
+    """A Triton server (a `TritonEngine`: one event loop and one gRPC channel for the whole session)."""
 
     def __init__(self, args: argparse.Namespace, params):
-        import asyncio
+        from coordexp.client.options import prompt_overrides
+        from coordexp.engines.triton import ClientOptions, PreflightError, TritonEngine
+        from coordexp.engines.triton.interface import request_problems
+        from coordexp.wire import stream_ensemble_name
 
-        from coordexp.client.remote import (PreflightError, ServerPool, fit_params_to_server, normalise_url,
-                                            request_problems, served_prompt)
-
-        from coordexp.client.cmd_bench import stream_model
-
-        model = stream_model(args.model) if getattr(args, "stream", False) else args.model
-        self.loop = asyncio.new_event_loop()
-        try:
-            self.pool, self.manifest = self.loop.run_until_complete(ServerPool.connect(
-                [normalise_url(args.url)], model, preflight_timeout=min(10.0, args.timeout),
-                timeout=args.timeout, retries=args.retries, wait_for_server=min(10.0, args.timeout)))
-        except PreflightError:
-            self.loop.close()
-            raise
-        self.args = args
-        params = fit_params_to_server(params, self.manifest, args)
-        problems = request_problems(self.pool.iface, self.manifest, params, args.user_text, args)
+        model = stream_ensemble_name(args.model) if getattr(args, "stream", False) else args.model
+        self.engine = TritonEngine.connect([args.url], ClientOptions(
+            model=model, timeout=args.timeout, retries=args.retries, wait_for_server=min(10.0, args.timeout)))
+        self.explicit_max_new_tokens = args.max_new_tokens is not None
+        params = self.engine.fit_params(params, self.explicit_max_new_tokens)
+        problems = request_problems(self.engine.iface, self.engine.manifest, params, args.user_text,
+                                    prompt_overrides(args))
         if problems:
             self.close()
             raise PreflightError("; ".join(problems))
-        self.default_text = served_prompt(self.manifest).user_text
+        self.default_text = self.engine.prompt.user_text
 
     def generate(self, image_bytes: bytes, image, params, user_text: str | None):
-        from coordexp.client.remote import AllServersDown, fit_params_to_server
+        from coordexp.engines.triton import AllServersDown
         from coordexp.generation import GenerationResult
 
-        params = fit_params_to_server(params, self.manifest, self.args)
+        params = self.engine.fit_params(params, self.explicit_max_new_tokens)
 
         shown = [""]
 
@@ -103,9 +96,9 @@ class RemoteSource:
                 sys.stderr.flush()
                 shown[0] = partial.text
 
-        streaming = self.pool.iface.streams
+        streaming = self.engine.iface.streams
         try:
-            gen, _ = self.loop.run_until_complete(self.pool.generate(
+            gen, _ = self.engine.run(self.engine.pool.generate(
                 image_bytes, params, user_text, on_partial=show if streaming else None))
         except AllServersDown as e:
             return GenerationResult(text="", error=str(e))
@@ -115,8 +108,7 @@ class RemoteSource:
         return gen
 
     def close(self) -> None:
-        self.loop.run_until_complete(self.pool.close())
-        self.loop.close()
+        self.engine.close()
 
 
 class LocalSource:
@@ -327,7 +319,7 @@ def _interactive(source, args, params) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordexp.client.remote import PreflightError
+    from coordexp.engines.triton.pool import PreflightError
 
     if bool(args.url) == bool(args.local):
         print("error: give either --url HOST:PORT or --local CKPT (one of them)", file=sys.stderr)

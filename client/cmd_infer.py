@@ -6,9 +6,17 @@ import json
 import os
 import sys
 
+from typing import Any, Sequence
+
 from coordexp.client.options import (add_decoding_args, add_local_engine_args, add_prompt_args, params_from_args,
-                                     prompt_from_args)
+                                     prompt_from_args, prompt_overrides)
 from coordexp.dataset import DEFAULT_MAX_PIXELS
+from coordexp.generation import GenerationParams
+
+# Exit codes: 0 done (lines may carry their own errors), 2 nothing was run (wrong URL, model unknown
+# or not ready, incompatible interface, bad arguments), 3 the servers went away mid-run.
+EXIT_PREFLIGHT = 2
+EXIT_SERVERS_GONE = 3
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,9 +59,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.url:
-        from coordexp.client.remote import run_remote
+        from coordexp.engines.triton import ClientOptions
 
-        return run_remote(args, params)
+        if args.concurrency < 1:
+            print("error: --concurrency must be >= 1", file=sys.stderr)
+            return EXIT_PREFLIGHT
+        return infer_remote(args.url, args.data, args.out, params,
+                            ClientOptions(model=args.model, timeout=args.timeout, retries=args.retries,
+                                          wait_for_server=args.wait_for_server),
+                            concurrency=args.concurrency, resume=args.resume, max_pixels=args.max_pixels,
+                            progress=False if args.no_progress else None, user_text=args.user_text,
+                            prompt_overrides=prompt_overrides(args),
+                            explicit_max_new_tokens=args.max_new_tokens is not None)
     from coordexp.engines import load_engine
     from coordexp.runner import run_dataset
 
@@ -71,4 +88,41 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps({k: summary.to_dict()[k] for k in ("records_written", "errors", "seconds", "images_per_s")}),
           file=sys.stderr)
+    return 0
+
+
+def infer_remote(urls: Sequence[str], data: str, out: str, params: GenerationParams, client: Any, *,
+                 concurrency: int = 8, resume: bool = False, max_pixels: int | None = None,
+                 progress: bool | None = None, user_text: str | None = None,
+                 prompt_overrides: dict[str, Any] | None = None, explicit_max_new_tokens: bool = True) -> int:
+    """`infer --url ...` (and the pipeline's triton engine): pre-flight, then the one dataset loop
+    (`coordexp.runner.run_dataset`) on a `TritonEngine`; `client` is a `ClientOptions`. Returns the
+    exit code."""
+    from coordexp.engines.triton import PreflightError, TritonEngine
+    from coordexp.runner import run_dataset
+
+    try:
+        engine = TritonEngine.connect(urls, client, user_text=user_text)
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_PREFLIGHT
+    with engine:
+        params = engine.fit_params(params, explicit_max_new_tokens)
+        problems = engine.problems(params, prompt_overrides)
+        if problems:
+            print("error: " + "; ".join(problems), file=sys.stderr)
+            return EXIT_PREFLIGHT
+        try:
+            summary = run_dataset(data, out, engine, params, resume=resume, max_pixels=max_pixels,
+                                  progress=progress, concurrency=concurrency)
+        except ValueError as e:  # e.g. an --out that cannot be resumed
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_PREFLIGHT
+    d = summary.to_dict()
+    if d["status"] != "complete":
+        print(f"error: {d.get('failure')}; wrote {d['records_written']} of {d['records_total']} lines to {out}; "
+              f"run the same command with --resume to continue", file=sys.stderr)
+        return EXIT_SERVERS_GONE
+    print(json.dumps({k: d[k] for k in ("records_written", "errors", "seconds", "images_per_s", "tokens_per_s",
+                                        "retries")}), file=sys.stderr)
     return 0

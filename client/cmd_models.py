@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 async def server_models(url: str, timeout: float = 10.0) -> dict[str, Any]:
     """{"url", "server": {name, version}, "models": [...]} for one server; raises on no server."""
-    from coordexp.client.remote import ModelInterface, error_message, fetch_manifest, manifest_summary, new_client
+    from coordexp.engines.triton.interface import ModelInterface, fetch_manifest, manifest_summary
+    from coordexp.engines.triton.pool import error_message, new_client
 
     client = new_client(url)
     try:
@@ -103,7 +104,7 @@ def format_server(info: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from coordexp.client.remote import normalise_url
+    from coordexp.engines.triton.pool import normalise_url
 
     async def collect():
         return [await server_models(normalise_url(u), args.timeout) for u in args.url]

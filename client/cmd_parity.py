@@ -158,13 +158,15 @@ def _local_run(name: str, engine: Any, items: Sequence[Any], params: Any, batch:
 
 
 def _served_run(name: str, url: str, model: str, items: Sequence[Any], params: Any, concurrency: int) -> Run:
-    from coordexp.serving.client import infer_many
+    """The served ensemble through the shipped client (`TritonEngine`), `concurrency` requests in flight."""
+    from coordexp.engines.triton import ClientOptions, TritonEngine
 
     t0 = time.perf_counter()
-    out, _ = infer_many(url, [it.image_bytes for it in items], params, concurrency=concurrency, model=model)
+    with TritonEngine.connect([url], ClientOptions(model=model, timeout=300.0, max_in_flight=concurrency)) as engine:
+        out = engine.generate_batch([it.image_bytes for it in items], params)
     run = Run(name, seconds=time.perf_counter() - t0)
-    for r in out:
-        run.rows.append(f"{type(r).__name__}: {r}" if isinstance(r, Exception) else (r["token_ids"], r["preds"]))
+    for g in out:
+        run.rows.append(g.error if g.error else (list(g.token_ids), g.served_preds))
     return run
 
 
@@ -250,8 +252,7 @@ def run(args: argparse.Namespace) -> int:
     url = args.url
     try:
         if not url:
-            from coordexp.server import TritonError
-            from coordexp.serving.client import start_server
+            from coordexp.serving.server import TritonError, start_server
 
             print(f"  starting Triton from {args.repo} ...", file=sys.stderr)
             try:

@@ -77,22 +77,19 @@ def _infer_local(cfg, out_path: str) -> dict[str, Any]:
     return {"rc": 0, "summary": summary.to_dict()}
 
 
-def triton_args(cfg, out_path: str) -> argparse.Namespace:
-    """The `infer --url` arguments that `coordexp.client.remote.run_remote` reads, from the config."""
-    eng, pr = cfg.infer.engine, cfg.infer.prompt
-    return argparse.Namespace(
-        url=list(eng.urls), model=eng.model, concurrency=eng.concurrency, timeout=eng.timeout_s,
-        retries=eng.retries, wait_for_server=eng.wait_for_server_s, data=cfg.data, out=out_path,
-        resume=cfg.infer.resume, max_pixels=cfg.infer.max_pixels,
-        no_progress=cfg.infer.progress is False, max_new_tokens=cfg.infer.decoding.max_new_tokens,
-        user_text=pr.user_text, coord_format=pr.coord_format,
-        field_order=pr.field_order, object_order=pr.object_order, system_prompt=pr.system_text)
-
-
 def _infer_triton(cfg, out_path: str) -> dict[str, Any]:
-    from coordexp.client.remote import run_remote
+    from coordexp.client.cmd_infer import infer_remote
+    from coordexp.engines.triton import ClientOptions
 
-    rc = run_remote(triton_args(cfg, out_path), cfg.generation_params())
+    eng, pr = cfg.infer.engine, cfg.infer.prompt
+    rc = infer_remote(list(eng.urls), cfg.data, out_path, cfg.generation_params(),
+                      ClientOptions(model=eng.model, timeout=eng.timeout_s, retries=eng.retries,
+                                    wait_for_server=eng.wait_for_server_s),
+                      concurrency=eng.concurrency, resume=cfg.infer.resume, max_pixels=cfg.infer.max_pixels,
+                      progress=False if cfg.infer.progress is False else None, user_text=pr.user_text,
+                      prompt_overrides={"coord_format": pr.coord_format, "field_order": pr.field_order,
+                                        "object_order": pr.object_order, "system_prompt": pr.system_text},
+                      explicit_max_new_tokens=cfg.infer.decoding.max_new_tokens is not None)
     summary_path = os.path.join(os.path.dirname(out_path), "summary.json")
     summary = _read_json(summary_path) if rc in (0, 3) and os.path.exists(summary_path) else None
     return {"rc": rc, "summary": summary}

@@ -50,6 +50,12 @@ def prompt_from_args(args: argparse.Namespace, base: PromptSpec | None = None) -
     return PromptSpec(**d)
 
 
+def prompt_overrides(args: argparse.Namespace) -> dict[str, str | None]:
+    """The prompt options given on the command line (a served model's prompt is fixed at export)."""
+    return {"coord_format": getattr(args, "coord_format", None), "field_order": getattr(args, "field_order", None),
+            "object_order": getattr(args, "object_order", None), "system_prompt": getattr(args, "system_prompt", None)}
+
+
 def add_local_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("local model (instead of a server)")
     g.add_argument("--local", metavar="CKPT", help="a checkpoint folder (torch) or an exported model repository/onnx folder")

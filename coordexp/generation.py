@@ -45,7 +45,11 @@ class GenerationResult:
     prompt_tokens: int = 0
     finish_reason: str = "stop"  # "stop" | "length"
     error: str | None = None  # engine-level failure for this record (-> generation_failed)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # written on the prediction line
+    # What a served answer also carries (not written on prediction lines): the server's own parse
+    # (preds_json) and the request's latency.
+    served_preds: dict[str, Any] | None = None
+    latency_s: float | None = None
 
 
 class Engine(Protocol):
@@ -59,3 +63,8 @@ class Engine(Protocol):
     def describe(self) -> dict[str, Any]:
         """Facts recorded in summary.json (engine, checkpoint, versions)."""
         ...
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot go on (e.g. every server went away): a dataset run stops there, keeping the
+    lines written so far for a resumed run."""

@@ -1,10 +1,11 @@
 """Dataset runs: one prediction line per input line, in input order, resumable, with a summary.
 
-Used by the local engines here and by the Triton client (which feeds results out of order
-through the same `PredictionWriter`).
+The one dataset loop: the torch and ONNX engines and the Triton engine (`coordexp.engines.triton`)
+all run through `run_dataset`; results may arrive out of order, `PredictionWriter` puts them back.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from coordexp.dataset import DatasetItem, count_records, iter_dataset
-from coordexp.generation import GenerationParams, GenerationResult
+from coordexp.generation import EngineUnavailable, GenerationParams, GenerationResult
 from coordexp.schema import SCHEMA_VERSION, ErrorCode, PredictionRecord
 
 
@@ -117,6 +118,12 @@ class PredictionWriter:
             self._f.flush()
         return n
 
+    def drop_pending(self) -> list[int]:
+        """Forget the records queued behind a gap (a run that stopped early); their ids."""
+        ids = sorted(self._pending)
+        self._pending.clear()
+        return ids
+
     def close(self) -> None:
         if self._pending:
             missing = sorted(self._pending)[:5]
@@ -179,6 +186,13 @@ def progress_bar(total: int, initial: int = 0, desc: str = "infer", disable: boo
                 disable=disable, smoothing=0.1)
 
 
+def reorder_window(concurrency: int) -> int:
+    """How far reading may run ahead of writing: at most this many records lie between the next
+    line to write and the next record to send (results held back behind a slow earlier one are
+    capped by it)."""
+    return max(64, 4 * concurrency)
+
+
 def _batches(items: Iterable[DatasetItem], size: int) -> Iterable[list[DatasetItem]]:
     batch: list[DatasetItem] = []
     for it in items:
@@ -190,45 +204,141 @@ def _batches(items: Iterable[DatasetItem], size: int) -> Iterable[list[DatasetIt
         yield batch
 
 
+def _engine_inputs(engine: Any, batch: list[DatasetItem]) -> tuple[list[DatasetItem], list[Any]]:
+    """The items of a batch that can run, and what the engine gets for each: the decoded image, or
+    the file's bytes for engines that take them (decoded once here all the same, so a body that does
+    not decode is the record's own error and never reaches a server)."""
+    runnable, inputs = [], []
+    for it in batch:
+        if not it.ok:
+            continue
+        try:
+            image = it.pil_image()
+        except Exception as e:  # verified header, broken body
+            it.fail(ErrorCode.IMAGE_LOAD_FAILED, f"line {it.line_no}: cannot decode image ({e})")
+            continue
+        runnable.append(it)
+        inputs.append(it.image_bytes if getattr(engine, "takes_encoded", False) else image)
+    return runnable, inputs
+
+
+def _generate(engine: Any, runnable: list[DatasetItem], inputs: list[Any], params: GenerationParams
+              ) -> dict[int, GenerationResult]:
+    """Results by item index; a failing batch fails its records, an `EngineUnavailable` ends the run."""
+    if not runnable:
+        return {}
+    try:
+        gens = engine.generate_batch(inputs, params)
+    except EngineUnavailable:
+        raise
+    except Exception as e:  # one bad batch must not end the run
+        gens = [GenerationResult(text="", error=f"{type(e).__name__}: {e}") for _ in runnable]
+    return {it.index: g for it, g in zip(runnable, gens)}
+
+
+@dataclass
+class _Loop:
+    """State of one `run_dataset` call: the writer, the progress bar, the batches in flight."""
+
+    engine: Any
+    params: GenerationParams
+    writer: PredictionWriter
+    bar: Any
+    line_extra: dict[str, Any]
+    in_flight: dict[Any, list[DatasetItem]] = field(default_factory=dict)
+    failure: EngineUnavailable | None = None
+
+    def write(self, batch: list[DatasetItem], results: dict[int, GenerationResult]) -> None:
+        n = 0
+        for it in batch:
+            n += self.writer.submit(prediction_from_generation(it, results.get(it.index), self.line_extra))
+            it.image_bytes = None  # done with it: only records behind a gap stay in memory
+        if n:
+            self.bar.update(n)
+            facts = getattr(self.engine, "progress_facts", dict)()
+            self.bar.set_postfix(errors=sum(self.writer.errors.values()), **facts, refresh=False)
+
+    def reap(self, block: bool) -> None:
+        """Write the batches that finished (wait for one first when `block`)."""
+        if not self.in_flight:
+            return
+        done, _ = concurrent.futures.wait(list(self.in_flight), timeout=None if block else 0,
+                                          return_when=concurrent.futures.FIRST_COMPLETED)
+        for fut in done:
+            batch = self.in_flight.pop(fut)
+            try:
+                self.write(batch, fut.result())
+            except concurrent.futures.CancelledError:  # never started: redone on --resume
+                pass
+            except EngineUnavailable as e:
+                self.failure = self.failure or e
+
+
+def _drive(loop: _Loop, items: Iterable[DatasetItem], batch_size: int, concurrency: int) -> None:
+    """Read lazily, keep up to `concurrency` batches in flight, write in input order."""
+    window = reorder_window(concurrency * batch_size)
+    pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="coordexp-run")
+    try:
+        next_index = loop.writer.written
+        for batch in _batches(items, batch_size):
+            while loop.in_flight and (len(loop.in_flight) >= concurrency
+                                      or next_index - loop.writer.written >= window):
+                loop.reap(block=True)
+            if loop.failure is not None:
+                return
+            next_index = batch[-1].index + 1
+            runnable, inputs = _engine_inputs(loop.engine, batch)
+            if not runnable:
+                loop.write(batch, {})
+                continue
+            loop.in_flight[pool.submit(_generate, loop.engine, runnable, inputs, loop.params)] = batch
+            loop.reap(block=False)
+        while loop.in_flight and loop.failure is None:
+            loop.reap(block=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        while loop.in_flight:  # let finished batches land: the prefix on disk is as long as it can be
+            loop.reap(block=True)
+
+
 def run_dataset(data_path: str, out_path: str, engine: Any, params: GenerationParams, batch_size: int = 1,
-                resume: bool = False, max_pixels: int | None = None, progress: bool | None = None) -> RunSummary:
-    """Run a local engine over an input JSONL; returns (and writes) the summary."""
+                resume: bool = False, max_pixels: int | None = None, progress: bool | None = None,
+                concurrency: int = 1) -> RunSummary:
+    """Run any engine over an input JSONL; returns (and writes) the summary.
+
+    `concurrency` batches are in flight at once for engines that allow it (`engine.concurrent`, the
+    Triton engine); local engines run one batch at a time. When the engine raises
+    `EngineUnavailable` the run stops there: the summary says `status: incomplete` and
+    `failure`, and the lines written so far are a valid prefix for `resume=True`."""
     from coordexp.dataset import DEFAULT_MAX_PIXELS
 
+    if batch_size < 1 or concurrency < 1:
+        raise ValueError(f"batch_size and concurrency must be >= 1 (got {batch_size}, {concurrency})")
+    concurrency = concurrency if getattr(engine, "concurrent", False) else 1
     total = count_records(data_path)
     started = time.perf_counter()
     with PredictionWriter(out_path, resume=resume) as writer:
         tokens_before = writer.tokens
-        bar = progress_bar(total, writer.written, desc=f"infer[{engine.name}]",
+        name = getattr(engine, "progress_name", lambda: engine.name)()
+        bar = progress_bar(total, writer.written, desc=f"infer[{name}]",
                            disable=None if progress is None else not progress)
-        extra = {"prompt_variant": engine.prompt.variant, "engine": engine.name}
-        items = iter_dataset(data_path, max_pixels or DEFAULT_MAX_PIXELS, skip=writer.written)
-        for batch in _batches(items, batch_size):
-            runnable = [it for it in batch if it.ok]
-            results: dict[int, GenerationResult] = {}
-            if runnable:
-                imgs = []
-                for it in runnable:
-                    try:
-                        imgs.append(it.pil_image())
-                    except Exception as e:  # verified header, broken body
-                        it.fail(ErrorCode.IMAGE_LOAD_FAILED, f"line {it.line_no}: cannot decode image ({e})")
-                runnable = [it for it in runnable if it.ok]
-                try:
-                    gens = engine.generate_batch(imgs, params) if runnable else []
-                except Exception as e:  # one bad batch must not end the run
-                    gens = [GenerationResult(text="", error=f"{type(e).__name__}: {e}") for _ in runnable]
-                results = {it.index: g for it, g in zip(runnable, gens)}
-            for it in batch:
-                writer.submit(prediction_from_generation(it, results.get(it.index), extra))
-            bar.update(len(batch))
-            if writer.errors:
-                bar.set_postfix(errors=sum(writer.errors.values()), refresh=False)
-        bar.close()
+        loop = _Loop(engine, params, writer, bar, {"prompt_variant": engine.prompt.variant, "engine": engine.name})
+        try:
+            _drive(loop, iter_dataset(data_path, max_pixels or DEFAULT_MAX_PIXELS, skip=writer.written),
+                   batch_size, concurrency)
+        finally:
+            bar.close()
+        if loop.failure is not None:
+            writer.drop_pending()
         processed = writer.written - writer.resumed_from
+        sha = getattr(engine, "checkpoint_sha256", lambda: None)()
+        extra = {"session_tokens": writer.tokens - tokens_before, "data": os.path.abspath(data_path),
+                 "out": os.path.abspath(out_path), "status": "incomplete" if loop.failure else "complete",
+                 "records_total": total, "concurrency": concurrency, "checkpoint_sha256": sha,
+                 **getattr(engine, "run_facts", dict)()}
+        if loop.failure is not None:
+            extra["failure"] = str(loop.failure)
         summary = finish_summary(writer, started, processed, engine=engine.describe(), params=params.to_dict(),
-                                 prompt=engine.prompt.to_dict(),
-                                 extra={"session_tokens": writer.tokens - tokens_before,
-                                        "data": os.path.abspath(data_path), "out": os.path.abspath(out_path)})
+                                 prompt=engine.prompt.to_dict(), extra=extra)
     summary.write(out_path)
     return summary

@@ -25,7 +25,8 @@ MODELS = (PREPROCESS, VISION_ENCODER, LLM, POSTPROCESS, ENSEMBLE)
 
 
 def stream_ensemble_name(name: str) -> str:
-    return name + STREAM_SUFFIX
+    """The streaming ensemble of ensemble `name` (a streaming ensemble's name is kept)."""
+    return name if name.endswith(STREAM_SUFFIX) else name + STREAM_SUFFIX
 
 
 # ---------------------------------------------------------------------------- tensor names

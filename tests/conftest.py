@@ -19,7 +19,7 @@ DEMO_CKPT = os.path.join(REPO_ROOT, "checkpoints", "coordexp-demo-shapes")
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> str:
     """A random tiny Qwen3-VL checkpoint, built offline with the project's own builder."""
-    from coordexp.tiny import build_tiny_checkpoint
+    from coordexp.demo.tiny import build_tiny_checkpoint
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny-qwen3vl"
     build_tiny_checkpoint(str(out), family="qwen3_vl", seed=0)
@@ -47,7 +47,7 @@ def exported(tiny_ckpt, tmp_path_factory) -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def server(exported):
     """The real Triton server on free loopback ports, serving `exported`; always stopped."""
-    from coordexp.serving.client import start_server
+    from coordexp.serving.server import start_server
 
     srv = start_server(exported[1])
     try:
@@ -98,3 +98,14 @@ def bad_dataset(tmp_path) -> tuple[str, list[str | None]]:
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(text for text, _ in lines) + "\n")
     return str(path), [code for _, code in lines]
+
+
+def served_answers(url, images, params, concurrency=4, model=None, text=None):
+    """One request per image through the shipped client (`TritonEngine`), `concurrency` in flight:
+    GenerationResults in input order (a failed request has `error` set)."""
+    from coordexp import wire
+    from coordexp.engines.triton import ClientOptions, TritonEngine
+
+    opts = ClientOptions(model=model or wire.ENSEMBLE, timeout=300.0, retries=0, max_in_flight=concurrency)
+    with TritonEngine.connect([url], opts, user_text=text) as engine:
+        return engine.generate_batch(list(images), params)

@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
-from coordexp.client import cmd_ask, cmd_bench
+from coordexp.benchmarks import report as bench_report
+from coordexp.benchmarks import serve as bench_serve
+from coordexp.client import cmd_ask
 from coordexp.generation import GenerationParams, GenerationResult
 
 from conftest import SERVED_MAX_NEW as MAX_NEW  # the served tiny checkpoint's limit
@@ -105,7 +107,7 @@ def test_answer_reports_parse_errors_and_refuses_bad_images(tmp_path):
 
 
 def test_bench_metrics_use_genai_perf_names():
-    m = cmd_bench.level_metrics(4, [0.1, 0.2, 0.3, 0.4], [10, 10, 12, 8], errors=1, wall=2.0)
+    m = bench_serve.level_metrics(4, [0.1, 0.2, 0.3, 0.4], [10, 10, 12, 8], errors=1, wall=2.0)
     assert m["request_throughput"] == {"unit": "requests/sec", "avg": 2.0} and m["images_per_s"] == 2.0
     assert m["output_token_throughput"] == {"unit": "tokens/sec", "avg": 20.0}
     lat = m["request_latency"]
@@ -113,26 +115,26 @@ def test_bench_metrics_use_genai_perf_names():
     assert lat["p90"] == pytest.approx(370.0) and lat["p99"] == pytest.approx(397.0)
     assert m["output_sequence_length"] == {"unit": "tokens", "avg": 10.0, "min": 8, "max": 12}
     assert m["time_to_first_token"] is None and m["inter_token_latency"] is None and m["errors"] == 1
-    assert cmd_bench.parse_levels("8, 1,2,2") == [1, 2, 8]
+    assert bench_serve.parse_levels("8, 1,2,2") == [1, 2, 8]
     with pytest.raises(ValueError):
-        cmd_bench.parse_levels("1,x")
+        bench_serve.parse_levels("1,x")
     with pytest.raises(ValueError):
-        cmd_bench.parse_levels("0")
+        bench_serve.parse_levels("0")
 
 
 def test_bench_plot_is_a_png(tmp_path):
-    levels = [cmd_bench.level_metrics(c, [0.1 * c] * 4, [5] * 4, 0, 0.2) for c in (1, 2, 4)]
-    base = cmd_bench.level_metrics(1, [0.2] * 4, [5] * 4, 0, 0.8)
+    levels = [bench_serve.level_metrics(c, [0.1 * c] * 4, [5] * 4, 0, 0.2) for c in (1, 2, 4)]
+    base = bench_serve.level_metrics(1, [0.2] * 4, [5] * 4, 0, 0.8)
     report = {"levels": levels, "baseline": {"engine": "onnx", "metrics": base}, "inputs": {"count": 4},
               "server": {"model": "coordexp", "manifest": {"prompt_variant": "v"}},
               "params": GenerationParams(max_new_tokens=5, ignore_eos=True).to_dict()}
-    path = cmd_bench.plot(report, str(tmp_path / "bench.png"))
+    path = bench_report.plot(report, str(tmp_path / "bench.png"))
     assert open(path, "rb").read(8) == PNG_MAGIC and os.path.getsize(path) > 10_000
 
 
 def test_synthetic_inputs_are_reproducible_pngs():
-    a = cmd_bench.synthetic_inputs(2, 64, seed=3)
-    assert a == cmd_bench.synthetic_inputs(2, 64, seed=3) and a[0] != a[1]
+    a = bench_serve.synthetic_inputs(2, 64, seed=3)
+    assert a == bench_serve.synthetic_inputs(2, 64, seed=3) and a[0] != a[1]
     assert all(b.startswith(PNG_MAGIC) for b in a)
 
 
@@ -262,7 +264,7 @@ def test_models_lists_readiness_and_the_export_manifest(server, exported):
     assert "manifest" not in models["llm"]
     table = run_client("models", "--url", server.grpc_url)
     assert table.returncode == 0 and "manifest of coordexp:" in table.stdout and man["hash"] in table.stdout
-    from coordexp.server import free_port
+    from coordexp.serving.server import free_port
 
     r = run_client("models", "--url", f"127.0.0.1:{free_port()}")
     assert r.returncode == 2 and r.stderr.startswith("error: cannot reach a Triton gRPC server")

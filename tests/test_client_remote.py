@@ -1,4 +1,4 @@
-"""The Triton client (coordexp.client.remote): pure parts without a server, then dataset runs
+"""The Triton client (coordexp.engines.triton): pure parts without a server, then dataset runs
 against real Triton servers.
 
 Two kinds of served model:
@@ -23,7 +23,9 @@ import time
 import numpy as np
 import pytest
 
-from coordexp.client import remote as R
+from coordexp import wire
+from coordexp.engines.triton import interface as I
+from coordexp.engines.triton import pool as P
 from coordexp.generation import GenerationParams
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,33 +49,33 @@ def ensemble_metadata(batch: bool = True, drop: str | None = None, retype: dict 
 
 
 def test_interface_of_the_ensemble_is_accepted():
-    iface = R.ModelInterface.from_metadata(ensemble_metadata(), {"max_batch_size": 8})
+    iface = I.ModelInterface.from_metadata(ensemble_metadata(), {"max_batch_size": 8})
     assert iface.problems() == []
     assert iface.max_batch_size == 8 and not iface.decoupled and iface.version == "1"
     assert iface.request_shape("image_bytes_input") == [1, 1]
-    flat = R.ModelInterface.from_metadata(ensemble_metadata(batch=False), {})
+    flat = I.ModelInterface.from_metadata(ensemble_metadata(batch=False), {})
     assert flat.problems() == [] and flat.request_shape("max_tokens") == [1]
 
 
 def test_incompatible_interfaces_are_named():
-    missing = R.ModelInterface.from_metadata(ensemble_metadata(drop="image_bytes_input"), {"max_batch_size": 8})
+    missing = I.ModelInterface.from_metadata(ensemble_metadata(drop="image_bytes_input"), {"max_batch_size": 8})
     assert missing.problems() == ["input 'image_bytes_input' (BYTES) is missing"]
-    retyped = R.ModelInterface.from_metadata(ensemble_metadata(retype={"max_tokens": "INT64"}), {"max_batch_size": 8})
+    retyped = I.ModelInterface.from_metadata(ensemble_metadata(retype={"max_tokens": "INT64"}), {"max_batch_size": 8})
     assert retyped.problems() == ["input 'max_tokens' is INT64, expected INT32"]
     meta = ensemble_metadata()
     meta["outputs"] = [o for o in meta["outputs"] if o["name"] != "text_output"]
-    assert R.ModelInterface.from_metadata(meta, {"max_batch_size": 8}).problems() == [
+    assert I.ModelInterface.from_metadata(meta, {"max_batch_size": 8}).problems() == [
         "output 'text_output' (BYTES) is missing"]
-    other = R.ModelInterface.from_metadata(
+    other = I.ModelInterface.from_metadata(
         {"name": "double", "inputs": [{"name": "X", "datatype": "FP32", "shape": ["-1"]}], "outputs": []}, {})
-    assert len(other.problems()) == len(R.REQUIRED_INPUTS) + len(R.REQUIRED_OUTPUTS)
+    assert len(other.problems()) == sum(t.client_required for t in (*wire.ENSEMBLE_INPUTS, *wire.ENSEMBLE_OUTPUTS))
 
 
 def test_input_tensors_carry_the_decoding_parameters():
-    iface = R.ModelInterface.from_metadata(ensemble_metadata(), {"max_batch_size": 8})
+    iface = I.ModelInterface.from_metadata(ensemble_metadata(), {"max_batch_size": 8})
     params = GenerationParams(max_new_tokens=17, temperature=0.5, top_p=0.9, repetition_penalty=1.1, seed=2**40,
                               ignore_eos=True)
-    arrays = R.build_arrays(iface, params, b"\x89PNG...", "find the cat")
+    arrays = I.build_arrays(iface, params, b"\x89PNG...", "find the cat")
     assert {n: (a.dtype.name, a.shape) for n, a in arrays.items()} == {
         "image_bytes_input": ("object", (1, 1)), "text_input": ("object", (1, 1)), "max_tokens": ("int32", (1, 1)),
         "temperature": ("float32", (1, 1)), "runtime_top_p": ("float32", (1, 1)),
@@ -83,24 +85,24 @@ def test_input_tensors_carry_the_decoding_parameters():
     assert arrays["max_tokens"][0, 0] == 17 and arrays["random_seed"][0, 0] == 2**40
     assert arrays["temperature"][0, 0] == np.float32(0.5) and arrays["ignore_eos"][0, 0]
     # No prompt: text_input is not sent (the server's exported prompt applies). No batch dim: [1].
-    flat = R.ModelInterface.from_metadata(ensemble_metadata(batch=False, drop="guided"), {})
-    arrays = R.build_arrays(flat, GenerationParams(), b"img")
+    flat = I.ModelInterface.from_metadata(ensemble_metadata(batch=False, drop="guided"), {})
+    arrays = I.build_arrays(flat, GenerationParams(), b"img")
     assert "text_input" not in arrays and "guided" not in arrays and arrays["max_tokens"].shape == (1,)
-    inputs = R.build_inputs(iface, GenerationParams(), b"img")
+    inputs = I.build_inputs(iface, GenerationParams(), b"img")
     assert [(t.name(), t.datatype(), t.shape()) for t in inputs][:2] == [
         ("image_bytes_input", "BYTES", [1, 1]), ("max_tokens", "INT32", [1, 1])]
 
 
 def test_request_problems_before_any_work():
-    iface = R.ModelInterface.from_metadata(ensemble_metadata(drop="guided"), {"max_batch_size": 8})
+    iface = I.ModelInterface.from_metadata(ensemble_metadata(drop="guided"), {"max_batch_size": 8})
     manifest = {"max_new_tokens": 64, "prompt": {"coord_format": "tokens", "field_order": "geometry_first"}}
-    probs = R.request_problems(iface, manifest, GenerationParams(max_new_tokens=65, guided=True))
+    probs = I.request_problems(iface, manifest, GenerationParams(max_new_tokens=65, guided=True))
     assert probs == ["--guided: the served model has no 'guided' input",
                      "--max-new-tokens 65 exceeds the served model's limit of 64 (set at export); "
                      "pass --max-new-tokens 64 or less"]
-    args = type("A", (), {"coord_format": "numeric", "field_order": "geometry_first", "object_order": None,
-                          "system_prompt": None})()
-    assert R.request_problems(iface, manifest, GenerationParams(max_new_tokens=64), None, args) == [
+    overrides = {"coord_format": "numeric", "field_order": "geometry_first", "object_order": None,
+                 "system_prompt": None}
+    assert I.request_problems(iface, manifest, GenerationParams(max_new_tokens=64), None, overrides) == [
         "--coord-format numeric: the served model was exported with tokens"]
 
 
@@ -108,40 +110,40 @@ def test_prompt_variant_follows_the_manifest_and_the_user_text():
     manifest = {"prompt": {"coord_format": "numeric", "field_order": "desc_first", "object_order": "sorted",
                            "user_text": "Detect all objects in the image.", "system_text": None,
                            "variant": "coordexp/numeric/desc_first/sorted/v1"}}
-    assert R.prompt_variant(manifest, None) == "coordexp/numeric/desc_first/sorted/v1"
-    assert R.prompt_variant(manifest, "find the cat") == "coordexp/numeric/desc_first/sorted/v1+custom"
-    assert R.served_prompt(None).variant == "coordexp/tokens/desc_first/sorted/v1"
+    assert I.prompt_variant(manifest, None) == "coordexp/numeric/desc_first/sorted/v1"
+    assert I.prompt_variant(manifest, "find the cat") == "coordexp/numeric/desc_first/sorted/v1+custom"
+    assert I.served_prompt(None).variant == "coordexp/tokens/desc_first/sorted/v1"
 
 
 def test_response_to_generation_trims_ids_to_sequence_length():
     out = {"text_output": np.array([[b'{"objects": []}']], dtype=object),
            "output_ids": np.array([[5, 6, 7, 0, 0]], np.int32), "sequence_length": np.array([[3]], np.int32)}
-    gen = R.generation_from_arrays(out, GenerationParams(max_new_tokens=3))
+    gen = I.generation_from_arrays(out, GenerationParams(max_new_tokens=3))
     assert gen.text == '{"objects": []}' and gen.token_ids == [5, 6, 7] and gen.finish_reason == "length"
-    gen = R.generation_from_arrays({"text_output": np.array([b"x"], dtype=object)}, GenerationParams())
+    gen = I.generation_from_arrays({"text_output": np.array([b"x"], dtype=object)}, GenerationParams())
     assert gen.text == "x" and gen.token_ids == [] and gen.finish_reason == "stop"
 
 
 def test_backoff_is_exponential_capped_and_jittered():
     rng = random.Random(1)
     for attempt, full in ((0, 0.25), (1, 0.5), (2, 1.0), (3, 2.0), (10, 8.0)):
-        delays = [R.backoff_delay(attempt, 0.25, 8.0, rng) for _ in range(50)]
+        delays = [P.backoff_delay(attempt, 0.25, 8.0, rng) for _ in range(50)]
         assert all(full / 2 <= d <= full for d in delays)
         assert max(delays) - min(delays) > full / 10  # jittered, not all the same
 
 
 def test_least_outstanding_selection():
-    S = R.ServerState
+    S = P.ServerState
     servers = [S("a", outstanding=2, requests=5), S("b", outstanding=1, requests=9), S("c", outstanding=1, requests=3)]
-    assert R.pick_server(servers) == 2  # fewest in flight; tie -> fewer requests so far
+    assert P.pick_server(servers) == 2  # fewest in flight; tie -> fewer requests so far
     servers[2].healthy = False
-    assert R.pick_server(servers) == 1
+    assert P.pick_server(servers) == 1
     servers[1].healthy = servers[0].healthy = False
-    assert R.pick_server(servers) is None
+    assert P.pick_server(servers) is None
     even = [S("a"), S("b")]
     order = []
     for _ in range(4):  # with nothing in flight, requests alternate
-        i = R.pick_server(even)
+        i = P.pick_server(even)
         even[i].requests += 1
         order.append(i)
     assert order == [0, 1, 0, 1]
@@ -184,10 +186,10 @@ class ScriptedClient:
 
 
 def _pool(clients, **kw):
-    iface = R.ModelInterface.from_metadata(ensemble_metadata(), {"max_batch_size": 8})
-    states = [R.ServerState(url=c.name, client=c) for c in clients]
+    iface = I.ModelInterface.from_metadata(ensemble_metadata(), {"max_batch_size": 8})
+    states = [P.ServerState(url=c.name, client=c) for c in clients]
     kw.setdefault("backoff_base", 0.001)
-    return R.ServerPool("coordexp", iface, states, **kw)
+    return P.ServerPool("coordexp", iface, states, **kw)
 
 
 def test_deadline_exceeded_is_retried_with_backoff():
@@ -220,7 +222,7 @@ def test_a_server_that_goes_away_is_taken_out_and_put_back(monkeypatch):
     a = ScriptedClient("a", ["UNAVAILABLE"], ready=False)
     b = ScriptedClient("b")
     probes = {"a": a}
-    monkeypatch.setattr(R, "new_client", lambda url: probes[url])
+    monkeypatch.setattr(P, "new_client", lambda url: probes[url])
 
     async def go():
         pool = _pool([a, b], probe_interval=0.01)
@@ -244,7 +246,7 @@ def test_a_server_that_goes_away_is_taken_out_and_put_back(monkeypatch):
 
 def test_no_server_left_waits_then_gives_up(monkeypatch):
     a = ScriptedClient("a", ["UNAVAILABLE"] * 10, ready=False)
-    monkeypatch.setattr(R, "new_client", lambda url: a)
+    monkeypatch.setattr(P, "new_client", lambda url: a)
 
     async def go():
         pool = _pool([a], wait_for_server=0.3, probe_interval=0.05)
@@ -255,7 +257,7 @@ def test_no_server_left_waits_then_gives_up(monkeypatch):
             await pool.close()
         return time.monotonic() - t0
 
-    with pytest.raises(R.AllServersDown, match="no Triton server answered for 0.3s"):
+    with pytest.raises(P.AllServersDown, match="no Triton server answered for 0.3s"):
         asyncio.run(go())
 
 
@@ -372,7 +374,7 @@ def write_fake_repository(root, delay: float = 0.01) -> str:
 
 
 def start_server(repo: str, grpc_port: int | None = None):
-    from coordexp.server import TritonServer
+    from coordexp.serving.server import TritonServer
 
     server = TritonServer(repo, grpc_port=grpc_port, ready_timeout=120,
                           extra_args=["--model-control-mode=explicit", "--load-model=coordexp", "--load-model=other"])
@@ -470,7 +472,7 @@ def test_every_bad_input_gets_its_own_line_and_never_reaches_the_server(fake_ser
 @pytest.mark.slow
 @pytest.mark.triton
 def test_preflight_failures_exit_2_with_one_clear_message(fake_server, tmp_path):
-    from coordexp.server import free_port
+    from coordexp.serving.server import free_port
 
     data = make_dataset(tmp_path, 2)
     out = str(tmp_path / "p.jsonl")
@@ -621,8 +623,8 @@ class SlowHeadPool:
     """Stands in for ServerPool in a dataset run: the first record is slow, the others instant."""
 
     def __init__(self):
-        self.iface = R.ModelInterface.from_metadata(ensemble_metadata(), {"max_batch_size": 8})
-        self.model, self.servers, self.total_retries = "coordexp", [R.ServerState("s")], 0
+        self.iface = I.ModelInterface.from_metadata(ensemble_metadata(), {"max_batch_size": 8})
+        self.model, self.servers, self.total_retries = "coordexp", [P.ServerState("s")], 0
         self.started = []
         self.started_while_head_ran = None
 
@@ -650,17 +652,21 @@ class SlowHeadPool:
 
 
 def test_reading_runs_ahead_at_most_the_reorder_window(tmp_path):
-    from argparse import Namespace
-
-    from coordexp.runner import PredictionWriter
+    """The one dataset loop (`run_dataset`) on a `TritonEngine` whose first request is slow: reading
+    stops at the reorder window, later results wait in order, a failed record fails alone."""
+    from coordexp.engines.triton.engine import TritonEngine, _LoopThread
+    from coordexp.runner import reorder_window, run_dataset
 
     data = make_dataset(tmp_path, 100)
     out = tmp_path / "p.jsonl"
-    args = Namespace(data=data, out=str(out), concurrency=4, max_pixels=None, no_progress=True)
     pool = SlowHeadPool()
-    rc = asyncio.run(R._run_dataset(args, GenerationParams(), pool, None, PredictionWriter(str(out)), None))
-    assert rc == 0
-    assert pool.started_while_head_ran == R.reorder_window(4) == 64  # not all 100: the buffer is capped
+    engine = TritonEngine(pool, None, _LoopThread())
+    try:
+        s = run_dataset(data, str(out), engine, GenerationParams(), concurrency=4, progress=False)
+    finally:
+        engine._loop.stop()
+    assert s.extra["status"] == "complete"
+    assert pool.started_while_head_ran == reorder_window(4) == 64  # not all 100: the buffer is capped
     rows = rows_of(out)
     assert [r["image_id"] for r in rows] == list(range(100))
     assert rows[2]["error"] == "generation_failed" and "ValueError: malformed response" in rows[2]["error_message"]

@@ -45,7 +45,7 @@ def subset(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     from coordexp.export.build_engine import main as build_engine
-    from coordexp.serving.client import start_server
+    from coordexp.serving.server import start_server
 
     repo = str(tmp_path_factory.mktemp("demo_repo") / "model_repository")
     assert build_engine(["--ckpt", DEMO_CKPT, "--repo", repo, "--max-new-tokens", str(MAX_NEW), "--threads", "2"]) == 0

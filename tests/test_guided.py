@@ -68,7 +68,7 @@ def accepts(proc, guide, text: str) -> tuple[bool, bool]:
 
 
 def some_answers():
-    from coordexp.synthetic import ShapesConfig, sample
+    from coordexp.demo.synthetic import ShapesConfig, sample
 
     rng = np.random.default_rng(3)
     answers = [[], [{"desc": "black cat", "bbox_2d": [110, 310, 410, 705]}],
@@ -429,27 +429,27 @@ def test_guided_greedy_parity_served(tiny_ckpt, server):
     """The served ensemble (real Triton) with `guided: true` answers token for token like the torch
     reference with guidance."""
     from coordexp.engines.torch_engine import TorchEngine
-    from coordexp.serving.client import infer_many
+    from conftest import served_answers
 
     imgs = _images(6)
     params = GenerationParams(max_new_tokens=24, guided=True)
     ref = TorchEngine(tiny_ckpt, threads=1).generate_batch(imgs, params)
-    served, _ = infer_many(server.grpc_url, [_png(im) for im in imgs], params, concurrency=3)
-    assert not [r for r in served if isinstance(r, Exception)], served
-    assert [r["token_ids"] for r in served] == [r.token_ids for r in ref]
-    assert all(r["preds"]["error"] is None and not r["preds"]["repairs"] for r in served)
+    served = served_answers(server.grpc_url, [_png(im) for im in imgs], params, concurrency=3)
+    assert not [r.error for r in served if r.error], served
+    assert [r.token_ids for r in served] == [r.token_ids for r in ref]
+    assert all(r.served_preds["error"] is None and not r.served_preds["repairs"] for r in served)
     # the "closed early" flag comes back from the server too, unary and streamed, as the engines set it;
     # at 10 tokens guidance must close some of this random model's answers early, not all
     params = GenerationParams(max_new_tokens=10, guided=True)
     ref = TorchEngine(tiny_ckpt, threads=1).generate_batch(imgs, params)
     flags = [r.extra["guided_closed_early"] for r in ref]
     assert any(flags) and not all(flags), flags
-    served, _ = infer_many(server.grpc_url, [_png(im) for im in imgs], params, concurrency=3)
-    assert [r["guided_closed_early"] for r in served] == flags
+    served = served_answers(server.grpc_url, [_png(im) for im in imgs], params, concurrency=3)
+    assert [r.extra["guided_closed_early"] for r in served] == flags
 
     import asyncio
 
-    from coordexp.client.remote import ServerPool
+    from coordexp.engines.triton.pool import ServerPool
 
     async def via_pool(model):
         pool, _ = await ServerPool.connect([server.grpc_url], model)

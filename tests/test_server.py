@@ -5,7 +5,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from coordexp.server import TritonError, TritonServer, find_triton
+from coordexp.serving.server import TritonError, TritonServer, find_triton
 
 pytestmark = pytest.mark.triton
 

@@ -7,6 +7,7 @@ torch reference and the in-process ONNX Runtime engine, token for token.
 """
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from coordexp.serving.llm import LlmBatcher, params_for_row
 from coordexp.serving.vision_encoder import VisionEncoder
 
 from conftest import SERVED_MAX_NEW as MAX_NEW  # the served repository's limit (and default)
+from conftest import served_answers
 SIZES = [(64, 64), (96, 64), (64, 96), (128, 64), (64, 128), (100, 100), (128, 128), (160, 96), (96, 160),
          (200, 80), (80, 200), (150, 150), (224, 128), (128, 224), (256, 192), (300, 48)]
 
@@ -291,23 +293,38 @@ def _preds(text):
 @pytest.mark.slow
 @pytest.mark.triton
 def test_ensemble_answers_images_of_several_sizes(server, images):
+    """Straight to Triton with tritonclient's sync client (not ours): tensors named and typed as the
+    wire table says, one image per request and two images in one request (its own batch dim)."""
     import tritonclient.grpc as grpcclient
 
-    from coordexp.serving.client import ensemble_arrays, ensemble_outputs, infer_inputs
+    def request(imgs, params=None):
+        n = len(imgs)
+        arrays = {wire.IMAGE_BYTES_INPUT: np.array([[b] for b in imgs], dtype=object)}
+        for t in wire.DECODING_TENSORS:
+            if params is not None:
+                arrays[t.name] = np.full((n, 1), getattr(params, t.param), dtype=t.numpy_dtype)
+        inputs = []
+        for t in wire.ENSEMBLE_INPUTS:
+            if t.name in arrays:
+                x = grpcclient.InferInput(t.name, list(arrays[t.name].shape), t.wire_dtype)
+                x.set_data_from_numpy(arrays[t.name])
+                inputs.append(x)
+        res = client.infer(wire.ENSEMBLE, inputs)
+        lengths = res.as_numpy(wire.SEQUENCE_LENGTH).reshape(n)
+        ids = res.as_numpy(wire.OUTPUT_IDS).reshape(n, -1)
+        preds = res.as_numpy(wire.PREDS_JSON).reshape(n)
+        assert res.as_numpy(wire.OUTPUT_IDS).dtype == np.int32
+        return [(list(ids[i, :lengths[i]]), json.loads(preds[i])) for i in range(n)]
 
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
         for k in (0, 6, 9, 14):
-            res = client.infer(wire.ENSEMBLE, infer_inputs(grpcclient, ensemble_arrays([images[k]])))
-            assert res.as_numpy(wire.OUTPUT_IDS).dtype == np.int32
-            row = ensemble_outputs(res)[0]
-            assert len(row["token_ids"]) <= MAX_NEW  # 0 when the model stops at once
-            assert set(row["preds"]) == {"preds", "error", "error_message", "repairs"}
+            ids, preds = request([images[k]])[0]
+            assert len(ids) <= MAX_NEW  # 0 when the model stops at once
+            assert set(preds) == {"preds", "error", "error_message", "repairs"}
         # two images in one request (the request's own batch dimension), decoding inputs sent
-        params = GenerationParams(max_new_tokens=5, ignore_eos=True)
-        res = client.infer(wire.ENSEMBLE, infer_inputs(grpcclient, ensemble_arrays([images[1], images[14]], params)))
-        rows = ensemble_outputs(res)
-        assert [len(r["token_ids"]) for r in rows] == [5, 5]
+        rows = request([images[1], images[14]], GenerationParams(max_new_tokens=5, ignore_eos=True))
+        assert [len(ids) for ids, _ in rows] == [5, 5]
         meta = client.get_model_metadata(wire.ENSEMBLE, as_json=True)
         assert {i["name"] for i in meta["inputs"]} >= {"image_bytes_input", "max_tokens", "random_seed"}
         cfg = client.get_model_config(wire.ENSEMBLE, as_json=True)["config"]
@@ -321,7 +338,7 @@ def test_ensemble_answers_images_of_several_sizes(server, images):
 @pytest.mark.triton
 def test_greedy_parity_torch_onnx_served(exported, server, images, onnx_engine):
     from coordexp.engines.torch_engine import TorchEngine
-    from coordexp.serving.client import infer_many, model_stats
+    from coordexp.engines.triton.pool import model_stats
 
     params = GenerationParams(max_new_tokens=MAX_NEW)
     torch_engine = TorchEngine(exported[0], threads=1)
@@ -330,17 +347,17 @@ def test_greedy_parity_torch_onnx_served(exported, server, images, onnx_engine):
     runs = {"torch@4": _batched(torch_engine, images, params, 4),
             "onnx@1": _batched(onnx_engine, images, params, 1),
             "onnx@4": _batched(onnx_engine, images, params, 4)}
-    before = model_stats(server.grpc_url, wire.LLM)
-    served, _ = infer_many(server.grpc_url, images, params, concurrency=4)
-    after = model_stats(server.grpc_url, wire.LLM)
-    assert not [r for r in served if isinstance(r, Exception)]
-    runs["served@c4"] = [(r["token_ids"], r["text"]) for r in served]
+    before = asyncio.run(model_stats(server.grpc_url, wire.LLM))
+    served = served_answers(server.grpc_url, images, params, concurrency=4)
+    after = asyncio.run(model_stats(server.grpc_url, wire.LLM))
+    assert not [r.error for r in served if r.error]
+    runs["served@c4"] = [(r.token_ids, r.text) for r in served]
     for name, rows in runs.items():
         for k, ((ids, text), (ref_ids, ref_text)) in enumerate(zip(rows, ref)):
             assert ids == ref_ids, f"{name}: image {k} {SIZES[k]} token ids differ from torch@1"
             assert text == ref_text, f"{name}: image {k}"
     for (ref_ids, ref_text), row in zip(ref, served):
-        assert row["preds"] == _preds(ref_text)  # the parsed preds too
+        assert row.served_preds == _preds(ref_text)  # the parsed preds too
     # the dynamic batcher grouped concurrent requests: fewer executions than inferences
     n_inf = after["inference_count"] - before["inference_count"]
     n_exec = after["execution_count"] - before["execution_count"]
@@ -350,13 +367,12 @@ def test_greedy_parity_torch_onnx_served(exported, server, images, onnx_engine):
 @pytest.mark.slow
 @pytest.mark.triton
 def test_sampling_at_a_fixed_seed_matches_onnx(server, images, onnx_engine):
-    from coordexp.serving.client import infer_many
 
     params = GenerationParams(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=1234)
     imgs = images[:8]
     local = _batched(onnx_engine, imgs, params, 4)
-    served, _ = infer_many(server.grpc_url, imgs, params, concurrency=4)
-    assert [r["token_ids"] for r in served] == [ids for ids, _ in local]
+    served = served_answers(server.grpc_url, imgs, params, concurrency=4)
+    assert [r.token_ids for r in served] == [ids for ids, _ in local]
     greedy = _batched(onnx_engine, imgs[:2], replace(params, temperature=0.0), 1)
     assert [ids for ids, _ in local[:2]] != [ids for ids, _ in greedy]  # it really sampled
 
@@ -366,39 +382,36 @@ def test_sampling_at_a_fixed_seed_matches_onnx(server, images, onnx_engine):
 def test_user_text_and_ignore_eos(exported, server, images):
     from coordexp.engines.onnx_engine import OnnxEngine
     from coordexp.prompt import PromptSpec
-    from coordexp.serving.client import infer_many
 
     params = GenerationParams(max_new_tokens=10, ignore_eos=True)
     engine = OnnxEngine(exported[1], prompt=PromptSpec(user_text="Find every red circle."), threads=1)
     local = _batched(engine, images[:2], params, 1)
-    served, _ = infer_many(server.grpc_url, images[:2], params, text="Find every red circle.")
-    assert [r["token_ids"] for r in served] == [ids for ids, _ in local]
-    assert all(len(r["token_ids"]) == 10 for r in served)
+    served = served_answers(server.grpc_url, images[:2], params, concurrency=1, text="Find every red circle.")
+    assert [r.token_ids for r in served] == [ids for ids, _ in local]
+    assert all(len(r.token_ids) == 10 for r in served)
 
 
 @pytest.mark.slow
 @pytest.mark.triton
 def test_bad_requests_fail_alone_with_clear_errors(server, images):
-    from coordexp.serving.client import infer_many
 
     corrupt = b"\x89PNG\r\n\x1a\n" + b"garbage" * 20
     batch = [images[0], corrupt, b"", images[1]]
-    out, _ = infer_many(server.grpc_url, batch, GenerationParams(max_new_tokens=4), concurrency=4)
-    assert isinstance(out[0], dict) and isinstance(out[3], dict)
+    out = served_answers(server.grpc_url, batch, GenerationParams(max_new_tokens=4), concurrency=4)
+    assert not out[0].error and not out[3].error
     for k in (1, 2):
-        assert isinstance(out[k], Exception)
-        msg = str(out[k])
+        msg = out[k].error
+        assert msg
         assert "image_load_failed" in msg and "image_bytes_input" in msg, msg
-    assert "empty" in str(out[2])
-    over, _ = infer_many(server.grpc_url, images[:1], GenerationParams(max_new_tokens=MAX_NEW + 1))
-    assert "exceeds this repository's limit" in str(over[0])
+    assert "empty" in out[2].error
+    over = served_answers(server.grpc_url, images[:1], GenerationParams(max_new_tokens=MAX_NEW + 1))
+    assert "exceeds this repository's limit" in over[0].error
 
 
 @pytest.mark.slow
 @pytest.mark.triton
 def test_model_that_fails_to_load_gives_tritons_message(exported, tmp_path):
-    from coordexp.server import TritonError
-    from coordexp.serving.client import start_server
+    from coordexp.serving.server import TritonError, start_server
 
     broken = tmp_path / "repo"
     shutil.copytree(exported[1], broken)
@@ -437,7 +450,7 @@ def test_parity_command_against_the_running_server(exported, server, capsys, tmp
 def test_streamed_answers_equal_unary_answers_token_by_token(server, images):
     import asyncio
 
-    from coordexp.client.remote import ServerPool
+    from coordexp.engines.triton.pool import ServerPool
 
     params = GenerationParams(max_new_tokens=MAX_NEW)
 

@@ -407,6 +407,9 @@ class OnnxEngine:
         return {"engine": self.name, "path": os.path.abspath(self.path), **self.parts.describe(),
                 "onnxruntime": onnxruntime.__version__, "threads": self.threads}
 
+    def checkpoint_sha256(self) -> str | None:
+        return self.parts.meta.get("checkpoint_sha256")
+
     def _hook(self, params: GenerationParams, batch: int) -> LogitsHook | None:
         self.guided = None
         if not params.guided:

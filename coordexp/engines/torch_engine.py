@@ -35,6 +35,7 @@ class TorchEngine:
             torch.set_num_threads(threads)
         self.torch = torch
         self.ckpt = ckpt
+        self._sha256: str | None = None
         self.device = device
         self.dtype = dtype
         self.prompt = prompt or PromptSpec()
@@ -47,6 +48,13 @@ class TorchEngine:
 
         return {"engine": self.name, "checkpoint": os.path.abspath(self.ckpt), "device": self.device,
                 "dtype": self.dtype, "torch": torch.__version__, "transformers": transformers.__version__}
+
+    def checkpoint_sha256(self) -> str:
+        from coordexp.checkpoint import checkpoint_digest
+
+        if self._sha256 is None:
+            self._sha256 = checkpoint_digest(self.ckpt).sha256
+        return self._sha256
 
     def generate_ids(self, images: Sequence[Any], params: GenerationParams) -> tuple[list[list[int]], int]:
         """Greedy/sampled generated ids per image (stop token excluded) and the padded prompt length."""

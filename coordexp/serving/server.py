@@ -6,6 +6,8 @@ version) is used, with a private backend folder holding the stub for the running
 """
 from __future__ import annotations
 
+from typing import Any
+
 import argparse
 import os
 import re
@@ -223,6 +225,12 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def start_server(repo: str, **kwargs: Any) -> TritonServer:
+    """A started `TritonServer` for `repo` (stop it with `.stop()`); waits up to 300 s for ready."""
+    kwargs.setdefault("ready_timeout", 300.0)
+    return TritonServer(repo, **kwargs).start()
 
 
 def main(argv: list[str] | None = None) -> int:
