@@ -12,6 +12,9 @@ Counts: loc-only tp = matched pairs, fp = preds - tp, fn = gts - tp; full: tp = 
 right pairs, and a semantically wrong pair counts as one FP and one FN. Per image precision is
 1.0 when nothing was predicted and recall 1.0 when nothing was there; F1 is 0 when P + R = 0.
 Micro = from global sums; macro = mean of the per-image values.
+
+`rank_match` is COCO AP's assignment instead (predictions in rank order, each takes its best
+free GT), for callers that need the pairs behind an AP number.
 """
 from __future__ import annotations
 
@@ -118,6 +121,28 @@ def greedy_match(ious: np.ndarray, iou_thr: float) -> list[tuple[int, int, float
             continue
         used_p[i] = used_g[j] = True
         out.append((i, j, float(v[k])))
+    return out
+
+
+def rank_match(ious: np.ndarray, iou_thr: float) -> list[tuple[int, int, float]]:
+    """COCOeval's assignment (`evaluateImg`, one category, no crowd or ignored GT): predictions in
+    rank order (the rows, best first), each takes the still-free GT of highest IoU >= `iou_thr`,
+    a later GT winning a tie. These are the pairs COCO AP counts as true positives.
+    Returns (pred, gt, iou) in row order."""
+    ious = np.asarray(ious, dtype=np.float64)
+    if ious.size == 0:
+        return []
+    thr = min(float(iou_thr), 1 - 1e-10)  # as COCOeval: IoU 1.0 matches at threshold 1.0
+    used_g = np.zeros(ious.shape[1], dtype=bool)
+    out = []
+    for i, row in enumerate(ious.tolist()):
+        best, m = thr, -1
+        for j, v in enumerate(row):
+            if not used_g[j] and v >= best:
+                best, m = v, j
+        if m >= 0:
+            used_g[m] = True
+            out.append((i, m, float(best)))
     return out
 
 

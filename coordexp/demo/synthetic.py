@@ -5,7 +5,7 @@ Deterministic for a seed. Every record is written in the CoordExp input format
 objects ordered by their top-left anchor), so the sets run through the same tools as user data.
 
 - `sample(rng, size=128, config=ShapesConfig()) -> (PIL.Image, objects)`: one fresh image in memory
-  (used by `coordexp.train_demo`, which draws new samples every step).
+  (used by `coordexp.demo.train`, which draws new samples every step).
 - `generate_dataset(out_dir, n, seed, split="train", sizes=(128,), poly_fraction=0.0) -> jsonl path`.
 - `coordexp-client make-data OUT --n 32 --seed 0 [--split val] [--sizes 128 96x80] ...`.
 
@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from coordexp.eval.matching import box_iou
 from coordexp.grid import from_pixels
 from coordexp.prompt import sort_key
 
@@ -129,13 +130,8 @@ def _shape_mask(kind: str, box: Sequence[int], width: int, height: int, rng: np.
 
 
 def _iou(a: Sequence[int], b: Sequence[int]) -> float:
-    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
-    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
+    """IoU of two inclusive pixel boxes (pixel [x0, x1] covers [x0, x1 + 1) continuously): eval's box IoU."""
+    return float(box_iou([a[0], a[1], a[2] + 1, a[3] + 1], [b[0], b[1], b[2] + 1, b[3] + 1])[0, 0])
 
 
 def _contains(a: Sequence[int], b: Sequence[int]) -> bool:
@@ -264,6 +260,7 @@ def generate_dataset(
             rel = f"images/{split}_{i:05d}.png"
             Image.fromarray(arr, "RGB").save(os.path.join(out_dir, rel), optimize=True)
             rec = {"images": [rel], "width": w, "height": h, "objects": objects,
+                   # the records' source tag stays "coordexp.synthetic" (data format; bundled sets carry it)
                    "metadata": {"source": "coordexp.synthetic", "seed": seed, "split": split, "index": i,
                                 "noisy_background": info["noisy"]}}
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -304,7 +301,7 @@ def _cmd_make_data(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m coordexp.synthetic")
+    parser = argparse.ArgumentParser(prog="python -m coordexp.demo.synthetic")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(["make-data", *(argv if argv is not None else __import__("sys").argv[1:])])

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 DEMO_CKPT = os.path.join(ROOT, "checkpoints", "coordexp-demo-shapes")
 DEMO_DATA = os.path.join(ROOT, "data", "demo_val", "val.jsonl")
 
@@ -61,16 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.ckpt != DEMO_CKPT:
             print(f"demo: checkpoint not found: {args.ckpt}", file=sys.stderr)
             return 2
-        # A checkout without the trained demo model still shows the whole path, on random weights.
-        from coordexp.tiny import build_tiny_checkpoint
+        args.ckpt = _random_tiny_checkpoint(args.out)
 
-        args.ckpt = os.path.join(os.path.abspath(args.out), "tiny-random-ckpt")
-        print(f"demo: the bundled demo checkpoint is missing; using a RANDOM tiny checkpoint at {args.ckpt} "
-              "(its answers are not detections)", file=sys.stderr)
-        if not os.path.isdir(args.ckpt):
-            build_tiny_checkpoint(args.ckpt, family="qwen3_vl", seed=0)
-
-    from coordexp.server import TritonError, TritonServer
+    from coordexp.serving.server import TritonError, TritonServer
 
     t_start = time.perf_counter()
     out = os.path.abspath(args.out)
@@ -129,6 +122,18 @@ def main(argv: list[str] | None = None) -> int:
 
     _report(out, preds, time.perf_counter() - t_start)
     return 0
+
+
+def _random_tiny_checkpoint(out: str) -> str:
+    """A checkout without the trained demo model still shows the whole path, on random weights."""
+    from coordexp.demo.tiny import build_tiny_checkpoint
+
+    ckpt = os.path.join(os.path.abspath(out), "tiny-random-ckpt")
+    print(f"demo: the bundled demo checkpoint is missing; using a RANDOM tiny checkpoint at {ckpt} "
+          "(its answers are not detections)", file=sys.stderr)
+    if not os.path.isdir(ckpt):
+        build_tiny_checkpoint(ckpt, family="qwen3_vl", seed=0)
+    return ckpt
 
 
 def _repository_current(repo: str, ckpt: str, max_new_tokens: int) -> bool:
