@@ -20,7 +20,7 @@ COMMANDS = [
     ("eval", "coordexp.eval.cli"),  # COCO + F1-ish metrics from the artifact
     ("vis", "coordexp.vis.cli"),  # GT vs pred overlays + gallery
     ("pipeline", "coordexp.client.cmd_pipeline"),  # infer -> eval + vis from one YAML
-    ("make-data", "coordexp.synthetic"),  # synthetic shapes dataset
+    ("make-data", "coordexp.demo.synthetic"),  # synthetic shapes dataset
 ]
 
 
