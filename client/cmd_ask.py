@@ -218,38 +218,11 @@ def format_table(ans: dict[str, Any]) -> str:
 
 
 def draw(img, preds: list[dict[str, Any]], out_path: str) -> str:
-    """Save `img` with the predictions drawn: coordexp.vis's annotators (the look of the `vis`
-    overlays) when they are there, else plain Pillow outlines and labels."""
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)) or ".", exist_ok=True)
-    try:
-        from coordexp.vis import annotate_all
-    except ImportError:
-        annotate_all = None
-    if annotate_all is not None:
-        objects = [{"desc": p["desc"], "type": p["type"], "points": p["pixel_points"], "index": i}
-                   for i, p in enumerate(preds)]
-        annotate_all(img.convert("RGB").copy(), objects).save(out_path)
-        return out_path
-    from PIL import ImageDraw
+    """Save `img` with the predictions drawn by the `vis` annotators (the look of the overlays)."""
+    from coordexp.vis import draw_predictions
 
-    colors = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"]
-    canvas = img.convert("RGB").copy()
-    d = ImageDraw.Draw(canvas)
-    width = max(1, round(min(canvas.size) / 150))
-    for i, p in enumerate(preds):
-        color = colors[i % len(colors)]
-        pts = p["pixel_points"]
-        if p["type"] == "poly":
-            d.polygon(list(zip(pts[0::2], pts[1::2])), outline=color, width=width)
-        else:
-            d.rectangle(p["pixel_box"], outline=color, width=width)
-        x, y = p["pixel_box"][0], p["pixel_box"][1]
-        label = p["desc"]
-        tb = d.textbbox((x, y), label)
-        ty = y - (tb[3] - tb[1]) - 2 if y - (tb[3] - tb[1]) - 2 >= 0 else y + 1
-        d.rectangle([x, ty, x + tb[2] - tb[0] + 2, ty + tb[3] - tb[1] + 2], fill=color)
-        d.text((x + 1, ty), label, fill="white")
-    canvas.save(out_path)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)) or ".", exist_ok=True)
+    draw_predictions(img, preds).save(out_path)
     return out_path
 
 

@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordexp.grid import COORD_MODES
+from coordexp.json_scan import WS as _WS, closing_brackets, scan
 from coordexp.schema import GEOMETRY_TYPES, INVALID_GEOMETRY_KEYS, ErrorCode, PredObject
 from coordexp.tokens import QWEN_SPECIAL_TOKENS
 
@@ -83,7 +84,6 @@ _START_OBJECTS_RE = re.compile(r"\{\s*[\"']?objects[\"']?\s*:")
 _START_LIST_RE = re.compile(r"\[\s*[{\]]")
 _FENCE_RE = re.compile(r"```[A-Za-z0-9_-]*")
 _DIGITS_RE = re.compile(r"^\s*\d+\s*$")
-_WS = " \t\r\n"
 
 
 @dataclass
@@ -120,133 +120,6 @@ def replace_coord_tokens(text: str) -> tuple[str, int]:
 def _snip(s: str, n: int = 48) -> str:
     s = " ".join(s.split())
     return repr(s if len(s) <= n else s[: n - 1] + "…")
-
-
-def _closers(openers: list[str]) -> str:
-    return "".join("}" if o == "{" else "]" for o in reversed(openers))
-
-
-# ----------------------------------------------------------------------------------------------
-# The scanner: normalises quotes/commas and knows where complete objects end.
-
-
-@dataclass
-class _Frame:
-    opener: str  # "{" or "["
-    src: int  # index in the source text
-    elem: bool  # an element of the objects list
-
-
-@dataclass
-class _Scan:
-    out: list[str]
-    root_closed: bool = False
-    src_end: int = 0  # source index just after the root's closer
-    in_string: bool = False
-    stack: list[_Frame] = field(default_factory=list)
-    safe_len: int | None = None  # length of `out` at the last safe cut point ...
-    safe_stack: list[str] = field(default_factory=list)  # ... and the brackets open there
-    n_elems: int = 0  # complete elements of the objects list
-    single_quoted: int = 0
-    trailing_commas: int = 0
-    inserted: list[str] = field(default_factory=list)  # closers inserted where the model forgot them
-    stray: list[str] = field(default_factory=list)  # closers without an opener (skipped)
-    string_after: str = ""  # the significant character before the last string (":" -> a value)
-
-
-def _closes_single_quote(src: str, k: int) -> bool:
-    """Is the ' before index k the end of a single-quoted string (not an apostrophe)?"""
-    n = len(src)
-    while k < n and src[k] in _WS:
-        k += 1
-    return k >= n or src[k] in ",:}]"
-
-
-def _scan(src: str, start: int) -> _Scan:
-    sc = _Scan(out=[])
-    out, stack = sc.out, sc.stack
-    quote: str | None = None
-    i, n = start, len(src)
-
-    def closed(frame: _Frame) -> None:
-        if frame.elem:
-            sc.n_elems += 1
-        if frame.elem or len(stack) == 1:  # after a whole object, or a whole value of the root
-            sc.safe_len = len(out)
-            sc.safe_stack = [f.opener for f in stack]
-
-    while i < n:
-        c = src[i]
-        if quote is not None:
-            if c == "\\":
-                if i + 1 < n:
-                    nxt = src[i + 1]
-                    if quote == "'" and nxt == "'":
-                        out.append("'")
-                    else:
-                        out.append(c)
-                        out.append(nxt)
-                    i += 2
-                else:  # text ends on a backslash inside a string
-                    i += 1
-                continue
-            if c == quote:
-                if quote == "'" and not _closes_single_quote(src, i + 1):
-                    out.append("'")  # an apostrophe inside a single-quoted string
-                else:
-                    out.append('"')
-                    quote = None
-                i += 1
-                continue
-            out.append('\\"' if c == '"' else c)  # '"' only reaches here inside '...'
-            i += 1
-            continue
-        if c == '"' or c == "'":
-            if c == "'":
-                sc.single_quoted += 1
-            j = len(out) - 1
-            while j >= 0 and out[j] in _WS:
-                j -= 1
-            sc.string_after = out[j] if j >= 0 else ""
-            quote = c
-            out.append('"')
-        elif c == "{" or c == "[":
-            parents = [f.opener for f in stack]
-            elem = c == "{" and parents in (["["], ["{", "["])
-            stack.append(_Frame(c, i, elem))
-            out.append(c)
-        elif c == "}" or c == "]":
-            opener = "{" if c == "}" else "["
-            j = len(out) - 1
-            while j >= 0 and out[j] in _WS:
-                j -= 1
-            if j >= 0 and out[j] == ",":
-                del out[j]
-                sc.trailing_commas += 1
-            if stack[-1].opener != opener:
-                if not any(f.opener == opener for f in stack):
-                    sc.stray.append(c)
-                    i += 1
-                    continue
-                while stack[-1].opener != opener:  # the model forgot to close these
-                    frame = stack.pop()
-                    closer = "}" if frame.opener == "{" else "]"
-                    out.append(closer)
-                    sc.inserted.append(closer)
-                    closed(frame)
-            frame = stack.pop()
-            out.append(c)
-            if not stack:
-                sc.root_closed = True
-                sc.src_end = i + 1
-                return sc
-            closed(frame)
-        else:
-            out.append(c)
-        i += 1
-    sc.in_string = quote is not None
-    sc.src_end = n
-    return sc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,101 +297,108 @@ def parse_model_output(text: str, coord_mode: str = "norm1000") -> ParseResult:
     return first
 
 
-def _parse_from(text: str, start: int, coord_max: int | None, res: ParseResult) -> bool:
-    """Parse the answer starting at text[start] into `res`. False when no objects list was found
-    there (so the caller may try another start); `res` then holds the failure."""
-    repairs = res.repairs
-    _note_outside(text[:start], "before", repairs)
+@dataclass
+class _Recovered:
+    """What steps 2-3 got out of the text: the JSON value and how it was closed."""
 
-    # 2. Strict JSON first.
+    ok: bool = False
     value: Any = None
-    ok = False
     truncated_elem: int | None = None  # index of an object closed by repair at the end of the text
     tail_drop: str | None = None  # the note for an object cut mid-way and dropped
-    truncated_root = False  # the root object was closed by repair at the end of the text
+    truncated_root: bool = False  # the root object was closed by repair at the end of the text
+    stop: bool | None = None  # set: nothing more to try here, `_parse_from` returns it (res holds the failure)
+
+
+def _strict(text: str, start: int, repairs: list[str]) -> _Recovered | None:
+    """2. Strict JSON first."""
     try:
         value, end = json.JSONDecoder(strict=False).raw_decode(text, start)
-        ok = True
-        _note_outside(text[end:], "after", repairs)
     except ValueError:
-        pass
+        return None
+    _note_outside(text[end:], "after", repairs)
+    return _Recovered(ok=True, value=value)
 
-    # 3. Scanner + truncation-aware cut, then json_repair.
-    if not ok:
-        sc = _scan(text, start)
-        if sc.single_quoted:
-            repairs.append("replaced single quotes with double quotes")
-        if sc.trailing_commas:
-            repairs.append(f"removed {sc.trailing_commas} trailing comma(s)")
-        if sc.inserted:
-            repairs.append(f"inserted missing closing bracket(s) {''.join(sc.inserted)!r}")
-        if sc.stray:
-            repairs.append(f"removed stray closing bracket(s) {''.join(sc.stray)!r}")
-        if sc.root_closed:
-            _note_outside(text[sc.src_end:], "after", repairs)
-            ok, value = _loads("".join(sc.out), repairs)
-        else:
-            res.truncated = True
-            stack = sc.stack
-            top = stack[-1] if stack else None
-            open_elem = next((f for f in stack if f.elem), None)
-            # (a) the text stops right after a complete value of the last open object: close it.
-            if (not sc.in_string and top is not None and top.opener == "{"
-                    and (top.elem or (len(stack) == 1 and sc.n_elems == 0))):
-                body = "".join(sc.out).rstrip(_WS)
-                if body.endswith(","):
-                    body = body[:-1].rstrip(_WS)
-                last = body[-1:]
-                # after a complete value: a string that follows ':', a closed list/object, a number
-                # or literal (only extra keys can hold those); not after a key, ':' or the '{'.
-                if (last == '"' and sc.string_after == ":") or last in ("]", "}") or last.isalnum():
-                    closers = _closers([f.opener for f in stack])
-                    trial: list[str] = []
-                    ok, value = _loads(body + closers, trial)
-                    if ok:
-                        repairs.append(f"text ends before the closing bracket(s): appended {closers!r}")
-                        repairs.extend(trial)
-                        if top.elem:
-                            truncated_elem = sc.n_elems
-                        else:
-                            truncated_root = True
-            # (b) cut back to the last complete object and close the brackets open there.
-            if not ok:
-                if open_elem is not None:
-                    res.num_dropped += 1
-                    tail_drop = (f"dropped objects[{sc.n_elems}]: parse_failed: text cut mid-object: "
-                                 f"{_snip(text[open_elem.src:])}")
-                    repairs.append(tail_drop)
-                if sc.safe_len is None:
-                    if tail_drop is None:
-                        repairs.append("text cut before any complete object")
-                    _fail(res, ErrorCode.PARSE_FAILED, tail_drop or "text cut before any complete object")
-                    return tail_drop is not None
-                tail = "".join(sc.out[sc.safe_len:]).strip(_WS + ",")
-                if open_elem is None and tail.strip("]}" + _WS):
-                    repairs.append(f"dropped unfinished text at the end: {_snip(tail)}")
-                closers = _closers(sc.safe_stack)
-                if closers:
-                    repairs.append(f"text ends before the closing bracket(s): appended {closers!r}")
-                ok, value = _loads("".join(sc.out[: sc.safe_len]) + closers, repairs)
 
-    if not ok:
-        _fail(res, ErrorCode.PARSE_FAILED, f"no CoordJSON could be recovered: {_snip(text[start:])}")
-        return False
-    objs = _objects_of(value, repairs)
-    if objs and not any(isinstance(o, dict) for o in objs):
-        objs = None  # e.g. [1, 2, 3, 4] or json_repair's reading of prose: not a list of objects
-    if objs is None:
-        _fail(res, ErrorCode.PARSE_FAILED,
-              f"no 'objects' list in the JSON: {_snip(json.dumps(value, ensure_ascii=False))}")
-        return False
-    if truncated_root and isinstance(value, dict) and "objects" not in value:
-        truncated_elem = 0  # the bare object itself was closed by repair
+def _close_at_end(sc: Any, repairs: list[str]) -> _Recovered:
+    """3a. The text stops right after a complete value of the last open object: close it."""
+    stack = sc.stack
+    top = stack[-1] if stack else None
+    rec = _Recovered()
+    if sc.in_string or top is None or top.opener != "{" or not (top.elem or (len(stack) == 1 and sc.n_elems == 0)):
+        return rec
+    body = "".join(sc.out).rstrip(_WS)
+    if body.endswith(","):
+        body = body[:-1].rstrip(_WS)
+    last = body[-1:]
+    # after a complete value: a string that follows ':', a closed list/object, a number
+    # or literal (only extra keys can hold those); not after a key, ':' or the '{'.
+    if (last == '"' and sc.string_after == ":") or last in ("]", "}") or last.isalnum():
+        closers = closing_brackets([f.opener for f in stack])
+        trial: list[str] = []
+        rec.ok, rec.value = _loads(body + closers, trial)
+        if rec.ok:
+            repairs.append(f"text ends before the closing bracket(s): appended {closers!r}")
+            repairs.extend(trial)
+            if top.elem:
+                rec.truncated_elem = sc.n_elems
+            else:
+                rec.truncated_root = True
+    return rec
 
-    # 4. Validate every object.
+
+def _cut_back(sc: Any, text: str, res: ParseResult) -> _Recovered:
+    """3b. Cut back to the last complete object and close the brackets open there."""
+    repairs = res.repairs
+    rec = _Recovered()
+    open_elem = next((f for f in sc.stack if f.elem), None)
+    if open_elem is not None:
+        res.num_dropped += 1
+        rec.tail_drop = (f"dropped objects[{sc.n_elems}]: parse_failed: text cut mid-object: "
+                         f"{_snip(text[open_elem.src:])}")
+        repairs.append(rec.tail_drop)
+    if sc.safe_len is None:
+        if rec.tail_drop is None:
+            repairs.append("text cut before any complete object")
+        _fail(res, ErrorCode.PARSE_FAILED, rec.tail_drop or "text cut before any complete object")
+        rec.stop = rec.tail_drop is not None
+        return rec
+    tail = "".join(sc.out[sc.safe_len:]).strip(_WS + ",")
+    if open_elem is None and tail.strip("]}" + _WS):
+        repairs.append(f"dropped unfinished text at the end: {_snip(tail)}")
+    closers = closing_brackets(sc.safe_stack)
+    if closers:
+        repairs.append(f"text ends before the closing bracket(s): appended {closers!r}")
+    rec.ok, rec.value = _loads("".join(sc.out[: sc.safe_len]) + closers, repairs)
+    return rec
+
+
+def _repaired(text: str, start: int, res: ParseResult) -> _Recovered:
+    """3. Scanner + truncation-aware cut, then json_repair."""
+    repairs = res.repairs
+    sc = scan(text, start)
+    if sc.single_quoted:
+        repairs.append("replaced single quotes with double quotes")
+    if sc.trailing_commas:
+        repairs.append(f"removed {sc.trailing_commas} trailing comma(s)")
+    if sc.inserted:
+        repairs.append(f"inserted missing closing bracket(s) {''.join(sc.inserted)!r}")
+    if sc.stray:
+        repairs.append(f"removed stray closing bracket(s) {''.join(sc.stray)!r}")
+    if sc.root_closed:
+        _note_outside(text[sc.src_end:], "after", repairs)
+        ok, value = _loads("".join(sc.out), repairs)
+        return _Recovered(ok=ok, value=value)
+    res.truncated = True
+    rec = _close_at_end(sc, repairs)
+    return rec if rec.ok else _cut_back(sc, text, res)
+
+
+def _keep_valid(objs: list[Any], coord_max: int | None, rec: _Recovered, res: ParseResult) -> None:
+    """4. Validate every object: valid ones become preds, the others are dropped with a note."""
+    repairs = res.repairs
     first_drop: tuple[ErrorCode, str] | None = None
-    if tail_drop is not None:  # the truncated tail, dropped before validation
-        first_drop = (ErrorCode.PARSE_FAILED, tail_drop)
+    if rec.tail_drop is not None:  # the truncated tail, dropped before validation
+        first_drop = (ErrorCode.PARSE_FAILED, rec.tail_drop)
     seen: dict[tuple, int] = {}
     drops: list[tuple[ErrorCode, str]] = []
     for idx, obj in enumerate(objs):
@@ -526,7 +406,7 @@ def _parse_from(text: str, start: int, coord_max: int | None, res: ParseResult) 
         got = _validate(obj, where, coord_max, repairs)
         if isinstance(got, tuple):
             code, why = got
-            if idx == truncated_elem:  # closed by repair at the end of the text
+            if idx == rec.truncated_elem:  # closed by repair at the end of the text
                 if why in ("no bbox_2d or poly", "no desc"):  # it might have come next: a cut, not a bad object
                     code, why = ErrorCode.PARSE_FAILED, f"text cut mid-object ({why})"
                 else:
@@ -546,4 +426,26 @@ def _parse_from(text: str, start: int, coord_max: int | None, res: ParseResult) 
         first_drop = drops[0]
     if not res.preds and first_drop is not None:
         res.error, res.error_message = first_drop
+
+
+def _parse_from(text: str, start: int, coord_max: int | None, res: ParseResult) -> bool:
+    """Parse the answer starting at text[start] into `res`. False when no objects list was found
+    there (so the caller may try another start); `res` then holds the failure."""
+    _note_outside(text[:start], "before", res.repairs)
+    rec = _strict(text, start, res.repairs) or _repaired(text, start, res)
+    if rec.stop is not None:
+        return rec.stop
+    if not rec.ok:
+        _fail(res, ErrorCode.PARSE_FAILED, f"no CoordJSON could be recovered: {_snip(text[start:])}")
+        return False
+    objs = _objects_of(rec.value, res.repairs)
+    if objs and not any(isinstance(o, dict) for o in objs):
+        objs = None  # e.g. [1, 2, 3, 4] or json_repair's reading of prose: not a list of objects
+    if objs is None:
+        _fail(res, ErrorCode.PARSE_FAILED,
+              f"no 'objects' list in the JSON: {_snip(json.dumps(rec.value, ensure_ascii=False))}")
+        return False
+    if rec.truncated_root and isinstance(rec.value, dict) and "objects" not in rec.value:
+        rec.truncated_elem = 0  # the bare object itself was closed by repair
+    _keep_valid(objs, coord_max, rec, res)
     return True

@@ -1,4 +1,4 @@
-"""Typed records of the CoordExp data contracts (see docs/contracts.md).
+"""Typed records of the CoordExp data contracts (input JSONL, predictions; see README and eval/README.md).
 
 This is the ONE schema module: the client, eval, vis and the Triton models import it.
 Records are plain dataclasses that read from and write to the JSON dicts users already have.

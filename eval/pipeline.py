@@ -10,16 +10,12 @@ from .coco import STAT_NAMES, CocoResult, build_coco_dets, build_coco_gt, run_co
 from .io import ImagePair, attach_predictions, load_gt
 from .matching import MatchResult, aggregate, iou_matrix, match_image
 from .semantic import DEFAULT_THRESHOLD, SemanticScorer
+from .report import thr_key, write_artifacts
 
 EVAL_SCHEMA_VERSION = "coordexp.eval.v1"
 METRIC_CHOICES = ("coco", "f1ish", "both")
 DEFAULT_IOU_THRS = (0.3, 0.5)
 PRIMARY_IOU_THR = 0.5
-
-
-def thr_key(thr: float) -> str:
-    """0.5 -> "0.50" (the key in metrics.json and the `matches@0.30.jsonl` file names)."""
-    return f"{float(thr):.2f}"
 
 
 def primary_threshold(iou_thrs: Sequence[float]) -> float:
@@ -61,27 +57,6 @@ def run_f1ish(pairs: Sequence[ImagePair], iou_thrs: Sequence[float],
         for r in rs:
             r.apply_semantic(scorer)
     return results
-
-
-def _per_class_f1(pairs, results: list[MatchResult], categories, category_of) -> dict[str, dict[str, int]]:
-    """Per category at one threshold, full mode: tp by the GT's category; fn = GT of the category
-    not counted as tp; fp = preds mapped to the category that are not a semantically right match."""
-    out = {c: {"tp": 0, "fp": 0, "fn": 0} for c in categories}
-    for p, r in zip(pairs, results):
-        ok_pred, ok_gt = set(), set()
-        for m in r.pairs:
-            if m.semantic_ok:
-                ok_pred.add(m.pred_index)
-                ok_gt.add(m.gt_index)
-                out[p.gts[m.gt_index].desc]["tp"] += 1
-        for j, g in enumerate(p.gts):
-            if j not in ok_gt:
-                out[g.desc]["fn"] += 1
-        for i, o in enumerate(p.preds):
-            c = category_of.get(o.desc)
-            if c is not None and i not in ok_pred:
-                out[c]["fp"] += 1
-    return out
 
 
 def evaluate(pred_path: str, gt_path: str, out_dir: str | None, metrics: str = "both", *,
@@ -184,7 +159,6 @@ def evaluate(pred_path: str, gt_path: str, out_dir: str | None, metrics: str = "
     result["timings"] = timings
 
     if out_dir is not None:
-        from .report import write_artifacts
 
         write_artifacts(out_dir, result, pairs, categories, category_of, coco_gt, coco_dets, coco_res,
                         f1_results, primary, plots=plots)

@@ -43,11 +43,35 @@ def _matches_line(p, r: MatchResult) -> dict[str, Any]:
     return d
 
 
+def thr_key(thr: float) -> str:
+    """0.5 -> "0.50" (the key in metrics.json and the `matches@0.30.jsonl` file names)."""
+    return f"{float(thr):.2f}"
+
+
+def per_class_f1(pairs, results: list[MatchResult], categories, category_of) -> dict[str, dict[str, int]]:
+    """Per category at one threshold, full mode: tp by the GT's category; fn = GT of the category
+    not counted as tp; fp = preds mapped to the category that are not a semantically right match."""
+    out = {c: {"tp": 0, "fp": 0, "fn": 0} for c in categories}
+    for p, r in zip(pairs, results):
+        ok_pred, ok_gt = set(), set()
+        for m in r.pairs:
+            if m.semantic_ok:
+                ok_pred.add(m.pred_index)
+                ok_gt.add(m.gt_index)
+                out[p.gts[m.gt_index].desc]["tp"] += 1
+        for j, g in enumerate(p.gts):
+            if j not in ok_gt:
+                out[g.desc]["fn"] += 1
+        for i, o in enumerate(p.preds):
+            c = category_of.get(o.desc)
+            if c is not None and i not in ok_pred:
+                out[c]["fp"] += 1
+    return out
+
+
 def write_artifacts(out_dir: str, metrics: dict[str, Any], pairs: Sequence, categories: Sequence[str],
                     category_of: dict[str, str | None], coco_gt, coco_dets, coco_res: dict[str, CocoResult],
                     f1_results: dict[float, list[MatchResult]], primary: float, plots: bool = True) -> None:
-    from .pipeline import thr_key
-
     os.makedirs(out_dir, exist_ok=True)
     files = ["metrics.json", "per_image.json", "per_class.csv"]
 
@@ -106,8 +130,6 @@ def write_artifacts(out_dir: str, metrics: dict[str, Any], pairs: Sequence, cate
 
 
 def _per_class_rows(pairs, categories, category_of, coco_res, primary_results) -> list[dict[str, Any]]:
-    from .pipeline import _per_class_f1
-
     gt_count = {c: 0 for c in categories}
     pred_count = {c: 0 for c in categories}
     for p in pairs:
@@ -117,7 +139,7 @@ def _per_class_rows(pairs, categories, category_of, coco_res, primary_results) -
             c = category_of.get(o.desc)
             if c is not None:
                 pred_count[c] += 1
-    f1 = _per_class_f1(pairs, primary_results, categories, category_of) if primary_results is not None else None
+    f1 = per_class_f1(pairs, primary_results, categories, category_of) if primary_results is not None else None
     rows = []
     for k, c in enumerate(categories):
         cid = k + 1

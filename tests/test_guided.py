@@ -54,7 +54,7 @@ def clean(text: str) -> bool:
 # ============================================================================ the grammar
 def accepts(proc, guide, text: str) -> tuple[bool, bool]:
     """(xgrammar accepts the tokenized text as a complete answer, the planner's DFA does)."""
-    from coordexp.guided import _Acc
+    from coordexp.guided.grammar import _Acc
 
     ids = proc.tokenizer.encode(text, add_special_tokens=False)
     m = guide.new_matcher()
@@ -162,7 +162,7 @@ def test_dfa_allows_exactly_what_the_grammar_allows(proc, vocab):
 
     for cf, fo in FORMATS:
         guide = guide_of(proc, vocab, cf, fo)
-        from coordexp.guided import _Acc
+        from coordexp.guided.grammar import _Acc
 
         rng = np.random.default_rng(len(cf) + len(fo))
         for walk in range(4):

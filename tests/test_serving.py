@@ -247,7 +247,7 @@ def test_preprocess_and_postprocess_logic(tiny_ckpt):
 def test_parity_compare_reports_the_first_divergence():
     from types import SimpleNamespace
 
-    from coordexp.client.cmd_parity import Run, compare, first_difference, format_table
+    from coordexp.benchmarks.parity import Run, compare, first_difference, format_table
 
     assert first_difference([1, 2, 3], [1, 2, 3]) is None
     assert first_difference([1, 2, 3], [1, 5, 3]) == 1 and first_difference([1, 2], [1, 2, 3]) == 2

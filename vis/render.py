@@ -421,9 +421,8 @@ def visualize(pred_path: str, gt_path: str, out_dir: str, *, iou: float = 0.5, m
     return index
 
 
-
 def draw_predictions(image, preds: Sequence[Any], min_size: int | None = None, max_size: int | None = None):
-    """A copy of `image` with predictions drawn (used by `coordexp-client ask --draw`).
+    """A copy of `image` with predictions drawn (`coordexp-client ask --draw`).
 
     `preds`: dicts with `type`, `desc` and `pixel_points` (else `points`, taken as pixels) or
     objects with `desc`/`type`/`points` in pixels. The size is kept unless `min_size` /

@@ -1,0 +1,174 @@
+"""The house rules, checked: one wire table drives configs, models and client; one checkpoint digest
+everywhere; parity goes through the shipped client; the core imports nothing of the project; no
+import cycles; the reference repository in model_repository/ is what the writer writes."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import filecmp
+import json
+import os
+
+import pytest
+
+from coordexp import wire
+from coordexp.generation import GenerationParams
+
+from conftest import REPO_ROOT, SERVED_MAX_NEW
+
+# top-level folders -> the package they are installed as (pyproject.toml [tool.setuptools])
+PACKAGES = {"coordexp": "coordexp", "client": "coordexp.client", "eval": "coordexp.eval", "vis": "coordexp.vis",
+            "export": "coordexp.export"}
+
+
+def _modules() -> dict[str, str]:
+    """Every project module (dotted name -> file)."""
+    out = {}
+    for folder, pkg in PACKAGES.items():
+        for dp, _, files in os.walk(os.path.join(REPO_ROOT, folder)):
+            for f in files:
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(dp, f), os.path.join(REPO_ROOT, folder))[:-3]
+                    parts = [p for p in rel.split(os.sep) if p != "__init__"]
+                    out[".".join([pkg, *parts])] = os.path.join(dp, f)
+    return out
+
+
+def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
+    """Project modules imported anywhere in the module (function-level imports too)."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    package = name.split(".") if path.endswith("__init__.py") else name.split(".")[:-1]
+    deps = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+            for a in node.names:
+                deps.add(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base)
+        elif isinstance(node, ast.Import):
+            deps.update(a.name for a in node.names)
+    return {d for d in deps if d in modules and d != name}
+
+
+def test_the_core_imports_nothing_of_the_project_and_there_are_no_import_cycles():
+    modules = _modules()
+    graph = {m: _imports(m, p, modules) for m, p in modules.items()}
+    core = {m for m, p in modules.items() if m.count(".") == 1 and m.startswith("coordexp.")
+            and not p.endswith("__init__.py")}
+    assert {"coordexp.wire", "coordexp.checkpoint", "coordexp.parser", "coordexp.runner"} <= core
+    leaks = {m: sorted(d for d in graph[m] if d not in core and d != "coordexp") for m in core}
+    assert not {m: d for m, d in leaks.items() if d}, "core modules import the periphery"
+    # cycles: depth-first search for a back edge
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_the_wire_table_drives_configs_and_client(monkeypatch):
+    """Rename one ensemble input in the table: the generated ensemble config and the client's request
+    both use the new name, and the client refuses a model that still has the old one."""
+    from coordexp.engines.triton.interface import ModelInterface, build_arrays
+    from coordexp.export.repository import ensemble_config
+
+    renamed = tuple(dataclasses.replace(t, name="seed_renamed") if t.name == wire.RANDOM_SEED else t
+                    for t in wire.ENSEMBLE_INPUTS)
+    monkeypatch.setattr(wire, "ENSEMBLE_INPUTS", renamed)
+    cfg = ensemble_config("coordexp", 4, {})
+    names = [t.name for t in cfg.input]
+    assert "seed_renamed" in names and wire.RANDOM_SEED not in names
+
+    def metadata(inputs):
+        return {"name": "coordexp", "versions": ["1"], "outputs": [{"name": t.name, "datatype": t.wire_dtype,
+                                                                     "shape": [-1, *t.dims]}
+                                                                    for t in wire.ENSEMBLE_OUTPUTS],
+                "inputs": [{"name": t.name, "datatype": t.wire_dtype, "shape": [-1, *t.dims]} for t in inputs]}
+
+    iface = ModelInterface.from_metadata(metadata(renamed), {"max_batch_size": 4})
+    assert iface.problems() == []
+    arrays = build_arrays(iface, GenerationParams(seed=7), b"img")
+    assert int(arrays["seed_renamed"].reshape(-1)[0]) == 7 and wire.RANDOM_SEED not in arrays
+    old = ModelInterface.from_metadata(metadata([t for t in renamed if t.name != "seed_renamed"]),
+                                       {"max_batch_size": 4})
+    assert old.problems() == ["input 'seed_renamed' (UINT64) is missing"]
+
+
+def test_the_reference_repository_is_current(tmp_path):
+    """model_repository/reference/ equals what the writer makes from the demo checkpoint now."""
+    from coordexp.export.reference import REFERENCE_DIR, write_reference
+
+    files = write_reference(tmp_path / "ref")
+    tracked = sorted(str(p.relative_to(REFERENCE_DIR)) for p in REFERENCE_DIR.rglob("*") if p.is_file())
+    assert files == tracked, "model_repository/reference is stale: run python -m coordexp.export.reference"
+    match, mismatch, errors = filecmp.cmpfiles(REFERENCE_DIR, tmp_path / "ref", files, shallow=False)
+    assert not mismatch and not errors, f"stale files {mismatch + errors}: run python -m coordexp.export.reference"
+    # every served model of the ensemble is a folder there, its config beside its code
+    for model in (*wire.MODELS, wire.LLM_STREAM, wire.stream_ensemble_name(wire.ENSEMBLE)):
+        assert (REFERENCE_DIR / model / "config.pbtxt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_one_checkpoint_digest_everywhere(exported, server, sample_data, tmp_path):
+    """onnx_meta.json, the served manifest.json and every engine's summary.json name the weights alike."""
+    from coordexp.checkpoint import checkpoint_digest
+    from coordexp.engines import load_engine
+    from coordexp.engines.triton import ClientOptions, TritonEngine
+    from coordexp.runner import run_dataset
+    from coordexp.serving import common as C
+
+    ckpt, repo = exported
+    sha = checkpoint_digest(ckpt).sha256
+    meta = json.loads(open(os.path.join(repo, C.ONNX_SUBDIR, C.ONNX_META)).read())
+    manifest = json.loads(open(os.path.join(repo, C.MANIFEST)).read())
+    assert meta["checkpoint_sha256"] == manifest["checkpoint"]["weights_sha256"] == sha
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(open(sample_data).readlines()[:2]))
+    os.symlink(os.path.join(os.path.dirname(sample_data), "images"), tmp_path / "images")
+    params = GenerationParams(max_new_tokens=4)
+    engines = {"torch": load_engine("torch", ckpt, threads=1), "onnx": load_engine("onnx", repo, threads=1),
+               "triton": TritonEngine.connect([server.grpc_url], ClientOptions())}
+    try:
+        for name, engine in engines.items():
+            s = run_dataset(str(data), str(tmp_path / name / "p.jsonl"), engine, params, progress=False)
+            assert s.to_dict()["checkpoint_sha256"] == sha, name
+    finally:
+        engines["triton"].close()
+    assert SERVED_MAX_NEW >= 4
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_parity_goes_through_the_shipped_client(exported, server, sample_data, monkeypatch, capsys):
+    """`coordexp-client parity` asks the server through TritonEngine.generate_batch, the client users run."""
+    from coordexp.client import cli
+    from coordexp.engines.triton import TritonEngine
+
+    calls = []
+    real = TritonEngine.generate_batch
+
+    def spy(self, images, params):
+        calls.append(len(images))
+        return real(self, images, params)
+
+    monkeypatch.setattr(TritonEngine, "generate_batch", spy)
+    ckpt, repo = exported
+    rc = cli.main(["parity", "--ckpt", ckpt, "--repo", repo, "--data", sample_data, "--url", server.grpc_url,
+                   "--limit", "2", "--batch-sizes", "1", "--max-new-tokens", "6", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert calls == [2] and "all pairs match" in out
