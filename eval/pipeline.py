@@ -59,6 +59,53 @@ def run_f1ish(pairs: Sequence[ImagePair], iou_thrs: Sequence[float],
     return results
 
 
+def _counts(gt, pairs, pred_descs: Counter, line_counts: dict[str, int]) -> dict[str, Any]:
+    counts: dict[str, Any] = {
+        "images": len(pairs),
+        "gt_lines_invalid": len(gt.invalid),
+        "images_with_gt": sum(1 for p in pairs if p.gts),
+        "gt_objects": sum(len(p.gts) for p in pairs),
+        "gt_crowd": sum(1 for p in pairs for o in p.gts if o.iscrowd),
+        "gt_polygons": sum(1 for p in pairs for o in p.gts if o.type == "poly"),
+        "pred_objects": sum(pred_descs.values()),
+        "pred_polygons": sum(1 for p in pairs for o in p.preds if o.type == "poly"),
+        "categories": len(gt.categories),
+        "pred_lines": 0, "pred_lines_missing": 0, "pred_lines_with_error": 0, "pred_lines_unreadable": 0,
+        "reparsed_lines": 0, "preds_invalid": 0, "size_mismatch_lines": 0,
+    }
+    counts.update(line_counts)
+    return counts
+
+
+def _category_mapping(scorer: SemanticScorer, pred_descs: Counter, categories: list[str], counts: dict[str, Any]
+                      ) -> tuple[dict[str, str | None], dict[str, Any]]:
+    """COCO categories are the GT descs: each predicted desc -> a category (or dropped); adds the
+    mapping counts to `counts`. Returns (desc -> category, the report's `category_mapping`)."""
+    mapping = scorer.map_to_categories(sorted(pred_descs), categories)
+    category_of = {d: m["category"] for d, m in mapping.items()}
+    mapped = [{"desc": d, "category": m["category"], "how": m["how"], "cosine": m["cosine"], "count": pred_descs[d]}
+              for d, m in mapping.items() if m["how"] in ("normalized", "embedding")]
+    dropped = [{"desc": d, "nearest": m["nearest"], "cosine": m["cosine"], "count": pred_descs[d]}
+               for d, m in mapping.items() if m["how"] == "dropped"]
+    mapped.sort(key=lambda r: (-r["count"], r["desc"]))
+    dropped.sort(key=lambda r: (-r["count"], r["desc"]))
+    counts["coco_preds"] = sum(pred_descs[d] for d, c in category_of.items() if c is not None)
+    counts["coco_preds_mapped"] = sum(r["count"] for r in mapped)
+    counts["coco_preds_dropped"] = sum(r["count"] for r in dropped)
+    return category_of, {"mapped": mapped, "dropped": dropped}
+
+
+def _coco(pairs, categories: list[str], category_of: dict[str, str | None], with_segm: bool, backend: str):
+    """(COCO GT, bbox detections, {iou type: CocoResult}); segm too when the GT has polygons."""
+    coco_gt = build_coco_gt(pairs, categories)
+    coco_dets = build_coco_dets(pairs, category_of, categories, "bbox")
+    res: dict[str, CocoResult] = {}
+    for it in ["bbox"] + (["segm"] if with_segm else []):
+        dets = coco_dets if it == "bbox" else build_coco_dets(pairs, category_of, categories, "segm")
+        res[it] = run_cocoeval(coco_gt, dets, it, backend=backend)
+    return coco_gt, coco_dets, res
+
+
 def evaluate(pred_path: str, gt_path: str, out_dir: str | None, metrics: str = "both", *,
              iou_thrs: Sequence[float] = DEFAULT_IOU_THRS, reparse: bool = False, semantic: bool = True,
              semantic_thr: float = DEFAULT_THRESHOLD, embedder=None, coco_backend: str = "faster-coco-eval",
@@ -82,37 +129,11 @@ def evaluate(pred_path: str, gt_path: str, out_dir: str | None, metrics: str = "
     pairs = gt.images
     timings["load_s"] = time.perf_counter() - t0
     scorer = SemanticScorer(embedder=embedder, threshold=semantic_thr, enabled=semantic)
-
     categories = list(gt.categories)
     pred_descs = Counter(o.desc for p in pairs for o in p.preds)
-    counts: dict[str, Any] = {
-        "images": len(pairs),
-        "gt_lines_invalid": len(gt.invalid),
-        "images_with_gt": sum(1 for p in pairs if p.gts),
-        "gt_objects": sum(len(p.gts) for p in pairs),
-        "gt_crowd": sum(1 for p in pairs for o in p.gts if o.iscrowd),
-        "gt_polygons": sum(1 for p in pairs for o in p.gts if o.type == "poly"),
-        "pred_objects": sum(pred_descs.values()),
-        "pred_polygons": sum(1 for p in pairs for o in p.preds if o.type == "poly"),
-        "categories": len(categories),
-        "pred_lines": 0, "pred_lines_missing": 0, "pred_lines_with_error": 0, "pred_lines_unreadable": 0,
-        "reparsed_lines": 0, "preds_invalid": 0, "size_mismatch_lines": 0,
-    }
-    counts.update(line_info["counts"])
-
-    # -- category mapping (COCO categories = GT descs) ---------------------------------
+    counts = _counts(gt, pairs, pred_descs, line_info["counts"])
     t = time.perf_counter()
-    mapping = scorer.map_to_categories(sorted(pred_descs), categories)
-    category_of = {d: m["category"] for d, m in mapping.items()}
-    mapped = [{"desc": d, "category": m["category"], "how": m["how"], "cosine": m["cosine"], "count": pred_descs[d]}
-              for d, m in mapping.items() if m["how"] in ("normalized", "embedding")]
-    dropped = [{"desc": d, "nearest": m["nearest"], "cosine": m["cosine"], "count": pred_descs[d]}
-               for d, m in mapping.items() if m["how"] == "dropped"]
-    mapped.sort(key=lambda r: (-r["count"], r["desc"]))
-    dropped.sort(key=lambda r: (-r["count"], r["desc"]))
-    counts["coco_preds"] = sum(pred_descs[d] for d, c in category_of.items() if c is not None)
-    counts["coco_preds_mapped"] = sum(r["count"] for r in mapped)
-    counts["coco_preds_dropped"] = sum(r["count"] for r in dropped)
+    category_of, mapping_report = _category_mapping(scorer, pred_descs, categories, counts)
     timings["category_mapping_s"] = time.perf_counter() - t
 
     result: dict[str, Any] = {
@@ -123,26 +144,18 @@ def evaluate(pred_path: str, gt_path: str, out_dir: str | None, metrics: str = "
         "counts": counts,
         "errors": line_info["errors"],
         "categories": categories,
-        "category_mapping": {"mapped": mapped, "dropped": dropped},
+        "category_mapping": mapping_report,
     }
     if gt.invalid:
         result["gt_invalid_lines"] = [gt.invalid[k] for k in sorted(gt.invalid)][:50]
-
-    # -- COCO ----------------------------------------------------------------------------
     coco_gt = coco_dets = None
     coco_res: dict[str, CocoResult] = {}
     if metrics in ("coco", "both"):
         t = time.perf_counter()
-        coco_gt = build_coco_gt(pairs, categories)
-        coco_dets = build_coco_dets(pairs, category_of, categories, "bbox")
-        iou_types = ["bbox"] + (["segm"] if counts["gt_polygons"] else [])
-        for it in iou_types:
-            dets = coco_dets if it == "bbox" else build_coco_dets(pairs, category_of, categories, "segm")
-            coco_res[it] = run_cocoeval(coco_gt, dets, it, backend=coco_backend)
+        coco_gt, coco_dets, coco_res = _coco(pairs, categories, category_of, bool(counts["gt_polygons"]),
+                                             coco_backend)
         result["coco"] = {it: r.to_dict() for it, r in coco_res.items()}
         timings["coco_s"] = time.perf_counter() - t
-
-    # -- F1-ish --------------------------------------------------------------------------
     f1_results: dict[float, list[MatchResult]] = {}
     if metrics in ("f1ish", "both"):
         t = time.perf_counter()
@@ -150,16 +163,13 @@ def evaluate(pred_path: str, gt_path: str, out_dir: str | None, metrics: str = "
         result["f1ish"] = {thr_key(th): aggregate(rs) for th, rs in f1_results.items()}
         result["f1ish_primary"] = thr_key(primary)
         timings["f1ish_s"] = time.perf_counter() - t
-
     result["semantic"] = scorer.info()
     if scorer.fallback_reason and semantic:
         result["semantic"]["note"] = ("embedding model unavailable: semantic matching and category mapping "
                                       "fell back to exact/normalised string matching")
     timings["total_s"] = time.perf_counter() - t0
     result["timings"] = timings
-
     if out_dir is not None:
-
         write_artifacts(out_dir, result, pairs, categories, category_of, coco_gt, coco_dets, coco_res,
                         f1_results, primary, plots=plots)
     return result
