@@ -27,7 +27,6 @@ from coordexp.prompt import PromptSpec
 from coordexp.tokens import ENDOFTEXT, IM_END, IMAGE_PAD, VISION_END, VISION_START
 
 VIDEO_PAD = "<|video_pad|>"
-MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
 def _read_chat_template(folder: Path) -> str | None:

@@ -15,7 +15,6 @@ SCHEMA_VERSION = "coordexp.v1"
 
 GEOMETRY_TYPES = ("bbox_2d", "poly")
 INVALID_GEOMETRY_KEYS = ("bbox", "polygon", "line")
-COORD_MAX = 999
 
 
 class ErrorCode(str, Enum):

@@ -147,10 +147,6 @@ class GuidedBatch:
             out.append(d)
         return out
 
-    @property
-    def mask_ms_per_token(self) -> float:
-        return 1000.0 * self.mask_s / max(1, self.masked_steps)
-
 
 # ================================================================================= engine adapters
 from transformers import LogitsProcessor  # noqa: E402  (xgrammar imports transformers anyway)
