@@ -25,7 +25,10 @@ Qwen2.5-VL (`model_type` qwen2_5_vl) differs only in the vision graph and has no
 `vision.onnx` takes `pixel_values` / `vision_pos_ids` already permuted into window order plus
 `window_bias` / `full_bias [N, N]` (window blocks / `fullatt_block_indexes` blocks) and returns
 `image_embeds` in window order (the host undoes the permutation, `coordexp.mrope.vision_window_index`);
-`decoder.onnx` has no `deepstack` input. Other families raise `NotImplementedError`.
+`decoder.onnx` has no `deepstack` input. What differs per family is one `coordexp.families.FamilySpec`
+(graph inputs, host-side inputs, sample grid, wrapper); other families raise `UnsupportedFamily`
+(a `NotImplementedError`). The wrapper modules are in `coordexp.export.onnx_wrappers`; one function
+exports each graph (`export_vision_graph`, `export_embed_graph`, `export_decoder_graph`).
 """
 from __future__ import annotations
 
@@ -34,10 +37,12 @@ import os
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from coordexp.checkpoint import checkpoint_digest
+from coordexp.families import FAMILIES, FamilyConfigError, FamilySpec, family_spec
 
 META_NAME = "onnx_meta.json"
 META_FORMAT = "coordexp-onnx/1"
@@ -49,7 +54,7 @@ PROCESSOR_FILES = (
     "merges.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
     "video_preprocessor_config.json", "generation_config.json", "config.json",
 )
-SUPPORTED_FAMILIES = ("qwen3_vl", "qwen2_5_vl")
+SUPPORTED_FAMILIES = tuple(FAMILIES)
 _EXTERNAL_DATA_BYTES = 1_500_000_000  # graphs above this keep their weights in a `<graph>.data` file
 
 
@@ -79,16 +84,18 @@ def versions() -> dict[str, str]:
     return out
 
 
-def check_supported(config, where: str = "the checkpoint") -> str:
-    """The family name, or NotImplementedError naming what is not supported."""
-    fam = model_family(config)
-    if fam not in SUPPORTED_FAMILIES:
-        raise NotImplementedError(f"ONNX export supports Qwen3-VL (qwen3_vl) and Qwen2.5-VL (qwen2_5_vl) "
-                                  f"checkpoints; {where} is model_type {fam!r}")
+def check_supported(config, where: str = "the checkpoint") -> FamilySpec:
+    """The family's spec; UnsupportedFamily (a NotImplementedError) naming the family and the
+    supported ones, NotImplementedError for what else is not supported, FamilyConfigError for a
+    config missing a field the family's graphs are built from."""
+    spec = family_spec(model_family(config), where=where, what="ONNX export")
     text = config.get_text_config()
     if getattr(text, "use_sliding_window", False):
         raise NotImplementedError(f"{where}: sliding-window attention in the language model is not supported")
-    return fam
+    missing = spec.missing_config_fields(config.vision_config)
+    if missing:
+        raise FamilyConfigError(f"{where}: vision_config has no {', '.join(missing)} (needed for {spec.title})")
+    return spec
 
 
 def load_model(ckpt: str | os.PathLike, dtype: str = "float32"):
@@ -101,141 +108,6 @@ def load_model(ckpt: str | os.PathLike, dtype: str = "float32"):
     model = AutoModelForImageTextToText.from_pretrained(str(ckpt), dtype=getattr(torch, dtype),
                                                         attn_implementation="eager")
     return model.eval()
-
-
-# ----------------------------------------------------------------------------------------- wrappers
-def _wrappers():
-    """Wrapper module classes (defined lazily: torch is imported only when exporting)."""
-    import torch
-    from torch import nn
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
-
-    class VisionWrapper(nn.Module):
-        """Qwen3VLVisionModel.forward with the grid-derived tensors as inputs and the packed
-        per-image attention as one attention over all patches with a block-diagonal bias."""
-
-        def __init__(self, visual):
-            super().__init__()
-            self.visual = visual
-            self.deepstack_indexes = list(visual.deepstack_visual_indexes)
-
-        @staticmethod
-        def _attention(attn, x, cos, sin, bias):
-            n = x.shape[0]
-            q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, N, hd]
-            w = torch.matmul(q, k.transpose(1, 2)) * attn.scaling + bias
-            w = nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = torch.matmul(w, v).transpose(0, 1).reshape(n, -1)
-            return attn.proj(out)
-
-        def forward(self, pixel_values, vision_pos_ids, interp_indices, interp_weights, attention_bias):
-            vis = self.visual
-            h = vis.patch_embed(pixel_values)
-            pos = (vis.pos_embed(interp_indices) * interp_weights[:, :, None].to(h.dtype)).sum(1)
-            h = h + pos.to(h.dtype)
-            cos, sin = vis.rotary_pos_emb(h, vision_pos_ids)
-            bias = attention_bias.to(torch.float32)
-            feats = []
-            for i, blk in enumerate(vis.blocks):
-                h = h + self._attention(blk.attn, blk.norm1(h), cos, sin, bias)
-                h = h + blk.mlp(blk.norm2(h))
-                if i in self.deepstack_indexes:
-                    feats.append(vis.deepstack_merger_list[self.deepstack_indexes.index(i)](h))
-            merged = vis.merger(h)
-            return merged, torch.stack(feats, dim=0)
-
-    class Vision25Wrapper(nn.Module):
-        """Qwen2_5_VisionTransformerPretrainedModel.forward for inputs already in window order (the
-        host permutes patches and rotary positions, and un-permutes the merged output): window
-        blocks use `window_bias`, the `fullatt_block_indexes` blocks `full_bias`."""
-
-        def __init__(self, visual):
-            super().__init__()
-            self.visual = visual
-            self.full = set(int(i) for i in visual.fullatt_block_indexes)
-
-        def forward(self, pixel_values, vision_pos_ids, window_bias, full_bias):
-            vis = self.visual
-            h = vis.patch_embed(pixel_values)
-            cos, sin = vis.rotary_pos_emb(h, vision_pos_ids)
-            wb, fb = window_bias.to(torch.float32), full_bias.to(torch.float32)
-            for i, blk in enumerate(vis.blocks):
-                bias = fb if i in self.full else wb
-                h = h + VisionWrapper._attention(blk.attn, blk.norm1(h), cos, sin, bias)
-                h = h + blk.mlp(blk.norm2(h))
-            return vis.merger(h)
-
-    class EmbedWrapper(nn.Module):
-        def __init__(self, embed):
-            super().__init__()
-            self.embed = embed
-
-        def forward(self, input_ids):
-            return self.embed(input_ids)
-
-    class _KVCache:
-        """The part of transformers' Cache API a decoder layer uses: `update` concatenates."""
-
-        def __init__(self, past):
-            self.past = past
-            self.present = [None] * (len(past) // 2)
-
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            k = torch.cat([self.past[2 * layer_idx], key_states], dim=2)
-            v = torch.cat([self.past[2 * layer_idx + 1], value_states], dim=2)
-            self.present[layer_idx] = (k, v)
-            return k, v
-
-    class DecoderWrapper(nn.Module):
-        """The text model's forward (+ lm_head on the last position) with an explicit KV cache,
-        explicit 3-row M-RoPE positions and (Qwen3-VL) dense deepstack features."""
-
-        def __init__(self, model):
-            super().__init__()
-            self.lm = model.model.language_model
-            self.lm_head = model.lm_head
-
-        def run(self, inputs_embeds, attention_mask, position_ids, deepstack, past):
-            lm = self.lm
-            t = inputs_embeds.shape[1]
-            kv_len = attention_mask.shape[1]
-            dtype = inputs_embeds.dtype
-            q_pos = torch.arange(t, device=inputs_embeds.device) + (kv_len - t)
-            k_pos = torch.arange(kv_len, device=inputs_embeds.device)
-            allowed = (k_pos[None, :] <= q_pos[:, None])[None, :, :] & (attention_mask[:, None, :] > 0)
-            mask = torch.where(allowed, torch.zeros((), dtype=dtype),
-                               torch.full((), torch.finfo(dtype).min, dtype=dtype))[:, None, :, :]
-            cos, sin = lm.rotary_emb(inputs_embeds, position_ids)
-            cache = _KVCache(list(past))
-            h = inputs_embeds
-            n_deep = deepstack.shape[0] if deepstack is not None else 0
-            for i, layer in enumerate(lm.layers):
-                h = layer(h, position_embeddings=(cos, sin), attention_mask=mask, past_key_values=cache)
-                if isinstance(h, tuple):
-                    h = h[0]
-                if i < n_deep:
-                    h = h + deepstack[i].to(h.dtype)
-            h = lm.norm(h[:, -1:, :])
-            logits = self.lm_head(h)[:, 0, :].float()
-            presents = []
-            for k, v in cache.present:
-                presents += [k, v]
-            return (logits, *presents)
-
-        def forward(self, inputs_embeds, attention_mask, position_ids, deepstack, past):
-            return self.run(inputs_embeds, attention_mask, position_ids, deepstack, past)
-
-    class PlainDecoderWrapper(DecoderWrapper):
-        """Without the deepstack input (Qwen2.5-VL)."""
-
-        def forward(self, inputs_embeds, attention_mask, position_ids, past):
-            return self.run(inputs_embeds, attention_mask, position_ids, None, past)
-
-    VisionWrapper.Vision25 = Vision25Wrapper
-    DecoderWrapper.Plain = PlainDecoderWrapper
-    return VisionWrapper, EmbedWrapper, DecoderWrapper
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -313,6 +185,203 @@ def _export(module, args: tuple, path: Path, input_names, output_names, dynamic_
     return _save(program, path, nbytes)
 
 
+@dataclass(frozen=True)
+class GraphDims:
+    """The sizes the three graphs are built with, read once from the model's config."""
+
+    hidden: int
+    num_layers: int
+    num_attention_heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    num_deepstack: int
+    merge: int
+    patch: int
+    temporal_patch: int
+    in_channels: int
+    num_grid_per_side: int
+    window_size: int
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch * self.patch * self.patch
+
+    def host_meta(self) -> dict[str, int]:
+        """The onnx_meta.json keys `FamilySpec.vision_feeds` reads."""
+        return {"spatial_merge_size": self.merge, "patch_size": self.patch, "num_grid_per_side": self.num_grid_per_side,
+                "window_size": self.window_size}
+
+
+def graph_dims(model, spec: FamilySpec) -> GraphDims:
+    tcfg, vcfg = model.config.text_config, model.config.vision_config
+    hidden = int(tcfg.hidden_size)
+    return GraphDims(
+        hidden=hidden, num_layers=int(tcfg.num_hidden_layers), num_attention_heads=int(tcfg.num_attention_heads),
+        kv_heads=int(tcfg.num_key_value_heads),
+        head_dim=int(getattr(tcfg, "head_dim", None) or hidden // tcfg.num_attention_heads),
+        vocab_size=int(tcfg.vocab_size),
+        num_deepstack=len(vcfg.deepstack_visual_indexes) if spec.deepstack else 0,
+        merge=int(vcfg.spatial_merge_size), patch=int(vcfg.patch_size), temporal_patch=int(vcfg.temporal_patch_size),
+        in_channels=int(vcfg.in_channels),
+        num_grid_per_side=int(model.model.visual.num_grid_per_side) if spec.learned_position_grid else 0,
+        window_size=int(getattr(vcfg, "window_size", 0) or 0))
+
+
+def _auto(axes_per_input) -> tuple[dict, ...]:
+    import torch
+
+    return tuple({axis: torch.export.Dim.AUTO for axis in axes} for axes in axes_per_input)
+
+
+def export_vision_graph(model, spec: FamilySpec, dims: GraphDims, out: Path, opset: int, gen, dtype) -> dict[str, Any]:
+    """vision.onnx, traced on the family's sample images with the host-side inputs the runtime computes.
+    Returns {files, inputs, outputs, seconds}."""
+    import numpy as np
+    import torch
+
+    from coordexp import mrope
+    from coordexp.export import onnx_wrappers
+
+    t0 = time.perf_counter()
+    grid = spec.sample_grid(dims.merge, dims.patch, dims.window_size)
+    n = int(mrope.num_patches(grid).sum())
+    pix = torch.randn(n, dims.patch_dim, generator=gen).numpy()
+    feeds, _ = spec.vision_feeds(dims.host_meta(), pix, grid, np.float32)
+    args = tuple(torch.from_numpy(feeds[name]).to(dtype) if name == "pixel_values" else torch.from_numpy(feeds[name])
+                 for name in spec.vision_input_names)
+    module = getattr(onnx_wrappers, spec.vision_wrapper)(model.model.visual).eval()
+    files = _export(module, args, out / "vision.onnx", spec.vision_input_names, spec.vision_outputs,
+                    _auto(spec.vision_dynamic_axes()), opset)
+    return {"files": files, "inputs": spec.vision_input_names, "outputs": list(spec.vision_outputs),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def export_embed_graph(model, dims: GraphDims, out: Path, opset: int, gen) -> dict[str, Any]:
+    """embed.onnx: input_ids [B, T] -> inputs_embeds [B, T, H]."""
+    import torch
+
+    from coordexp.export.onnx_wrappers import EmbedWrapper
+
+    t0 = time.perf_counter()
+    ids = torch.randint(0, dims.vocab_size, (2, 5), generator=gen)
+    files = _export(EmbedWrapper(model.model.language_model.embed_tokens).eval(), (ids,), out / "embed.onnx",
+                    ["input_ids"], ["inputs_embeds"], _auto([(0, 1)]), opset)
+    return {"files": files, "inputs": ["input_ids"], "outputs": ["inputs_embeds"],
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def decoder_names(dims: GraphDims) -> tuple[list[str], list[str]]:
+    """decoder.onnx's input and output names (`deepstack` only with deepstack features)."""
+    in_names = ["inputs_embeds", "attention_mask", "position_ids"] + (["deepstack"] if dims.num_deepstack else [])
+    out_names = ["logits"]
+    for i in range(dims.num_layers):
+        in_names += [f"past_key_{i}", f"past_value_{i}"]
+        out_names += [f"present_key_{i}", f"present_value_{i}"]
+    return in_names, out_names
+
+
+def export_decoder_graph(model, dims: GraphDims, out: Path, opset: int, gen, dtype) -> dict[str, Any]:
+    """decoder.onnx, traced at B=2, T=5 new tokens, P=3 cached (row 1 left padded)."""
+    import torch
+
+    from coordexp.export.onnx_wrappers import DecoderWrapper, PlainDecoderWrapper
+
+    t0 = time.perf_counter()
+    b, t, p = 2, 5, 3
+    embeds = torch.randn(b, t, dims.hidden, generator=gen).to(dtype)
+    amask = torch.ones(b, p + t, dtype=torch.int64)
+    amask[1, :2] = 0
+    pos = torch.arange(p, p + t).view(1, 1, t).expand(3, b, t).contiguous()
+    deep = torch.zeros(dims.num_deepstack, b, t, dims.hidden, dtype=dtype)
+    past = []
+    for _ in range(dims.num_layers):
+        past += [torch.randn(b, dims.kv_heads, p, dims.head_dim, generator=gen).to(dtype),
+                 torch.randn(b, dims.kv_heads, p, dims.head_dim, generator=gen).to(dtype)]
+    in_names, out_names = decoder_names(dims)
+    kv_dyn = list(_auto([(0, 2)] * (2 * dims.num_layers)))
+    if dims.num_deepstack:
+        module, args = DecoderWrapper(model), (embeds, amask, pos, deep, past)
+        dyn = (*_auto([(0, 1), (0, 1), (1, 2), (1, 2)]), kv_dyn)
+    else:
+        module, args = PlainDecoderWrapper(model), (embeds, amask, pos, past)
+        dyn = (*_auto([(0, 1), (0, 1), (1, 2)]), kv_dyn)
+    files = _export(module.eval(), args, out / "decoder.onnx", in_names, out_names, dyn, opset)
+    return {"files": files, "inputs": in_names, "outputs": out_names, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _clear_graphs(out: Path) -> None:
+    for name in GRAPHS:
+        for p in (out / name, out / (name + ".data")):
+            if p.exists():
+                p.unlink()
+
+
+def _eager(model):
+    """An already loaded model, switched to the eager attention the wrappers export."""
+    check_supported(model.config, "the model")
+    model.config._attn_implementation = "eager"
+    for sub in (model.config.text_config, model.config.vision_config):
+        sub._attn_implementation = "eager"
+    return model
+
+
+def _copy_processor_files(ckpt, out: Path) -> list[str]:
+    copied = []
+    for name in PROCESSOR_FILES:
+        src = Path(ckpt) / name
+        if src.is_file():
+            shutil.copy2(src, out / name)
+            copied.append(name)
+    return copied
+
+
+def build_meta(model, spec: FamilySpec, dims: GraphDims, graphs: dict[str, dict[str, Any]], processor, ckpt,
+               digest, copied: list[str], dtype: str, opset: int) -> dict[str, Any]:
+    """onnx_meta.json: everything the runtime needs (sizes, token ids, versions, checkpoint hash)."""
+    vcfg = model.config.vision_config
+    return {
+        "format": META_FORMAT,
+        "family": spec.name,
+        "architecture": type(model).__name__,
+        "graphs": {key: {"file": f"{key}.onnx", "inputs": g["inputs"], "outputs": g["outputs"]}
+                   for key, g in graphs.items()},
+        "files": sorted(set(f for g in graphs.values() for f in g["files"])),
+        "processor_files": copied,
+        "dtype": dtype,
+        "hidden_size": dims.hidden,
+        "num_layers": dims.num_layers,
+        "num_attention_heads": dims.num_attention_heads,
+        "num_kv_heads": dims.kv_heads,
+        "head_dim": dims.head_dim,
+        "vocab_size": dims.vocab_size,
+        "num_deepstack": dims.num_deepstack,
+        "deepstack_visual_indexes": list(getattr(vcfg, "deepstack_visual_indexes", None) or []),
+        "window_size": dims.window_size,
+        "fullatt_block_indexes": list(getattr(vcfg, "fullatt_block_indexes", None) or []),
+        "vision_hidden_size": int(vcfg.hidden_size),
+        "spatial_merge_size": dims.merge,
+        "patch_size": dims.patch,
+        "temporal_patch_size": dims.temporal_patch,
+        "in_channels": dims.in_channels,
+        "num_grid_per_side": dims.num_grid_per_side,
+        "patch_dim": dims.patch_dim,
+        "image_token_id": int(processor.image_token_id),
+        "video_token_id": int(processor.video_token_id),
+        "vision_start_token_id": int(processor.vision_start_token_id),
+        "vision_end_token_id": int(processor.vision_end_token_id),
+        "stop_token_ids": [int(i) for i in processor.stop_token_ids],
+        "pad_token_id": int(processor.pad_token_id),
+        "eos_token_id": int(processor.im_end_token_id),
+        "max_position_embeddings": int(getattr(model.config.text_config, "max_position_embeddings", 0) or 0),
+        "opset": int(opset),
+        "versions": versions(),
+        "checkpoint": os.path.abspath(str(ckpt)),
+        "checkpoint_sha256": digest.sha256,
+        "weights_sha256": digest.files,
+    }
+
+
 def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
                 dtype: str = "float32", model=None, log=None) -> dict[str, Any]:
     """Export `ckpt` into `out_dir` (created; existing graphs are replaced). Returns the meta dict
@@ -321,10 +390,8 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int 
     `model`: an already loaded model to export instead of loading `ckpt` (its weights are what the
     graphs get; the hashes still come from `ckpt`). `log`: a callable taking one line of progress.
     """
-    import numpy as np
     import torch
 
-    from coordexp import mrope
     from coordexp.engines.torch_engine import checkpoint_error
     from coordexp.processor import CoordExpProcessor
 
@@ -338,160 +405,25 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int 
     digest = checkpoint_digest(ckpt)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in GRAPHS:
-        for p in (out / name, out / (name + ".data")):
-            if p.exists():
-                p.unlink()
-
+    _clear_graphs(out)
     processor = CoordExpProcessor.from_pretrained(str(ckpt))
-    if model is None:
-        model = load_model(ckpt, dtype=dtype)
-    else:
-        check_supported(model.config, "the model")
-        model.config._attn_implementation = "eager"
-        for sub in (model.config.text_config, model.config.vision_config):
-            sub._attn_implementation = "eager"
-    model.eval()
-    cfg = model.config
-    tcfg, vcfg = cfg.text_config, cfg.vision_config
-    family = model_family(cfg)
-    qwen3 = family == "qwen3_vl"
-    VisionWrapper, EmbedWrapper, DecoderWrapper = _wrappers()
+    model = (load_model(ckpt, dtype=dtype) if model is None else _eager(model)).eval()
+    spec = family_spec(model_family(model.config))
+    dims = graph_dims(model, spec)
     tdtype = getattr(torch, dtype)
-    hidden = int(tcfg.hidden_size)
-    n_layers = int(tcfg.num_hidden_layers)
-    kv_heads = int(tcfg.num_key_value_heads)
-    head_dim = int(getattr(tcfg, "head_dim", None) or hidden // tcfg.num_attention_heads)
-    n_deep = len(vcfg.deepstack_visual_indexes) if qwen3 else 0
-    merge = int(vcfg.spatial_merge_size)
-    patch = int(vcfg.patch_size)
-    tps = int(vcfg.temporal_patch_size)
-    in_ch = int(vcfg.in_channels)
-    side = int(model.model.visual.num_grid_per_side) if qwen3 else 0
-    AUTO = torch.export.Dim.AUTO
-    timings: dict[str, float] = {}
-    files: list[str] = []
-
+    gen = torch.Generator().manual_seed(0)  # one stream for all sample inputs, drawn in graph order
+    graphs: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
-        # ---- vision: two images (two attention segments, so the bias is exercised)
-        gen = torch.Generator().manual_seed(0)
-        if qwen3:
-            grid = np.array([[1, 4, 6], [1, 4, 4]], dtype=np.int64)
-            n = int(mrope.num_patches(grid).sum())
-            pix = torch.randn(n, in_ch * tps * patch * patch, generator=gen).to(tdtype)
-            idx, wts = mrope.vision_interpolation(grid, side, merge)
-            vargs = (pix, torch.from_numpy(mrope.vision_position_ids(grid, merge)), torch.from_numpy(idx),
-                     torch.from_numpy(wts), torch.from_numpy(mrope.vision_attention_bias(grid)))
-            vmodule = VisionWrapper(model.model.visual)
-            v_in = ["pixel_values", "vision_pos_ids", "interp_indices", "interp_weights", "attention_bias"]
-            v_out = ["image_embeds", "deepstack"]
-            v_dyn = ({0: AUTO}, {0: AUTO}, {0: AUTO}, {0: AUTO}, {0: AUTO, 1: AUTO})
-        else:  # window attention: an image spanning several windows, plus a small one
-            vws = max(1, int(vcfg.window_size) // merge // patch)
-            grid = np.array([[1, merge * (vws + 1), merge * (vws + 2)], [1, 2 * merge, 2 * merge]], dtype=np.int64)
-            n = int(mrope.num_patches(grid).sum())
-            pix = torch.randn(n, in_ch * tps * patch * patch, generator=gen).to(tdtype)
-            win, cu_win = mrope.vision_window_index(grid, merge, int(vcfg.window_size), patch)
-            vargs = (pix, torch.from_numpy(mrope.vision_position_ids(grid, merge)),
-                     torch.from_numpy(mrope.segment_bias(mrope.segments_from_cu(cu_win))),
-                     torch.from_numpy(mrope.vision_attention_bias(grid)))
-            vmodule = VisionWrapper.Vision25(model.model.visual)
-            v_in = ["pixel_values", "vision_pos_ids", "window_bias", "full_bias"]
-            v_out = ["image_embeds"]
-            v_dyn = ({0: AUTO}, {0: AUTO}, {0: AUTO, 1: AUTO}, {0: AUTO, 1: AUTO})
-        t0 = time.perf_counter()
         log("exporting vision.onnx")
-        files += _export(vmodule.eval(), vargs, out / "vision.onnx", v_in, v_out, v_dyn, opset)
-        timings["vision"] = round(time.perf_counter() - t0, 2)
-
-        # ---- embed
-        t0 = time.perf_counter()
+        graphs["vision"] = export_vision_graph(model, spec, dims, out, opset, gen, tdtype)
         log("exporting embed.onnx")
-        ids = torch.randint(0, int(tcfg.vocab_size), (2, 5), generator=gen)
-        files += _export(EmbedWrapper(model.model.language_model.embed_tokens).eval(), (ids,), out / "embed.onnx",
-                         ["input_ids"], ["inputs_embeds"], ({0: AUTO, 1: AUTO},), opset)
-        timings["embed"] = round(time.perf_counter() - t0, 2)
-
-        # ---- decoder: B=2, T=5 new tokens, P=3 cached
-        b, t, p = 2, 5, 3
-        embeds = torch.randn(b, t, hidden, generator=gen).to(tdtype)
-        amask = torch.ones(b, p + t, dtype=torch.int64)
-        amask[1, :2] = 0
-        pos = torch.arange(p, p + t).view(1, 1, t).expand(3, b, t).contiguous()
-        deep = torch.zeros(n_deep, b, t, hidden, dtype=tdtype)
-        past = []
-        for _ in range(n_layers):
-            past += [torch.randn(b, kv_heads, p, head_dim, generator=gen).to(tdtype),
-                     torch.randn(b, kv_heads, p, head_dim, generator=gen).to(tdtype)]
-        in_names = ["inputs_embeds", "attention_mask", "position_ids"] + (["deepstack"] if n_deep else [])
-        out_names = ["logits"]
-        for i in range(n_layers):
-            in_names += [f"past_key_{i}", f"past_value_{i}"]
-            out_names += [f"present_key_{i}", f"present_value_{i}"]
-        kv_dyn = [{0: AUTO, 2: AUTO}] * (2 * n_layers)
-        if n_deep:
-            dmodule, dargs = DecoderWrapper(model), (embeds, amask, pos, deep, past)
-            dyn = ({0: AUTO, 1: AUTO}, {0: AUTO, 1: AUTO}, {1: AUTO, 2: AUTO}, {1: AUTO, 2: AUTO}, kv_dyn)
-        else:
-            dmodule, dargs = DecoderWrapper.Plain(model), (embeds, amask, pos, past)
-            dyn = ({0: AUTO, 1: AUTO}, {0: AUTO, 1: AUTO}, {1: AUTO, 2: AUTO}, kv_dyn)
-        t0 = time.perf_counter()
+        graphs["embed"] = export_embed_graph(model, dims, out, opset, gen)
         log("exporting decoder.onnx")
-        files += _export(dmodule.eval(), dargs, out / "decoder.onnx", in_names, out_names, dyn, opset)
-        timings["decoder"] = round(time.perf_counter() - t0, 2)
-
-    copied = []
-    for name in PROCESSOR_FILES:
-        src = Path(ckpt) / name
-        if src.is_file():
-            shutil.copy2(src, out / name)
-            copied.append(name)
-
-    image_ids = [processor.image_token_id, processor.video_token_id]
-    meta: dict[str, Any] = {
-        "format": META_FORMAT,
-        "family": family,
-        "architecture": type(model).__name__,
-        "graphs": {
-            "vision": {"file": "vision.onnx", "inputs": v_in, "outputs": v_out},
-            "embed": {"file": "embed.onnx", "inputs": ["input_ids"], "outputs": ["inputs_embeds"]},
-            "decoder": {"file": "decoder.onnx", "inputs": in_names, "outputs": out_names},
-        },
-        "files": sorted(set(files)),
-        "processor_files": copied,
-        "dtype": dtype,
-        "hidden_size": hidden,
-        "num_layers": n_layers,
-        "num_attention_heads": int(tcfg.num_attention_heads),
-        "num_kv_heads": kv_heads,
-        "head_dim": head_dim,
-        "vocab_size": int(tcfg.vocab_size),
-        "num_deepstack": n_deep,
-        "deepstack_visual_indexes": list(getattr(vcfg, "deepstack_visual_indexes", None) or []),
-        "window_size": int(getattr(vcfg, "window_size", 0) or 0),
-        "fullatt_block_indexes": list(getattr(vcfg, "fullatt_block_indexes", None) or []),
-        "vision_hidden_size": int(vcfg.hidden_size),
-        "spatial_merge_size": merge,
-        "patch_size": patch,
-        "temporal_patch_size": tps,
-        "in_channels": in_ch,
-        "num_grid_per_side": side,
-        "patch_dim": in_ch * tps * patch * patch,
-        "image_token_id": int(image_ids[0]),
-        "video_token_id": int(image_ids[1]),
-        "vision_start_token_id": int(processor.vision_start_token_id),
-        "vision_end_token_id": int(processor.vision_end_token_id),
-        "stop_token_ids": [int(i) for i in processor.stop_token_ids],
-        "pad_token_id": int(processor.pad_token_id),
-        "eos_token_id": int(processor.im_end_token_id),
-        "max_position_embeddings": int(getattr(tcfg, "max_position_embeddings", 0) or 0),
-        "opset": int(opset),
-        "versions": versions(),
-        "checkpoint": os.path.abspath(str(ckpt)),
-        "checkpoint_sha256": digest.sha256,
-        "weights_sha256": digest.files,
-        "export_seconds": dict(timings, total=round(time.perf_counter() - t_start, 2)),
-    }
+        graphs["decoder"] = export_decoder_graph(model, dims, out, opset, gen, tdtype)
+    copied = _copy_processor_files(ckpt, out)
+    meta = build_meta(model, spec, dims, graphs, processor, ckpt, digest, copied, dtype, opset)
+    meta["export_seconds"] = dict({k: g["seconds"] for k, g in graphs.items()},
+                                  total=round(time.perf_counter() - t_start, 2))
     (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     log(f"wrote {out} in {meta['export_seconds']['total']} s")
     return meta

@@ -78,6 +78,141 @@ def _probes(images: list, batch_sizes: Sequence[int]) -> list[tuple[str, list]]:
     return probes
 
 
+def _check_checkpoint(report: dict[str, Any], meta: dict[str, Any], onnx_dir, ckpt) -> None:
+    """onnx_meta.json's checkpoint_sha256 must be `ckpt`'s weights."""
+    from coordexp.checkpoint import checkpoint_digest
+
+    sha = checkpoint_digest(ckpt).sha256
+    report["checkpoint_sha256"] = sha
+    report["checkpoint_sha256_match"] = sha == meta.get("checkpoint_sha256")
+    if not report["checkpoint_sha256_match"]:
+        raise ExportValidationError(
+            f"checkpoint mismatch: {os.path.join(str(onnx_dir), 'onnx_meta.json')} records weights sha256 "
+            f"{meta.get('checkpoint_sha256')} but {ckpt} has {sha}: the graphs were exported from another "
+            "checkpoint (re-export it)", report)
+
+
+def _open_parts(onnx_dir, threads: int | None, report: dict[str, Any]):
+    """OnnxParts with every graph loaded: a graph ONNX Runtime cannot load fails here."""
+    from coordexp.engines.onnx_engine import OnnxParts
+
+    parts = OnnxParts(onnx_dir, threads=threads)
+    for key in ("vision", "embed", "decoder"):
+        try:
+            parts.session(key)
+        except Exception as e:  # noqa: BLE001 - any loader failure means a broken graph
+            raise ExportValidationError(f"{key}.onnx cannot be loaded by ONNX Runtime: {e}", report) from e
+    return parts
+
+
+def _in_onnx(report: dict[str, Any], name: str, fn):
+    """fn(), with any ONNX Runtime failure turned into ExportValidationError naming the graph."""
+    try:
+        return fn()
+    except ExportValidationError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ExportValidationError(f"{name} failed in ONNX Runtime: {type(e).__name__}: {e}", report) from e
+
+
+def torch_outputs(model, enc: dict[str, Any], spec) -> dict[str, np.ndarray]:
+    """The torch reference of every compared graph output, for one encoded probe."""
+    import torch
+
+    with torch.inference_mode():
+        vo = model.model.get_image_features(enc["pixel_values"].to(model.dtype), enc["image_grid_thw"])
+        embeds = torch.cat(list(vo.pooler_output)).float().numpy()
+        feats = vo.deepstack_features if spec.deepstack else []
+        deep = (torch.stack([torch.cat(list(f)) for f in feats]).float().numpy() if feats
+                else np.zeros((0,) + embeds.shape, dtype=np.float32))
+        tokens = model.model.language_model.embed_tokens(enc["input_ids"]).float().numpy()
+        logits = model(**enc).logits[:, -1, :].float().numpy()
+    return {"embeds": embeds, "deep": deep, "tokens": tokens, "logits": logits}
+
+
+def onnx_outputs(parts, np_enc: dict[str, np.ndarray], ref: dict[str, np.ndarray], report: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """The same outputs from the graphs: vision, embed, the decoder fed the torch vision features
+    (judged alone) and the three graphs chained."""
+    embeds, deep = _in_onnx(report, "vision.onnx",
+                            lambda: parts.encode_images(np_enc["pixel_values"], np_enc["image_grid_thw"]))
+    tokens = _in_onnx(report, "embed.onnx", lambda: parts.embed(np_enc["input_ids"]))
+    args = (np_enc["input_ids"], np_enc["attention_mask"], np_enc["image_grid_thw"])
+    logits_dec = _in_onnx(report, "decoder.onnx", lambda: parts.prefill_logits(*args, ref["embeds"], ref["deep"]))
+    logits = _in_onnx(report, "decoder.onnx", lambda: parts.prefill_logits(*args, embeds, deep))
+    return {"embeds": embeds, "deep": deep, "tokens": tokens, "logits_dec": logits_dec, "logits": logits,
+            "args": args}
+
+
+def _mismatches(name: str, t_rows: list[list[int]], o_rows: list[list[int]]) -> tuple[list[str], int]:
+    """(first diverging token of every row that differs, ids compared)."""
+    out, compared = [], 0
+    for r, (a, b) in enumerate(zip(t_rows, o_rows)):
+        compared += len(a)
+        if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            ta = a[at] if at < len(a) else "<end>"
+            tb = b[at] if at < len(b) else "<end>"
+            out.append(f"probe {name} row {r}: greedy token {at} is {ta} in torch but {tb} in ONNX")
+    return out, compared
+
+
+def run_probe(name: str, batch: list, reference, parts, spec, params, report: dict[str, Any]) -> dict[str, Any]:
+    """One probe: graph outputs and greedy tokens, torch vs ONNX. Returns {diffs, mismatches, compared,
+    warning} and appends the probe to the report."""
+    enc = reference.processor.encode(batch, reference.prompt)
+    np_enc = {k: v.numpy() for k, v in enc.items()}
+    t = torch_outputs(reference.model, enc, spec)
+    o = onnx_outputs(parts, np_enc, t, report)
+    diffs = {
+        "vision.image_embeds": _maxdiff(t["embeds"], o["embeds"]),
+        "vision.deepstack": _maxdiff(t["deep"], o["deep"]),
+        "embed.inputs_embeds": _maxdiff(t["tokens"], o["tokens"]),
+        "decoder.logits": _maxdiff(t["logits"], o["logits_dec"]),
+        "pipeline.logits": _maxdiff(t["logits"], o["logits"]),
+    }
+    warning = None
+    if t["embeds"].size and not np.any(t["embeds"]):
+        warning = (f"probe {name}: the torch vision tower outputs all zeros (image content cannot "
+                   "influence this checkpoint; its vision graph is only weakly validated)")
+    t_rows, _ = reference.generate_ids(batch, params)
+    o_rows = _in_onnx(report, "decoder.onnx", lambda: parts.generate(*o["args"], o["embeds"], o["deep"], params))
+    mismatches, compared = _mismatches(name, t_rows, o_rows)
+    report["probes"].append({"name": name, "batch": len(batch), "sizes": [[im.width, im.height] for im in batch],
+                             "max_abs_diff": diffs, "tokens_match": not mismatches})
+    return {"diffs": diffs, "mismatches": mismatches, "compared": compared, "warning": warning}
+
+
+def failure_message(worst: dict[str, float], mismatches: list[str], compared: int, atol: float, fail_atol: float,
+                    too_far: bool) -> str:
+    """Names the first graph whose outputs differ beyond `atol`, and the first diverging tokens."""
+    over = [k for k in GRAPH_OUTPUTS if worst[k] > atol]
+    if over:
+        first = over[0]
+        where = (f"{first.split('.')[0]}.onnx output '{first.split('.')[1]}' differs from torch by "
+                 f"{worst[first]:.3g} (atol {atol:g})")
+        if first.startswith("pipeline"):
+            where = f"the chained graphs' first-step logits differ from torch by {worst[first]:.3g} (atol {atol:g})"
+    else:
+        where = f"all graph outputs are within atol {atol:g} (largest {max(worst.values()):.3g}): a near-tie flipped"
+    msg = "ONNX export does not match the torch reference: " + where
+    if mismatches:
+        msg += "; " + "; ".join(mismatches[:3]) + (f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else "")
+    elif too_far:
+        msg += f" (beyond the failure limit {fail_atol:g}, although the {compared} greedy tokens compared agree)"
+    return msg
+
+
+def _reference(reference, ckpt, prompt, threads):
+    if reference is not None:
+        return reference
+    if ckpt is None:
+        raise ValueError("validate_export needs ckpt or reference")
+    from coordexp.engines.torch_engine import TorchEngine
+
+    return TorchEngine(str(ckpt), prompt=prompt, threads=threads)
+
+
 def validate_export(onnx_dir: str | os.PathLike, ckpt: str | os.PathLike | None = None, *, reference: Any = None,
                     images: list | None = None, sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
                     batch_sizes: Sequence[int] = (1, 2), steps: int = 16, atol: float = DEFAULT_ATOL,
@@ -88,105 +223,37 @@ def validate_export(onnx_dir: str | os.PathLike, ckpt: str | os.PathLike | None 
     `reference`: a loaded `TorchEngine` (e.g. with edited weights) instead of loading `ckpt`.
     `check_hash`: compare onnx_meta.json's `checkpoint_sha256` with `ckpt`'s weights first.
     """
-    import torch
-
-    from coordexp.generation import GenerationParams
-    from coordexp.engines.onnx_engine import OnnxParts
-    from coordexp.checkpoint import checkpoint_digest
     from coordexp.export.onnx_export import read_meta
+    from coordexp.families import family_spec
+    from coordexp.generation import GenerationParams
 
     log = log or (lambda s: None)
     t0 = time.perf_counter()
     meta = read_meta(onnx_dir)
     report: dict[str, Any] = {"onnx_dir": os.path.abspath(str(onnx_dir)), "atol": atol, "fail_atol": fail_atol,
-                              "steps": steps,
-                              "reference": "torch", "probes": [], "ok": False}
-    if reference is None:
-        if ckpt is None:
-            raise ValueError("validate_export needs ckpt or reference")
-        from coordexp.engines.torch_engine import TorchEngine
-
-        reference = TorchEngine(str(ckpt), prompt=prompt, threads=threads)
+                              "steps": steps, "reference": "torch", "probes": [], "ok": False}
+    reference = _reference(reference, ckpt, prompt, threads)
     ckpt = ckpt if ckpt is not None else getattr(reference, "ckpt", None)
     if check_hash and ckpt is not None:
-        sha = checkpoint_digest(ckpt).sha256
-        report["checkpoint_sha256"] = sha
-        report["checkpoint_sha256_match"] = sha == meta.get("checkpoint_sha256")
-        if not report["checkpoint_sha256_match"]:
-            raise ExportValidationError(
-                f"checkpoint mismatch: {os.path.join(str(onnx_dir), 'onnx_meta.json')} records weights sha256 "
-                f"{meta.get('checkpoint_sha256')} but {ckpt} has {sha}: the graphs were exported from another "
-                "checkpoint (re-export it)", report)
+        _check_checkpoint(report, meta, onnx_dir, ckpt)
     if prompt is not None:
         reference.prompt = prompt
-    parts = OnnxParts(onnx_dir, threads=threads)
-    for key in ("vision", "embed", "decoder"):
-        try:
-            parts.session(key)
-        except Exception as e:  # noqa: BLE001 - any loader failure means a broken graph
-            raise ExportValidationError(f"{key}.onnx cannot be loaded by ONNX Runtime: {e}", report) from e
-
-    model = reference.model
-    processor = reference.processor
-    images = images if images is not None else probe_images(sizes)
+    parts = _open_parts(onnx_dir, threads, report)
+    spec = family_spec(str(meta.get("family", "qwen3_vl")), where=str(onnx_dir))
+    params = GenerationParams(max_new_tokens=steps, ignore_eos=True)
     worst = {k: 0.0 for k in GRAPH_OUTPUTS}
     mismatches: list[str] = []
     warnings: list[str] = []
     compared = 0
-    params = GenerationParams(max_new_tokens=steps, ignore_eos=True)
-
-    def run_graph(name: str, fn):
-        try:
-            return fn()
-        except ExportValidationError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise ExportValidationError(f"{name} failed in ONNX Runtime: {type(e).__name__}: {e}", report) from e
-
-    for name, batch in _probes(images, batch_sizes):
-        enc = processor.encode(batch, reference.prompt)
-        np_enc = {k: v.numpy() for k, v in enc.items()}
-        with torch.inference_mode():
-            vo = model.model.get_image_features(enc["pixel_values"].to(model.dtype), enc["image_grid_thw"])
-            t_embeds = torch.cat(list(vo.pooler_output)).float().numpy()
-            feats = getattr(vo, "deepstack_features", None) or []
-            t_deep = (torch.stack([torch.cat(list(f)) for f in feats]).float().numpy() if feats
-                      else np.zeros((0,) + t_embeds.shape, dtype=np.float32))
-            t_tok = model.model.language_model.embed_tokens(enc["input_ids"]).float().numpy()
-            t_logits = model(**enc).logits[:, -1, :].float().numpy()
-        o_embeds, o_deep = run_graph("vision.onnx", lambda: parts.encode_images(np_enc["pixel_values"],
-                                                                                np_enc["image_grid_thw"]))
-        o_tok = run_graph("embed.onnx", lambda: parts.embed(np_enc["input_ids"]))
-        args = (np_enc["input_ids"], np_enc["attention_mask"], np_enc["image_grid_thw"])
-        o_logits_dec = run_graph("decoder.onnx", lambda: parts.prefill_logits(*args, t_embeds, t_deep))
-        o_logits = run_graph("decoder.onnx", lambda: parts.prefill_logits(*args, o_embeds, o_deep))
-        diffs = {
-            "vision.image_embeds": _maxdiff(t_embeds, o_embeds),
-            "vision.deepstack": _maxdiff(t_deep, o_deep),
-            "embed.inputs_embeds": _maxdiff(t_tok, o_tok),
-            "decoder.logits": _maxdiff(t_logits, o_logits_dec),
-            "pipeline.logits": _maxdiff(t_logits, o_logits),
-        }
-        for k, v in diffs.items():
+    for name, batch in _probes(images if images is not None else probe_images(sizes), batch_sizes):
+        res = run_probe(name, batch, reference, parts, spec, params, report)
+        for k, v in res["diffs"].items():
             worst[k] = max(worst[k], v)
-        if t_embeds.size and not np.any(t_embeds):
-            warnings.append(f"probe {name}: the torch vision tower outputs all zeros (image content cannot "
-                            "influence this checkpoint; its vision graph is only weakly validated)")
-        t_rows, _ = reference.generate_ids(batch, params)
-        o_rows = run_graph("decoder.onnx", lambda: parts.generate(*args, o_embeds, o_deep, params))
-        probe_ok = True
-        for r, (a, b) in enumerate(zip(t_rows, o_rows)):
-            compared += len(a)
-            if a != b:
-                probe_ok = False
-                at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                ta = a[at] if at < len(a) else "<end>"
-                tb = b[at] if at < len(b) else "<end>"
-                mismatches.append(f"probe {name} row {r}: greedy token {at} is {ta} in torch but {tb} in ONNX")
-        report["probes"].append({"name": name, "batch": len(batch), "sizes": [[im.width, im.height] for im in batch],
-                                 "max_abs_diff": diffs, "tokens_match": probe_ok})
-        log(f"probe {name}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
-            + ("" if probe_ok else "  TOKENS DIFFER"))
+        warnings += [res["warning"]] if res["warning"] else []
+        mismatches += res["mismatches"]
+        compared += res["compared"]
+        log(f"probe {name}: " + ", ".join(f"{k} {v:.2e}" for k, v in res["diffs"].items())
+            + ("" if not res["mismatches"] else "  TOKENS DIFFER"))
 
     report["max_abs_diff"] = worst
     report["warnings"] = sorted(set(w.split(": ", 1)[1] for w in warnings))
@@ -198,21 +265,7 @@ def validate_export(onnx_dir: str | os.PathLike, ckpt: str | os.PathLike | None 
     report["seconds"] = round(time.perf_counter() - t0, 2)
     too_far = any(v > fail_atol for v in worst.values())
     if mismatches or too_far or (strict and not report["within_atol"]):
-        over = [k for k in GRAPH_OUTPUTS if worst[k] > atol]
-        if over:
-            first = over[0]
-            where = (f"{first.split('.')[0]}.onnx output '{first.split('.')[1]}' differs from torch by "
-                     f"{worst[first]:.3g} (atol {atol:g})")
-            if first.startswith("pipeline"):
-                where = f"the chained graphs' first-step logits differ from torch by {worst[first]:.3g} (atol {atol:g})"
-        else:
-            where = f"all graph outputs are within atol {atol:g} (largest {max(worst.values()):.3g}): a near-tie flipped"
-        msg = "ONNX export does not match the torch reference: " + where
-        if mismatches:
-            msg += "; " + "; ".join(mismatches[:3]) + (f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else "")
-        elif too_far:
-            msg += f" (beyond the failure limit {fail_atol:g}, although the {compared} greedy tokens compared agree)"
-        report["error"] = msg
-        raise ExportValidationError(msg, report)
+        report["error"] = failure_message(worst, mismatches, compared, atol, fail_atol, too_far)
+        raise ExportValidationError(report["error"], report)
     report["ok"] = True
     return report

@@ -102,6 +102,41 @@ def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
     return out
 
 
+def encode_image_groups(session: Any, feeds_of: Callable[[np.ndarray, np.ndarray], tuple[dict, Any]],
+                        pixel_values: np.ndarray, image_grid_thw: np.ndarray, max_patches: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Images through a vision graph (an onnxruntime session or anything with its `get_outputs()` /
+    `run(names, feeds)`) in groups of at most `max_patches` patches: `(image_embeds, deepstack)`,
+    float32, all images concatenated in order. `feeds_of(pixel_values, grid)` makes a group's inputs."""
+    from coordexp import mrope
+
+    grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+    pixel_values = np.asarray(pixel_values)
+    counts = mrope.num_patches(grid)
+    if int(counts.sum()) != pixel_values.shape[0]:
+        raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw says {int(counts.sum())}")
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    outputs = [o.name for o in session.get_outputs()]
+    embeds, deeps = [], []
+    i = 0
+    while i < len(grid):
+        j = i + 1
+        while j < len(grid) and starts[j + 1] - starts[i] <= max_patches:
+            j += 1
+        feeds, order = feeds_of(pixel_values[starts[i]:starts[j]], grid[i:j])
+        res = dict(zip(outputs, session.run(outputs, feeds)))
+        e = res["image_embeds"].astype(np.float32, copy=False)
+        d = res.get("deepstack")
+        if d is None:
+            d = np.zeros((0, e.shape[0], e.shape[1]), dtype=np.float32)
+        if order is not None:
+            e, d = e[order], d[:, order]
+        embeds.append(e)
+        deeps.append(d.astype(np.float32, copy=False))
+        i = j
+    return np.concatenate(embeds, axis=0), np.concatenate(deeps, axis=1)
+
+
 class OnnxParts:
     """The three graphs + host-side glue (M-RoPE positions, vision inputs, KV-cache decode loop).
 
@@ -182,64 +217,18 @@ class OnnxParts:
     def vision_feeds(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray
                      ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """vision.onnx inputs for these images (all in one attention call, block-diagonal bias) and,
-        for Qwen2.5-VL, the row order that undoes the window permutation of the output (else None)."""
-        from coordexp import mrope
+        for Qwen2.5-VL, the row order that undoes the window permutation of the output (else None):
+        the family's `coordexp.families.FamilySpec.vision_feeds`."""
+        from coordexp.families import family_spec
 
-        grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
-        pixel_values = np.ascontiguousarray(pixel_values, dtype=self.np_dtype)
-        pos = mrope.vision_position_ids(grid, self.merge)
-        if self.family == "qwen2_5_vl":
-            unit = self.merge * self.merge
-            win, cu_win = mrope.vision_window_index(grid, self.merge, int(self.meta["window_size"]),
-                                                    int(self.meta["patch_size"]))
-            perm = (win[:, None] * unit + np.arange(unit)).reshape(-1)
-            feeds = {
-                "pixel_values": np.ascontiguousarray(pixel_values[perm]),
-                "vision_pos_ids": np.ascontiguousarray(pos[perm]),
-                "window_bias": mrope.segment_bias(mrope.segments_from_cu(cu_win)).astype(self.np_dtype),
-                "full_bias": mrope.vision_attention_bias(grid).astype(self.np_dtype),
-            }
-            return feeds, np.argsort(win, kind="stable")
-        idx, wts = mrope.vision_interpolation(grid, int(self.meta["num_grid_per_side"]), self.merge)
-        return {
-            "pixel_values": pixel_values,
-            "vision_pos_ids": pos,
-            "interp_indices": idx,
-            "interp_weights": wts.astype(self.np_dtype),
-            "attention_bias": mrope.vision_attention_bias(grid).astype(self.np_dtype),
-        }, None
+        return family_spec(self.family).vision_feeds(self.meta, pixel_values, image_grid_thw, self.np_dtype)
 
     def encode_images(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`(image_embeds [n_image_tokens, H], deepstack [n_deepstack, n_image_tokens, H])`, float32,
         for all images concatenated in order (Qwen2.5-VL: `n_deepstack` = 0). Images are run in
         groups of at most `max_vision_patches` patches (a single bigger image runs alone)."""
-        from coordexp import mrope
-
-        grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
-        pixel_values = np.asarray(pixel_values)
-        counts = mrope.num_patches(grid)
-        if int(counts.sum()) != pixel_values.shape[0]:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw says {int(counts.sum())}")
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        outputs = [o.name for o in self.vision_session.get_outputs()]
-        embeds, deeps = [], []
-        i = 0
-        while i < len(grid):
-            j = i + 1
-            while j < len(grid) and starts[j + 1] - starts[i] <= self.max_vision_patches:
-                j += 1
-            feeds, order = self.vision_feeds(pixel_values[starts[i]:starts[j]], grid[i:j])
-            res = dict(zip(outputs, self.vision_session.run(outputs, feeds)))
-            e = res["image_embeds"].astype(np.float32, copy=False)
-            d = res.get("deepstack")
-            if d is None:
-                d = np.zeros((0, e.shape[0], e.shape[1]), dtype=np.float32)
-            if order is not None:
-                e, d = e[order], d[:, order]
-            embeds.append(e)
-            deeps.append(d.astype(np.float32, copy=False))
-            i = j
-        return np.concatenate(embeds, axis=0), np.concatenate(deeps, axis=1)
+        return encode_image_groups(self.vision_session, self.vision_feeds, pixel_values, image_grid_thw,
+                                   self.max_vision_patches)
 
     # ---------------------------------------------------------------------------------- text
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
