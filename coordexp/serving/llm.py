@@ -19,12 +19,17 @@ becomes one item, the items are grouped by their decoding parameters (same param
 left-padded batch, one `OnnxParts.generate` call, in arrival order) and the results are split back.
 Decoding is exactly the in-process ONNX engine's (same `OnnxParts.generate`, same params), so a
 served greedy answer equals the in-process one token for token.
+
+The request handling (`run_unary`, `DecoupledRun`) depends only on the `Generator` interface: "these
+rows of this request; generate these rows with their params, report each step". `LlmBatcher` is
+the ONNX Runtime one (it wraps `OnnxParts`); `coordexp.trtllm.llm_model.TrtllmBatcher` the
+TensorRT-LLM one (it wraps `tensorrt_llm.LLM`).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -41,6 +46,28 @@ from coordexp.serving.vision_encoder import merge_size_of
 LLM_INPUTS = wire.input_names(wire.LLM_STREAM)  # llm reads the same, less `stream`
 # (item index -> ids so far, item indices that finished at this step)
 ProgressCallback = Callable[[dict[int, list[int]], list[int]], None]
+# The optional decoding inputs of the llm step, in params_for_row's argument order.
+DECODING_OPTIONS = (REQUEST_OUTPUT_LEN, TEMPERATURE, RUNTIME_TOP_P, REPETITION_PENALTY, RANDOM_SEED, GUIDED,
+                    IGNORE_EOS)
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A back end of the llm step, all the request handling (`run_unary`, `DecoupledRun`) needs."""
+
+    pad_token_id: int
+
+    def items_of(self, view: TritonRequestView) -> list[Any]:
+        """One request -> its rows (the back end's items, each with its GenerationParams);
+        RequestError when the request is malformed."""
+        ...
+
+    def generate(self, items: Sequence[Any], on_progress: ProgressCallback | None = None
+                 ) -> list[list[int] | Exception]:
+        """Generate these rows with their params -> generated ids per row (or the exception of its
+        batch), in input order. `on_progress(partial, finished)`: after every decoding step, item
+        indices as in `items` (the decoupled model streams from it)."""
+        ...
 
 
 @dataclass
@@ -52,6 +79,13 @@ class LlmItem:
     embeds: np.ndarray  # [N_i, H]
     deepstack: np.ndarray  # [L, N_i, H]
     params: GenerationParams
+
+
+def row_params(view: TritonRequestView, batch: int, defaults: GenerationParams, limit: int
+               ) -> Callable[[int], GenerationParams]:
+    """Row index -> that row's GenerationParams (the request's optional decoding inputs, parsed now)."""
+    opt = {name: rows(view.get(name), batch, name) for name in DECODING_OPTIONS}
+    return lambda i: params_for_row(defaults, limit, *(opt[name][i] for name in DECODING_OPTIONS))
 
 
 def params_for_row(defaults: GenerationParams, limit: int, max_tokens: Any = None, temperature: Any = None,
@@ -114,8 +148,43 @@ def _renumbered(on_progress: ProgressCallback, chunk: list[int]) -> Callable[[li
     return step
 
 
+def outputs_of(generated: Sequence[list[int]], pad_token_id: int) -> dict[str, np.ndarray]:
+    """One request's rows -> output_ids [B, S] (pad-filled), sequence_length [B, 1], guided_closed_early."""
+    longest = max(1, max(len(g) for g in generated))
+    ids = np.full((len(generated), longest), int(pad_token_id), dtype=np.int32)
+    for i, g in enumerate(generated):
+        ids[i, :len(g)] = g
+    lengths = np.asarray([[len(g)] for g in generated], dtype=np.int32)
+    closed = np.asarray([[bool(getattr(g, "closed_early", False))] for g in generated], dtype=np.bool_)
+    return {OUTPUT_IDS: ids, SEQUENCE_LENGTH: lengths, GUIDED_CLOSED_EARLY: closed}
+
+
+def run_unary(generator: Generator, views: Sequence[TritonRequestView]) -> list[dict[str, np.ndarray] | Exception]:
+    """Several requests (one dynamic batch) -> their outputs (or their error), one generate call."""
+    per_request: list[list[Any] | Exception] = []
+    for view in views:
+        try:
+            per_request.append(generator.items_of(view))
+        except Exception as e:
+            per_request.append(e)
+    flat = [it for items in per_request if not isinstance(items, Exception) for it in items]
+    generated = generator.generate(flat) if flat else []
+    results: list[dict[str, np.ndarray] | Exception] = []
+    pos = 0
+    for items in per_request:
+        if isinstance(items, Exception):
+            results.append(items)
+            continue
+        mine = generated[pos:pos + len(items)]
+        pos += len(items)
+        err = next((g for g in mine if isinstance(g, Exception)), None)
+        results.append(err if err is not None else outputs_of(mine, generator.pad_token_id))  # type: ignore[arg-type]
+    return results
+
+
 class LlmBatcher:
-    """Rows of several requests -> one generate call per distinct set of decoding parameters."""
+    """The ONNX Runtime `Generator` (wraps `OnnxParts`): rows of several requests -> one generate
+    call per distinct set of decoding parameters."""
 
     def __init__(self, parts: Any, defaults: GenerationParams | None = None, max_new_tokens: int | None = None,
                  pad_token_id: int = 0, merge_size: int | None = None, max_batch_size: int | None = None,
@@ -145,8 +214,7 @@ class LlmBatcher:
                                f"{list(grid.shape)}, {IMAGE_EMBEDS} {list(embeds.shape)}, {DEEPSTACK_EMBEDS} "
                                f"{list(deep.shape)}")
         lengths = view.get(INPUT_LENGTHS)
-        opt = {name: rows(view.get(name), batch, name) for name in
-               (REQUEST_OUTPUT_LEN, TEMPERATURE, RUNTIME_TOP_P, REPETITION_PENALTY, RANDOM_SEED, GUIDED, IGNORE_EOS)}
+        params_of = row_params(view, batch, self.defaults, self.limit)
         items = []
         for i in range(batch):
             keep = mask[i].astype(bool)
@@ -156,10 +224,7 @@ class LlmBatcher:
             n = int(np.prod(grid[i])) // (self.merge_size ** 2)
             if n > embeds.shape[1] or n > deep.shape[2]:
                 raise RequestError(f"{IMAGE_GRID_THW}[{i}] needs {n} image tokens, got {embeds.shape[1]}")
-            params = params_for_row(self.defaults, self.limit, opt[REQUEST_OUTPUT_LEN][i], opt[TEMPERATURE][i],
-                                    opt[RUNTIME_TOP_P][i], opt[REPETITION_PENALTY][i], opt[RANDOM_SEED][i],
-                                    opt[GUIDED][i], opt[IGNORE_EOS][i])
-            items.append(LlmItem(row, grid[i], embeds[i, :n], deep[i, :, :n], params))
+            items.append(LlmItem(row, grid[i], embeds[i, :n], deep[i, :, :n], params_of(i)))
         return items
 
     # ------------------------------------------------------------------ generation
@@ -216,36 +281,12 @@ class LlmBatcher:
         return results
 
     def outputs(self, generated: Sequence[list[int]]) -> dict[str, np.ndarray]:
-        """One request's rows -> output_ids [B, S] (pad-filled) and sequence_length [B, 1]."""
-        longest = max(1, max(len(g) for g in generated))
-        ids = np.full((len(generated), longest), self.pad_token_id, dtype=np.int32)
-        for i, g in enumerate(generated):
-            ids[i, :len(g)] = g
-        lengths = np.asarray([[len(g)] for g in generated], dtype=np.int32)
-        closed = np.asarray([[bool(getattr(g, "closed_early", False))] for g in generated], dtype=np.bool_)
-        return {OUTPUT_IDS: ids, SEQUENCE_LENGTH: lengths, GUIDED_CLOSED_EARLY: closed}
+        """One request's rows -> its output tensors (`outputs_of`)."""
+        return outputs_of(generated, self.pad_token_id)
 
     def run(self, views: Sequence[TritonRequestView]) -> list[dict[str, np.ndarray] | Exception]:
-        """Several requests (one dynamic batch) -> their outputs (or their error)."""
-        per_request: list[list[LlmItem] | Exception] = []
-        for view in views:
-            try:
-                per_request.append(self.items_of(view))
-            except Exception as e:
-                per_request.append(e)
-        flat = [it for items in per_request if not isinstance(items, Exception) for it in items]
-        generated = self.generate(flat) if flat else []
-        results: list[dict[str, np.ndarray] | Exception] = []
-        pos = 0
-        for items in per_request:
-            if isinstance(items, Exception):
-                results.append(items)
-                continue
-            mine = generated[pos:pos + len(items)]
-            pos += len(items)
-            err = next((g for g in mine if isinstance(g, Exception)), None)
-            results.append(err if err is not None else self.outputs(mine))  # type: ignore[arg-type]
-        return results
+        """Several requests (one dynamic batch) -> their outputs (or their error): `run_unary`."""
+        return run_unary(self, views)
 
 
 def wants_stream(view: TritonRequestView) -> bool:
@@ -256,10 +297,11 @@ def wants_stream(view: TritonRequestView) -> bool:
 
 class DecoupledRun:
     """One `execute()` of the decoupled llm: requests -> responses through `send(request_index,
-    outputs_or_error, final)`, streamed per decoding step for the requests that asked for it."""
+    outputs_or_error, final)`, streamed per decoding step for the requests that asked for it.
+    Any `Generator` (ONNX Runtime or TensorRT-LLM) drives it."""
 
-    def __init__(self, batcher: LlmBatcher, send: Callable[[int, dict[str, np.ndarray] | Exception, bool], None]):
-        self.batcher = batcher
+    def __init__(self, generator: Generator, send: Callable[[int, dict[str, np.ndarray] | Exception, bool], None]):
+        self.generator = generator
         self.send = send
 
     def run(self, views: Sequence[TritonRequestView]) -> None:
@@ -270,7 +312,7 @@ class DecoupledRun:
         streams: dict[int, bool] = {}
         for r, view in enumerate(views):
             try:
-                items = self.batcher.items_of(view)
+                items = self.generator.items_of(view)
                 streams[r] = wants_stream(view)
             except Exception as e:
                 self.send(r, e, True)
@@ -295,17 +337,19 @@ class DecoupledRun:
                     continue
                 final = remaining[r] == 0
                 if final or streams[r]:
-                    self.send(r, self.batcher.outputs(partial[first[r]:first[r] + count[r]]), final)
+                    self.send(r, outputs_of(partial[first[r]:first[r] + count[r]], self.generator.pad_token_id),
+                              final)
                     if final:
                         done.add(r)
 
-        results = self.batcher.generate(flat, on_progress)
+        results = self.generator.generate(flat, on_progress)
         for r in first:
             if r in done:
                 continue
             mine = results[first[r]:first[r] + count[r]]
             err = next((g for g in mine if isinstance(g, Exception)), None)
-            self.send(r, err if err is not None else self.batcher.outputs(mine), True)  # type: ignore[arg-type]
+            self.send(r, err if err is not None else outputs_of(mine, self.generator.pad_token_id),  # type: ignore[arg-type]
+                      True)
             done.add(r)
 
 
@@ -362,6 +406,6 @@ class TritonPythonModel:
             DecoupledRun(self.batcher, decoupled_sender(self.pb, requests)).run(views)
             return None
         out = []
-        for res in self.batcher.run(views):
+        for res in run_unary(self.batcher, views):
             out.append(error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res))
         return out
