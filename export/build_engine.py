@@ -1,16 +1,19 @@
 """Build a servable engine from a CoordExp checkpoint: export, validate, write the Triton repository.
 
     python export/build_engine.py --ckpt CKPT [--repo model_repository/NAME] [--name NAME]
-        [--backend onnx|trtllm] [--max-batch-size 8] [--max-new-tokens 256] [--skip-validation] [--dry-run]
+        [--backend onnx|trtllm] [--max-batch-size 8] [--max-new-tokens 256] [--dry-run]
+        onnx only:   [--opset N] [--skip-validation] [--validation-steps 16]
         trtllm only: [--dtype bf16|fp16|fp8] [--max-input-len N] [--kv-cache-fraction 0.8] [--tp-size 1]
-                     [--trtllm-vision trtllm|tensorrt] [--vision-max-patches N]   (see export/trtllm.py)
+                     [--trtllm-vision trtllm|tensorrt] [--vision-max-patches N]   (see coordexp/trtllm/)
     python -m coordexp.export.build_engine ...        (the same)
 
-One function per format (`export_onnx_format`, `export_trtllm_format`), Ultralytics-export style;
-each returns a dict with what it made. The ONNX path exports the three graphs
-(`coordexp.export.onnx_export`), validates them against the torch checkpoint
-(`coordexp.export.validate`: greedy tokens must be identical) and hands the folder to
-`coordexp.export.repository.write_repository`, which lays out the Triton repository.
+Ultralytics-export style: one table of formats (`FORMATS`: name, `--backend` value, artifact,
+device, the flags it accepts) and one small function per format (`export_onnx_format`,
+`export_trtllm_format`), each taking the typed `BuildOptions` argv is parsed into and returning a
+dict with what it made. A flag given for a format it does not apply to is an error (exit 2). The
+ONNX path exports the three graphs (`coordexp.export.onnx_export`), validates them against the
+torch checkpoint (`coordexp.export.validate`: greedy tokens must be identical) and hands the folder
+to `coordexp.export.repository.write_repository`, which lays out the Triton repository.
 
 Exit status: 0 done, 1 export or validation failed, 2 bad arguments / checkpoint / unsupported model.
 """
@@ -25,10 +28,12 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESERVED_NAMES = ("preprocess", "vision_encoder", "llm", "postprocess")
+DEFAULT_VALIDATION_STEPS = 16
 
 
 class BuildError(Exception):
@@ -68,40 +73,62 @@ def _files(root: str | os.PathLike) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file())
 
 
+# ------------------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class OnnxOptions:
+    """What only the ONNX format takes."""
+
+    opset: int
+    skip_validation: bool = False
+    validation_steps: int = DEFAULT_VALIDATION_STEPS
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """argv, resolved: what every format takes, plus the chosen format's own options
+    (`onnx`: OnnxOptions, `trtllm`: coordexp.trtllm.plan.TrtllmOptions; the other is None)."""
+
+    ckpt: str  # absolute
+    repo: str
+    name: str
+    backend: str
+    family: str
+    max_batch_size: int = 8
+    max_new_tokens: int = 256
+    onnx_dir: str | None = None
+    streaming: bool = True
+    threads: int | None = None
+    dry_run: bool = False
+    as_json: bool = False
+    onnx: OnnxOptions | None = None
+    trtllm: Any = None  # coordexp.trtllm.plan.TrtllmOptions
+
+
 # ------------------------------------------------------------------------------------------ formats
-def export_onnx_format(args: argparse.Namespace) -> dict[str, Any]:
-    """Export to ONNX (into `args.onnx_dir` or a temporary folder beside the repository) and
-    validate unless `args.skip_validation`. Returns {onnx_dir, meta, validation, temporary, seconds}."""
+def export_onnx_format(opts: BuildOptions) -> dict[str, Any]:
+    """Export to ONNX (into `opts.onnx_dir` or a temporary folder beside the repository) and
+    validate unless skipped. Returns {onnx_dir, meta, validation, temporary, seconds}."""
     from coordexp.export.onnx_export import export_onnx
 
     t0 = time.perf_counter()
-    temporary = not args.onnx_dir
+    temporary = not opts.onnx_dir
     if temporary:
-        parent = os.path.dirname(os.path.abspath(args.repo)) or "."
+        parent = os.path.dirname(os.path.abspath(opts.repo)) or "."
         os.makedirs(parent, exist_ok=True)
-        onnx_dir = tempfile.mkdtemp(prefix=f".{args.name}.onnx-", dir=parent)
+        onnx_dir = tempfile.mkdtemp(prefix=f".{opts.name}.onnx-", dir=parent)
         os.chmod(onnx_dir, 0o755)  # it may be moved into the repository as is; servers run as other users
     else:
-        onnx_dir = os.path.abspath(args.onnx_dir)
+        onnx_dir = os.path.abspath(opts.onnx_dir)
     try:
         try:
-            meta = export_onnx(args.ckpt, onnx_dir, opset=args.opset, log=_log)
+            meta = export_onnx(opts.ckpt, onnx_dir, opset=opts.onnx.opset, log=_log)
         except NotImplementedError as e:
             raise BuildError(str(e), 2) from e
         except (FileNotFoundError, OSError, ValueError) as e:
-            raise BuildError(f"cannot export {args.ckpt}: {e}", 2) from e
+            raise BuildError(f"cannot export {opts.ckpt}: {e}", 2) from e
         except Exception as e:  # noqa: BLE001 - exporter failures are reported, not dumped
             raise BuildError(f"ONNX export failed: {type(e).__name__}: {e}", 1) from e
-        validation = None
-        if not args.skip_validation:
-            from coordexp.export.validate import ExportValidationError, validate_export
-
-            _log("validating against the torch checkpoint")
-            try:
-                validation = validate_export(onnx_dir, args.ckpt, steps=args.validation_steps, threads=args.threads,
-                                             log=_log)
-            except ExportValidationError as e:
-                raise BuildError(f"validation failed: {e}", 1) from e
+        validation = None if opts.onnx.skip_validation else _validate(opts, onnx_dir)
     except BaseException:
         if temporary:
             shutil.rmtree(onnx_dir, ignore_errors=True)
@@ -110,23 +137,33 @@ def export_onnx_format(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def export_trtllm_format(args: argparse.Namespace) -> dict[str, Any]:
-    """TensorRT-LLM repository (LLM API, PyTorch backend): `coordexp.export.trtllm.export_trtllm_format`.
+def _validate(opts: BuildOptions, onnx_dir: str) -> dict[str, Any]:
+    from coordexp.export.validate import ExportValidationError, validate_export
+
+    _log("validating against the torch checkpoint")
+    try:
+        return validate_export(onnx_dir, opts.ckpt, steps=opts.onnx.validation_steps, threads=opts.threads, log=_log)
+    except ExportValidationError as e:
+        raise BuildError(f"validation failed: {e}", 1) from e
+
+
+def export_trtllm_format(opts: BuildOptions) -> dict[str, Any]:
+    """TensorRT-LLM repository (LLM API, PyTorch backend): `coordexp.trtllm.export.export_trtllm`.
     With --dry-run it needs no TensorRT-LLM; without, it raises NotImplementedError (exit 2) when
     tensorrt_llm is not importable."""
-    from coordexp.export.trtllm import export_trtllm_format as fn
+    from coordexp.trtllm.export import export_trtllm
 
-    return fn(args)
+    return export_trtllm(opts.ckpt, opts.name, opts.repo, opts.trtllm, onnx_dir=opts.onnx_dir, dry_run=opts.dry_run)
 
 
-def write_repo(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
+def write_repo(opts: BuildOptions, result: dict[str, Any]) -> dict[str, Any]:
     """Hand the export to the repository writer; without one, keep the ONNX folder at the repo path."""
     from coordexp.prompt import PromptSpec
 
     try:
         from coordexp.export.repository import write_repository
     except ImportError as e:
-        dst = os.path.join(os.path.abspath(args.repo), f"{args.name}_onnx")
+        dst = os.path.join(os.path.abspath(opts.repo), f"{opts.name}_onnx")
         if result["temporary"]:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             if os.path.exists(dst):
@@ -135,87 +172,25 @@ def write_repo(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, An
             result["onnx_dir"] = dst
         _log(f"note: no Triton repository writer ({e}); the ONNX folder is at {result['onnx_dir']}")
         return {"repo": None, "onnx_dir": result["onnx_dir"]}
-    kwargs: dict[str, Any] = dict(max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens,
-                                  prompt=PromptSpec(), backend=args.backend, validation=result.get("validation"))
+    kwargs: dict[str, Any] = dict(max_batch_size=opts.max_batch_size, max_new_tokens=opts.max_new_tokens,
+                                  prompt=PromptSpec(), backend=opts.backend, validation=result.get("validation"))
     if "move_onnx" in inspect.signature(write_repository).parameters:
         kwargs["move_onnx"] = bool(result["temporary"])
-    if not getattr(args, "stream", True):
+    if not opts.streaming:
         from coordexp.export.repository import ServingOptions
 
         kwargs["options"] = ServingOptions(streaming=False)
     try:
-        repo = write_repository(args.repo, args.name, result["onnx_dir"], args.ckpt, **kwargs)
+        repo = write_repository(opts.repo, opts.name, result["onnx_dir"], opts.ckpt, **kwargs)
     finally:
         if result["temporary"]:
             shutil.rmtree(result["onnx_dir"], ignore_errors=True)
     return {"repo": repo}
 
 
-# --------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="build_engine", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="Hugging Face checkpoint folder (Qwen3-VL CoordExp fine-tune)")
-    p.add_argument("--repo", default=None,
-                   help="repository folder to write (default model_repository/<checkpoint folder name>)")
-    p.add_argument("--name", default="coordexp",
-                   help="served (ensemble) model name; the client's --model default is 'coordexp'")
-    p.add_argument("--backend", choices=("onnx", "trtllm"), default="onnx")
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", "--max-output-len", type=int, default=256, dest="max_new_tokens")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--onnx-dir", default=None, help="also keep the ONNX export in this folder")
-    p.add_argument("--no-stream", dest="stream", action="store_false",
-                   help="no streaming ensemble (<name>_stream, decoupled llm_stream): saves the second decoder "
-                        "session's memory")
-    p.add_argument("--skip-validation", action="store_true", help="do not compare with the torch checkpoint")
-    p.add_argument("--validation-steps", type=int, default=16, help="greedy steps compared during validation")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch / ONNX Runtime")
-    p.add_argument("--dry-run", action="store_true", help="check the arguments and print the plan only (trtllm: "
-                   "also write the whole repository and print every command, without TensorRT-LLM)")
-    t = p.add_argument_group("TensorRT-LLM (--backend trtllm)")
-    t.add_argument("--dtype", choices=("bf16", "fp16", "fp8"), default="bf16",
-                   help="LLM dtype; fp8 = FP8 KV cache (+ FP8 weights of an already quantized checkpoint)")
-    t.add_argument("--max-input-len", type=int, default=None,
-                   help="max prompt tokens (default: prompt + largest image)")
-    t.add_argument("--kv-cache-fraction", type=float, default=0.8, help="KV cache share of free GPU memory")
-    t.add_argument("--tp-size", type=int, default=1, help="tensor parallel size")
-    t.add_argument("--trtllm-vision", choices=("trtllm", "tensorrt"), default="trtllm",
-                   help="who runs the vision tower: TensorRT-LLM itself, or a TensorRT engine built from our ONNX")
-    t.add_argument("--vision-max-patches", type=int, default=None, help="vision engine profile max (patches)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    return p
-
-
-def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    from coordexp.engines.torch_engine import checkpoint_error
-    from coordexp.export.onnx_export import DEFAULT_OPSET
-
-    err = checkpoint_error(args.ckpt)
-    if err:
-        raise BuildError(err, 2)
-    args.ckpt = os.path.abspath(args.ckpt)
-    args.name = sanitize_name(args.name or "coordexp")
-    args.repo = args.repo or os.path.join("model_repository", sanitize_name(os.path.basename(os.path.normpath(args.ckpt))))
-    args.opset = args.opset or DEFAULT_OPSET
-    if args.max_batch_size < 1:
-        raise BuildError(f"--max-batch-size must be >= 1, got {args.max_batch_size}", 2)
-    if args.max_new_tokens < 1:
-        raise BuildError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}", 2)
-    try:
-        config = json.loads(Path(args.ckpt, "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise BuildError(f"{args.ckpt}/config.json is unreadable: {e}", 2) from e
-    args.family = config.get("model_type")
-    if args.backend == "onnx" and args.family not in ("qwen3_vl", "qwen2_5_vl"):
-        raise BuildError(f"ONNX export supports Qwen3-VL (model_type qwen3_vl) and Qwen2.5-VL (qwen2_5_vl) "
-                         f"checkpoints; {args.ckpt} is {args.family!r}", 2)
-    return args
-
-
-def summary_lines(args: argparse.Namespace, result: dict[str, Any], written: dict[str, Any], seconds: float) -> list[str]:
-    lines = [f"checkpoint : {args.ckpt}", f"backend    : {args.backend} (opset {args.opset})",
-             f"name       : {args.name}"]
+def summary_lines(opts: BuildOptions, result: dict[str, Any], written: dict[str, Any], seconds: float) -> list[str]:
+    lines = [f"checkpoint : {opts.ckpt}", f"backend    : {opts.backend} (opset {opts.onnx.opset})",
+             f"name       : {opts.name}"]
     root = written.get("repo") or written.get("onnx_dir")
     lines.append(f"written    : {root}")
     files = _files(root) if root else []
@@ -241,50 +216,207 @@ def summary_lines(args: argparse.Namespace, result: dict[str, Any], written: dic
     return lines
 
 
+def build_onnx(opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
+    """--backend onnx: (what --json prints, the summary lines)."""
+    if opts.dry_run:
+        plan = {"ckpt": opts.ckpt, "family": opts.family, "backend": opts.backend, "name": opts.name,
+                "repo": os.path.abspath(opts.repo), "onnx_dir": opts.onnx_dir, "opset": opts.onnx.opset,
+                "max_batch_size": opts.max_batch_size, "max_new_tokens": opts.max_new_tokens,
+                "validation": not opts.onnx.skip_validation}
+        return plan, [f"{k:<15}: {v}" for k, v in plan.items()]
+    result = export_onnx_format(opts)
+    keep = result["onnx_dir"] if opts.onnx_dir and result["temporary"] is False else None
+    written = write_repo(opts, result)
+    if keep:
+        written["onnx_dir"] = keep
+    seconds = time.perf_counter() - t0
+    summary = {"name": opts.name, **written, "validation": result.get("validation"),
+               "export_seconds": (result.get("meta") or {}).get("export_seconds"), "seconds": round(seconds, 2)}
+    return summary, summary_lines(opts, result, written, seconds)
+
+
+def build_trtllm(opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
+    """--backend trtllm: (what --json prints, the plan lines)."""
+    try:
+        result = export_trtllm_format(opts)
+    except NotImplementedError as e:
+        raise BuildError(str(e), 2) from e
+    return {k: result[k] for k in ("repo", "dry_run", "plan")}, result["lines"]
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One row of the formats table (Ultralytics' `export_formats()`)."""
+
+    name: str
+    backend: str  # the --backend value
+    artifact: str
+    device: str
+    flags: tuple[str, ...]  # every flag it accepts besides --backend
+    build: Callable[[BuildOptions, float], tuple[Any, list[str]]]
+
+
+COMMON_FLAGS = ("--ckpt", "--repo", "--name", "--max-batch-size", "--max-new-tokens", "--onnx-dir", "--no-stream",
+                "--threads", "--dry-run", "--json")
+FORMATS: tuple[ExportFormat, ...] = (
+    ExportFormat("ONNX", "onnx",
+                 "Triton repository: vision.onnx, embed.onnx, decoder.onnx (+ onnx_meta.json) run by ONNX Runtime "
+                 "Python models, validated against the torch checkpoint",
+                 "CPU (ONNX Runtime; CUDA where its CUDA provider is installed)",
+                 COMMON_FLAGS + ("--opset", "--skip-validation", "--validation-steps"), build_onnx),
+    ExportFormat("TensorRT-LLM", "trtllm",
+                 "Triton repository for TensorRT-LLM's LLM API (llm/1/model.yaml, the checkpoint copy; "
+                 "--trtllm-vision tensorrt: a TensorRT vision engine)",
+                 "NVIDIA GPU in the TensorRT-LLM container (--dry-run: anywhere, no TensorRT-LLM)",
+                 COMMON_FLAGS + ("--dtype", "--max-input-len", "--kv-cache-fraction", "--tp-size", "--trtllm-vision",
+                                 "--vision-max-patches"), build_trtllm),
+)
+
+
+def export_formats() -> dict[str, list[Any]]:
+    """The formats table by column (Format, Argument, Artifact, Device, Arguments), as Ultralytics prints it."""
+    return {"Format": [f.name for f in FORMATS], "Argument": [f.backend for f in FORMATS],
+            "Artifact": [f.artifact for f in FORMATS], "Device": [f.device for f in FORMATS],
+            "Arguments": [list(f.flags) for f in FORMATS]}
+
+
+def format_of(backend: str) -> ExportFormat:
+    return next(f for f in FORMATS if f.backend == backend)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    """Format-specific flags default to None, so a given one is told from an absent one; their
+    defaults are applied in `resolve_options`."""
+    p = argparse.ArgumentParser(prog="build_engine", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="Hugging Face checkpoint folder (Qwen3-VL CoordExp fine-tune)")
+    p.add_argument("--repo", default=None,
+                   help="repository folder to write (default model_repository/<checkpoint folder name>)")
+    p.add_argument("--name", default="coordexp",
+                   help="served (ensemble) model name; the client's --model default is 'coordexp'")
+    p.add_argument("--backend", choices=[f.backend for f in FORMATS], default="onnx")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", "--max-output-len", type=int, default=256, dest="max_new_tokens")
+    p.add_argument("--onnx-dir", default=None, help="also keep the ONNX export in this folder")
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="no streaming ensemble (<name>_stream, decoupled llm_stream): saves the second decoder "
+                        "session's memory")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch / ONNX Runtime")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments and print the plan only (trtllm: "
+                   "also write the whole repository and print every command, without TensorRT-LLM)")
+    o = p.add_argument_group("ONNX (--backend onnx)")
+    o.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    o.add_argument("--skip-validation", action="store_true", default=None,
+                   help="do not compare with the torch checkpoint")
+    o.add_argument("--validation-steps", type=int, default=None,
+                   help=f"greedy steps compared during validation (default {DEFAULT_VALIDATION_STEPS})")
+    t = p.add_argument_group("TensorRT-LLM (--backend trtllm)")
+    t.add_argument("--dtype", choices=("bf16", "fp16", "fp8"), default=None,
+                   help="LLM dtype (default bf16); fp8 = FP8 KV cache (+ FP8 weights of an already quantized checkpoint)")
+    t.add_argument("--max-input-len", type=int, default=None,
+                   help="max prompt tokens (default: prompt + largest image)")
+    t.add_argument("--kv-cache-fraction", type=float, default=None,
+                   help="KV cache share of free GPU memory (default 0.8)")
+    t.add_argument("--tp-size", type=int, default=None, help="tensor parallel size (default 1)")
+    t.add_argument("--trtllm-vision", choices=("trtllm", "tensorrt"), default=None,
+                   help="who runs the vision tower: TensorRT-LLM itself (default), or a TensorRT engine built from "
+                        "our ONNX")
+    t.add_argument("--vision-max-patches", type=int, default=None, help="vision engine profile max (patches)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return p
+
+
+def flag_dests(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Every flag (its first option string) -> its namespace attribute."""
+    return {a.option_strings[0]: a.dest for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ExportFormat:
+    """The chosen format; BuildError (exit 2) naming the given flags that do not apply to it."""
+    fmt = format_of(args.backend)
+    wrong = [flag for flag, dest in flag_dests(parser).items()
+             if flag != "--backend" and flag not in fmt.flags and getattr(args, dest) is not None]
+    if wrong:
+        owners = sorted({f.backend for f in FORMATS for flag in wrong if flag in f.flags})
+        verb = "applies" if len(wrong) == 1 else "apply"
+        raise BuildError(f"{' and '.join(wrong)} {verb} to --backend {' or '.join(owners)} only", 2)
+    return fmt
+
+
+def _family(ckpt: str, fmt: ExportFormat) -> str:
+    from coordexp.families import UnsupportedFamily, family_spec
+
+    try:
+        config = json.loads(Path(ckpt, "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise BuildError(f"{ckpt}/config.json is unreadable: {e}", 2) from e
+    try:
+        return family_spec(config.get("model_type"), where=ckpt, what=f"{fmt.name} export").name
+    except UnsupportedFamily as e:
+        raise BuildError(str(e), 2) from e
+
+
+def _trtllm_options(args: argparse.Namespace) -> Any:
+    from coordexp.trtllm.plan import TrtllmOptions
+
+    d = TrtllmOptions()
+    pick = (lambda v, default: default if v is None else v)
+    return TrtllmOptions(dtype=pick(args.dtype, d.dtype), max_batch_size=args.max_batch_size,
+                         max_input_len=args.max_input_len, max_new_tokens=args.max_new_tokens,
+                         kv_cache_fraction=pick(args.kv_cache_fraction, d.kv_cache_fraction),
+                         tp_size=pick(args.tp_size, d.tp_size), vision=pick(args.trtllm_vision, d.vision),
+                         vision_max_patches=args.vision_max_patches, streaming=args.stream)
+
+
+def resolve_options(args: argparse.Namespace, fmt: ExportFormat) -> BuildOptions:
+    """argv (checked by `check_flags`) -> BuildOptions; BuildError (exit 2) for a bad checkpoint or value."""
+    from coordexp.engines.torch_engine import checkpoint_error
+
+    err = checkpoint_error(args.ckpt)
+    if err:
+        raise BuildError(err, 2)
+    ckpt = os.path.abspath(args.ckpt)
+    if args.max_batch_size < 1:
+        raise BuildError(f"--max-batch-size must be >= 1, got {args.max_batch_size}", 2)
+    if args.max_new_tokens < 1:
+        raise BuildError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}", 2)
+    family = _family(ckpt, fmt)
+    onnx = trtllm = None
+    if fmt.backend == "onnx":
+        from coordexp.export.onnx_export import DEFAULT_OPSET
+
+        onnx = OnnxOptions(opset=args.opset or DEFAULT_OPSET, skip_validation=bool(args.skip_validation),
+                           validation_steps=args.validation_steps or DEFAULT_VALIDATION_STEPS)
+    else:
+        trtllm = _trtllm_options(args)
+    return BuildOptions(
+        ckpt=ckpt, repo=args.repo or os.path.join("model_repository", sanitize_name(os.path.basename(ckpt))),
+        name=sanitize_name(args.name or "coordexp"), backend=fmt.backend, family=family,
+        max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens, onnx_dir=args.onnx_dir,
+        streaming=args.stream, threads=args.threads, dry_run=args.dry_run, as_json=args.json, onnx=onnx, trtllm=trtllm)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        args = resolve_args(args)
-        if args.threads:
+        fmt = check_flags(args, parser)
+        opts = resolve_options(args, fmt)
+        if opts.threads:
             import torch
 
-            torch.set_num_threads(args.threads)
-        if args.backend == "trtllm":
-            try:
-                result = export_trtllm_format(args)
-            except NotImplementedError as e:
-                raise BuildError(str(e), 2) from e
-            if args.json:
-                print(json.dumps({k: result[k] for k in ("repo", "dry_run", "plan")}, indent=2, default=str))
-            else:
-                print("\n".join(result["lines"]))
-            return 0
-        if args.dry_run:
-            plan = {"ckpt": args.ckpt, "family": args.family, "backend": args.backend, "name": args.name,
-                    "repo": os.path.abspath(args.repo), "onnx_dir": args.onnx_dir, "opset": args.opset,
-                    "max_batch_size": args.max_batch_size, "max_new_tokens": args.max_new_tokens,
-                    "validation": not args.skip_validation}
-            print(json.dumps(plan, indent=2) if args.json else "\n".join(f"{k:<15}: {v}" for k, v in plan.items()))
-            return 0
-        result = export_onnx_format(args)
-        keep = None
-        if args.onnx_dir and result["temporary"] is False:
-            keep = result["onnx_dir"]
-        written = write_repo(args, result)
-        if keep:
-            written["onnx_dir"] = keep
+            torch.set_num_threads(opts.threads)
+        summary, lines = fmt.build(opts, t0)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
-    seconds = time.perf_counter() - t0
-    if args.json:
-        print(json.dumps({"name": args.name, **written, "validation": result.get("validation"),
-                          "export_seconds": (result.get("meta") or {}).get("export_seconds"),
-                          "seconds": round(seconds, 2)}, indent=2, default=str))
+    if opts.as_json:
+        print(json.dumps(summary, indent=2, default=str))
     else:
-        print("\n".join(summary_lines(args, result, written, seconds)))
+        print("\n".join(lines))
     return 0
 
 

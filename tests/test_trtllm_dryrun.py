@@ -133,7 +133,7 @@ def test_configs_parse_and_keep_the_ensemble_contract(repos, kind):
 def test_layout_model_yaml_and_manifest(repos):
     import yaml
 
-    from coordexp.export.trtllm import PINNED
+    from coordexp.trtllm.plan import PINNED
 
     repo = repos["llmapi"]
     assert sorted(os.listdir(repo)) == sorted(["coordexp", wire.LLM, wire.PREPROCESS, wire.POSTPROCESS, C.MANIFEST,
@@ -158,9 +158,9 @@ def test_layout_model_yaml_and_manifest(repos):
 def test_shims_import_the_trtllm_models(repos):
     import runpy
 
-    for model, cls in ((wire.LLM, "coordexp.serving.trtllm_llm.TritonPythonModel"),
-                       (wire.LLM_STREAM, "coordexp.serving.trtllm_llm.TritonPythonModel"),
-                       (wire.VISION_ENCODER, "coordexp.serving.trtllm_llm.TrtVisionEncoderModel"),
+    for model, cls in ((wire.LLM, "coordexp.trtllm.llm_model.TritonPythonModel"),
+                       (wire.LLM_STREAM, "coordexp.trtllm.llm_model.TritonPythonModel"),
+                       (wire.VISION_ENCODER, "coordexp.trtllm.vision.TrtVisionEncoderModel"),
                        (wire.PREPROCESS, "coordexp.serving.preprocess.TritonPythonModel")):
         code = open(os.path.join(repos["trt"], model, "1", "model.py")).read()
         assert "COORDEXP_SITE" in code
@@ -187,7 +187,8 @@ def parse_shapes(value: str) -> dict[str, tuple[int, ...]]:
 
 
 def test_commands_are_well_formed_for_the_pinned_clis(repos):
-    from coordexp.export.trtllm import VISION_ONNX_INPUTS, build_parser
+    from coordexp.families import family_spec
+    from coordexp.trtllm.export import build_parser
 
     plan = repos["plan_trt"]
     cmds = {c["step"]: c for c in plan["commands"]}
@@ -195,7 +196,7 @@ def test_commands_are_well_formed_for_the_pinned_clis(repos):
     for c in plan["commands"]:
         assert shlex.split(c["shell"]) == c["argv"]
     onnx_cmd = cmds["vision-onnx"]["argv"]
-    assert onnx_cmd[:3] == ["python", "-m", "coordexp.export.trtllm"]
+    assert onnx_cmd[:3] == ["python", "-m", "coordexp.trtllm"]
     a = build_parser().parse_args(onnx_cmd[3:])
     assert a.cmd == "onnx" and os.path.isabs(a.out)
 
@@ -206,7 +207,7 @@ def test_commands_are_well_formed_for_the_pinned_clis(repos):
     assert f["--onnx"] == os.path.join(a.out, "vision.onnx") and f["--saveEngine"].endswith(".plan")
     assert "--fp16" in f and "--bf16" not in f and f["--memPoolSize"].startswith("workspace:")
     shapes = {k: parse_shapes(f[k]) for k in ("--minShapes", "--optShapes", "--maxShapes")}
-    names = [n for n, _ in VISION_ONNX_INPUTS["qwen2_5_vl"]]
+    names = family_spec("qwen2_5_vl").vision_input_names
     patch_dim = 3 * 2 * 16 * 16
     prof = plan["profile"]
     for key, n in (("--minShapes", prof["min"]), ("--optShapes", prof["opt"]), ("--maxShapes", prof["max"])):
@@ -220,7 +221,7 @@ def test_commands_are_well_formed_for_the_pinned_clis(repos):
 
 
 def test_precision_and_options(tiny_ckpt, tmp_path):
-    from coordexp.export.trtllm import DTYPES, TrtllmOptions, make_plan
+    from coordexp.trtllm.plan import DTYPES, TrtllmOptions, make_plan
 
     for dtype, flag in (("bf16", "--bf16"), ("fp16", "--fp16"), ("fp8", "--fp16")):
         assert DTYPES[dtype]["trtexec"] == flag
@@ -274,7 +275,7 @@ def test_image_and_prompt_rebuilt_exactly(tiny_ckpt):
     from PIL import Image
 
     from coordexp.processor import CoordExpProcessor
-    from coordexp.serving.trtllm_llm import PromptRebuilder, collapse_image_pads
+    from coordexp.trtllm.inputs import PromptRebuilder, collapse_image_pads
 
     proc = CoordExpProcessor.from_pretrained(tiny_ckpt)
     rb = PromptRebuilder.from_dir(tiny_ckpt)
@@ -295,7 +296,7 @@ def test_image_and_prompt_rebuilt_exactly(tiny_ckpt):
 
 def test_small_helpers():
     from coordexp.generation import GenerationParams
-    from coordexp.serving.trtllm_llm import accepted_kwargs, near_square_grid, sampling_kwargs, strip_stop
+    from coordexp.trtllm.inputs import accepted_kwargs, near_square_grid, sampling_kwargs, strip_stop
 
     assert strip_stop([5, 6, 9, 7], [9, 10]) == [5, 6] and strip_stop([5], [9]) == [5]
     assert near_square_grid(12, 2) == [1, 6, 8] and near_square_grid(7, 2) == [1, 2, 14]
@@ -342,7 +343,8 @@ def test_batcher_runs_requests_through_the_llm_api(tiny_ckpt):
     from PIL import Image
 
     from coordexp.processor import CoordExpProcessor
-    from coordexp.serving.trtllm_llm import PromptRebuilder, TrtllmBatcher
+    from coordexp.trtllm.inputs import PromptRebuilder
+    from coordexp.trtllm.llm_model import TrtllmBatcher
 
     proc = CoordExpProcessor.from_pretrained(tiny_ckpt)
     rng = np.random.default_rng(1)
@@ -394,7 +396,8 @@ class FakeStreamingLLM(FakeLLM):
 def test_streaming_batcher_sends_every_token_then_the_unary_answer(tiny_ckpt):
     from coordexp.processor import CoordExpProcessor
     from coordexp.serving.llm import DecoupledRun
-    from coordexp.serving.trtllm_llm import PromptRebuilder, TrtllmBatcher
+    from coordexp.trtllm.inputs import PromptRebuilder
+    from coordexp.trtllm.llm_model import TrtllmBatcher
 
     proc = CoordExpProcessor.from_pretrained(tiny_ckpt)
     enc = proc.encode([np.zeros((64, 64, 3), np.uint8)], return_tensors="np")
@@ -422,7 +425,8 @@ def test_streaming_batcher_sends_every_token_then_the_unary_answer(tiny_ckpt):
 
 
 def test_batcher_external_embeddings_refuse_grids_the_llm_api_would_guess_wrong(tiny_ckpt):
-    from coordexp.serving.trtllm_llm import PromptRebuilder, TrtllmBatcher
+    from coordexp.trtllm.inputs import PromptRebuilder
+    from coordexp.trtllm.llm_model import TrtllmBatcher
 
     rb = PromptRebuilder.from_dir(tiny_ckpt)
     batcher = TrtllmBatcher(FakeLLM([1]), FakeSampling, rb, vision="tensorrt", stop_token_ids=[0])
@@ -445,9 +449,56 @@ def test_vision_onnx_inputs_match_the_exporter(qwen25_ckpt, tmp_path):
     """The trtexec profile names and ranks are those of the real vision.onnx (exports the tiny model)."""
     import onnx
 
-    from coordexp.export.trtllm import VISION_ONNX_INPUTS, export_vision_onnx
+    from coordexp.families import family_spec
+    from coordexp.trtllm.export import export_vision_onnx
 
     meta = export_vision_onnx(qwen25_ckpt, str(tmp_path / "onnx"))
-    assert meta["graphs"]["vision"]["inputs"] == [n for n, _ in VISION_ONNX_INPUTS["qwen2_5_vl"]]
+    assert meta["graphs"]["vision"]["inputs"] == family_spec("qwen2_5_vl").vision_input_names
     graph = onnx.load(str(tmp_path / "onnx" / "vision.onnx"), load_external_data=False).graph
     assert all(len(i.type.tensor_type.shape.dim) == 2 for i in graph.input)
+
+
+# ---------------------------------------------------------------------------- structure
+def test_both_llm_back_ends_are_generators_without_sharing_a_class(tiny_ckpt):
+    from coordexp.serving.llm import Generator, LlmBatcher
+    from coordexp.trtllm.inputs import PromptRebuilder
+    from coordexp.trtllm.llm_model import TrtllmBatcher
+
+    assert not issubclass(TrtllmBatcher, LlmBatcher) and not issubclass(LlmBatcher, TrtllmBatcher)
+    trt = TrtllmBatcher(FakeLLM([1]), FakeSampling, PromptRebuilder.from_dir(tiny_ckpt), stop_token_ids=[0])
+    onnx = LlmBatcher(SimpleNamespace(meta={"spatial_merge_size": 2}))
+    assert isinstance(trt, Generator) and isinstance(onnx, Generator)
+
+
+class FakeVisionSession:
+    """Stands in for the TensorRT engine (an onnxruntime-like session): records its feeds, returns one
+    embedding row per merged patch numbered in input order."""
+
+    def __init__(self):
+        self.feeds = []
+
+    def get_outputs(self):
+        return [SimpleNamespace(name="image_embeds")]
+
+    def run(self, names, feeds):
+        self.feeds.append(feeds)
+        n = feeds["pixel_values"].shape[0] // 4
+        return [np.arange(n, dtype=np.float32)[:, None].repeat(3, axis=1)]
+
+
+def test_tensorrt_vision_uses_the_family_feeds_and_the_onnx_grouping(tmp_path):
+    from coordexp.families import family_spec
+    from coordexp.serving.vision_encoder import VisionEncoder
+    from coordexp.trtllm.vision import TensorRTVision
+
+    meta = {"family": "qwen2_5_vl", "spatial_merge_size": 2, "patch_size": 16, "window_size": 128}
+    session = FakeVisionSession()
+    vision = TensorRTVision(meta, session, max_patches=64)
+    grid = np.array([[1, 8, 8], [1, 4, 4], [1, 2, 2]], np.int64)
+    pix = np.zeros((int(np.prod(grid, axis=1).sum()), 3 * 2 * 16 * 16), np.float32)
+    embeds, deep = vision.encode_images(pix, grid)
+    assert [list(f) for f in session.feeds] == [family_spec("qwen2_5_vl").vision_input_names] * 2  # 64 + 20 patches
+    assert embeds.shape == (16 + 4 + 1, 3) and deep.shape == (0, 21, 3)
+    assert VisionEncoder(vision).merge_size == 2  # what the vision_encoder step wraps
+    with pytest.raises(NotImplementedError, match="'llava'"):
+        TensorRTVision({**meta, "family": "llava"}, session)
