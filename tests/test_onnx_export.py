@@ -160,6 +160,117 @@ def test_build_engine_refuses_other_families_and_plans_dry_run(tmp_path, tiny_ck
     assert "TensorRT-LLM" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--trtllm-vision", "tensorrt"], "--trtllm-vision applies to --backend trtllm only"),
+    (["--dtype", "bf16"], "--dtype applies to --backend trtllm only"),  # given, even at its default value
+    (["--tp-size", "2", "--kv-cache-fraction", "0.5"], "--kv-cache-fraction and --tp-size apply to --backend trtllm only"),
+    (["--backend", "trtllm", "--opset", "17"], "--opset applies to --backend onnx only"),
+    (["--backend", "trtllm", "--skip-validation"], "--skip-validation applies to --backend onnx only"),
+    (["--backend", "trtllm", "--validation-steps", "4"], "--validation-steps applies to --backend onnx only"),
+])
+def test_build_engine_refuses_flags_of_another_format(tmp_path, tiny_ckpt, capsys, argv, message):
+    from coordexp.export.build_engine import main
+
+    assert main(["--ckpt", tiny_ckpt, "--dry-run", "--repo", str(tmp_path / "r"), *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {message}\n" and captured.out == ""  # one line, nothing done
+    assert not (tmp_path / "r").exists()
+
+
+def test_formats_table_lists_every_format_build_engine_accepts():
+    from coordexp.export.build_engine import FORMATS, build_parser, export_formats, flag_dests
+
+    parser = build_parser()
+    backend = next(a for a in parser._actions if a.dest == "backend")
+    assert [f.backend for f in FORMATS] == list(backend.choices) == ["onnx", "trtllm"]
+    assert backend.default == "onnx"
+    flags = flag_dests(parser)
+    everywhere = set.intersection(*(set(f.flags) for f in FORMATS))
+    for f in FORMATS:
+        assert f.name and f.artifact and f.device and callable(f.build)
+        assert set(f.flags) <= set(flags), set(f.flags) - set(flags)  # real flags only
+    assert set().union(*(set(f.flags) for f in FORMATS)) | {"--backend"} == set(flags)  # every flag has a format
+    defaults = vars(parser.parse_args(["--ckpt", "x"]))
+    for flag in set(flags) - everywhere - {"--backend"}:  # format-specific: None unless given
+        assert defaults[flags[flag]] is None, flag
+    table = export_formats()
+    assert table["Argument"] == ["onnx", "trtllm"] and table["Format"] == ["ONNX", "TensorRT-LLM"]
+    assert all(len(col) == len(FORMATS) for col in table.values())
+
+
+def test_build_engine_options_keep_the_defaults(tiny_ckpt):
+    from coordexp.export.build_engine import build_parser, check_flags, resolve_options
+    from coordexp.export.onnx_export import DEFAULT_OPSET
+    from coordexp.trtllm.plan import TrtllmOptions
+
+    parser = build_parser()
+    args = parser.parse_args(["--ckpt", tiny_ckpt])
+    opts = resolve_options(args, check_flags(args, parser))
+    assert opts.onnx.opset == DEFAULT_OPSET and not opts.onnx.skip_validation and opts.onnx.validation_steps == 16
+    assert opts.trtllm is None and opts.family == "qwen3_vl" and opts.name == "coordexp" and opts.streaming
+    args = parser.parse_args(["--ckpt", tiny_ckpt, "--backend", "trtllm", "--no-stream", "--max-batch-size", "4"])
+    opts = resolve_options(args, check_flags(args, parser))
+    assert opts.onnx is None
+    assert opts.trtllm == TrtllmOptions(max_batch_size=4, streaming=False)  # dtype bf16, kv 0.8, tp 1, vision trtllm
+    with pytest.raises(Exception):
+        opts.trtllm.dtype = "fp16"  # frozen
+
+
+def test_family_spec_covers_both_families_and_refuses_others():
+    from coordexp.families import FAMILIES, UnsupportedFamily, family_spec
+
+    assert list(FAMILIES) == ["qwen3_vl", "qwen2_5_vl"]
+    q3, q25 = family_spec("qwen3_vl"), family_spec("qwen2_5_vl")
+    assert q3.deepstack and q3.learned_position_grid and not q3.window_attention
+    assert q25.window_attention and not q25.deepstack and not q25.learned_position_grid
+    assert q3.vision_input_names == ["pixel_values", "vision_pos_ids", "interp_indices", "interp_weights",
+                                     "attention_bias"] and q3.vision_outputs == ("image_embeds", "deepstack")
+    assert q25.vision_input_names == ["pixel_values", "vision_pos_ids", "window_bias", "full_bias"]
+    assert q25.vision_outputs == ("image_embeds",)
+    assert q3.architecture == "Qwen3VLForConditionalGeneration" and q25.trtllm_listed_since == "0.19"
+    for bad in ("llava", None, "qwen2_vl"):
+        with pytest.raises(UnsupportedFamily) as err:
+            family_spec(bad, where="ckpt-x", what="ONNX export")
+        assert isinstance(err.value, NotImplementedError)  # build_engine and the exporters exit 2 on it
+        assert err.value.family == bad and err.value.supported == ("qwen3_vl", "qwen2_5_vl")
+        msg = str(err.value)
+        assert repr(bad) in msg and "Qwen3-VL" in msg and "Qwen2.5-VL" in msg and "ckpt-x" in msg
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
+def test_family_vision_feeds_are_the_graph_inputs(family):
+    from coordexp import mrope
+    from coordexp.families import family_spec
+
+    spec = family_spec(family)
+    meta = {"spatial_merge_size": 2, "patch_size": 16, "num_grid_per_side": 16, "window_size": 128}
+    grid = spec.sample_grid(2, 16, 128)
+    n = int(mrope.num_patches(grid).sum())
+    pix = np.random.default_rng(0).normal(size=(n, 3 * 2 * 16 * 16)).astype(np.float32)
+    feeds, order = spec.vision_feeds(meta, pix, grid)
+    assert list(feeds) == spec.vision_input_names
+    assert {k: v.shape for k, v in feeds.items()} == spec.vision_shapes(n, pix.shape[1])
+    assert len(spec.vision_dynamic_axes()) == len(spec.vision_inputs)
+    if spec.window_attention:  # permuted into window order; `order` undoes it on the merged output
+        assert order is not None and sorted(order.tolist()) == list(range(n // 4))
+        assert not np.array_equal(feeds["pixel_values"], pix)
+    else:
+        assert order is None and np.array_equal(feeds["pixel_values"], pix)
+
+
+def test_check_supported_names_the_family(tiny_ckpt):
+    from transformers import AutoConfig
+
+    from coordexp.export.onnx_export import check_supported
+    from coordexp.families import UnsupportedFamily
+
+    config = AutoConfig.from_pretrained(tiny_ckpt)
+    assert check_supported(config).name == "qwen3_vl"
+    config.model_type = "llava"
+    with pytest.raises(UnsupportedFamily, match="'llava'"):
+        check_supported(config, "ckpt-y")
+
+
 # ------------------------------------------------------------------------------- the graphs (slow)
 @pytest.mark.slow
 def test_export_folder_is_self_contained(onnx_dir, tiny_ckpt):
