@@ -56,9 +56,25 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _params(args: argparse.Namespace, manifest: dict):
+    """The decoding parameters compared: greedy, or sampling at --sample-seed (ValueError: bad ones)."""
+    from coordexp.generation import GenerationParams
+
+    limit = int(manifest.get("max_new_tokens") or 256)
+    max_new = args.max_new_tokens or min(limit, 64)
+    if max_new > limit:
+        raise ValueError(f"--max-new-tokens {max_new} exceeds the repository's limit of {limit}")
+    if args.sample_seed is None:
+        return GenerationParams(max_new_tokens=max_new)
+    params = GenerationParams(max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.sample_seed)
+    if params.greedy:
+        raise ValueError("--sample-seed needs --temperature > 0")
+    return params
+
+
 def run(args: argparse.Namespace) -> int:
     from coordexp.dataset import iter_dataset
-    from coordexp.generation import GenerationParams
     from coordexp.prompt import PromptSpec
     from coordexp.serving.common import read_manifest
     from coordexp.wire import ENSEMBLE
@@ -81,22 +97,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {args.repo} has no readable manifest.json ({e}); is it a CoordExp repository?", file=sys.stderr)
         return 2
     prompt = PromptSpec.from_dict(manifest.get("prompt"))
-    limit = int(manifest.get("max_new_tokens") or 256)
-    max_new = args.max_new_tokens or min(limit, 64)
-    if max_new > limit:
-        print(f"error: --max-new-tokens {max_new} exceeds the repository's limit of {limit}", file=sys.stderr)
-        return 2
-    sampling = args.sample_seed is not None
     try:
-        params = (GenerationParams(max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
-                                   seed=args.sample_seed) if sampling
-                  else GenerationParams(max_new_tokens=max_new))
+        params = _params(args, manifest)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if sampling and params.greedy:
-        print("error: --sample-seed needs --temperature > 0", file=sys.stderr)
-        return 2
+    sampling, max_new = not params.greedy, params.max_new_tokens
     model = args.model or manifest.get("name") or ENSEMBLE
 
     all_items = list(iter_dataset(args.data))

@@ -338,6 +338,41 @@ def swap_in(tmp: str, repo_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _step_configs(name: str, max_batch_size: int, max_new_tokens: int, prompt: PromptSpec, backend: str,
+                  options: ServingOptions, decoding: GenerationParams, manifest: dict[str, Any], pad_id: int,
+                  merge: int) -> tuple[dict[str, Any], list[str]]:
+    """Every model's ModelConfig ({name: config}) and the ensembles among them."""
+    llm_params = {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.llm_threads),
+                  "max_new_tokens": str(max_new_tokens), "decoding_defaults": decoding.to_dict(),
+                  "pad_token_id": str(pad_id), "merge_size": str(merge), "prompt_json": prompt.to_dict()}
+    configs = {
+        wire.PREPROCESS: python_model_config(
+            wire.PREPROCESS, max_batch_size, options.preprocess_instances,
+            {"processor_dir": C.PROCESSOR_SUBDIR, "prompt_json": prompt.to_dict(),
+             "max_pixels": str(options.max_pixels or "")}),
+        wire.VISION_ENCODER: python_model_config(
+            wire.VISION_ENCODER, max_batch_size, options.vision_instances,
+            {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.vision_threads), "merge_size": str(merge)},
+            queue_delay_us=options.vision_queue_delay_us),
+        wire.LLM: python_model_config(wire.LLM, max_batch_size, options.llm_instances, llm_params,
+                                   queue_delay_us=options.llm_queue_delay_us),
+        wire.POSTPROCESS: python_model_config(
+            wire.POSTPROCESS, max_batch_size, options.postprocess_instances,
+            {"processor_dir": C.PROCESSOR_SUBDIR, "coord_mode": manifest["coord_mode"]}),
+    }
+    ens_params = {"manifest_json": json.dumps(manifest, sort_keys=True, separators=(",", ":")),
+                  "prompt_variant": prompt.variant, "backend": backend}
+    configs[name] = ensemble_config(name, max_batch_size, ens_params)
+    ensembles = [name]
+    if options.streaming:
+        configs[wire.LLM_STREAM] = python_model_config(wire.LLM_STREAM, max_batch_size, options.llm_instances, llm_params,
+                                                    queue_delay_us=options.llm_queue_delay_us, decoupled=True)
+        stream_name = wire.stream_ensemble_name(name)
+        configs[stream_name] = ensemble_config(stream_name, max_batch_size, ens_params, stream=True)
+        ensembles.append(stream_name)
+    return configs, ensembles
+
+
 def _assemble(root: str, name: str, onnx_dir: str, ckpt: str, meta: dict[str, Any], max_batch_size: int,
               max_new_tokens: int, prompt: PromptSpec, backend: str, validation: dict[str, Any] | None,
               options: ServingOptions, decoding: GenerationParams, move_onnx: bool) -> dict[str, Any]:
@@ -381,34 +416,8 @@ def _assemble(root: str, name: str, onnx_dir: str, ckpt: str, meta: dict[str, An
         "validation": validation,
     }
 
-    llm_params = {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.llm_threads),
-                  "max_new_tokens": str(max_new_tokens), "decoding_defaults": decoding.to_dict(),
-                  "pad_token_id": str(pad_id), "merge_size": str(merge), "prompt_json": prompt.to_dict()}
-    configs = {
-        wire.PREPROCESS: python_model_config(
-            wire.PREPROCESS, max_batch_size, options.preprocess_instances,
-            {"processor_dir": C.PROCESSOR_SUBDIR, "prompt_json": prompt.to_dict(),
-             "max_pixels": str(options.max_pixels or "")}),
-        wire.VISION_ENCODER: python_model_config(
-            wire.VISION_ENCODER, max_batch_size, options.vision_instances,
-            {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.vision_threads), "merge_size": str(merge)},
-            queue_delay_us=options.vision_queue_delay_us),
-        wire.LLM: python_model_config(wire.LLM, max_batch_size, options.llm_instances, llm_params,
-                                   queue_delay_us=options.llm_queue_delay_us),
-        wire.POSTPROCESS: python_model_config(
-            wire.POSTPROCESS, max_batch_size, options.postprocess_instances,
-            {"processor_dir": C.PROCESSOR_SUBDIR, "coord_mode": manifest["coord_mode"]}),
-    }
-    ens_params = {"manifest_json": json.dumps(manifest, sort_keys=True, separators=(",", ":")),
-                  "prompt_variant": prompt.variant, "backend": backend}
-    configs[name] = ensemble_config(name, max_batch_size, ens_params)
-    ensembles = [name]
-    if options.streaming:
-        configs[wire.LLM_STREAM] = python_model_config(wire.LLM_STREAM, max_batch_size, options.llm_instances, llm_params,
-                                                    queue_delay_us=options.llm_queue_delay_us, decoupled=True)
-        stream_name = wire.stream_ensemble_name(name)
-        configs[stream_name] = ensemble_config(stream_name, max_batch_size, ens_params, stream=True)
-        ensembles.append(stream_name)
+    configs, ensembles = _step_configs(name, max_batch_size, max_new_tokens, prompt, backend, options, decoding,
+                                       manifest, pad_id, merge)
     problems = [p for ens in ensembles for p in check_wiring(configs, ens)]
     if problems:
         raise ValueError("inconsistent ensemble wiring:\n  " + "\n  ".join(problems))
