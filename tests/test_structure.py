@@ -172,3 +172,18 @@ def test_parity_goes_through_the_shipped_client(exported, server, sample_data, m
     out = capsys.readouterr().out
     assert rc == 0, out
     assert calls == [2] and "all pairs match" in out
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists every package folder (a forgotten one imports in an editable install only)."""
+    import tomllib
+
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = set()
+    for folder, pkg in PACKAGES.items():
+        for dp, _, files in os.walk(os.path.join(REPO_ROOT, folder)):
+            if "__init__.py" in files:
+                rel = os.path.relpath(dp, os.path.join(REPO_ROOT, folder))
+                found.add(pkg if rel == "." else ".".join([pkg, *rel.split(os.sep)]))
+    assert found == listed
