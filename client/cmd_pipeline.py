@@ -1,6 +1,6 @@
 """`coordexp-client pipeline --config pipeline.yaml`: infer -> (eval || vis) from one YAML file.
 
-The config is validated completely before anything runs (coordexp.pipeline_config); `--dry-run`
+The config is validated completely before anything runs (coordexp.client.pipeline_config); `--dry-run`
 prints the resolved config and stops. The run folder `<output_dir>/<name>/` gets:
 
     resolved_config.json   the resolved config (schema-versioned, absolute paths, secrets redacted)
@@ -48,7 +48,7 @@ def _log(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordexp.pipeline_config import ConfigError, load_config
+    from coordexp.client.pipeline_config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config)
@@ -259,7 +259,7 @@ def _log_stage(name: str, res: dict[str, Any]) -> None:
 
 def run_pipeline(cfg) -> int:
     """Run the stages of a validated PipelineConfig; returns the exit status."""
-    from coordexp.pipeline_config import PIPELINE_SCHEMA_VERSION
+    from coordexp.client.pipeline_config import PIPELINE_SCHEMA_VERSION
 
     run_dir = cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
@@ -352,6 +352,4 @@ def run_pipeline(cfg) -> int:
 
 
 def _asdict(obj) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
+    return obj.model_dump()

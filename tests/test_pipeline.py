@@ -195,28 +195,53 @@ def test_yaml_inheritance_and_duplicates_rejected(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_triton_adapter_has_every_argument_run_remote_reads(tmp_path):
-    """The Namespace built from the config carries every `args.<name>` the Triton client reads."""
-    import inspect
-
-    from coordexp.client import remote
-    from coordexp.client.cmd_pipeline import triton_args
-    from coordexp.pipeline_config import validate
+def test_triton_engine_keys_as_the_pipeline_reads_them(tmp_path):
+    """The Triton keys `_infer_triton` reads, typed and defaulted; max_new_tokens null stays null (the
+    client then takes the served export's default) and resolved() keeps only the keys of the kind."""
+    from coordexp.client.pipeline_config import validate
 
     cfg = validate({"name": "t", "output_dir": "o", "data": SAMPLE, "stages": ["infer"],
                     "infer": {"engine": {"kind": "triton", "urls": ["a:1", "b:2"], "timeout_s": 5},
                               "prompt": {"user_text": "find cats"}, "decoding": {"max_new_tokens": 8}}},
                    str(tmp_path))
-    ns = triton_args(cfg, str(tmp_path / "predictions.jsonl"))
-    src = inspect.getsource(remote)
-    used = set(re.findall(r"\bargs\.([a-z_]+)", src)) | set(re.findall(r"getattr\(args, \"([a-z_]+)\"", src))
-    assert used and not [a for a in used if not hasattr(ns, a)]
-    assert ns.url == ["a:1", "b:2"] and ns.timeout == 5.0 and ns.user_text == "find cats"
+    eng = cfg.infer.engine
+    assert (eng.urls, eng.model, eng.concurrency, eng.retries) == (["a:1", "b:2"], "coordexp", 8, 5)
+    assert (eng.timeout_s, eng.wait_for_server_s) == (5.0, 60.0) and isinstance(eng.timeout_s, float)
+    assert cfg.infer.prompt.user_text == "find cats" and cfg.infer.prompt.coord_format is None
     assert cfg.generation_params().max_new_tokens == 8
     cfg = validate({"name": "t", "output_dir": "o", "data": SAMPLE, "stages": ["infer"],
                     "infer": {"engine": {"kind": "triton", "urls": ["a:1"]}}}, str(tmp_path))
-    assert triton_args(cfg, "p.jsonl").max_new_tokens is None  # the client then takes the export's default
-    assert cfg.resolved()["infer"]["decoding"]["max_new_tokens"] is None
+    assert cfg.infer.decoding.max_new_tokens is None
+    resolved = cfg.resolved()["infer"]
+    assert resolved["decoding"]["max_new_tokens"] is None and "batch_size" not in resolved
+    assert list(resolved["engine"]) == ["kind", "urls", "model", "concurrency", "timeout_s", "retries",
+                                        "wait_for_server_s"]
+
+
+def test_every_problem_at_once_in_file_order(tmp_path):
+    """Each key's own problems in the order of the schema (a section's unknown keys first), then the
+    rules between keys; a value only out of range still takes part in those rules."""
+    from coordexp.client.pipeline_config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as e:
+        validate({"name": "a/b", "output_dir": "o", "data": "nope.jsonl", "stages": ["infer", "train"],
+                  "infer": {"engine": {"kind": "tensorrt"}, "decoding": {"top_p": 0, "seed": "1"}},
+                  "eval": {"metric": "coco", "iou_thrs": [0.5, "${t}"]}, "vis": {"min_size": 10, "max_size": 8}},
+                 str(tmp_path))
+    assert e.value.errors == [
+        f"data: file not found: {tmp_path / 'nope.jsonl'} (relative paths are relative to the config file's folder)",
+        "stages: unknown stage 'train' (expected infer, eval, vis)",
+        "infer.engine.kind: expected one of torch, onnx, triton, got 'tensorrt'",
+        "infer.decoding.top_p: must be > 0, got 0.0",
+        "infer.decoding.seed: expected an integer, got str '1' (write it without quotes)",
+        "eval.metric: unknown key; did you mean 'metrics'?",
+        "eval.iou_thrs[1]: interpolation (${...}) is not supported: write the value itself",
+        "vis.min_size: must be >= 16, got 10",
+        "vis.max_size: must be >= 16, got 8",
+        "name: must be a plain folder name (no '/', not '.' or '..'), got 'a/b'",
+        "vis.max_size: must be >= vis.min_size (10), got 8",
+    ]
+    assert str(e.value).startswith("11 problems:\n  data: file not found")
 
 
 def test_a_failing_stage_is_reported_and_exits_1(tmp_path, capsys):
