@@ -257,68 +257,97 @@ def _log_stage(name: str, res: dict[str, Any]) -> None:
         _log(f"{name}: FAILED: {res.get('error')}")
 
 
-def run_pipeline(cfg) -> int:
-    """Run the stages of a validated PipelineConfig; returns the exit status."""
+def _write_summary(cfg, base: dict[str, Any], stages: dict[str, dict[str, Any]], code: int, started: float,
+                   t0: float) -> int:
     from coordexp.client.pipeline_config import PIPELINE_SCHEMA_VERSION
 
+    run_dir = cfg.run_dir
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = {"schema_version": base.get("schema_version", "coordexp.v1"), **base}
+    summary["pipeline"] = {
+        "schema_version": PIPELINE_SCHEMA_VERSION, "name": cfg.name, "run_dir": run_dir,
+        "config_file": cfg.config_path, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": round(time.perf_counter() - t0, 3), "exit_status": code,
+        "stages": {k: {kk: vv for kk, vv in v.items() if kk not in ("report", "traceback")}
+                   for k, v in stages.items()},
+        "artifacts": sorted(f for f in ("predictions.jsonl", "gt_vs_pred.jsonl", "summary.json",
+                                        "resolved_config.json", "eval", "vis")
+                            if f == "summary.json" or os.path.exists(os.path.join(run_dir, f))),
+    }
+    _write_json(summary_path, summary)
+    _log(f"{'done' if code == 0 else 'finished with errors'} in {time.perf_counter() - t0:.1f}s; "
+         f"summary: {summary_path}")
+    return code
+
+
+def _infer_stage(cfg, pred_path: str, stages: dict[str, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """Run (or skip) inference; (its exit status, the summary fields it gives the run)."""
+    if not cfg.stages.infer:
+        if os.path.abspath(cfg.predictions) != os.path.abspath(pred_path):
+            shutil.copyfile(cfg.predictions, pred_path)
+        stages["infer"] = {"status": "off", "predictions_from": cfg.predictions}
+        return EXIT_OK, {"schema_version": "coordexp.v1", **artifact_counts(pred_path),
+                         "predictions_from": cfg.predictions}
+    eng = cfg.infer.engine
+    _log(f"infer: {eng.kind} engine on {cfg.data}")
+    t = time.perf_counter()
+    try:
+        res = _infer_triton(cfg, pred_path) if eng.kind == "triton" else _infer_local(cfg, pred_path)
+    except Exception as e:  # noqa: BLE001 - engine load failures and the like
+        res = {"rc": EXIT_CONFIG, "summary": None, "error": f"{type(e).__name__}: {e}"}
+    stages["infer"] = {"status": "ok" if res["rc"] == 0 else "failed", "seconds": round(time.perf_counter() - t, 3),
+                       "engine": eng.kind}
+    if res.get("error"):
+        stages["infer"]["error"] = res["error"]
+    elif res["rc"] != 0:
+        stages["infer"]["error"] = f"infer exited with status {res['rc']} (see the messages above)"
+    base = dict(res.get("summary") or {})
+    _log_stage("infer", {**stages["infer"], "headline": {k: base.get(k) for k in ("records_written", "errors")}})
+    return res["rc"], base
+
+
+def _eval_and_vis(cfg, pred_path: str, stages: dict[str, dict[str, Any]]) -> int:
+    """eval and vis, each in its own process, in parallel; the exit status."""
+    rc = EXIT_OK
+    jobs: dict[str, tuple] = {}
+    if cfg.stages.eval:
+        jobs["eval"] = (eval_stage, pred_path, cfg.data, os.path.join(cfg.run_dir, "eval"), _asdict(cfg.eval))
+    if cfg.stages.vis:
+        jobs["vis"] = (vis_stage, pred_path, cfg.data, os.path.join(cfg.run_dir, "vis"), _asdict(cfg.vis),
+                       f"{cfg.name}: predictions vs ground truth", cfg.eval.gt_coord_mode)
+    if not jobs:
+        return rc
+    _log(f"{' + '.join(jobs)}: running{' in parallel' if len(jobs) > 1 else ''}")
+    if len(jobs) == 1:
+        name, (fn, *a) = next(iter(jobs.items()))
+        results = {name: fn(*a)}
+        _log_stage(name, results[name])
+    else:
+        results = _run_parallel(jobs)
+    for name, res in results.items():
+        stages[name] = res
+        if res.get("status") != "ok":
+            rc = EXIT_STAGE_FAILED
+    if results.get("eval", {}).get("report"):
+        print(results["eval"]["report"])
+    return rc
+
+
+def run_pipeline(cfg) -> int:
+    """Run the stages of a validated PipelineConfig; returns the exit status."""
     run_dir = cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
     _write_json(os.path.join(run_dir, "resolved_config.json"), cfg.resolved())
     pred_path = os.path.join(run_dir, "predictions.jsonl")
-    summary_path = os.path.join(run_dir, "summary.json")
-    started = time.time()
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     stages: dict[str, dict[str, Any]] = {s: {"status": "off"} for s in ("infer", "eval", "vis")}
-    base: dict[str, Any] = {}
-    rc = EXIT_OK
     _log(f"run {cfg.name!r} -> {run_dir} (stages: {', '.join(cfg.stages_on)})")
-
-    def finish(code: int) -> int:
-        summary = {"schema_version": base.get("schema_version", "coordexp.v1"), **base}
-        summary["pipeline"] = {
-            "schema_version": PIPELINE_SCHEMA_VERSION, "name": cfg.name, "run_dir": run_dir,
-            "config_file": cfg.config_path, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "seconds": round(time.perf_counter() - t0, 3), "exit_status": code,
-            "stages": {k: {kk: vv for kk, vv in v.items() if kk not in ("report", "traceback")}
-                       for k, v in stages.items()},
-            "artifacts": sorted(f for f in ("predictions.jsonl", "gt_vs_pred.jsonl", "summary.json",
-                                            "resolved_config.json", "eval", "vis")
-                                if f == "summary.json" or os.path.exists(os.path.join(run_dir, f))),
-        }
-        _write_json(summary_path, summary)
-        _log(f"{'done' if code == 0 else 'finished with errors'} in {time.perf_counter() - t0:.1f}s; "
-             f"summary: {summary_path}")
-        return code
-
-    # -- infer ------------------------------------------------------------------------------
-    if cfg.stages.infer:
-        eng = cfg.infer.engine
-        _log(f"infer: {eng.kind} engine on {cfg.data}")
-        t = time.perf_counter()
-        try:
-            res = _infer_triton(cfg, pred_path) if eng.kind == "triton" else _infer_local(cfg, pred_path)
-        except Exception as e:  # noqa: BLE001 - engine load failures and the like
-            res = {"rc": EXIT_CONFIG, "summary": None, "error": f"{type(e).__name__}: {e}"}
-        stages["infer"] = {"status": "ok" if res["rc"] == 0 else "failed", "seconds": round(time.perf_counter() - t, 3),
-                           "engine": eng.kind}
-        if res.get("error"):
-            stages["infer"]["error"] = res["error"]
-        elif res["rc"] != 0:
-            stages["infer"]["error"] = f"infer exited with status {res['rc']} (see the messages above)"
-        base = dict(res.get("summary") or {})
-        _log_stage("infer", {**stages["infer"], "headline": {k: base.get(k) for k in ("records_written", "errors")}})
-        if res["rc"] != 0:
-            for s in ("eval", "vis"):
-                if getattr(cfg.stages, s):
-                    stages[s] = {"status": "skipped", "error": "infer failed"}
-            return finish(res["rc"] if res["rc"] in (2, 3) else EXIT_STAGE_FAILED)
-    else:
-        if os.path.abspath(cfg.predictions) != os.path.abspath(pred_path):
-            shutil.copyfile(cfg.predictions, pred_path)
-        stages["infer"] = {"status": "off", "predictions_from": cfg.predictions}
-        base = {"schema_version": "coordexp.v1", **artifact_counts(pred_path), "predictions_from": cfg.predictions}
-
-    # -- gt_vs_pred.jsonl ---------------------------------------------------------------------
+    rc, base = _infer_stage(cfg, pred_path, stages)
+    if rc != EXIT_OK:
+        for s in ("eval", "vis"):
+            if getattr(cfg.stages, s):
+                stages[s] = {"status": "skipped", "error": "infer failed"}
+        return _write_summary(cfg, base, stages, rc if rc in (2, 3) else EXIT_STAGE_FAILED, started, t0)
     try:
         n = write_gt_vs_pred(pred_path, cfg.data, os.path.join(run_dir, "gt_vs_pred.jsonl"), cfg.eval.gt_coord_mode)
         _log(f"gt_vs_pred.jsonl: {n} images")
@@ -326,29 +355,8 @@ def run_pipeline(cfg) -> int:
         base["gt_vs_pred_error"] = f"{type(e).__name__}: {e}"
         _log(f"gt_vs_pred.jsonl not written: {e}")
         rc = EXIT_STAGE_FAILED
-
-    # -- eval || vis ----------------------------------------------------------------------------
-    jobs: dict[str, tuple] = {}
-    if cfg.stages.eval:
-        jobs["eval"] = (eval_stage, pred_path, cfg.data, os.path.join(run_dir, "eval"), _asdict(cfg.eval))
-    if cfg.stages.vis:
-        jobs["vis"] = (vis_stage, pred_path, cfg.data, os.path.join(run_dir, "vis"), _asdict(cfg.vis),
-                       f"{cfg.name}: predictions vs ground truth", cfg.eval.gt_coord_mode)
-    if jobs:
-        _log(f"{' + '.join(jobs)}: running{' in parallel' if len(jobs) > 1 else ''}")
-        if len(jobs) == 1:
-            name, (fn, *a) = next(iter(jobs.items()))
-            results = {name: fn(*a)}
-            _log_stage(name, results[name])
-        else:
-            results = _run_parallel(jobs)
-        for name, res in results.items():
-            stages[name] = res
-            if res.get("status") != "ok":
-                rc = EXIT_STAGE_FAILED
-        if results.get("eval", {}).get("report"):
-            print(results["eval"]["report"])
-    return finish(rc)
+    rc = max(rc, _eval_and_vis(cfg, pred_path, stages))
+    return _write_summary(cfg, base, stages, rc, started, t0)
 
 
 def _asdict(obj) -> dict[str, Any]:

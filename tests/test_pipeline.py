@@ -218,6 +218,28 @@ def test_triton_engine_keys_as_the_pipeline_reads_them(tmp_path):
                                         "wait_for_server_s"]
 
 
+def test_triton_engine_gets_every_setting_of_the_config(tmp_path, monkeypatch):
+    """The pipeline's triton engine runs `infer_remote` (the `infer --url` path) with the config's
+    servers, client options, prompt and decoding; no max_new_tokens -> the export's default."""
+    from coordexp.client import cmd_infer, cmd_pipeline
+    from coordexp.client.pipeline_config import validate
+
+    calls = []
+    monkeypatch.setattr(cmd_infer, "infer_remote", lambda *a, **kw: calls.append((a, kw)) or 2)
+    cfg = validate({"name": "t", "output_dir": "o", "data": SAMPLE, "stages": ["infer"],
+                    "infer": {"engine": {"kind": "triton", "urls": ["a:1", "b:2"], "timeout_s": 5},
+                              "prompt": {"user_text": "find cats"}, "decoding": {"max_new_tokens": 8}}},
+                   str(tmp_path))
+    assert cmd_pipeline._infer_triton(cfg, str(tmp_path / "predictions.jsonl"))["rc"] == 2
+    (urls, data, out, params, client), kw = calls[-1]
+    assert urls == ["a:1", "b:2"] and client.timeout == 5.0 and kw["user_text"] == "find cats"
+    assert params.max_new_tokens == 8 and kw["explicit_max_new_tokens"] is True
+    cfg = validate({"name": "t", "output_dir": "o", "data": SAMPLE, "stages": ["infer"],
+                    "infer": {"engine": {"kind": "triton", "urls": ["a:1"]}}}, str(tmp_path))
+    cmd_pipeline._infer_triton(cfg, "p.jsonl")
+    assert calls[-1][1]["explicit_max_new_tokens"] is False  # the client then takes the export's default
+
+
 def test_every_problem_at_once_in_file_order(tmp_path):
     """Each key's own problems in the order of the schema (a section's unknown keys first), then the
     rules between keys; a value only out of range still takes part in those rules."""
