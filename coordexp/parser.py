@@ -8,7 +8,9 @@ What it accepts
 ---------------
 - coord-token mode (bare, unquoted ``<|coord_N|>`` literals; quoted ones too) and numeric mode
   (plain integers), in either key order (desc first or geometry first);
-- ``{"objects": [...]}``, a bare list ``[...]``, or one bare object ``{"desc": ..., "bbox_2d": ...}``;
+- ``{"objects": [...]}``, a bare list ``[...]``, one bare object ``{"desc": ..., "bbox_2d": ...}``, and
+  upstream's legacy shapes: an index-keyed ``{"0": {...}, "1": {...}}`` (read in key order) and an
+  object map ``{"obj": {...}, ...}`` (every value an object; read in text order);
 - ``label`` as an alias of ``desc`` (``desc`` wins when both are there);
 - code fences, prose before/after the JSON, ``<think>...</think>`` blocks and Qwen special tokens
   (``<|im_end|>`` ...).
@@ -20,42 +22,46 @@ Repairs (each one is written to ``ParseResult.repairs``)
 3. Otherwise a small scanner walks the text: it turns single-quoted strings into JSON strings,
    removes trailing commas, closes brackets the model forgot mid-text, and, when the text ends
    inside the JSON (cut at ``max_new_tokens``), cuts it back to the last complete object and
-   closes the brackets. An object that is open at the very end of the text is kept only when the
-   text stops right after one of its complete values (all strings and arrays closed, e.g.
-   ``{"desc": "cat", "bbox_2d": [1, 2, 3, 4]`` -- only the ``}`` is missing); an object cut inside
-   a string, inside its coordinate list or after a dangling key is dropped and noted. So a cut
-   ``[<|coord_1|>, <|coord_2|>`` never becomes a 2-number (or 4-number) box.
+   closes the brackets. An object that is open at the very end of the text is dropped and noted,
+   even when only its ``}`` is missing (``{"desc": "cat", "bbox_2d": [1, 2, 3, 4]``: upstream's
+   parser drops it and its test pins that; an answer cut there may have had more keys coming).
+   So a cut ``[<|coord_1|>, <|coord_2|>`` never becomes a 2-number (or 4-number) box.
 4. Only then ``json_repair`` fixes what is left (missing commas, unquoted keys, Python literals)
    on text whose truncated tail has already been removed.
 
 Validation (after repair), per object, in this order
 ----------------------------------------------------
-- not an object -> dropped, ``parse_failed``;
+- not an object -> dropped (no contract code: ``errors`` gets nothing, as upstream);
 - a ``bbox`` / ``polygon`` / ``line`` key -> dropped, ``invalid_geometry``;
 - not exactly one of ``bbox_2d`` / ``poly``, or not a list -> dropped, ``invalid_geometry``;
 - a coordinate that is not an integer (bool, string, non-integral float), negative, or above
   the mode's maximum -> dropped, ``invalid_coord``. Integral floats (``12.0``), digit strings
   (``"12"``), coord-token strings and ``[[x, y], ...]`` point pairs are accepted and noted;
 - wrong arity (``bbox_2d``: 4; ``poly``: even and >= 6) -> dropped, ``invalid_geometry``;
-- missing / empty / non-string desc -> dropped, ``parse_failed`` (no contract code fits better);
-- an object cut by the end of the text and not recoverable (cut inside a string or a list, or
-  before it had both a desc and a geometry) -> dropped, ``parse_failed``.
+- missing / empty / non-string desc -> dropped (no contract code, as upstream); a desc is stripped
+  of surrounding whitespace;
+- with ``width`` and ``height`` given: a geometry whose box is empty once converted to integer
+  pixels (``round(coordexp.grid.to_pixels(...))``: x2 <= x1 or y2 <= y1 over the min/max of its
+  points) -> dropped, ``invalid_geometry`` (what upstream does at the image's size);
+- an object cut by the end of the text -> dropped (no contract code).
 Extra keys are ignored; the model's own score hints are ignored (every pred has score 1.0);
 duplicated boxes are kept as written (eval decides) and noted.
 
 Coordinate modes: ``norm1000`` 0..999, ``qwen3_rel1000`` 0..1000, ``pixel`` any integer >= 0;
 any other mode raises ``ValueError``.
 
-Error codes (``ParseResult.error``)
+Error codes (``ParseResult.error``: fatal, the line has no preds; ``ParseResult.errors``: the
+contract code of every dropped object, in text order, also when others survive -- upstream's list)
 -----------------------------------
-- at least one object survives -> ``None`` (drops are in ``repairs`` / ``num_dropped``);
+- at least one object survives -> ``None`` (drops are in ``errors`` / ``repairs`` / ``num_dropped``);
 - empty or whitespace-only text (after removing special tokens) -> ``empty_pred``;
 - a valid empty answer (``{"objects": []}``, ``[]``) -> ``None`` with ``preds == []``: "nothing
   there" is a legitimate answer, not an error;
-- no JSON recoverable at all (prose only, a bare string/number, an object without an
-  ``objects`` list, text cut before any object was complete) -> ``parse_failed``;
-- JSON recovered but every object was dropped -> the code of the first drop (``invalid_coord``,
-  ``invalid_geometry`` or ``parse_failed``); ``error_message`` repeats that drop note.
+- nothing recoverable (prose only, a bare string/number, an object without an ``objects`` list,
+  text cut before any object was complete) -> ``empty_pred`` (the contract's code; upstream's
+  too), the detail in ``error_message``;
+- JSON recovered but every object was dropped -> the first entry of ``errors`` (``invalid_coord``
+  or ``invalid_geometry``), else ``empty_pred``; ``error_message`` repeats that drop note.
 """
 from __future__ import annotations
 
@@ -64,7 +70,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordexp.grid import COORD_MODES
+from coordexp.grid import COORD_MODES, to_pixels
 from coordexp.json_scan import WS as _WS, closing_brackets, scan
 from coordexp.schema import GEOMETRY_TYPES, INVALID_GEOMETRY_KEYS, ErrorCode, PredObject
 from coordexp.tokens import QWEN_SPECIAL_TOKENS
@@ -92,6 +98,7 @@ class ParseResult:
     error: ErrorCode | None = None
     error_message: str | None = None
     repairs: list[str] = field(default_factory=list)  # what was repaired or dropped, and why
+    errors: list[ErrorCode] = field(default_factory=list)  # code of each dropped object (non-fatal)
     num_dropped: int = 0  # objects seen (or started) in the text but not in preds
     truncated: bool = False  # the text ended inside the JSON (cut, or closing brackets missing)
 
@@ -101,6 +108,7 @@ class ParseResult:
             "error": None if self.error is None else str(self.error),
             "error_message": self.error_message,
             "repairs": list(self.repairs),
+            "errors": [str(e) for e in self.errors],
             "num_dropped": self.num_dropped,
             "truncated": self.truncated,
         }
@@ -188,9 +196,37 @@ def _coerce_coord(v: Any, where: str, notes: list[str]) -> tuple[int | None, str
     return None, f"{v!r} is not an integer"
 
 
-def _validate(obj: Any, where: str, coord_max: int | None, notes: list[str]) -> PredObject | tuple[ErrorCode, str]:
+# Why an object without a contract code was dropped (the label of its note; `errors` gets nothing).
+NOT_AN_OBJECT, BAD_DESC, TRUNCATED = "not_an_object", "missing_desc", "truncated"
+
+
+@dataclass
+class _Ctx:
+    """What validation needs besides the object: the mode's bound and, optionally, the image size."""
+
+    coord_mode: str
+    coord_max: int | None
+    width: int | None = None
+    height: int | None = None
+
+
+def _degenerate(gtype: str, pts: list[int], ctx: _Ctx) -> str | None:
+    """Why the geometry is empty at the image's integer pixel size, or None (upstream's check)."""
+    if ctx.width is None or ctx.height is None:
+        return None
+    px = [int(round(v)) for v in to_pixels(pts, ctx.width, ctx.height, ctx.coord_mode)]
+    xs, ys = px[0::2], px[1::2]
+    if max(xs) - min(xs) <= 0 or max(ys) - min(ys) <= 0:
+        return (f"{gtype} has zero area at {ctx.width}x{ctx.height} pixels "
+                f"(x {min(xs)}..{max(xs)}, y {min(ys)}..{max(ys)})")
+    return None
+
+
+def _validate(obj: Any, where: str, ctx: _Ctx, notes: list[str]) -> PredObject | tuple[ErrorCode | str, str]:
+    """A valid object -> PredObject; else (its contract code, or a drop label without one; why)."""
+    coord_max = ctx.coord_max
     if not isinstance(obj, dict):
-        return ErrorCode.PARSE_FAILED, f"not an object ({type(obj).__name__})"
+        return NOT_AN_OBJECT, f"not an object ({type(obj).__name__})"
     bad = [k for k in INVALID_GEOMETRY_KEYS if k in obj]
     if bad:
         return ErrorCode.INVALID_GEOMETRY, f"geometry {bad[0]!r} is not allowed (use bbox_2d or poly)"
@@ -221,15 +257,20 @@ def _validate(obj: Any, where: str, coord_max: int | None, notes: list[str]) -> 
         return ErrorCode.INVALID_GEOMETRY, f"bbox_2d needs 4 numbers, got {len(pts)}"
     if gtype == "poly" and (len(pts) < 6 or len(pts) % 2):
         return ErrorCode.INVALID_GEOMETRY, f"poly needs an even count >= 6 of numbers, got {len(pts)}"
+    degenerate = _degenerate(gtype, pts, ctx)
+    if degenerate:
+        return ErrorCode.INVALID_GEOMETRY, degenerate
     desc = obj["desc"] if "desc" in obj else obj.get("label")
     if desc is None:
-        return ErrorCode.PARSE_FAILED, "no desc"
+        return BAD_DESC, "no desc"
     if not isinstance(desc, str):
-        return ErrorCode.PARSE_FAILED, f"desc is not a string ({type(desc).__name__})"
+        return BAD_DESC, f"desc is not a string ({type(desc).__name__})"
     if not desc.strip():
-        return ErrorCode.PARSE_FAILED, "empty desc"
+        return BAD_DESC, "empty desc"
+    if desc != desc.strip():
+        local.append(f"{where}: stripped whitespace around desc {desc!r}")
     notes.extend(local)
-    return PredObject(type=gtype, points=pts, desc=desc, score=1.0)
+    return PredObject(type=gtype, points=pts, desc=desc.strip(), score=1.0)
 
 
 def _objects_of(value: Any, repairs: list[str]) -> list[Any] | None:
@@ -243,6 +284,12 @@ def _objects_of(value: Any, repairs: list[str]) -> list[Any] | None:
         if keys & set(value):
             repairs.append("read a bare object as a one-object list")
             return [value]
+        if value and all(isinstance(k, str) and k.isdigit() for k in value):  # upstream's legacy {"0": {...}}
+            repairs.append("read an index-keyed object as the objects list (in key order)")
+            return [value[k] for k in sorted(value, key=int)]
+        if value and all(isinstance(v, dict) for v in value.values()):  # legacy {"obj": {...}, ...}
+            repairs.append("read an object map as the objects list (in text order)")
+            return list(value.values())
     return None
 
 
@@ -256,12 +303,14 @@ def _fail(res: ParseResult, code: ErrorCode, message: str) -> ParseResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_model_output(text: str, coord_mode: str = "norm1000") -> ParseResult:
+def parse_model_output(text: str, coord_mode: str = "norm1000", width: int | None = None,
+                       height: int | None = None) -> ParseResult:
     """Parse one model answer (CoordJSON, possibly damaged) into predictions. Never raises on
-    bad text; raises ``ValueError`` for an unknown ``coord_mode``. See the module docstring."""
+    bad text; raises ``ValueError`` for an unknown ``coord_mode``. ``width``/``height`` (the
+    image's) turn on the zero-area-at-pixel-size check. See the module docstring."""
     if coord_mode not in COORD_MODE_MAX:
         raise ValueError(f"unknown coord_mode {coord_mode!r}; expected one of {', '.join(COORD_MODES)}")
-    coord_max = COORD_MODE_MAX[coord_mode]
+    ctx = _Ctx(coord_mode, COORD_MODE_MAX[coord_mode], width, height)
     res = ParseResult()
     repairs = res.repairs
     if text is None:
@@ -289,11 +338,11 @@ def parse_model_output(text: str, coord_mode: str = "norm1000") -> ParseResult:
     first: ParseResult | None = None
     for start in _start_candidates(text):
         attempt = ParseResult(repairs=list(repairs))
-        if _parse_from(text, start, coord_max, attempt):
+        if _parse_from(text, start, ctx, attempt):
             return attempt
         first = first or attempt
     if first is None:
-        return _fail(res, ErrorCode.PARSE_FAILED, f"no JSON object or list in the text: {_snip(text)}")
+        return _fail(res, ErrorCode.EMPTY_PRED, f"no JSON object or list in the text: {_snip(text)}")
     return first
 
 
@@ -303,9 +352,9 @@ class _Recovered:
 
     ok: bool = False
     value: Any = None
-    truncated_elem: int | None = None  # index of an object closed by repair at the end of the text
-    tail_drop: str | None = None  # the note for an object cut mid-way and dropped
+    tail_drop: str | None = None  # the note for an object cut by the end of the text and dropped
     truncated_root: bool = False  # the root object was closed by repair at the end of the text
+    brace_only: bool = False  # the cut object lacked only its closing brace
     stop: bool | None = None  # set: nothing more to try here, `_parse_from` returns it (res holds the failure)
 
 
@@ -320,7 +369,9 @@ def _strict(text: str, start: int, repairs: list[str]) -> _Recovered | None:
 
 
 def _close_at_end(sc: Any, repairs: list[str]) -> _Recovered:
-    """3a. The text stops right after a complete value of the last open object: close it."""
+    """3a. The text stops right after a complete value of the last open object. An element of the
+    objects list is then only marked (`brace_only`: `_cut_back` drops it, as upstream does); the
+    root object is closed (``{"objects": []`` is a whole answer; a bare object is dropped later)."""
     stack = sc.stack
     top = stack[-1] if stack else None
     rec = _Recovered()
@@ -332,34 +383,36 @@ def _close_at_end(sc: Any, repairs: list[str]) -> _Recovered:
     last = body[-1:]
     # after a complete value: a string that follows ':', a closed list/object, a number
     # or literal (only extra keys can hold those); not after a key, ':' or the '{'.
-    if (last == '"' and sc.string_after == ":") or last in ("]", "}") or last.isalnum():
-        closers = closing_brackets([f.opener for f in stack])
-        trial: list[str] = []
-        rec.ok, rec.value = _loads(body + closers, trial)
-        if rec.ok:
-            repairs.append(f"text ends before the closing bracket(s): appended {closers!r}")
-            repairs.extend(trial)
-            if top.elem:
-                rec.truncated_elem = sc.n_elems
-            else:
-                rec.truncated_root = True
+    if not ((last == '"' and sc.string_after == ":") or last in ("]", "}") or last.isalnum()):
+        return rec
+    if top.elem:
+        rec.brace_only = True
+        return rec
+    closers = closing_brackets([f.opener for f in stack])
+    trial: list[str] = []
+    rec.ok, rec.value = _loads(body + closers, trial)
+    if rec.ok:
+        repairs.append(f"text ends before the closing bracket(s): appended {closers!r}")
+        repairs.extend(trial)
+        rec.truncated_root = True
     return rec
 
 
-def _cut_back(sc: Any, text: str, res: ParseResult) -> _Recovered:
+def _cut_back(sc: Any, text: str, res: ParseResult, brace_only: bool) -> _Recovered:
     """3b. Cut back to the last complete object and close the brackets open there."""
     repairs = res.repairs
     rec = _Recovered()
     open_elem = next((f for f in sc.stack if f.elem), None)
     if open_elem is not None:
         res.num_dropped += 1
-        rec.tail_drop = (f"dropped objects[{sc.n_elems}]: parse_failed: text cut mid-object: "
-                         f"{_snip(text[open_elem.src:])}")
+        why = ("text ends before its closing '}' (dropped, as upstream)" if brace_only
+               else "text cut mid-object")
+        rec.tail_drop = f"dropped objects[{sc.n_elems}]: {TRUNCATED}: {why}: {_snip(text[open_elem.src:])}"
         repairs.append(rec.tail_drop)
     if sc.safe_len is None:
         if rec.tail_drop is None:
             repairs.append("text cut before any complete object")
-        _fail(res, ErrorCode.PARSE_FAILED, rec.tail_drop or "text cut before any complete object")
+        _fail(res, ErrorCode.EMPTY_PRED, rec.tail_drop or "text cut before any complete object")
         rec.stop = rec.tail_drop is not None
         return rec
     tail = "".join(sc.out[sc.safe_len:]).strip(_WS + ",")
@@ -390,31 +443,26 @@ def _repaired(text: str, start: int, res: ParseResult) -> _Recovered:
         return _Recovered(ok=ok, value=value)
     res.truncated = True
     rec = _close_at_end(sc, repairs)
-    return rec if rec.ok else _cut_back(sc, text, res)
+    return rec if rec.ok else _cut_back(sc, text, res, rec.brace_only)
 
 
-def _keep_valid(objs: list[Any], coord_max: int | None, rec: _Recovered, res: ParseResult) -> None:
+def _keep_valid(objs: list[Any], ctx: _Ctx, rec: _Recovered, res: ParseResult) -> None:
     """4. Validate every object: valid ones become preds, the others are dropped with a note."""
     repairs = res.repairs
-    first_drop: tuple[ErrorCode, str] | None = None
-    if rec.tail_drop is not None:  # the truncated tail, dropped before validation
-        first_drop = (ErrorCode.PARSE_FAILED, rec.tail_drop)
     seen: dict[tuple, int] = {}
-    drops: list[tuple[ErrorCode, str]] = []
+    first_note: str | None = None
     for idx, obj in enumerate(objs):
         where = f"objects[{idx}]"
-        got = _validate(obj, where, coord_max, repairs)
+        got = _validate(obj, where, ctx, repairs)
         if isinstance(got, tuple):
             code, why = got
-            if idx == rec.truncated_elem:  # closed by repair at the end of the text
-                if why in ("no bbox_2d or poly", "no desc"):  # it might have come next: a cut, not a bad object
-                    code, why = ErrorCode.PARSE_FAILED, f"text cut mid-object ({why})"
-                else:
-                    why += " (object cut by the end of the text)"
-            note = f"dropped {where}: {code.value}: {why}"
+            note = f"dropped {where}: {code}: {why}"
             repairs.append(note)
             res.num_dropped += 1
-            drops.append((code, note))
+            if isinstance(code, ErrorCode):
+                if not res.errors:
+                    first_note = note
+                res.errors.append(code)
             continue
         key = (got.type, tuple(got.points))
         if key in seen:
@@ -422,13 +470,17 @@ def _keep_valid(objs: list[Any], coord_max: int | None, rec: _Recovered, res: Pa
         else:
             seen[key] = idx
         res.preds.append(got)
-    if drops:  # validation drops come before the truncated tail in text order
-        first_drop = drops[0]
-    if not res.preds and first_drop is not None:
-        res.error, res.error_message = first_drop
+    if res.preds or not res.num_dropped:
+        return
+    if res.errors:
+        res.error, res.error_message = res.errors[0], first_note
+    else:  # every drop was a truncated tail, a non-object or a missing desc
+        drops = [n for n in repairs if n.startswith("dropped objects[")]
+        first = min(drops, key=lambda n: int(n[len("dropped objects["):].split("]", 1)[0]))  # text order
+        res.error, res.error_message = ErrorCode.EMPTY_PRED, first
 
 
-def _parse_from(text: str, start: int, coord_max: int | None, res: ParseResult) -> bool:
+def _parse_from(text: str, start: int, ctx: _Ctx, res: ParseResult) -> bool:
     """Parse the answer starting at text[start] into `res`. False when no objects list was found
     there (so the caller may try another start); `res` then holds the failure."""
     _note_outside(text[:start], "before", res.repairs)
@@ -436,16 +488,21 @@ def _parse_from(text: str, start: int, coord_max: int | None, res: ParseResult) 
     if rec.stop is not None:
         return rec.stop
     if not rec.ok:
-        _fail(res, ErrorCode.PARSE_FAILED, f"no CoordJSON could be recovered: {_snip(text[start:])}")
+        _fail(res, ErrorCode.EMPTY_PRED, f"no CoordJSON could be recovered: {_snip(text[start:])}")
         return False
     objs = _objects_of(rec.value, res.repairs)
     if objs and not any(isinstance(o, dict) for o in objs):
         objs = None  # e.g. [1, 2, 3, 4] or json_repair's reading of prose: not a list of objects
     if objs is None:
-        _fail(res, ErrorCode.PARSE_FAILED,
+        _fail(res, ErrorCode.EMPTY_PRED,
               f"no 'objects' list in the JSON: {_snip(json.dumps(rec.value, ensure_ascii=False))}")
         return False
     if rec.truncated_root and isinstance(rec.value, dict) and "objects" not in rec.value:
-        rec.truncated_elem = 0  # the bare object itself was closed by repair
-    _keep_valid(objs, coord_max, rec, res)
+        # a bare object cut before its '}': dropped like a cut element of the list
+        note = f"dropped objects[0]: {TRUNCATED}: text ends before its closing '}}' (dropped, as upstream)"
+        res.repairs.append(note)
+        res.num_dropped += 1
+        _fail(res, ErrorCode.EMPTY_PRED, note)
+        return True
+    _keep_valid(objs, ctx, rec, res)
     return True

@@ -35,9 +35,10 @@ def prediction_from_generation(item: DatasetItem, gen: GenerationResult | None,
         rec.raw_output = gen.text if gen else ""
         return rec
     rec.raw_output = gen.text
-    parsed = parse_model_output(gen.text)
+    parsed = parse_model_output(gen.text, width=item.width, height=item.height)  # size: zero-area check
     rec.preds = parsed.preds
     rec.repairs = parsed.repairs
+    rec.errors = [str(e) for e in parsed.errors]
     if parsed.error is not None:
         rec.error = str(parsed.error)
         rec.error_message = parsed.error_message

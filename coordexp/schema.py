@@ -34,7 +34,8 @@ class ErrorCode(str, Enum):
     # Beyond the contract's list:
     INVALID_INPUT = "invalid_input"  # the JSONL line is not JSON / not an object / lacks a field
     IMAGE_TOO_LARGE = "image_too_large"  # refused before decoding (decompression-bomb guard)
-    PARSE_FAILED = "parse_failed"  # no CoordJSON could be recovered from the model text
+    # No parse_failed: nothing recoverable from the model text is the contract's empty_pred
+    # (upstream's code too), with the reason in error_message (issue 14).
 
     def __str__(self) -> str:  # so f"{code}" prints the wire value
         return self.value
@@ -170,6 +171,7 @@ class PredictionRecord:
     error: str | None = None
     error_message: str | None = None
     repairs: list[str] = field(default_factory=list)  # what the parser repaired or dropped, and why
+    errors: list[str] = field(default_factory=list)  # codes of dropped objects (non-fatal; upstream's `errors`)
     extra: dict[str, Any] = field(default_factory=dict)  # engine facts: tokens, prompt variant, ...
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,6 +190,8 @@ class PredictionRecord:
                 d["error_message"] = self.error_message
         if self.repairs:
             d["repairs"] = list(self.repairs)
+        if self.errors:
+            d["errors"] = [str(e) for e in self.errors]
         d.update(self.extra)
         return d
 
@@ -197,7 +201,7 @@ class PredictionRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PredictionRecord":
         known = {"image_id", "images", "width", "height", "coord_mode", "raw_output", "preds", "error",
-                 "error_message", "repairs"}
+                 "error_message", "repairs", "errors"}
         return cls(
             image_id=d["image_id"],
             images=list(d.get("images") or []),
@@ -209,6 +213,7 @@ class PredictionRecord:
             error=d.get("error"),
             error_message=d.get("error_message"),
             repairs=list(d.get("repairs") or []),
+            errors=[str(e) for e in (d.get("errors") or [])],
             extra={k: v for k, v in d.items() if k not in known},
         )
 

@@ -93,7 +93,7 @@ def test_draw_marks_the_objects_with_the_vis_annotators(tmp_path):
 
 def test_answer_reports_parse_errors_and_refuses_bad_images(tmp_path):
     ans, _ = cmd_ask.answer(StubSource("no json here"), SAMPLE_IMAGE, "x", GenerationParams(), 10**8)
-    assert ans["preds"] == [] and ans["error"] == "parse_failed" and "error:  parse_failed" in cmd_ask.format_table(ans)
+    assert ans["preds"] == [] and ans["error"] == "empty_pred" and "error:  empty_pred" in cmd_ask.format_table(ans)
     with pytest.raises(cmd_ask.TurnError, match="generation_failed: boom"):
         cmd_ask.answer(StubSource("", error="boom"), SAMPLE_IMAGE, None, GenerationParams(), 10**8)
     bad = tmp_path / "bad.png"

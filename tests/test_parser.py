@@ -75,27 +75,32 @@ CASES = [
     ("missing-closing-list-and-root", '{"objects": [' + CAT_TOK, "norm1000", [CAT], None, 0),
     ("missing-object-brace-midtext", '{"objects": [{"desc": "black cat", "bbox_2d": [110, 310, 410, 705]]}',
      "norm1000", [CAT], None, 0),
+    # issue 14: a last record missing only its '}' is dropped, as upstream's test pins (it was kept)
     ("missing-all-closers-after-box", '{"objects": [{"desc": "black cat", "bbox_2d": [' + T(110, 310, 410, 705)
-     + "]", "norm1000", [CAT], None, 0),
+     + "]", "norm1000", [], E.EMPTY_PRED, 1),
+    ("missing-last-brace-after-good-one", '{"objects": [' + CAT_NUM + ', {"desc": "dog", "bbox_2d": [1, 2, 3, 4]',
+     "norm1000", [CAT], None, 1),
+    ("bare-object-missing-brace", '{"desc": "black cat", "bbox_2d": [110, 310, 410, 705]', "norm1000",
+     [], E.EMPTY_PRED, 1),
     ("missing-comma-between-objects", "[" + CAT_NUM + " " + CAT_NUM.replace("black cat", "dog") + "]", "norm1000",
      [CAT, B([110, 310, 410, 705], "dog")], None, 0),
     ("unquoted-keys", "{objects: [{desc: \"black cat\", bbox_2d: [110, 310, 410, 705]}]}", "norm1000",
      [CAT], None, 0),
     # --- truncation ---------------------------------------------------------------------------
     ("cut-mid-bbox-tokens", '{"objects": [{"desc": "cat", "bbox_2d": [<|coord_1|>, <|coord_2|>', "norm1000",
-     [], E.PARSE_FAILED, 1),
+     [], E.EMPTY_PRED, 1),
     ("cut-mid-bbox-numeric", '{"objects": [{"desc": "cat", "bbox_2d": [1, 2, 3, 4', "norm1000",
-     [], E.PARSE_FAILED, 1),
+     [], E.EMPTY_PRED, 1),
     ("cut-mid-coord-token", '{"objects": [{"desc": "cat", "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, '
-     "<|coo", "norm1000", [], E.PARSE_FAILED, 1),
+     "<|coo", "norm1000", [], E.EMPTY_PRED, 1),
     ("cut-second-object-mid-desc", '{"objects": [' + CAT_TOK + ', {"desc": "do', "norm1000", [CAT], None, 1),
     ("cut-second-object-mid-box", '{"objects": [' + CAT_TOK + ', {"desc": "dog", "bbox_2d": [' + T(5, 6, 7),
      "norm1000", [CAT], None, 1),
     ("cut-after-comma", '{"objects": [' + CAT_TOK + ",", "norm1000", [CAT], None, 0),
     ("cut-geometry-first-before-desc", '{"objects": [' + CAT_NUM + ', {"bbox_2d": [1, 2, 3, 4]', "norm1000",
      [CAT], None, 1),
-    ("cut-before-any-object", '{"objects": [', "norm1000", [], E.PARSE_FAILED, 0),
-    ("cut-in-key", '{"obje', "norm1000", [], E.PARSE_FAILED, 0),
+    ("cut-before-any-object", '{"objects": [', "norm1000", [], E.EMPTY_PRED, 0),
+    ("cut-in-key", '{"obje', "norm1000", [], E.EMPTY_PRED, 0),
     ("empty-list-missing-brace", '{"objects": []', "norm1000", [], None, 0),
     # --- coordinate validation ----------------------------------------------------------------
     ("above-999", '{"objects": [{"desc": "cat", "bbox_2d": [1, 2, 3, 1204]}]}', "norm1000",
@@ -136,10 +141,18 @@ CASES = [
     ("no-geometry", '{"objects": [{"desc": "cat"}]}', "norm1000", [], E.INVALID_GEOMETRY, 1),
     ("geometry-not-list", '{"objects": [{"desc": "cat", "bbox_2d": 5}]}', "norm1000", [], E.INVALID_GEOMETRY, 1),
     # --- desc validation ----------------------------------------------------------------------
-    ("empty-desc", '{"objects": [{"desc": "", "bbox_2d": [1, 2, 3, 4]}]}', "norm1000", [], E.PARSE_FAILED, 1),
-    ("blank-desc", '{"objects": [{"desc": "   ", "bbox_2d": [1, 2, 3, 4]}]}', "norm1000", [], E.PARSE_FAILED, 1),
-    ("missing-desc", '{"objects": [{"bbox_2d": [1, 2, 3, 4]}]}', "norm1000", [], E.PARSE_FAILED, 1),
-    ("non-string-desc", '{"objects": [{"desc": 7, "bbox_2d": [1, 2, 3, 4]}]}', "norm1000", [], E.PARSE_FAILED, 1),
+    ("empty-desc", '{"objects": [{"desc": "", "bbox_2d": [1, 2, 3, 4]}]}', "norm1000", [], E.EMPTY_PRED, 1),
+    ("blank-desc", '{"objects": [{"desc": "   ", "bbox_2d": [1, 2, 3, 4]}]}', "norm1000", [], E.EMPTY_PRED, 1),
+    ("missing-desc", '{"objects": [{"bbox_2d": [1, 2, 3, 4]}]}', "norm1000", [], E.EMPTY_PRED, 1),
+    ("non-string-desc", '{"objects": [{"desc": 7, "bbox_2d": [1, 2, 3, 4]}]}', "norm1000", [], E.EMPTY_PRED, 1),
+    ("desc-stripped", '{"objects": [{"desc": "  black cat \\n", "bbox_2d": [110, 310, 410, 705]}]}', "norm1000",
+     [CAT], None, 0),
+    # --- upstream's legacy shapes -----------------------------------------------------------------
+    ("legacy-obj-key", '{"obj": ' + CAT_NUM + "}", "norm1000", [CAT], None, 0),
+    ("legacy-object-map", '{"obj": ' + CAT_NUM + ', "obj2": {"desc": "dog", "bbox_2d": [1, 2, 3, 4]}}', "norm1000",
+     [CAT, B([1, 2, 3, 4], "dog")], None, 0),
+    ("legacy-index-keyed", '{"1": {"desc": "dog", "bbox_2d": [1, 2, 3, 4]}, "0": ' + CAT_TOK + "}", "norm1000",
+     [CAT, B([1, 2, 3, 4], "dog")], None, 0),
     ("unicode-desc", '{"objects": [{"desc": "黑猫 🐈 café", "bbox_2d": [1, 2, 3, 4]}]}', "norm1000",
      [B([1, 2, 3, 4], "黑猫 🐈 café")], None, 0),
     # --- empty / unrecoverable ----------------------------------------------------------------
@@ -148,11 +161,11 @@ CASES = [
     ("only-im-end", "<|im_end|>", "norm1000", [], E.EMPTY_PRED, 0),
     ("valid-empty-objects", '{"objects": []}', "norm1000", [], None, 0),
     ("valid-empty-list", "[]", "norm1000", [], None, 0),
-    ("prose-only", "I cannot see any objects in this image.", "norm1000", [], E.PARSE_FAILED, 0),
-    ("json-string", '"hello"', "norm1000", [], E.PARSE_FAILED, 0),
-    ("no-objects-key", '{"foo": 1}', "norm1000", [], E.PARSE_FAILED, 0),
-    ("objects-not-list", '{"objects": "none"}', "norm1000", [], E.PARSE_FAILED, 0),
-    ("list-of-numbers", "[1, 2, 3, 4]", "norm1000", [], E.PARSE_FAILED, 0),
+    ("prose-only", "I cannot see any objects in this image.", "norm1000", [], E.EMPTY_PRED, 0),
+    ("json-string", '"hello"', "norm1000", [], E.EMPTY_PRED, 0),
+    ("no-objects-key", '{"foo": 1}', "norm1000", [], E.EMPTY_PRED, 0),
+    ("objects-not-list", '{"objects": "none"}', "norm1000", [], E.EMPTY_PRED, 0),
+    ("list-of-numbers", "[1, 2, 3, 4]", "norm1000", [], E.EMPTY_PRED, 0),
     # --- what is kept / ignored ---------------------------------------------------------------
     ("score-hint-ignored", '{"objects": [{"desc": "black cat", "bbox_2d": [110, 310, 410, 705], "score": 0.12}]}',
      "norm1000", [CAT], None, 0),
@@ -209,7 +222,7 @@ def test_all_dropped_error_message_is_first_drop():
 def test_truncation_is_noted():
     r = parse_model_output('{"objects": [' + CAT_TOK + ', {"desc": "dog", "bbox_2d": [' + T(5, 6))
     assert r.preds == [CAT] and r.truncated and r.num_dropped == 1
-    assert any(n.startswith("dropped objects[1]: parse_failed: text cut mid-object") for n in r.repairs)
+    assert any(n.startswith("dropped objects[1]: truncated: text cut mid-object") for n in r.repairs)
     assert any("appended ']}'" in n for n in r.repairs)
 
 
@@ -236,7 +249,51 @@ def test_clean_answer_has_no_repairs():
 def test_json_repair_truncated_array_is_not_a_box():
     """json_repair alone would turn this into a 2-number box; we drop the object instead."""
     r = parse_model_output('{"objects": [{"desc": "cat", "bbox_2d": [<|coord_1|>, <|coord_2|>')
-    assert r.preds == [] and r.error is ErrorCode.PARSE_FAILED and r.num_dropped == 1 and r.truncated
+    assert r.preds == [] and r.error is ErrorCode.EMPTY_PRED and r.num_dropped == 1 and r.truncated
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 14: upstream's contract (empty_pred, the non-fatal `errors` list, geometry at pixel size).
+
+
+def test_nothing_recoverable_is_empty_pred_with_the_detail():
+    """The contract has no parse_failed: upstream says empty_pred; the reason stays in error_message."""
+    for text in ("I cannot see any objects.", '{"foo": 1}', "[1, 2, 3, 4]", '{"objects": ['):
+        r = parse_model_output(text)
+        assert r.preds == [] and r.error is ErrorCode.EMPTY_PRED and r.error_message, text
+    assert "no JSON object or list" in parse_model_output("prose only").error_message
+    assert "parse_failed" not in {c.value for c in ErrorCode}
+
+
+def test_errors_list_keeps_codes_of_dropped_objects_beside_survivors():
+    """A `line` geometry and a bad coordinate leave their codes on the line although CAT survives."""
+    text = ('{"objects": [{"desc": "wire", "line": [1, 2, 3, 4]}, ' + CAT_NUM
+            + ', {"desc": "d", "bbox_2d": [1, 2, 3, 1204]}, {"desc": "e", "bbox_2d": [1, 2, 3]}, {"bbox_2d": [1, 2, 3, 4]}]}')
+    r = parse_model_output(text)
+    assert r.preds == [CAT] and r.error is None and r.num_dropped == 4
+    assert r.errors == [E.INVALID_GEOMETRY, E.INVALID_COORD, E.INVALID_GEOMETRY]  # a missing desc has no code
+    assert r.to_dict()["errors"] == ["invalid_geometry", "invalid_coord", "invalid_geometry"]
+    assert "dropped objects[4]: missing_desc: no desc" in r.repairs
+
+
+def test_degenerate_at_pixel_size_is_invalid_geometry():
+    """[10, 10, 11, 12] on the grid is 1-2 grid cells: at 64x48 pixels x1 and x2 round to the same pixel."""
+    text = '{"objects": [{"desc": "speck", "bbox_2d": [10, 10, 11, 12]}, ' + CAT_NUM + "]}"
+    assert len(parse_model_output(text).preds) == 2  # without a size nothing is checked
+    r = parse_model_output(text, width=64, height=48)
+    assert r.preds == [CAT] and r.errors == [E.INVALID_GEOMETRY] and r.error is None
+    assert any(n.startswith("dropped objects[0]: invalid_geometry: bbox_2d has zero area at 64x48") for n in r.repairs)
+    # a flat polygon (all on one row of pixels) too; at a large size the same box survives
+    flat = '{"objects": [{"desc": "rim", "poly": [0, 500, 500, 500, 999, 501]}]}'
+    r = parse_model_output(flat, width=640, height=2)
+    assert r.preds == [] and r.error is E.INVALID_GEOMETRY and r.num_dropped == 1
+    assert parse_model_output(text, width=4000, height=4000).preds[0].desc == "speck"
+
+
+def test_all_dropped_without_a_code_is_empty_pred():
+    r = parse_model_output('{"objects": [{"bbox_2d": [1, 2, 3, 4]}, 7]}')
+    assert r.error is E.EMPTY_PRED and r.errors == [] and r.num_dropped == 2
+    assert r.error_message == "dropped objects[0]: missing_desc: no desc"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +380,7 @@ def test_truncation_at_every_character(spec, bare_list):
         elif k:
             assert r.error is None
         else:
-            assert r.error is ErrorCode.PARSE_FAILED, (i, cut)
+            assert r.error is ErrorCode.EMPTY_PRED, (i, cut)
         if k < 2 and r.num_dropped:
             assert any("dropped objects[" in n for n in r.repairs)
     assert parse_model_output(full).repairs == []
@@ -361,6 +418,7 @@ def test_to_dict():
         "error": None,
         "error_message": None,
         "repairs": ["dropped objects[1]: invalid_geometry: geometry 'line' is not allowed (use bbox_2d or poly)"],
+        "errors": ["invalid_geometry"],
         "num_dropped": 1,
         "truncated": False,
     }
@@ -407,7 +465,7 @@ def test_cli_parse_stdin_error_still_rc0(monkeypatch, capsys):
     rc, out = _cli(["parse"], capsys)
     assert rc == 0
     d = json.loads(out)
-    assert d["preds"] == [] and d["error"] == "parse_failed"
+    assert d["preds"] == [] and d["error"] == "empty_pred" and "no JSON" in d["error_message"]
 
 
 def test_cli_parse_coord_mode(monkeypatch, capsys):
@@ -428,7 +486,7 @@ def test_cli_parse_jsonl(tmp_path, capsys):
     assert lines[0]["preds"] == [CAT.to_dict()] and lines[0]["error"] is None
     assert lines[1]["error"] == "empty_pred"
     assert lines[2]["preds"] == [] and lines[2]["error"] is None
-    assert lines[3]["error"] == "parse_failed" and lines[3]["num_dropped"] == 1
+    assert lines[3]["error"] == "empty_pred" and lines[3]["num_dropped"] == 1
 
 
 def test_cli_parse_predictions_field(tmp_path, capsys):
