@@ -6,9 +6,8 @@ version) is used, with a private backend folder holding the stub for the running
 """
 from __future__ import annotations
 
-from typing import Any
-
 import argparse
+import ctypes
 import os
 import re
 import shutil
@@ -20,10 +19,54 @@ import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class TritonError(RuntimeError):
     """Triton could not be started, or a model failed to load (message carries Triton's words)."""
+
+
+class StopRequested(BaseException):
+    """A stop signal arrived (SIGINT/SIGTERM/SIGHUP); a BaseException so it unwinds any wait."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """The child gets SIGKILL when its parent dies, even by SIGKILL (Linux prctl)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def repository_problem(repo: str) -> str | None:
+    """Why `repo` is not a model repository Triton can serve (None: it looks like one)."""
+    if not os.path.isdir(repo):
+        return f"model repository not found: {repo}"
+    models = [e for e in sorted(os.listdir(repo)) if os.path.isfile(os.path.join(repo, e, "config.pbtxt"))]
+    if models:
+        return None
+    hint = ""
+    if os.path.isfile(os.path.join(repo, "config.json")):
+        hint = (f" (it looks like a checkpoint: export it first with python export/build_engine.py --ckpt {repo}"
+                " and serve the repository that prints)")
+    return f"{repo} is not a Triton model repository: no model folder with a config.pbtxt{hint}"
 
 
 @dataclass
@@ -97,13 +140,15 @@ class TritonServer:
                  metrics_port: int | None = None, host: str = "127.0.0.1", log_path: str | None = None,
                  verbose: bool = False, ready_timeout: float = 300.0, extra_args: list[str] | None = None,
                  prefer_path: bool = True):
-        if not os.path.isdir(repo):
-            raise TritonError(f"model repository not found: {repo}")
+        problem = repository_problem(repo)
+        if problem:
+            raise TritonError(problem)
         self.repo = os.path.abspath(repo)
         self.host = host
         self.grpc_port = grpc_port or free_port(host)
         self.http_port = http_port or free_port(host)
-        self.metrics_port = metrics_port or free_port(host)
+        # None: a free port (a fixed default collides with a second server); 0: metrics off
+        self.metrics_port = free_port(host) if metrics_port is None else metrics_port
         self.verbose = verbose
         self.ready_timeout = ready_timeout
         self.extra_args = list(extra_args or [])
@@ -111,6 +156,7 @@ class TritonServer:
         self._workdir = tempfile.mkdtemp(prefix="coordexp-triton-")
         self.log_path = log_path or os.path.join(self._workdir, "tritonserver.log")
         self.proc: subprocess.Popen | None = None
+        self.models: list[str] = []
 
     @property
     def grpc_url(self) -> str:
@@ -124,7 +170,8 @@ class TritonServer:
         cmd = [self.install.binary, f"--model-repository={self.repo}",
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                f"--http-address={self.host}", f"--http-port={self.http_port}",
-               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+               *([f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}"] if self.metrics_port
+                 else ["--allow-metrics=false"]),
                "--exit-timeout-secs=10", "--strict-readiness=true"]
         if self.verbose:
             cmd.append("--log-verbose=1")
@@ -153,14 +200,28 @@ class TritonServer:
         except OSError:
             return ""
 
+    def ports(self) -> dict[str, int]:
+        """The ports this server binds, by the flag that sets them."""
+        out = {"--grpc-port": self.grpc_port, "--http-port": self.http_port}
+        if self.metrics_port:
+            out["--metrics-port"] = self.metrics_port
+        return out
+
+    def _check_ports(self) -> None:
+        taken = [f"{port} ({flag})" for flag, port in self.ports().items() if port_in_use(self.host, port)]
+        if taken:
+            raise TritonError(f"port {', '.join(taken)} already in use on {self.host} (another server?): "
+                              "pass a free port with that flag, or 0 for any free one")
+
     def start(self) -> "TritonServer":
+        self._check_ports()
         cmd = self.command()
         backend_dir = _prepare_backend_dir(self.install, self._workdir)
         if backend_dir:
             cmd.insert(2, f"--backend-directory={backend_dir}")
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
         try:
             self._wait_ready()
@@ -177,20 +238,37 @@ class TritonServer:
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    msgs = _model_errors(self.log_text()) or self.log_text().splitlines()[-10:]
                     raise TritonError(f"tritonserver exited with code {self.proc.returncode} before it was ready "
-                                      f"(log: {self.log_path}):\n  " + "\n  ".join(msgs))
+                                      f"(log: {self.log_path}): {self.exit_reason()}")
                 try:
-                    if client.is_server_ready():
-                        return
+                    ready = client.is_server_ready()
                 except Exception:
-                    pass
+                    ready = False
+                if ready and self.proc.poll() is None:  # ours answered, not another server on the port
+                    self._check_models(client)
+                    return
                 time.sleep(0.25)
         finally:
             client.close()
         msgs = _model_errors(self.log_text())
         raise TritonError(f"tritonserver not ready after {self.ready_timeout:.0f}s (log: {self.log_path})"
                           + ("\n  " + "\n  ".join(msgs) if msgs else ""))
+
+    def _check_models(self, client: Any) -> None:
+        index = client.get_model_repository_index(as_json=True).get("models", [])
+        ready = [m.get("name") for m in index if m.get("state") == "READY"]
+        if not ready:
+            raise TritonError(f"tritonserver started but serves no model from {self.repo} (log: {self.log_path})")
+        self.models = ready
+
+    def exit_reason(self) -> str:
+        """Why the process ended, from Triton's log (the port clash, a model failure, ...)."""
+        text = self.log_text()
+        clash = re.search(r"Socket '([^']+)' already in use|Address already in use", text)
+        if clash:
+            return f"a port was already in use ({clash.group(0)}); pick free ports with --grpc-port/--http-port/--metrics-port"
+        msgs = _model_errors(text) or text.splitlines()[-5:]
+        return "; ".join(msgs)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, wait, then SIGKILL the whole process group (model stubs included)."""
@@ -233,46 +311,51 @@ def start_server(repo: str, **kwargs: Any) -> TritonServer:
     return TritonServer(repo, **kwargs).start()
 
 
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise StopRequested(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="coordexp-server", description="Serve a CoordExp model repository with "
-                                "Triton Inference Server on loopback until Ctrl-C / SIGTERM.")
+                                "Triton Inference Server on loopback until Ctrl-C / SIGTERM / SIGHUP.")
     p.add_argument("--repo", required=True, help="Triton model repository (from export/build_engine.py)")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--grpc-port", type=int, default=8001, help="0: a free port")
+    p.add_argument("--http-port", type=int, default=8000, help="0: a free port")
+    p.add_argument("--metrics-port", type=int, default=None, help="default: a free port; 0: metrics off")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--log", default=None, help="write Triton's log here")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     args = p.parse_args(argv)
+    # Handlers first: a stop signal during start-up (model loading can take minutes) must stop
+    # tritonserver too, not leave it running with its ports.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_stop)
+    server = None
     try:
         server = TritonServer(args.repo, args.grpc_port, args.http_port, args.metrics_port, host=args.host,
                               log_path=args.log, verbose=args.verbose, ready_timeout=args.ready_timeout)
         print(f"starting tritonserver ({server.install.source}) on {args.host} ...", file=sys.stderr)
         server.start()
+        print(f"ready: grpc {server.grpc_url}  http {server.http_url}  models {', '.join(server.models)}  "
+              f"log {server.log_path}", file=sys.stderr)
+        while server.proc.poll() is None:
+            time.sleep(0.5)
+        print(f"error: tritonserver exited with code {server.proc.returncode}: {server.exit_reason()} "
+              f"(log: {server.log_path})", file=sys.stderr)
+        server.stop()
+        return 1
     except TritonError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"ready: grpc {server.grpc_url}  http {server.http_url}  log {server.log_path}", file=sys.stderr)
-    stop = {"flag": False}
-
-    def _on_signal(signum, frame):
-        stop["flag"] = True
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    try:
-        while not stop["flag"]:
-            if server.proc.poll() is not None:
-                print(f"error: tritonserver exited with code {server.proc.returncode} (log: {server.log_path})",
-                      file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-    finally:
-        print("stopping tritonserver ...", file=sys.stderr)
-        rc = server.stop()
-    print(f"stopped (exit code {rc})", file=sys.stderr)
-    return 0
+    except StopRequested as e:
+        ready = bool(server and server.models)
+        for sig in STOP_SIGNALS:  # a second signal must not interrupt the shutdown
+            signal.signal(sig, signal.SIG_IGN)
+        print(f"{e}: stopping tritonserver ...", file=sys.stderr)
+        rc = server.stop() if server is not None else None
+        print(f"stopped (exit code {rc})", file=sys.stderr)
+        return 0 if ready else 128 + e.signum
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -164,6 +165,12 @@ async def preflight(url: str, model: str, timeout: float = 10.0):
             ready = await client.is_model_ready(model, client_timeout=timeout)
         except Exception:
             pass
+        if not ready and model == wire.ENSEMBLE:  # the default name: one CoordExp ensemble there is picked
+            only = await _only_ensemble(client, timeout)
+            if only is not None:
+                print(f"note: {url} has no model {model!r}; using its one CoordExp ensemble {only!r} "
+                      f"(pass --model {only} to say so)", file=sys.stderr)
+                model, ready = only, True
         if not ready:
             raise PreflightError(await _not_ready_reason(client, url, model, timeout))
         try:
@@ -181,6 +188,25 @@ async def preflight(url: str, model: str, timeout: float = 10.0):
     except BaseException:
         await client.close()
         raise
+
+
+async def _only_ensemble(client, timeout: float) -> str | None:
+    """The name of the one READY unary CoordExp ensemble of a server (None: none, or several)."""
+    try:
+        index = await client.get_model_repository_index(as_json=True, client_timeout=timeout)
+    except Exception:
+        return None
+    found = []
+    for m in index.get("models", []):
+        if m.get("state") != "READY" or m.get("name", "").endswith(wire.STREAM_SUFFIX):
+            continue
+        try:
+            config = (await client.get_model_config(m["name"], as_json=True, client_timeout=timeout)).get("config", {})
+        except Exception:
+            continue
+        if config.get("platform") == "ensemble" and "manifest_json" in (config.get("parameters") or {}):
+            found.append(m["name"])
+    return found[0] if len(set(found)) == 1 else None
 
 
 async def _not_ready_reason(client, url: str, model: str, timeout: float) -> str:
@@ -249,6 +275,7 @@ class ServerPool:
             for url in urls:
                 client, i, m = await preflight(url, model, preflight_timeout)
                 states.append(ServerState(url=url, client=client))
+                model = i.name or model  # the ensemble picked when the default name was not there
                 if iface is None:
                     iface, manifest = i, m
                 elif (set(i.inputs) != set(iface.inputs)
