@@ -9,18 +9,26 @@ PIP    := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup browser demo test test-fast bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=69" wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[server,semantic,test]"
+	$(PIP) install -q -e ".[server,semantic,test,ui]"
 	# xgrammar without its GPU kernel dependency (triton, ~1 GB): we apply its masks on the CPU.
 	$(PIP) install -q --no-deps "xgrammar>=0.2.8,<0.3" "apache-tvm-ffi>=0.1.11,<0.2"
 	touch $(STAMP)
+
+# The viewer's browser tests drive Debian's chromium + chromedriver (no tool that downloads its own
+# browser). Installed when missing and we are root (CI); elsewhere say how.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "note: browser tests need chromium + chromium-driver (sudo apt-get install chromium chromium-driver)"; fi
 
 demo: setup
 	$(PY) -m coordexp.demo

@@ -21,6 +21,9 @@ COMMANDS = [
     ("vis", "coordexp.vis.cli"),  # GT vs pred overlays + gallery
     ("pipeline", "coordexp.client.cmd_pipeline"),  # infer -> eval + vis from one YAML
     ("make-data", "coordexp.demo.synthetic"),  # synthetic shapes dataset
+    ("runs", "coordexp.client.cmd_runs"),  # the run registry: list, show, import, delete, export
+    ("compare", "coordexp.client.cmd_compare"),  # registered runs vs a reference, with intervals
+    ("ui", "coordexp.client.cmd_ui"),  # the web viewer over the registry
 ]
 
 
