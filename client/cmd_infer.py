@@ -8,6 +8,7 @@ import sys
 
 from typing import Any, Sequence
 
+from coordexp.client.cmd_runs import add_register_args, register_options
 from coordexp.client.options import (add_decoding_args, add_local_engine_args, add_prompt_args, params_from_args,
                                      prompt_from_args, prompt_overrides)
 from coordexp.dataset import DEFAULT_MAX_PIXELS
@@ -41,7 +42,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds to wait for a server that went away before failing")
     add_decoding_args(p)
     add_prompt_args(p)
-    p.set_defaults(func=run)
+    add_register_args(p)
+    p.set_defaults(func=run_and_register)
+
+
+def run_and_register(args: argparse.Namespace) -> int:
+    """`run`, then record the finished run in the registry as an inference job (unless --no-register)."""
+    rc = run(args)
+    if rc == 0:
+        from coordexp.runs.register import register_run
+
+        register_run(args.out, register_options(args), gt_path=args.data)
+    return rc
 
 
 def run(args: argparse.Namespace) -> int:

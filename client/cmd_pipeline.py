@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    "Example: configs/pipeline.yaml; every key: configs/README.md.")
     p.add_argument("--config", required=True, help="pipeline YAML file")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; run nothing")
+    from coordexp.client.cmd_runs import add_register_args
+
+    add_register_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -58,7 +61,22 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(cfg.resolved(), indent=2, ensure_ascii=False))
         return EXIT_OK
-    return run_pipeline(cfg)
+    rc = run_pipeline(cfg)
+    _register(cfg, args, rc)
+    return rc
+
+
+def _register(cfg, args: argparse.Namespace, rc: int) -> None:
+    """Record the run folder in the registry: a test run when eval ran, else an inference job."""
+    from coordexp.client.cmd_runs import register_options
+    from coordexp.runs.register import register_run
+
+    pred = os.path.join(cfg.run_dir, "predictions.jsonl")
+    ev = os.path.join(cfg.run_dir, "eval")
+    if os.path.isfile(pred):
+        register_run(pred, register_options(args), gt_path=cfg.data,
+                     eval_dir=ev if os.path.isfile(os.path.join(ev, "metrics.json")) else None,
+                     failed=None if rc == EXIT_OK else f"pipeline exited with status {rc}")
 
 
 # -- stages -----------------------------------------------------------------------------------------

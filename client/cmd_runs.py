@@ -99,7 +99,7 @@ def _show(reg, args) -> int:
 
 
 def _import(reg, args) -> int:
-    from coordexp.runs.importers import import_run_dir
+    from coordexp.runs.folders import import_run_dir
 
     run, rows = import_run_dir(args.run_dir, gt_path=args.gt, name=args.name)
     run_id = reg.add_run(run, rows, replace=True)

@@ -29,6 +29,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="COCO evaluator (same numbers; faster-coco-eval is several times faster)")
     p.add_argument("--no-plots", action="store_true", help="skip pr_curve.png and per_class_ap.png")
     p.add_argument("--quiet", action="store_true", help="no summary table")
+    from coordexp.client.cmd_runs import add_register_args
+
+    add_register_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -50,6 +53,11 @@ def run(args) -> int:
     if not args.quiet:
         print(format_summary(m))
         print(f"artifacts in {args.out}")
+    if not args.no_register:  # the registry records the scored run (a test run)
+        from coordexp.client.cmd_runs import register_options
+        from coordexp.runs.register import register_run
+
+        register_run(args.pred, register_options(args), gt_path=args.gt, eval_dir=args.out, quiet=args.quiet)
     return 0
 
 

@@ -186,22 +186,6 @@ def find_eval_dir(run_dir: str) -> str | None:
     return None
 
 
-def is_coordexp_dir(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, "gt_vs_pred.jsonl"))
-
-
-def import_run_dir(run_dir: str, gt_path: str | None = None, name: str | None = None
-                   ) -> tuple[RunRecord, list[ImageRow]]:
-    """A run folder of either origin -> (RunRecord, ImageRows), nothing registered yet."""
-    if not os.path.isdir(run_dir):
-        raise ImportError_(f"{run_dir}: not a folder")
-    if is_coordexp_dir(run_dir):
-        from .coordexp_import import import_coordexp_dir
-
-        return import_coordexp_dir(run_dir, name=name)
-    return import_our_dir(run_dir, gt_path=gt_path, name=name)
-
-
 def import_our_dir(run_dir: str, gt_path: str | None = None, name: str | None = None,
                    pred_name: str = "predictions.jsonl", eval_dir: str | None = None
                    ) -> tuple[RunRecord, list[ImageRow]]:
@@ -222,19 +206,20 @@ def import_our_dir(run_dir: str, gt_path: str | None = None, name: str | None = 
            if isinstance(d.get("image_id"), int) and isinstance(d.get("latency_ms"), (int, float))}
     run.p50_ms, run.p95_ms = _latency_stats(lat)
     if gt_path and os.path.isfile(gt_path):
+        run.dataset_path, run.dataset_sha256 = os.path.abspath(gt_path), sha256_file(gt_path)
+    if eval_dir and run.dataset_path:
         from coordexp.eval.io import load_pairs
 
-        run.dataset_path, run.dataset_sha256 = os.path.abspath(gt_path), sha256_file(gt_path)
         try:
-            pairs = load_pairs(pred, gt_path)
+            pairs = load_pairs(pred, run.dataset_path)
         except (ValueError, OSError) as e:
             raise ImportError_(f"{pred}: {e}") from None
         mpath = os.path.join(eval_dir, "matches.jsonl") if eval_dir else None
         matches = read_matches(mpath) if mpath and os.path.isfile(mpath) else None
-        rows = rows_from_pairs(pairs, matches, os.path.dirname(os.path.abspath(gt_path)), lat)
-    else:
+        rows = rows_from_pairs(pairs, matches, os.path.dirname(run.dataset_path), lat)
+    else:  # an inference job: predictions only (the input may carry no labels)
         run.kind = "infer"
-        rows = infer_rows(pred, os.path.dirname(os.path.abspath(run.dataset_path or pred)), lat)
+        rows = infer_rows(pred, os.path.dirname(run.dataset_path or os.path.abspath(pred)), lat)
     if eval_dir:
         run.metrics = flat_metrics(m)
         run.primary_metric_name, run.primary_metric = primary_of(run.metrics)

@@ -20,15 +20,18 @@ class RegisterOptions:
 
 
 def register_run(pred_path: str, opts: RegisterOptions, gt_path: str | None = None,
-                 eval_dir: str | None = None, quiet: bool = False) -> int | None:
+                 eval_dir: str | None = None, quiet: bool = False, failed: str | None = None) -> int | None:
     """Register the run folder holding `pred_path` (replacing an earlier entry of that folder);
-    returns the run id, None when disabled or when it failed (with a warning)."""
+    returns the run id, None when disabled or when it failed (with a warning). `failed`: the run
+    itself failed (registered with status failed and this error)."""
     if not opts.enabled:
         return None
     run_dir = os.path.dirname(os.path.abspath(pred_path))
     try:
         run, rows = import_our_dir(run_dir, gt_path=gt_path, name=opts.name, pred_name=os.path.basename(pred_path),
                                    eval_dir=eval_dir)
+        if failed:
+            run.status, run.error = "failed", failed
         with Registry(opts.registry) as reg:
             run_id = reg.add_run(run, rows, replace=True)
             path = reg.path
