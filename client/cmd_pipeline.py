@@ -132,6 +132,15 @@ def artifact_counts(pred_path: str) -> dict[str, Any]:
     return {"records_read": n, "records_written": n, "errors": dict(sorted(errors.items()))}
 
 
+def scored_artifact_fields(pair: Any) -> dict[str, Any]:
+    """The fields of CoordExp's `gt_vs_pred_scored.jsonl` that its evaluator requires for COCO/LVIS:
+    `image`, `errors` and the score provenance (our scores are the constant 1.0 of the contract)."""
+    from coordexp.eval.upstream import SCORE_SOURCE, SCORE_VERSION
+
+    return {"image": pair.images[0] if pair.images else "", "errors": [pair.error] if pair.error else [],
+            "pred_score_source": SCORE_SOURCE, "pred_score_version": SCORE_VERSION}
+
+
 def write_gt_vs_pred(pred_path: str, gt_path: str, out_path: str, gt_coord_mode: str | None = None) -> int:
     """gt_vs_pred.jsonl: one line per GT image, GT and predictions in pixel coordinates."""
     from coordexp.eval import load_pairs
@@ -142,7 +151,8 @@ def write_gt_vs_pred(pred_path: str, gt_path: str, out_path: str, gt_coord_mode:
         for p in pairs:
             row: dict[str, Any] = {"image_id": p.image_id, "images": p.images, "width": p.width,
                                    "height": p.height, "coord_mode": "pixel",
-                                   "gt": [o.to_dict() for o in p.gts], "pred": [o.to_dict() for o in p.preds]}
+                                   "gt": [o.to_dict() for o in p.gts], "pred": [o.to_dict() for o in p.preds],
+                                   **scored_artifact_fields(p)}  # what CoordExp's evaluator needs for COCO
             if p.error:
                 row["error"] = p.error
                 if p.error_message:

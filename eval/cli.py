@@ -13,8 +13,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "prediction artifact only; writes metrics.json, per_image.json, per_class.csv, "
                     "coco_gt.json, coco_preds.json, matches*.jsonl and plots into --out.",
     )
-    p.add_argument("--pred", required=True, help="predictions.jsonl (the prediction artifact)")
-    p.add_argument("--gt", required=True, help="GT: the input JSONL (norm/coord/pixel) or a COCO instances json")
+    p.add_argument("--pred", required=True,
+                   help="predictions.jsonl (the prediction artifact), or a gt_vs_pred[_scored].jsonl alone")
+    p.add_argument("--gt", default=None,
+                   help="GT: the input JSONL (norm/coord/pixel) or a COCO instances json; not needed when --pred "
+                        "is a gt_vs_pred.jsonl / gt_vs_pred_scored.jsonl (ours or CoordExp's: GT inside)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--metrics", choices=["coco", "f1ish", "both"], default="both")
     p.add_argument("--reparse", action="store_true",

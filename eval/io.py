@@ -241,6 +241,10 @@ def _reparse(raw_output: str, coord_mode: str) -> tuple[list, str | None, str | 
     return list(res.preds or []), (str(err) if err is not None else None), getattr(res, "error_message", None)
 
 
+PRED_WITHOUT_PREDS = ("has upstream's `pred` list but no `preds`: it is a gt_vs_pred.jsonl (GT inside); "
+                      "evaluate it alone: --pred FILE without --gt")
+
+
 def attach_predictions(gt: GroundTruth, pred_path: str, reparse: bool = False) -> dict[str, Any]:
     """Fill `pair.preds` from the prediction artifact; returns line-level counts.
 
@@ -258,6 +262,8 @@ def attach_predictions(gt: GroundTruth, pred_path: str, reparse: bool = False) -
             counts["pred_lines_unreadable"] += 1
             errors["unreadable_line"] += 1
             continue
+        if "preds" not in d and "pred" in d:  # never score upstream's list as "no predictions"
+            raise ValueError(f"{pred_path} line {line_no}: {PRED_WITHOUT_PREDS}")
         iid = d.get("image_id")
         if isinstance(iid, bool) or not isinstance(iid, int):
             raise ValueError(f"{pred_path} line {line_no}: image_id must be an integer, got {iid!r}")

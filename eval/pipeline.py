@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any, Sequence
 
 from .coco import STAT_NAMES, CocoResult, build_coco_dets, build_coco_gt, run_cocoeval
-from .io import ImagePair, attach_predictions, load_gt
+from .io import ImagePair
 from .matching import MatchResult, aggregate, iou_matrix, match_image
 from .semantic import DEFAULT_THRESHOLD, SemanticScorer
 from .report import thr_key, write_artifacts
@@ -106,11 +106,13 @@ def _coco(pairs, categories: list[str], category_of: dict[str, str | None], with
     return coco_gt, coco_dets, res
 
 
-def evaluate(pred_path: str, gt_path: str, out_dir: str | None, metrics: str = "both", *,
+def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: str = "both", *,
              iou_thrs: Sequence[float] = DEFAULT_IOU_THRS, reparse: bool = False, semantic: bool = True,
              semantic_thr: float = DEFAULT_THRESHOLD, embedder=None, coco_backend: str = "faster-coco-eval",
              gt_coord_mode: str | None = None, plots: bool = True, verbose: bool = False) -> dict[str, Any]:
     """Evaluate a prediction artifact against GT; write the artifacts into `out_dir` (None: none).
+
+    - `gt_path=None`: `pred_path` is a gt_vs_pred.jsonl (ours or CoordExp's) with the GT inside.
 
     - `metrics`: "coco", "f1ish" or "both".
     - `semantic=False`: descs compare as exact/normalised strings only (no embedding model).
@@ -124,8 +126,9 @@ def evaluate(pred_path: str, gt_path: str, out_dir: str | None, metrics: str = "
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
-    gt = load_gt(gt_path, coord_mode=gt_coord_mode)
-    line_info = attach_predictions(gt, pred_path, reparse=reparse)
+    from .upstream import flat_metrics, load_inputs
+
+    gt, line_info = load_inputs(pred_path, gt_path, reparse=reparse, gt_coord_mode=gt_coord_mode)
     pairs = gt.images
     timings["load_s"] = time.perf_counter() - t0
     scorer = SemanticScorer(embedder=embedder, threshold=semantic_thr, enabled=semantic)
@@ -138,7 +141,7 @@ def evaluate(pred_path: str, gt_path: str, out_dir: str | None, metrics: str = "
 
     result: dict[str, Any] = {
         "schema_version": EVAL_SCHEMA_VERSION,
-        "inputs": {"pred": os.path.abspath(pred_path), "gt": os.path.abspath(gt_path),
+        "inputs": {"pred": os.path.abspath(pred_path), "gt": os.path.abspath(gt_path or pred_path),
                    "gt_format": gt.source_format, "metrics": metrics, "reparse": bool(reparse),
                    "iou_thrs": [float(x) for x in iou_thrs], "primary_iou_thr": primary},
         "counts": counts,
@@ -163,6 +166,7 @@ def evaluate(pred_path: str, gt_path: str, out_dir: str | None, metrics: str = "
         result["f1ish"] = {thr_key(th): aggregate(rs) for th, rs in f1_results.items()}
         result["f1ish_primary"] = thr_key(primary)
         timings["f1ish_s"] = time.perf_counter() - t
+    result["coordexp"] = flat_metrics(result)  # upstream's flat key names, same numbers
     result["semantic"] = scorer.info()
     if scorer.fallback_reason and semantic:
         result["semantic"]["note"] = ("embedding model unavailable: semantic matching and category mapping "

@@ -18,7 +18,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "gets a ≠ badge.",
     )
     p.add_argument("--pred", required=True, help="predictions.jsonl (the prediction artifact)")
-    p.add_argument("--gt", required=True, help="GT: the input JSONL (or a COCO instances json)")
+    p.add_argument("--gt", default=None, help="GT: the input JSONL (or a COCO instances json); not needed when "
+                   "--pred is a gt_vs_pred.jsonl (ours or CoordExp's: GT inside)")
     p.add_argument("--out", required=True, help="output folder (index.html, index.json, overlays/)")
     p.add_argument("--limit", type=int, default=None, help="render at most N images (the N worst)")
     p.add_argument("--only-errors", action="store_true", help="only images with an FP, an FN or an error")

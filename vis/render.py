@@ -339,26 +339,25 @@ def _safe_name(image_id: int, images: Sequence[str]) -> str:
 
 # -- the command --------------------------------------------------------------------------------------
 
-def visualize(pred_path: str, gt_path: str, out_dir: str, *, iou: float = 0.5, matches_path: str | None = None,
+def visualize(pred_path: str, gt_path: str | None, out_dir: str, *, iou: float = 0.5, matches_path: str | None = None,
               limit: int | None = None, only_errors: bool = False, semantic: bool = False,
               image_root: str | None = None, gt_coord_mode: str | None = None,
               min_size: int = DEFAULT_MIN_SIZE, max_size: int = DEFAULT_MAX_SIZE,
               title: str | None = None) -> dict[str, Any]:
     """Render the overlays and the gallery; returns the content of index.json."""
-    from coordexp.eval import attach_predictions, load_gt
+    from coordexp.eval.upstream import load_inputs
 
     from .gallery import write_gallery
 
     for p, what in ((pred_path, "predictions"), (gt_path, "GT")):
-        if not os.path.isfile(p):
+        if p is not None and not os.path.isfile(p):
             raise FileNotFoundError(f"{what} file not found: {p}")
     if not 0 < iou <= 1:
         raise ValueError(f"--iou must be in (0, 1], got {iou}")
     if limit is not None and limit < 0:
         raise ValueError(f"--limit must be >= 0, got {limit}")
-    root = image_root or os.path.dirname(os.path.abspath(gt_path))
-    gt = load_gt(gt_path, coord_mode=gt_coord_mode)
-    attach_predictions(gt, pred_path)
+    root = image_root or os.path.dirname(os.path.abspath(gt_path or pred_path))
+    gt, _ = load_inputs(pred_path, gt_path, gt_coord_mode=gt_coord_mode)  # gt_path None: GT inside pred_path
     pairs = gt.images
     matches = None
     match_source = "computed (strings only)" if not semantic else "computed (embeddings)"
@@ -403,7 +402,7 @@ def visualize(pred_path: str, gt_path: str, out_dir: str, *, iou: float = 0.5, m
     micro = prf(tot["tp"], tot["fp"], tot["fn"])
     index = {
         "schema_version": VIS_SCHEMA_VERSION,
-        "inputs": {"pred": os.path.abspath(pred_path), "gt": os.path.abspath(gt_path),
+        "inputs": {"pred": os.path.abspath(pred_path), "gt": os.path.abspath(gt_path or pred_path),
                    "image_root": os.path.abspath(root), "matches": os.path.abspath(matches_path) if matches_path else None},
         "iou_thr": iou,
         "match_source": match_source,
