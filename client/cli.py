@@ -20,6 +20,7 @@ COMMANDS = [
     ("eval", "coordexp.eval.cli"),  # COCO + F1-ish metrics from the artifact
     ("vis", "coordexp.vis.cli"),  # GT vs pred overlays + gallery
     ("pipeline", "coordexp.client.cmd_pipeline"),  # infer -> eval + vis from one YAML
+    ("group", "coordexp.client.cmd_group"),  # Stage-A: one record per image group of mission folders
     ("make-data", "coordexp.demo.synthetic"),  # synthetic shapes dataset
     ("runs", "coordexp.client.cmd_runs"),  # the run registry: list, show, import, delete, export
     ("compare", "coordexp.client.cmd_compare"),  # registered runs vs a reference, with intervals
