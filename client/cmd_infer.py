@@ -16,8 +16,11 @@ from coordexp.generation import GenerationParams
 
 # Exit codes: 0 done (lines may carry their own errors), 2 nothing was run (wrong URL, model unknown
 # or not ready, incompatible interface, bad arguments), 3 the servers went away mid-run.
+EXIT_RUN_FAILED = 1  # most lines failed on input or engine errors (e.g. images not found)
 EXIT_PREFLIGHT = 2
 EXIT_SERVERS_GONE = 3
+EXIT_INTERRUPTED = 130
+FAILED_SHARE_LIMIT = 0.5
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from --out")
     p.add_argument("--batch-size", type=int, default=1, help="local engines: images per generate call")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    p.add_argument("--image-root", default=None,
+                   help="folder relative image paths start from (default: the JSONL's folder)")
     p.add_argument("--no-progress", action="store_true")
     add_local_engine_args(p)
     s = p.add_argument_group("Triton servers")
@@ -80,11 +85,12 @@ def run(args: argparse.Namespace) -> int:
                             ClientOptions(model=args.model, timeout=args.timeout, retries=args.retries,
                                           wait_for_server=args.wait_for_server),
                             concurrency=args.concurrency, resume=args.resume, max_pixels=args.max_pixels,
+                            image_root=args.image_root,
                             progress=False if args.no_progress else None, user_text=args.user_text,
                             prompt_overrides=prompt_overrides(args),
                             explicit_max_new_tokens=args.max_new_tokens is not None)
     from coordexp.engines import load_engine
-    from coordexp.runner import run_dataset
+    from coordexp.runner import RunInterrupted, run_dataset
 
     prompt = prompt_from_args(args)
     try:
@@ -94,24 +100,46 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = run_dataset(args.data, args.out, engine, params, batch_size=args.batch_size, resume=args.resume,
-                              max_pixels=args.max_pixels, progress=False if args.no_progress else None)
+                              max_pixels=args.max_pixels, progress=False if args.no_progress else None,
+                              image_root=args.image_root)
     except ValueError as e:  # e.g. an --out that cannot be resumed
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary.to_dict()[k] for k in ("records_written", "errors", "seconds", "images_per_s")}),
-          file=sys.stderr)
+    except RunInterrupted as e:
+        summary = e.summary
+    return report(summary.to_dict(), args.out, ("records_written", "errors", "seconds", "images_per_s"))
+
+
+def report(d: dict[str, Any], out: str, keys: Sequence[str]) -> int:
+    """Print how a run ended and return its exit code: complete, interrupted (Ctrl-C), stopped early
+    (servers gone) or complete but failed on most lines."""
+    done = f"wrote {d['records_written']} of {d['records_total']} lines to {out}"
+    if d["status"] == "interrupted":
+        print(f"interrupted: {done}; run the same command with --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if d["status"] != "complete":
+        print(f"error: {d.get('failure')}; {done}; run the same command with --resume to continue", file=sys.stderr)
+        return EXIT_SERVERS_GONE
+    print(json.dumps({k: d[k] for k in keys}), file=sys.stderr)
+    if d.get("failed_share", 0) > FAILED_SHARE_LIMIT:
+        top = max(d["errors"].items(), key=lambda kv: kv[1])
+        hint = " (are the images where the JSONL says? --image-root sets where relative paths start)" \
+            if top[0] == "image_load_failed" else ""
+        print(f"error: {d['failed_share']:.0%} of the lines failed, most with {top[0]} ({top[1]}){hint}; "
+              f"see the error_message of the lines in {out}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     return 0
 
 
 def infer_remote(urls: Sequence[str], data: str, out: str, params: GenerationParams, client: Any, *,
                  concurrency: int = 8, resume: bool = False, max_pixels: int | None = None,
-                 progress: bool | None = None, user_text: str | None = None,
+                 image_root: str | None = None, progress: bool | None = None, user_text: str | None = None,
                  prompt_overrides: dict[str, Any] | None = None, explicit_max_new_tokens: bool = True) -> int:
     """`infer --url ...` (and the pipeline's triton engine): pre-flight, then the one dataset loop
     (`coordexp.runner.run_dataset`) on a `TritonEngine`; `client` is a `ClientOptions`. Returns the
     exit code."""
     from coordexp.engines.triton import PreflightError, TritonEngine
-    from coordexp.runner import run_dataset
+    from coordexp.runner import RunInterrupted, run_dataset
 
     try:
         engine = TritonEngine.connect(urls, client, user_text=user_text)
@@ -126,15 +154,11 @@ def infer_remote(urls: Sequence[str], data: str, out: str, params: GenerationPar
             return EXIT_PREFLIGHT
         try:
             summary = run_dataset(data, out, engine, params, resume=resume, max_pixels=max_pixels,
-                                  progress=progress, concurrency=concurrency)
+                                  progress=progress, concurrency=concurrency, image_root=image_root)
         except ValueError as e:  # e.g. an --out that cannot be resumed
             print(f"error: {e}", file=sys.stderr)
             return EXIT_PREFLIGHT
-    d = summary.to_dict()
-    if d["status"] != "complete":
-        print(f"error: {d.get('failure')}; wrote {d['records_written']} of {d['records_total']} lines to {out}; "
-              f"run the same command with --resume to continue", file=sys.stderr)
-        return EXIT_SERVERS_GONE
-    print(json.dumps({k: d[k] for k in ("records_written", "errors", "seconds", "images_per_s", "tokens_per_s",
-                                        "retries")}), file=sys.stderr)
-    return 0
+        except RunInterrupted as e:
+            summary = e.summary
+    return report(summary.to_dict(), out, ("records_written", "errors", "seconds", "images_per_s", "tokens_per_s",
+                                           "retries"))

@@ -106,8 +106,9 @@ def _item_from_value(index: int, line_no: int, value: Any, root: str, max_pixels
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except OSError as e:
-        return item.fail(ErrorCode.IMAGE_LOAD_FAILED, f"{where}: cannot read image ({e.strerror or e})")
+    except OSError as e:  # the resolved path: a JSONL copied away from its images shows where it looked
+        return item.fail(ErrorCode.IMAGE_LOAD_FAILED,
+                         f"{where}: cannot read image {os.path.abspath(path)} ({e.strerror or e})")
     try:
         check_image_bytes(data, where, max_pixels, (rec.width, rec.height))
     except ContractError as e:
@@ -117,10 +118,11 @@ def _item_from_value(index: int, line_no: int, value: Any, root: str, max_pixels
 
 
 def iter_dataset(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, load_images: bool = True,
-                 skip: int = 0) -> Iterator[DatasetItem]:
+                 skip: int = 0, image_root: str | None = None) -> Iterator[DatasetItem]:
     """Yield one DatasetItem per input line, in order. `skip` passes over the first lines
-    (for --resume) without touching their images."""
-    root = os.path.dirname(os.path.abspath(path))
+    (for --resume) without touching their images. Relative image paths start at `image_root`
+    (default: the JSONL's folder)."""
+    root = os.path.abspath(image_root) if image_root else os.path.dirname(os.path.abspath(path))
     for index, (line_no, value) in enumerate(read_jsonl(path)):
         if index < skip:
             continue

@@ -47,6 +47,80 @@ def prediction_from_generation(item: DatasetItem, gen: GenerationResult | None,
     return rec
 
 
+# Input-side and engine failures: a run where most lines end in one of these did not really run.
+RUN_FAILURE_CODES = {str(c) for c in (ErrorCode.INVALID_INPUT, ErrorCode.IMAGE_LOAD_FAILED, ErrorCode.IMAGE_TOO_LARGE,
+                                      ErrorCode.SIZE_MISMATCH, ErrorCode.MULTI_IMAGE_NOT_SUPPORTED,
+                                      ErrorCode.GENERATION_FAILED)}
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the lines so far are a valid prefix and `summary` was written."""
+
+    def __init__(self, summary: "RunSummary"):
+        super().__init__("interrupted")
+        self.summary = summary
+
+
+def summary_path(out_path: str) -> str:
+    """Where a run's summary.json goes: beside its predictions file."""
+    return os.path.join(os.path.dirname(os.path.abspath(out_path)), "summary.json")
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def check_output_folder(out_path: str) -> None:
+    """Refuse an output whose folder holds another run's summary.json (it would be overwritten)."""
+    other = (_read_json(summary_path(out_path)) or {}).get("out")
+    if isinstance(other, str) and os.path.abspath(other) != os.path.abspath(out_path):
+        raise ValueError(f"{summary_path(out_path)} belongs to another run ({other}); writing {out_path} would "
+                         "overwrite it: give each run its own folder")
+
+
+def _images_of(value: Any) -> list[str]:
+    """The `images` a prediction line carries for an input value (as coordexp.dataset reads it)."""
+    imgs = value.get("images") if isinstance(value, dict) else None
+    return [imgs] if isinstance(imgs, str) else list(imgs) if isinstance(imgs, list) else []
+
+
+def resume_problems(out_path: str, rows: list[dict], data_path: str, engine: Any,
+                    params: GenerationParams) -> list[str]:
+    """Why the lines of `out_path` cannot be continued by this run (empty: they can): another
+    dataset, more lines than the dataset, another engine, prompt, checkpoint or decoding parameters."""
+    from coordexp.schema import read_jsonl
+
+    out: list[str] = []
+    total = count_records(data_path)
+    if len(rows) > total:
+        out.append(f"{out_path} has {len(rows)} lines but {data_path} has only {total}")
+    for k, (row, (line_no, value)) in enumerate(zip(rows, read_jsonl(data_path))):
+        if row.get("images") != _images_of(value):
+            out.append(f"line {k + 1} of {out_path} is for {row.get('images')} but line {line_no} of {data_path} is "
+                       f"{_images_of(value)}: another dataset")
+            break
+    last = rows[-1] if rows else {}
+    for key, now in (("engine", engine.name), ("prompt_variant", engine.prompt.variant)):
+        if last.get(key) not in (None, now):
+            out.append(f"the lines so far were written with {key} {last[key]!r}, this run has {now!r}")
+    before = _read_json(summary_path(out_path)) or {}
+    if os.path.abspath(str(before.get("out", ""))) == os.path.abspath(out_path):
+        old = before.get("params") or {}
+        diff = [f"{k} {old[k]!r} -> {v!r}" for k, v in params.to_dict().items() if k in old and old[k] != v]
+        if diff:
+            out.append("other decoding parameters than the run so far: " + ", ".join(diff))
+        sha = getattr(engine, "checkpoint_sha256", lambda: None)()
+        if before.get("checkpoint_sha256") and sha and before["checkpoint_sha256"] != sha:
+            out.append(f"another checkpoint: the run so far used weights {before['checkpoint_sha256'][:12]}…, "
+                       f"this one {sha[:12]}…")
+    return out
+
+
 def _existing_lines(out_path: str) -> tuple[list[dict], int]:
     """Complete, valid lines of an interrupted run and their byte length; a torn last line is dropped."""
     rows: list[dict] = []
@@ -76,7 +150,8 @@ class PredictionWriter:
     written, so a killed run leaves a valid prefix that `resume=True` continues from.
     """
 
-    def __init__(self, out_path: str, resume: bool = False):
+    def __init__(self, out_path: str, resume: bool = False, check_resume: Any = None):
+        """`check_resume(rows) -> problems`: refuse (ValueError) to continue lines it objects to."""
         self.out_path = out_path
         os.makedirs(os.path.dirname(os.path.abspath(out_path)) or ".", exist_ok=True)
         self.errors: Counter[str] = Counter()
@@ -85,6 +160,10 @@ class PredictionWriter:
         self.resumed_from = 0
         if resume and os.path.exists(out_path):
             rows, size = _existing_lines(out_path)
+            problems = check_resume(rows) if check_resume is not None else []
+            if problems:
+                raise ValueError(f"cannot resume {out_path}: " + "; ".join(problems)
+                                 + " (remove it or pick another --out to start over)")
             with open(out_path, "r+b") as f:  # cut a torn tail before appending
                 f.truncate(size)
             for r in rows:
@@ -163,7 +242,7 @@ class RunSummary:
         return d
 
     def write(self, out_path: str) -> str:
-        path = os.path.join(os.path.dirname(os.path.abspath(out_path)), "summary.json")
+        path = summary_path(out_path)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2)
         return path
@@ -304,42 +383,61 @@ def _drive(loop: _Loop, items: Iterable[DatasetItem], batch_size: int, concurren
 
 def run_dataset(data_path: str, out_path: str, engine: Any, params: GenerationParams, batch_size: int = 1,
                 resume: bool = False, max_pixels: int | None = None, progress: bool | None = None,
-                concurrency: int = 1) -> RunSummary:
+                concurrency: int = 1, image_root: str | None = None) -> RunSummary:
     """Run any engine over an input JSONL; returns (and writes) the summary.
 
     `concurrency` batches are in flight at once for engines that allow it (`engine.concurrent`, the
-    Triton engine); local engines run one batch at a time. When the engine raises
-    `EngineUnavailable` the run stops there: the summary says `status: incomplete` and
-    `failure`, and the lines written so far are a valid prefix for `resume=True`."""
+    Triton engine); local engines run one batch at a time. `image_root`: where relative image paths
+    start (default: the JSONL's folder). When the engine raises `EngineUnavailable` the run stops
+    there (`status: incomplete`, `failure`); Ctrl-C raises `RunInterrupted` (`status: interrupted`);
+    either way summary.json is written and the lines so far are a valid prefix for `resume=True`,
+    which refuses lines of another dataset, engine, prompt, checkpoint or decoding parameters.
+    `failed_share` in the summary: the share of lines with an input or engine error."""
     from coordexp.dataset import DEFAULT_MAX_PIXELS
 
     if batch_size < 1 or concurrency < 1:
         raise ValueError(f"batch_size and concurrency must be >= 1 (got {batch_size}, {concurrency})")
     concurrency = concurrency if getattr(engine, "concurrent", False) else 1
+    check_output_folder(out_path)
     total = count_records(data_path)
     started = time.perf_counter()
-    with PredictionWriter(out_path, resume=resume) as writer:
+    status = "complete"
+    check = lambda rows: resume_problems(out_path, rows, data_path, engine, params)  # noqa: E731
+    with PredictionWriter(out_path, resume=resume, check_resume=check) as writer:
         tokens_before = writer.tokens
         name = getattr(engine, "progress_name", lambda: engine.name)()
         bar = progress_bar(total, writer.written, desc=f"infer[{name}]",
                            disable=None if progress is None else not progress)
         loop = _Loop(engine, params, writer, bar, {"prompt_variant": engine.prompt.variant, "engine": engine.name})
         try:
-            _drive(loop, iter_dataset(data_path, max_pixels or DEFAULT_MAX_PIXELS, skip=writer.written),
-                   batch_size, concurrency)
+            _drive(loop, iter_dataset(data_path, max_pixels or DEFAULT_MAX_PIXELS, skip=writer.written,
+                                      image_root=image_root), batch_size, concurrency)
+        except KeyboardInterrupt:
+            status = "interrupted"
         finally:
             bar.close()
         if loop.failure is not None:
+            status = "incomplete"
+        if status != "complete":
             writer.drop_pending()
-        processed = writer.written - writer.resumed_from
-        sha = getattr(engine, "checkpoint_sha256", lambda: None)()
-        extra = {"session_tokens": writer.tokens - tokens_before, "data": os.path.abspath(data_path),
-                 "out": os.path.abspath(out_path), "status": "incomplete" if loop.failure else "complete",
-                 "records_total": total, "concurrency": concurrency, "checkpoint_sha256": sha,
-                 **getattr(engine, "run_facts", dict)()}
-        if loop.failure is not None:
-            extra["failure"] = str(loop.failure)
-        summary = finish_summary(writer, started, processed, engine=engine.describe(), params=params.to_dict(),
-                                 prompt=engine.prompt.to_dict(), extra=extra)
+        summary = _summary(writer, loop, started, tokens_before, status, total, concurrency, data_path, out_path)
     summary.write(out_path)
+    if status == "interrupted":
+        raise RunInterrupted(summary)
     return summary
+
+
+def _summary(writer: PredictionWriter, loop: _Loop, started: float, tokens_before: int, status: str, total: int,
+             concurrency: int, data_path: str, out_path: str) -> RunSummary:
+    engine = loop.engine
+    processed = writer.written - writer.resumed_from
+    failed = sum(n for code, n in writer.errors.items() if code in RUN_FAILURE_CODES)
+    extra = {"session_tokens": writer.tokens - tokens_before, "data": os.path.abspath(data_path),
+             "out": os.path.abspath(out_path), "status": status, "records_total": total,
+             "concurrency": concurrency, "checkpoint_sha256": getattr(engine, "checkpoint_sha256", lambda: None)(),
+             "failed_share": round(failed / writer.written, 4) if writer.written else 0.0,
+             **getattr(engine, "run_facts", dict)()}
+    if loop.failure is not None:
+        extra["failure"] = str(loop.failure)
+    return finish_summary(writer, started, processed, engine=engine.describe(), params=loop.params.to_dict(),
+                          prompt=engine.prompt.to_dict(), extra=extra)

@@ -178,7 +178,8 @@ def test_infer_bad_inputs_each_get_their_line(server, bad_dataset, tmp_path):
     out = tmp_path / "p.jsonl"
     r = run_client("infer", "--data", path, "--out", str(out), "--concurrency", "4", "--max-pixels", "50000",
                    "--no-progress", *_args_common(server))
-    assert r.returncode == 0, r.stderr
+    # 11 of the 13 lines are bad inputs: every line is written, and the run says it mostly failed
+    assert r.returncode == 1 and "of the lines failed" in r.stderr, r.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["image_id"] for row in rows] == list(range(len(expected)))
     for row, code in zip(rows, expected):

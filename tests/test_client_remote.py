@@ -461,7 +461,8 @@ def test_every_bad_input_gets_its_own_line_and_never_reaches_the_server(fake_ser
     out = tmp_path / "predictions.jsonl"
     r = run_client("infer", "--data", path, "--out", str(out), "--url", fake_server.grpc_url, "--concurrency", "4",
                    "--max-new-tokens", "16", "--max-pixels", "50000", "--no-progress")
-    assert r.returncode == 0, r.stderr
+    # 11 of the 13 lines are bad inputs: every line is written, and the run says it mostly failed
+    assert r.returncode == 1 and "of the lines failed" in r.stderr, r.stderr
     rows = rows_of(out)
     assert [r.get("error") for r in rows] == expected
     assert all(r["preds"] for r, e in zip(rows, expected) if e is None)

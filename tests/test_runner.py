@@ -112,3 +112,102 @@ def test_run_resume_after_partial_output(bad_dataset, tmp_path):
     assert out.read_text().splitlines() == full
     assert summary.resumed_from == 5 and summary.records_written == len(expected)
     assert engine.batches == [1]  # only lines 6.. were run: of those, just the last record is good
+
+
+def _sample_copy(tmp_path, n, name="data.jsonl"):
+    """The first n sample records beside their images (a dataset of our own)."""
+    import os
+    import shutil
+
+    from conftest import SAMPLE_DIR
+
+    lines = open(os.path.join(SAMPLE_DIR, "sample.jsonl")).read().splitlines()[:n]
+    if not (tmp_path / "images").exists():
+        shutil.copytree(os.path.join(SAMPLE_DIR, "images"), tmp_path / "images")
+    (tmp_path / name).write_text("\n".join(lines) + "\n")
+    return str(tmp_path / name)
+
+
+def test_resume_refuses_another_dataset_a_longer_file_and_other_parameters(tmp_path):
+    """(issue 19) --resume checks the file it continues: images line by line, length, parameters."""
+    a = _sample_copy(tmp_path, 6, "a.jsonl")
+    out = tmp_path / "run" / "p.jsonl"
+    run_dataset(a, str(out), EchoEngine(), GenerationParams(), progress=False)
+    lines = out.read_text().splitlines()
+    import os
+
+    recs = [json.loads(x) for x in open(a).read().splitlines()]
+    b = tmp_path / "b.jsonl"  # same images, another order: line 1 is another image
+    b.write_text("\n".join(json.dumps(r) for r in [recs[1], recs[0], *recs[2:]]) + "\n")
+    out.write_text("\n".join(lines[:3]) + "\n")
+    with pytest.raises(ValueError, match="line 1 of .* is for .* another dataset"):
+        run_dataset(str(b), str(out), EchoEngine(), GenerationParams(), resume=True, progress=False)
+    short = tmp_path / "short.jsonl"
+    short.write_text("\n".join(json.dumps(r) for r in recs[:2]) + "\n")
+    with pytest.raises(ValueError, match="has 3 lines but .* has only 2"):
+        run_dataset(str(short), str(out), EchoEngine(), GenerationParams(), resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"other decoding parameters .*max_new_tokens 256 -> 8"):
+        run_dataset(a, str(out), EchoEngine(), GenerationParams(max_new_tokens=8), resume=True, progress=False)
+    assert os.path.getsize(out) == len("\n".join(lines[:3]) + "\n")  # a refused resume touches nothing
+    s = run_dataset(a, str(out), EchoEngine(), GenerationParams(), resume=True, progress=False)
+    assert out.read_text().splitlines() == lines and s.resumed_from == 3
+
+
+def test_a_second_run_in_the_same_folder_is_refused_and_summaries_say_what_ran(tmp_path):
+    """(issue 19) two outputs in one folder would overwrite each other's summary.json; a local run's
+    summary carries its status and the checkpoint digest (when the engine knows it)."""
+    data = _sample_copy(tmp_path, 2)
+    run_dataset(data, str(tmp_path / "out" / "a.jsonl"), EchoEngine(), GenerationParams(), progress=False)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        run_dataset(data, str(tmp_path / "out" / "b.jsonl"), EchoEngine(), GenerationParams(), progress=False)
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["status"] == "complete" and s["out"].endswith("a.jsonl") and "checkpoint_sha256" in s
+
+
+def test_a_jsonl_away_from_its_images_names_the_path_and_exits_non_zero(tmp_path):
+    """(issue 19) copied to another folder, every line is image_load_failed: the message shows where
+    it looked, `infer` exits 1 with a hint, and --image-root fixes it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, SAMPLE_DIR
+
+    data = tmp_path / "elsewhere" / "data.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(open(f"{SAMPLE_DIR}/sample.jsonl").readlines()[:2]))
+    rows = list(iter_dataset(str(data)))
+    assert all(r.error.value == "image_load_failed" for r in rows)
+    assert str(tmp_path / "elsewhere" / "images") in rows[0].error_message
+    assert [r.ok for r in iter_dataset(str(data), image_root=SAMPLE_DIR)] == [True, True]
+    from coordexp.client.cmd_infer import report
+
+    d = {"status": "complete", "records_written": 2, "records_total": 2, "errors": {"image_load_failed": 2},
+         "seconds": 0.1, "images_per_s": 0, "failed_share": 1.0}
+    assert report(d, "p.jsonl", ("records_written",)) == 1
+    r = subprocess.run([sys.executable, "-m", "coordexp.client.cli", "infer", "--help"], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert "--image-root" in r.stdout
+
+
+def test_ctrl_c_keeps_a_valid_prefix_writes_the_summary_and_says_how_to_resume(tmp_path, capsys):
+    """(issue 19) Ctrl-C behaves as the "server went away" path: count, --resume hint, summary.json."""
+    from coordexp.client.cmd_infer import report
+    from coordexp.runner import RunInterrupted
+
+    data = _sample_copy(tmp_path, 6)
+
+    class Interrupting(EchoEngine):
+        def generate_batch(self, images, params):
+            if len(self.batches) == 3:
+                raise KeyboardInterrupt
+            return super().generate_batch(images, params)
+
+    out = tmp_path / "run" / "p.jsonl"
+    with pytest.raises(RunInterrupted) as e:
+        run_dataset(data, str(out), Interrupting(), GenerationParams(), progress=False)
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["status"] == "interrupted" and s["records_written"] == len(out.read_text().splitlines()) == 3
+    assert report(e.value.summary.to_dict(), str(out), ()) == 130
+    assert "wrote 3 of 6 lines" in capsys.readouterr().err
+    s = run_dataset(data, str(out), EchoEngine(), GenerationParams(), resume=True, progress=False)
+    assert s.records_written == 6 and s.extra["status"] == "complete"
