@@ -1,8 +1,10 @@
 """Build a servable engine from a CoordExp checkpoint: export, validate, write the Triton repository.
 
     python export/build_engine.py --ckpt CKPT [--repo model_repository/NAME] [--name NAME]
-        [--backend onnx|trtllm] [--max-batch-size 8] [--max-new-tokens 256] [--dry-run]
+        [--backend onnx|torch|trtllm] [--max-batch-size 8] [--max-new-tokens 256] [--dry-run]
         onnx only:   [--opset N] [--skip-validation] [--validation-steps 16]
+        torch only:  [--device cuda|cpu] [--dtype fp32|bf16|fp16] [--kv-cache dynamic|static] [--compile]
+                     [--skip-validation] [--validation-steps 16]   (see export/torch_export.py)
         trtllm only: [--dtype bf16|fp16|fp8] [--max-input-len N] [--kv-cache-fraction 0.8] [--tp-size 1]
                      [--trtllm-vision trtllm|tensorrt] [--vision-max-patches N]   (see coordexp/trtllm/)
     python -m coordexp.export.build_engine ...        (the same)
@@ -102,6 +104,7 @@ class BuildOptions:
     as_json: bool = False
     onnx: OnnxOptions | None = None
     trtllm: Any = None  # coordexp.trtllm.plan.TrtllmOptions
+    torch: Any = None  # coordexp.export.torch_export.TorchExportOptions
 
 
 # ------------------------------------------------------------------------------------------ formats
@@ -244,6 +247,29 @@ def build_trtllm(opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
     return {k: result[k] for k in ("repo", "dry_run", "plan")}, result["lines"]
 
 
+def build_torch(opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
+    """--backend torch: validate against HF generate, write the repository (export/torch_export.py)."""
+    from coordexp.export.torch_export import TorchValidationError, export_torch
+
+    t = opts.torch
+    if opts.dry_run:
+        plan = {"ckpt": opts.ckpt, "family": opts.family, "backend": "torch", "name": opts.name,
+                "repo": os.path.abspath(opts.repo), **t.parts.to_params(), "validation": not t.skip_validation}
+        return plan, [f"{k:<15}: {v}" for k, v in plan.items()]
+    try:
+        result = export_torch(opts.ckpt, opts.repo, opts.name, t, opts.max_batch_size, opts.max_new_tokens,
+                              streaming=opts.streaming, log=_log)
+    except TorchValidationError as e:
+        raise BuildError(f"validation failed: {e}", 1) from e
+    v = result["validation"]
+    lines = [f"checkpoint : {opts.ckpt}", f"backend    : torch ({t.parts.device}, {t.parts.dtype}, "
+             f"{t.parts.cache} cache{', compiled' if t.parts.compile else ''})", f"written    : {result['repo']}",
+             "validation : " + (f"{v['tokens_compared']} greedy tokens over {v['probes']} probes, "
+                                f"{len(v['mismatches'])} differing row(s), {v['seconds']} s" if v else "skipped"),
+             f"seconds    : {time.perf_counter() - t0:.1f}"]
+    return {"name": opts.name, **result}, lines
+
+
 @dataclass(frozen=True)
 class ExportFormat:
     """One row of the formats table (Ultralytics' `export_formats()`)."""
@@ -264,6 +290,12 @@ FORMATS: tuple[ExportFormat, ...] = (
                  "Python models, validated against the torch checkpoint",
                  "CPU (ONNX Runtime; CUDA where its CUDA provider is installed)",
                  COMMON_FLAGS + ("--opset", "--skip-validation", "--validation-steps"), build_onnx),
+    ExportFormat("PyTorch", "torch",
+                 "Triton repository whose vision_encoder / llm steps run the checkpoint (copied to llm/1/hf) in "
+                 "PyTorch, validated against HF generate",
+                 "NVIDIA GPU (--device cuda, default) or CPU",
+                 COMMON_FLAGS + ("--device", "--dtype", "--kv-cache", "--compile", "--skip-validation",
+                                 "--validation-steps"), build_torch),
     ExportFormat("TensorRT-LLM", "trtllm",
                  "Triton repository for TensorRT-LLM's LLM API (llm/1/model.yaml, the checkpoint copy; "
                  "--trtllm-vision tensorrt: a TensorRT vision engine)",
@@ -311,9 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not compare with the torch checkpoint")
     o.add_argument("--validation-steps", type=int, default=None,
                    help=f"greedy steps compared during validation (default {DEFAULT_VALIDATION_STEPS})")
+    pt = p.add_argument_group("PyTorch (--backend torch)")
+    pt.add_argument("--device", default=None, help="cuda (default) or cpu")
+    pt.add_argument("--kv-cache", choices=("dynamic", "static"), default=None,
+                    help="KV cache of the decode loop (default dynamic; static: preallocated, batch padded to buckets)")
+    pt.add_argument("--compile", action="store_true", default=None,
+                    help="torch.compile the decode step (batch padded to buckets so graphs are reused)")
     t = p.add_argument_group("TensorRT-LLM (--backend trtllm)")
-    t.add_argument("--dtype", choices=("bf16", "fp16", "fp8"), default=None,
-                   help="LLM dtype (default bf16); fp8 = FP8 KV cache (+ FP8 weights of an already quantized checkpoint)")
+    t.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "fp8"), default=None,
+                   help="model dtype (default bf16). torch: fp32|bf16|fp16; trtllm: bf16|fp16|fp8 (fp8 = FP8 KV cache "
+                        "+ FP8 weights of an already quantized checkpoint)")
     t.add_argument("--max-input-len", type=int, default=None,
                    help="max prompt tokens (default: prompt + largest image)")
     t.add_argument("--kv-cache-fraction", type=float, default=None,
@@ -369,6 +408,26 @@ def _trtllm_options(args: argparse.Namespace) -> Any:
                          vision_max_patches=args.vision_max_patches, streaming=args.stream)
 
 
+def _torch_options(args: argparse.Namespace) -> Any:
+    from coordexp.export.torch_export import TorchExportOptions
+    from coordexp.serving.torch_parts import TorchOptions
+
+    if args.dtype == "fp8":
+        raise BuildError("--dtype fp8 applies to --backend trtllm only (torch: fp32, bf16, fp16)", 2)
+    try:
+        parts = TorchOptions(device=args.device or "cuda", dtype=args.dtype or "bf16",
+                             cache=args.kv_cache or "dynamic", compile=bool(args.compile))
+    except ValueError as e:
+        raise BuildError(str(e), 2) from e
+    if parts.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BuildError("--device cuda: no CUDA device is visible to torch here (use --device cpu)", 2)
+    return TorchExportOptions(parts=parts, skip_validation=bool(args.skip_validation),
+                              validation_steps=args.validation_steps or DEFAULT_VALIDATION_STEPS)
+
+
 def resolve_options(args: argparse.Namespace, fmt: ExportFormat) -> BuildOptions:
     """argv (checked by `check_flags`) -> BuildOptions; BuildError (exit 2) for a bad checkpoint or value."""
     from coordexp.engines.torch_engine import checkpoint_error
@@ -382,19 +441,24 @@ def resolve_options(args: argparse.Namespace, fmt: ExportFormat) -> BuildOptions
     if args.max_new_tokens < 1:
         raise BuildError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}", 2)
     family = _family(ckpt, fmt)
-    onnx = trtllm = None
+    onnx = trtllm = torch = None
     if fmt.backend == "onnx":
         from coordexp.export.onnx_export import DEFAULT_OPSET
 
         onnx = OnnxOptions(opset=args.opset or DEFAULT_OPSET, skip_validation=bool(args.skip_validation),
                            validation_steps=args.validation_steps or DEFAULT_VALIDATION_STEPS)
+    elif fmt.backend == "torch":
+        torch = _torch_options(args)
     else:
+        if args.dtype == "fp32":
+            raise BuildError("--dtype fp32 applies to --backend torch only (trtllm: bf16, fp16, fp8)", 2)
         trtllm = _trtllm_options(args)
     return BuildOptions(
         ckpt=ckpt, repo=args.repo or os.path.join("model_repository", sanitize_name(os.path.basename(ckpt))),
         name=sanitize_name(args.name or "coordexp"), backend=fmt.backend, family=family,
         max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens, onnx_dir=args.onnx_dir,
-        streaming=args.stream, threads=args.threads, dry_run=args.dry_run, as_json=args.json, onnx=onnx, trtllm=trtllm)
+        streaming=args.stream, threads=args.threads, dry_run=args.dry_run, as_json=args.json, onnx=onnx, trtllm=trtllm,
+        torch=torch)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,235 @@
+"""The Hugging Face checkpoint in PyTorch behind the llm / vision_encoder steps (`--backend torch`).
+
+`TorchParts` has the two methods the step logic calls on `OnnxParts` (`encode_images`, `generate`,
+same arguments, same results), so the ONNX step code is reused as is: `VisionEncoder(TorchParts)`
+is the vision step and `LlmBatcher(TorchParts)` the llm `Generator` (dynamic batches grouped by
+decoding parameters, guided masks from `coordexp.guided`, `DecoupledRun` streaming).
+
+Decoding runs the checkpoint's own modules (`model.model` with `mm_encoder_outputs`, `lm_head`)
+with host-side M-RoPE positions (`coordexp.mrope`, as ONNX) and the token choice of `OnnxParts`
+(numpy argmax / seeded sampling), so a served greedy answer equals HF `generate` token for token
+in fp32. Options (`TorchOptions`): a static KV cache and `torch.compile` of the decode step, with
+the batch padded up to a bucket so compiled graphs are reused.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from coordexp.generation import GenerationParams
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+CACHES = ("dynamic", "static")
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+LogitsHook = Callable[[int, Sequence[Sequence[int]], np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """How the PyTorch steps run: device (cuda|cpu), dtype (fp32|bf16|fp16), KV cache
+    (dynamic|static), torch.compile of the decode step, batch buckets (static cache / compile)."""
+
+    device: str = "cuda"
+    dtype: str = "bf16"
+    cache: str = "dynamic"
+    compile: bool = False
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cuda", "cpu") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cuda or cpu, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
+        if not self.buckets or sorted(self.buckets) != list(self.buckets) or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be increasing positive sizes, got {self.buckets}")
+
+    def to_params(self) -> dict[str, str]:
+        return {"device": self.device, "dtype": self.dtype, "cache": self.cache, "compile": str(self.compile).lower(),
+                "buckets": ",".join(str(b) for b in self.buckets)}
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "TorchOptions":
+        d = cls()
+        buckets = tuple(int(b) for b in params["buckets"].split(",")) if params.get("buckets") else d.buckets
+        return cls(device=params.get("device") or d.device, dtype=params.get("dtype") or d.dtype,
+                   cache=params.get("cache") or d.cache, compile=params.get("compile", "false") == "true",
+                   buckets=buckets)
+
+    def bucket(self, n: int) -> int:
+        """The padded batch size for n rows (n itself past the largest bucket)."""
+        return next((b for b in self.buckets if b >= n), n)
+
+
+def _choose(logits: np.ndarray, seqs: list[np.ndarray], params: GenerationParams,
+            rngs: list[np.random.Generator]) -> np.ndarray:
+    """OnnxParts' token choice (the same helpers), so both back ends decode alike."""
+    from coordexp.engines.onnx_engine import OnnxParts
+
+    return OnnxParts._choose(None, logits, seqs, params, rngs)  # it reads nothing of self
+
+
+class TorchParts:
+    """The checkpoint's model on `opts.device` in `opts.dtype`. `vision_only`: keep the vision tower
+    and drop the language model (the vision_encoder step's process)."""
+
+    def __init__(self, hf_dir: str | os.PathLike, opts: TorchOptions | None = None, vision_only: bool = False):
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        self.torch = torch
+        self.opts = opts or TorchOptions()
+        self.hf_dir = Path(hf_dir)
+        self.onnx_dir = self.hf_dir  # where guided decoding finds the tokenizer (llm.guided_hook_factory)
+        self.config = json.loads((self.hf_dir / "config.json").read_text(encoding="utf-8"))
+        text, vision = self.config.get("text_config", self.config), self.config.get("vision_config", {})
+        self.family = str(self.config.get("model_type"))
+        self.merge = int(vision.get("spatial_merge_size", 2))
+        self.image_token_id = int(self.config.get("image_token_id"))
+        self.video_token_id = int(self.config.get("video_token_id", -1))
+        self.num_deepstack = len(vision.get("deepstack_visual_indexes") or [])
+        self.meta = {"family": self.family, "spatial_merge_size": self.merge, "hidden_size": text.get("hidden_size")}
+        self.dtype = getattr(torch, DTYPES[self.opts.dtype])
+        model = AutoModelForImageTextToText.from_pretrained(str(self.hf_dir), dtype=self.dtype)
+        if vision_only:
+            model.model.language_model = None
+            model.lm_head = None
+        self.model = model.to(self.opts.device).eval()
+        from coordexp.processor import CoordExpProcessor
+
+        proc = CoordExpProcessor.from_pretrained(str(self.hf_dir))
+        self.stop_ids = [int(t) for t in proc.stop_token_ids]
+        self.pad_token_id = int(proc.pad_token_id)
+        self._static: dict[int, Any] = {}  # bucket -> StaticCache
+        self._step = self._forward
+        if self.opts.compile:
+            self._step = torch.compile(self._forward, fullgraph=False, dynamic=False)
+
+    # -------------------------------------------------------------------------------- vision
+    def encode_images(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`(image_embeds [n_image_tokens, H], deepstack [n_deepstack, n_image_tokens, H])` float32."""
+        torch = self.torch
+        with torch.inference_mode():
+            pv = torch.as_tensor(np.asarray(pixel_values), device=self.opts.device)
+            grid = torch.as_tensor(np.asarray(image_grid_thw, dtype=np.int64), device=self.opts.device)
+            out = self.model.model.get_image_features(pv, grid, return_dict=True)
+            embeds = torch.cat(out.pooler_output, dim=0).float().cpu().numpy()
+            feats = getattr(out, "deepstack_features", None) or []
+            deep = (np.stack([torch.cat(f, dim=0).float().cpu().numpy() for f in feats]) if feats
+                    else np.zeros((0,) + embeds.shape, np.float32))
+        return embeds, deep
+
+    # ---------------------------------------------------------------------------------- text
+    def _forward(self, input_ids, attention_mask, position_ids, cache, image: Any = None):
+        out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, use_cache=True, mm_encoder_outputs={"image": image} if image else None)
+        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+
+    def _image_outputs(self, embeds: np.ndarray, deepstack: np.ndarray) -> Any:
+        """Precomputed image features in the form the model's forward takes (`mm_encoder_outputs`)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        t = lambda a: self.torch.as_tensor(np.asarray(a), device=self.opts.device).to(self.dtype)  # noqa: E731
+        out = BaseModelOutputWithPooling(pooler_output=(t(embeds),))
+        if self.num_deepstack:
+            out.deepstack_features = [(t(d),) for d in deepstack]
+        return out
+
+    def _cache(self, batch: int, length: int) -> Any:
+        from transformers import DynamicCache, StaticCache
+
+        if self.opts.cache == "dynamic":
+            return DynamicCache(config=self.model.config.get_text_config())
+        cache = self._static.get(batch)
+        if cache is None or cache.max_cache_len < length:
+            cache = StaticCache(config=self.model.config.get_text_config(), max_cache_len=length)
+            self._static[batch] = cache
+        else:
+            cache.reset()
+        return cache
+
+    def _padded(self, input_ids: np.ndarray, attention_mask: np.ndarray, grid: np.ndarray, embeds: np.ndarray,
+                deep: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Static cache / compile: repeat row 0 up to the batch bucket (its outputs are dropped)."""
+        bsz = input_ids.shape[0]
+        size = self.opts.bucket(bsz) if (self.opts.cache == "static" or self.opts.compile) else bsz
+        if size == bsz:
+            return input_ids, attention_mask, grid, embeds, deep
+        extra = size - bsz
+        n0 = int(np.prod(grid[0])) // self.merge ** 2
+        return (np.concatenate([input_ids, np.repeat(input_ids[:1], extra, 0)]),
+                np.concatenate([attention_mask, np.repeat(attention_mask[:1], extra, 0)]),
+                np.concatenate([grid, np.repeat(grid[:1], extra, 0)]),
+                np.concatenate([embeds] + [embeds[:n0]] * extra), np.concatenate([deep] + [deep[:, :n0]] * extra, 1))
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw: np.ndarray,
+                 image_embeds: np.ndarray, deepstack: np.ndarray, params: GenerationParams,
+                 logits_hook: LogitsHook | None = None,
+                 on_step: Callable[[list[list[int]], list[int]], None] | None = None) -> list[list[int]]:
+        """`OnnxParts.generate`, in PyTorch: generated ids per row (stop excluded) of a LEFT padded batch."""
+        from coordexp import mrope
+
+        torch = self.torch
+        bsz = int(np.asarray(input_ids).shape[0])
+        ids, mask, grid, embeds, deep = self._padded(np.asarray(input_ids, np.int64),
+                                                     np.asarray(attention_mask, np.int64),
+                                                     np.asarray(image_grid_thw, np.int64), image_embeds, deepstack)
+        pos, deltas = mrope.get_rope_index(ids, grid, mask, spatial_merge_size=self.merge,
+                                           image_token_id=self.image_token_id, video_token_id=self.video_token_id)
+        dev = self.opts.device
+        t_mask = torch.as_tensor(mask, device=dev)
+        cache = self._cache(ids.shape[0], ids.shape[1] + params.max_new_tokens)
+        prompt_len = mask.sum(-1)
+        generated: list[list[int]] = [[] for _ in range(bsz)]
+        seqs = [list(r) for r in ids[:bsz].tolist()] if params.repetition_penalty != 1.0 else None
+        rngs = [np.random.default_rng(int(params.seed)) for _ in range(bsz)]
+        active = set(range(bsz))
+        stop = set(self.stop_ids)
+        with torch.inference_mode():
+            logits = self._forward(torch.as_tensor(ids, device=dev), t_mask, torch.as_tensor(pos, device=dev), cache,
+                                   self._image_outputs(embeds, deep))
+            for step in range(params.max_new_tokens):
+                rows = sorted(active)
+                lg = logits[:bsz].cpu().numpy()
+                if params.ignore_eos:
+                    lg[:, [s for s in self.stop_ids if s < lg.shape[1]]] = -np.inf
+                if logits_hook is not None:
+                    full = lg.copy()
+                    full[[b for b in range(bsz) if b not in active]] = 0.0
+                    lg = np.asarray(logits_hook(step, generated, full), dtype=np.float32)
+                tokens = _choose(lg[rows], [np.asarray(seqs[b]) for b in rows] if seqs else [], params,
+                                 [rngs[b] for b in rows])
+                finished = []
+                for b, tok in zip(rows, tokens.tolist()):
+                    if tok in stop and not params.ignore_eos:
+                        finished.append(b)
+                        continue
+                    generated[b].append(int(tok))
+                    if seqs is not None:
+                        seqs[b].append(int(tok))
+                    if len(generated[b]) >= params.max_new_tokens:
+                        finished.append(b)
+                active.difference_update(finished)
+                if on_step is not None:
+                    on_step(generated, finished)
+                if not active:
+                    break
+                # finished and padding rows keep decoding (their tokens are dropped): fixed shapes
+                nxt = np.full((ids.shape[0], 1), self.pad_token_id, np.int64)
+                for b in active:
+                    nxt[b, 0] = generated[b][-1]
+                t_mask = torch.cat([t_mask, torch.ones((ids.shape[0], 1), dtype=t_mask.dtype, device=dev)], 1)
+                p = (prompt_len + deltas[:, 0] + step).astype(np.int64)
+                t_pos = torch.as_tensor(np.ascontiguousarray(np.broadcast_to(p[None, :, None], (3, len(p), 1))),
+                                        device=dev)
+                logits = self._step(torch.as_tensor(nxt, device=dev), t_mask, t_pos, cache)
+        return generated
+
+    def describe(self) -> dict[str, Any]:
+        return {"hf_dir": str(self.hf_dir), "family": self.family, **self.opts.to_params()}

@@ -1,0 +1,155 @@
+"""`--backend torch` through the real Triton server on CPU: the served answers equal the PyTorch
+reference (HF generate, fp32) token for token, guided and unguided, unary and streamed."""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+
+from coordexp import wire
+from coordexp.generation import GenerationParams
+
+from conftest import served_answers
+
+MAX_NEW = 12
+SIZES = ((64, 48), (40, 72), (96, 96))
+
+
+def _png(im) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images():
+    from coordexp.export.validate import probe_images
+
+    return [_png(im) for im in probe_images(SIZES, seed=3)]
+
+
+@pytest.fixture(scope="module")
+def torch_repo(tiny_ckpt, tmp_path_factory) -> str:
+    from coordexp.export.build_engine import main
+
+    repo = str(tmp_path_factory.mktemp("torch") / "repo")
+    rc = main(["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu", "--dtype", "fp32", "--repo", repo,
+               "--max-batch-size", "4", "--max-new-tokens", str(MAX_NEW), "--validation-steps", "6"])
+    assert rc == 0
+    return repo
+
+
+@pytest.fixture(scope="module")
+def torch_server(torch_repo):
+    from coordexp.serving.server import start_server
+
+    # the torch stubs take seconds each to tear torch down on 2 shared cores: Triton's 10 s exit
+    # timeout is too short for five of them ending at once (the ONNX repository's stubs make it)
+    srv = start_server(torch_repo, extra_args=["--exit-timeout-secs=90"])
+    try:
+        yield srv
+    finally:
+        rc = srv.stop(timeout=100)
+    assert rc == 0, f"tritonserver exited with {rc}; see {srv.log_path}"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    from coordexp.engines.torch_engine import TorchEngine
+
+    return TorchEngine(tiny_ckpt, threads=1)
+
+
+def _reference_ids(reference, images, params) -> list[list[int]]:
+    from PIL import Image
+
+    return [reference.generate_ids([Image.open(io.BytesIO(b)).convert("RGB")], params)[0][0] for b in images]
+
+
+def test_torch_repository_layout_and_validation(torch_repo):
+    manifest = json.load(open(os.path.join(torch_repo, "manifest.json")))
+    assert manifest["backend"] == "torch" and manifest["torch"]["device"] == "cpu"
+    assert manifest["torch"]["dtype"] == "fp32" and manifest["layout"]["hf_dir"] == "llm/1/hf"
+    v = manifest["validation"]
+    assert v["mismatches"] == [] and v["tokens_compared"] > 0 and v["reference"].startswith("torch")
+    assert os.path.isfile(os.path.join(torch_repo, "llm", "1", "hf", "model.safetensors"))
+    assert not os.path.exists(os.path.join(torch_repo, "llm", "1", "onnx"))
+    for model, cls in (("llm", "TorchLlmModel"), ("llm_stream", "TorchLlmModel"),
+                       ("vision_encoder", "TorchVisionModel")):
+        shim = open(os.path.join(torch_repo, model, "1", "model.py")).read()
+        assert f"from coordexp.serving.torch_steps import {cls} as TritonPythonModel" in shim
+    # the same ensemble contract as the ONNX repository
+    from coordexp.export.repository import check_wiring, load_configs
+
+    configs = load_configs(torch_repo)
+    assert {wire.ENSEMBLE, wire.stream_ensemble_name(wire.ENSEMBLE)} <= set(configs)
+    assert not check_wiring(configs) and not check_wiring(configs, wire.stream_ensemble_name(wire.ENSEMBLE))
+    assert configs[wire.LLM].parameters["cache"].string_value == "dynamic"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--backend", "onnx", "--device", "cpu"], "--device applies to --backend torch only"),
+    (["--backend", "onnx", "--compile"], "--compile applies to --backend torch only"),
+    (["--backend", "torch", "--dtype", "fp8"], "--dtype fp8 applies to --backend trtllm only"),
+    (["--backend", "trtllm", "--dtype", "fp32", "--dry-run"], "--dtype fp32 applies to --backend torch only"),
+    (["--backend", "torch", "--device", "tpu"], "device must be cuda or cpu"),
+])
+def test_torch_flags_of_other_formats_exit_2(tiny_ckpt, capsys, argv, needle):
+    from coordexp.export.build_engine import main
+
+    assert main(["--ckpt", tiny_ckpt, *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_static_cache_with_buckets_equals_the_reference(tiny_ckpt, reference, images):
+    """Static KV cache, batch of 3 padded to the bucket of 4: the same greedy tokens."""
+    from PIL import Image
+
+    from coordexp.export.torch_export import _step_outputs
+    from coordexp.serving.torch_parts import TorchOptions
+
+    params = GenerationParams(max_new_tokens=MAX_NEW)
+    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    got = _step_outputs(tiny_ckpt, TorchOptions(device="cpu", dtype="fp32", cache="static"), [pil], params)[0]
+    assert got == reference.generate_ids(pil, params)[0]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("guided", [False, True])
+def test_served_unary_equals_the_torch_reference(torch_server, reference, images, guided):
+    params = GenerationParams(max_new_tokens=MAX_NEW, guided=guided)
+    served = served_answers(torch_server.grpc_url, images, params, concurrency=3)
+    assert all(r.error is None for r in served), [r.error for r in served]
+    assert [r.token_ids for r in served] == _reference_ids(reference, images, params)
+    if guided:
+        assert all("guided_closed_early" in (r.extra or {}) or r.token_ids for r in served)
+
+
+@pytest.mark.triton
+def test_streamed_equals_unary_and_the_reference(torch_server, reference, images):
+    import asyncio
+
+    from coordexp.engines.triton.pool import ServerPool
+
+    params = GenerationParams(max_new_tokens=MAX_NEW)
+
+    async def go():
+        stream, _ = await ServerPool.connect([torch_server.grpc_url], wire.stream_ensemble_name(wire.ENSEMBLE))
+        try:
+            out = []
+            for b in images[:2]:
+                partials: list = []
+                st, facts = await stream.generate(b, params, on_partial=partials.append)
+                out.append((st, facts["timing"], partials))
+            return out
+        finally:
+            await stream.close()
+
+    expected = _reference_ids(reference, images[:2], params)
+    for (st, timing, partials), ref in zip(asyncio.run(go()), expected):
+        assert st.error is None and st.token_ids == ref
+        assert [n for _, n in timing.token_times] == list(range(1, len(ref) + 1))
+        assert all(ref[:len(p.token_ids)] == p.token_ids for p in partials)
