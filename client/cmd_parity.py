@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="served ensemble name (default: the repository's)")
     p.add_argument("--batch-sizes", default="1,4", help="comma separated (default 1,4)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="default: the repository's limit, at most 64")
+                   help="default: the repository's limit (whole answers)")
     p.add_argument("--sample-seed", type=int, default=None,
                    help="sample at this seed (ONNX vs served only) instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.8, help="with --sample-seed (default 0.8)")
@@ -56,12 +56,27 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _checkpoint_problem(ckpt: str, manifest: dict, repo: str) -> str | None:
+    """The repository must have been exported from --ckpt (same weights digest), else nothing compares."""
+    from coordexp.checkpoint import checkpoint_digest
+
+    served = ((manifest.get("checkpoint") or {}).get("weights_sha256")) or None
+    try:
+        ours = checkpoint_digest(ckpt).sha256
+    except ValueError as e:
+        return str(e)
+    if served and served != ours:
+        return (f"{repo} was exported from another checkpoint (its manifest names weights {served[:12]}…, {ckpt} has "
+                f"{ours[:12]}…): export {ckpt} again or pass the checkpoint it came from")
+    return None
+
+
 def _params(args: argparse.Namespace, manifest: dict):
     """The decoding parameters compared: greedy, or sampling at --sample-seed (ValueError: bad ones)."""
     from coordexp.generation import GenerationParams
 
     limit = int(manifest.get("max_new_tokens") or 256)
-    max_new = args.max_new_tokens or min(limit, 64)
+    max_new = args.max_new_tokens or limit  # whole answers: what the served model can give
     if max_new > limit:
         raise ValueError(f"--max-new-tokens {max_new} exceeds the repository's limit of {limit}")
     if args.sample_seed is None:
@@ -96,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {args.repo} has no readable manifest.json ({e}); is it a CoordExp repository?", file=sys.stderr)
         return 2
+    problem = _checkpoint_problem(args.ckpt, manifest, args.repo)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     prompt = PromptSpec.from_dict(manifest.get("prompt"))
     try:
         params = _params(args, manifest)
@@ -113,8 +132,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     mode = (f"sampling (temperature {params.temperature}, top_p {params.top_p}, seed {params.seed})" if sampling
             else "greedy")
+    what = "whole answers, the repository's limit" if max_new == int(manifest.get("max_new_tokens") or 256) \
+        else "answers cut there"
     print(f"parity: {len(items)} records ({len(skipped)} skipped for input errors), {mode}, max_new_tokens "
-          f"{max_new}, batch sizes {sizes}, prompt {prompt.variant}", file=sys.stderr)
+          f"{max_new} ({what}), batch sizes {sizes}, prompt {prompt.variant}", file=sys.stderr)
 
     from coordexp.benchmarks.parity import format_table, pair_up, run_engines
 

@@ -187,3 +187,18 @@ def test_every_package_is_installed():
                 rel = os.path.relpath(dp, os.path.join(REPO_ROOT, folder))
                 found.add(pkg if rel == "." else ".".join([pkg, *rel.split(os.sep)]))
     assert found == listed
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_parity_refuses_a_repository_of_another_checkpoint(exported, tmp_path, capsys):
+    """(issue 19) not "MISMATCH at token 0": the weights digests say the repository is another model's."""
+    from coordexp.client import cli
+    from coordexp.demo.tiny import build_tiny_checkpoint
+
+    other = tmp_path / "other"
+    build_tiny_checkpoint(str(other), family="qwen3_vl", seed=1)
+    rc = cli.main(["parity", "--ckpt", str(other), "--repo", exported[1], "--data",
+                   os.path.join(REPO_ROOT, "data", "sample", "sample.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "was exported from another checkpoint" in err, err
