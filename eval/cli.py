@@ -30,6 +30,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="coordinate mode of the GT JSONL (default: each record's coord_mode, else norm1000)")
     p.add_argument("--coco-backend", choices=["faster-coco-eval", "pycocotools"], default="faster-coco-eval",
                    help="COCO evaluator (same numbers; faster-coco-eval is several times faster)")
+    p.add_argument("--compat", choices=["ours", "coordexp"], default="ours",
+                   help="conventions: ours (default: exact pixels, every pred counts) or coordexp (CoordExp's own "
+                        "evaluator: integer pixels, degenerate boxes dropped, images without GT left out, "
+                        "F1-ish scope 'annotated'; see eval/README.md)")
     p.add_argument("--no-plots", action="store_true", help="skip pr_curve.png and per_class_ap.png")
     p.add_argument("--quiet", action="store_true", help="no summary table")
     from coordexp.client.cmd_runs import add_register_args
@@ -49,7 +53,8 @@ def run(args) -> int:
         thrs = parse_thresholds(args.iou_thrs)
         m = evaluate(args.pred, args.gt, args.out, metrics=args.metrics, iou_thrs=thrs, reparse=args.reparse,
                      semantic=not args.no_semantic, semantic_thr=args.semantic_thr,
-                     coco_backend=args.coco_backend, gt_coord_mode=args.gt_coord_mode, plots=not args.no_plots)
+                     coco_backend=args.coco_backend, gt_coord_mode=args.gt_coord_mode, plots=not args.no_plots,
+                     compat=args.compat)
     except (OSError, ValueError, ContractError, RuntimeError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 2

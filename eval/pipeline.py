@@ -109,7 +109,8 @@ def _coco(pairs, categories: list[str], category_of: dict[str, str | None], with
 def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: str = "both", *,
              iou_thrs: Sequence[float] = DEFAULT_IOU_THRS, reparse: bool = False, semantic: bool = True,
              semantic_thr: float = DEFAULT_THRESHOLD, embedder=None, coco_backend: str = "faster-coco-eval",
-             gt_coord_mode: str | None = None, plots: bool = True, verbose: bool = False) -> dict[str, Any]:
+             gt_coord_mode: str | None = None, plots: bool = True, verbose: bool = False,
+             compat: str = "ours") -> dict[str, Any]:
     """Evaluate a prediction artifact against GT; write the artifacts into `out_dir` (None: none).
 
     - `gt_path=None`: `pred_path` is a gt_vs_pred.jsonl (ours or CoordExp's) with the GT inside.
@@ -117,10 +118,15 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
     - `metrics`: "coco", "f1ish" or "both".
     - `semantic=False`: descs compare as exact/normalised strings only (no embedding model).
     - `embedder`: a `list[str] -> (n, d) array` used instead of all-MiniLM-L6-v2 (tests).
+    - `compat="coordexp"`: CoordExp's evaluator conventions (eval/compat.py); default ours.
     Returns the metrics dict (the content of metrics.json).
     """
+    from .compat import COMPAT_CHOICES, annotated_scope, apply_coordexp, compat_info
+
     if metrics not in METRIC_CHOICES:
         raise ValueError(f"metrics must be one of {METRIC_CHOICES}, got {metrics!r}")
+    if compat not in COMPAT_CHOICES:
+        raise ValueError(f"compat must be one of {COMPAT_CHOICES}, got {compat!r}")
     iou_thrs = parse_thresholds(iou_thrs)
     primary = primary_threshold(iou_thrs)
     t0 = time.perf_counter()
@@ -130,9 +136,13 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
 
     gt, line_info = load_inputs(pred_path, gt_path, reparse=reparse, gt_coord_mode=gt_coord_mode)
     pairs = gt.images
+    categories = list(gt.categories)
+    changes = None
+    if compat == "coordexp":  # categories: the stripped GT descs left, first seen
+        pairs, changes = apply_coordexp(pairs)
+        categories = list(dict.fromkeys(o.desc for p in pairs for o in p.gts))
     timings["load_s"] = time.perf_counter() - t0
     scorer = SemanticScorer(embedder=embedder, threshold=semantic_thr, enabled=semantic)
-    categories = list(gt.categories)
     pred_descs = Counter(o.desc for p in pairs for o in p.preds)
     counts = _counts(gt, pairs, pred_descs, line_info["counts"])
     t = time.perf_counter()
@@ -143,7 +153,7 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
         "schema_version": EVAL_SCHEMA_VERSION,
         "inputs": {"pred": os.path.abspath(pred_path), "gt": os.path.abspath(gt_path or pred_path),
                    "gt_format": gt.source_format, "metrics": metrics, "reparse": bool(reparse),
-                   "iou_thrs": [float(x) for x in iou_thrs], "primary_iou_thr": primary},
+                   "iou_thrs": [float(x) for x in iou_thrs], "primary_iou_thr": primary, "compat": compat},
         "counts": counts,
         "errors": line_info["errors"],
         "categories": categories,
@@ -160,12 +170,16 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
         result["coco"] = {it: r.to_dict() for it, r in coco_res.items()}
         timings["coco_s"] = time.perf_counter() - t
     f1_results: dict[float, list[MatchResult]] = {}
+    f1_pairs, ignored = pairs, 0
     if metrics in ("f1ish", "both"):
         t = time.perf_counter()
-        f1_results = run_f1ish(pairs, iou_thrs, scorer)
-        result["f1ish"] = {thr_key(th): aggregate(rs) for th, rs in f1_results.items()}
+        if compat == "coordexp":
+            f1_pairs, ignored = annotated_scope(pairs, scorer)
+        f1_results = run_f1ish(f1_pairs, iou_thrs, scorer)
+        result["f1ish"] = {thr_key(th): {**aggregate(rs), "pred_ignored": ignored} for th, rs in f1_results.items()}
         result["f1ish_primary"] = thr_key(primary)
         timings["f1ish_s"] = time.perf_counter() - t
+    result["compat"] = compat_info(compat, changes, ignored)
     result["coordexp"] = flat_metrics(result)  # upstream's flat key names, same numbers
     result["semantic"] = scorer.info()
     if scorer.fallback_reason and semantic:
@@ -174,7 +188,7 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
     timings["total_s"] = time.perf_counter() - t0
     result["timings"] = timings
     if out_dir is not None:
-        write_artifacts(out_dir, result, pairs, categories, category_of, coco_gt, coco_dets, coco_res,
+        write_artifacts(out_dir, result, f1_pairs, categories, category_of, coco_gt, coco_dets, coco_res,
                         f1_results, primary, plots=plots)
     return result
 
