@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -60,6 +61,12 @@ def create_app(opts: UiOptions) -> FastAPI:
             if not hmac.compare_digest(given.encode(), opts.token.encode()):
                 return JSONResponse({"detail": "missing or wrong token"}, status_code=401)
         return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_request: Request, exc: RequestValidationError):
+        # e.g. an image "id" that is a path: 400, never a file lookup
+        return JSONResponse({"detail": "bad request: " + "; ".join(
+            f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())}, status_code=400)
 
     @app.exception_handler(RegistryError)
     async def not_found(_request: Request, exc: RegistryError):
