@@ -189,6 +189,9 @@ def answer(source, path: str, prompt: str | None, params, max_pixels: int) -> tu
     out = {"image": path, "width": w, "height": h, "prompt": prompt if prompt is not None else source.default_text,
            "coord_mode": rec["coord_mode"], "raw_output": rec["raw_output"], "preds": rec["preds"],
            "num_tokens": rec.get("num_tokens"), "finish_reason": rec.get("finish_reason")}
+    for key in ("guided", "guided_closed_early"):  # what guided decoding did, as on prediction lines
+        if key in rec:
+            out[key] = rec[key]
     for key in ("error", "error_message", "repairs"):
         if rec.get(key):
             out[key] = rec[key]
@@ -203,6 +206,9 @@ def format_table(ans: dict[str, Any]) -> str:
         lines.append(f"error:  {ans['error']}: {ans.get('error_message') or ''}".rstrip())
     for r in ans.get("repairs") or []:
         lines.append(f"repair: {r}")
+    if ans.get("guided"):
+        lines.append("guided: closed early (the token budget ran out: fewer objects than the model wanted)"
+                     if ans.get("guided_closed_early") else "guided: yes")
     if not preds:
         lines.append("objects: none")
         return "\n".join(lines)
@@ -217,12 +223,16 @@ def format_table(ans: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+DRAW_MIN_SIZE, DRAW_MAX_SIZE = 384, 1280  # the vis overlays' panel sizes
+
+
 def draw(img, preds: list[dict[str, Any]], out_path: str) -> str:
     """Save `img` with the predictions drawn by the `vis` annotators (the look of the overlays)."""
     from coordexp.vis import draw_predictions
 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)) or ".", exist_ok=True)
-    draw_predictions(img, preds).save(out_path)
+    # small images are drawn upscaled, as vis does, so labels do not cover the objects
+    draw_predictions(img, preds, min_size=DRAW_MIN_SIZE, max_size=DRAW_MAX_SIZE).save(out_path)
     return out_path
 
 
@@ -260,6 +270,11 @@ def parse_turn(line: str, last_image: str | None) -> tuple[str | None, str | Non
 
 def _interactive(source, args, params) -> int:
     tty = sys.stdin.isatty()
+    if tty:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
     last_image: str | None = args.image
     turn = 0
     if tty:
@@ -267,8 +282,12 @@ def _interactive(source, args, params) -> int:
               file=sys.stderr)
     while True:
         if tty:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+            try:
+                line = input("> ") + "\n"  # input() gets readline's editing and history
+            except EOFError:
+                break
+        else:
+            line = sys.stdin.readline()
         if not line:  # EOF
             break
         if line.strip().lower() in QUIT:
@@ -324,12 +343,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.interactive:
             return _interactive(source, args, params)
-        try:
-            ans, img = answer(source, args.image, args.user_text, params, args.max_pixels)
-        except TurnError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        emit(ans, img, args)
+        return _once(source, args, params)
+    except BrokenPipeError:  # `ask ... | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
         source.close()
+
+
+def _once(source, args: argparse.Namespace, params) -> int:
+    try:
+        ans, img = answer(source, args.image, args.user_text, params, args.max_pixels)
+    except TurnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    emit(ans, img, args)
+    return 0

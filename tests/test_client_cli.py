@@ -85,9 +85,10 @@ def test_draw_marks_the_objects_with_the_vis_annotators(tmp_path):
     drawn = [cmd_ask.draw(img, preds, str(tmp_path / "vis.png"))]
     for path in drawn:
         out = Image.open(path).convert("RGB")
-        assert out.size == (100, 80)
-        assert out.getpixel((10, 30)) != (255, 255, 255)  # the box's left edge
-        assert out.getpixel((35, 30)) == (255, 255, 255)  # inside the box: untouched
+        k = out.size[0] / 100  # upscaled like the vis overlays (issue 19: labels no longer cover objects)
+        assert min(out.size) >= 384 and out.size[1] == round(80 * k)
+        assert out.getpixel((round(10 * k), round(35 * k))) != (255, 255, 255)  # the box's left edge
+        assert out.getpixel((round(35 * k), round(35 * k))) == (255, 255, 255)  # inside the box: untouched
     assert img.getpixel((10, 30)) == (255, 255, 255)  # the caller's image is not drawn on
 
 
@@ -320,3 +321,27 @@ def test_bench_stream_without_a_streaming_ensemble_is_a_clear_error(server, tmp_
     r = run_client("bench", "--url", server.grpc_url, "--synthetic", "1", "--concurrency", "1", "--stream",
                    "--model", "nope", "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and "nope_stream" in r.stderr and "--no-stream" in r.stderr, r.stderr
+
+
+def test_ask_shows_what_guided_decoding_did():
+    """(issue 19) `ask --guided` keeps guided_closed_early, in --json and in the table."""
+    class Guided(StubSource):
+        def generate(self, image_bytes, image, params, user_text):
+            g = super().generate(image_bytes, image, params, user_text)
+            g.extra = {"guided": True, "guided_closed_early": True}
+            return g
+
+    ans, _ = cmd_ask.answer(Guided('{"objects": []}'), SAMPLE_IMAGE, None, GenerationParams(), 10**8)
+    assert ans["guided"] is True and ans["guided_closed_early"] is True
+    assert "guided: closed early" in cmd_ask.format_table(ans)
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_ask_into_a_closed_pipe_ends_quietly(server):
+    """(issue 19) `ask ... | head -c 1` ends without a BrokenPipeError traceback."""
+    r = subprocess.run(f"{sys.executable} -m coordexp.client.cli ask --url {server.grpc_url} --image {SAMPLE_IMAGE} "
+                       f"--max-new-tokens 4 | head -c 1", shell=True, cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+    assert len(r.stdout) == 1

@@ -672,3 +672,11 @@ def test_reading_runs_ahead_at_most_the_reorder_window(tmp_path):
     assert [r["image_id"] for r in rows] == list(range(100))
     assert rows[2]["error"] == "generation_failed" and "ValueError: malformed response" in rows[2]["error_message"]
     assert sum(1 for r in rows if r.get("error")) == 1
+
+
+def test_a_url_without_a_port_means_tritons_grpc_port():
+    """(issue 19) gRPC alone would try 443; a scheme is dropped."""
+    assert P.normalise_url("localhost") == "localhost:8001"
+    assert P.normalise_url("grpc://10.0.0.5/") == "10.0.0.5:8001"
+    assert P.normalise_url("127.0.0.1:9001") == "127.0.0.1:9001"
+    assert P.normalise_url("[::1]") == "[::1]:8001" and P.normalise_url("[::1]:7") == "[::1]:7"

@@ -140,10 +140,19 @@ def new_client(url: str):
     return InferenceServerClient(url, channel_args=channel_args())
 
 
+DEFAULT_GRPC_PORT = 8001  # Triton's own default
+
+
 def normalise_url(url: str) -> str:
+    """HOST:PORT as gRPC wants it: a scheme is dropped, a missing port is Triton's gRPC default (gRPC
+    itself would try 443)."""
     for prefix in ("grpc://", "http://", "https://"):
         if url.startswith(prefix):
-            return url[len(prefix):]
+            url = url[len(prefix):]
+    url = url.rstrip("/")
+    host_part = url.rsplit("]", 1)[-1] if url.startswith("[") else url
+    if ":" not in host_part:
+        url = f"{url}:{DEFAULT_GRPC_PORT}"
     return url
 
 
@@ -157,7 +166,9 @@ async def preflight(url: str, model: str, timeout: float = 10.0):
         try:
             live = await client.is_server_live(client_timeout=timeout)
         except Exception as e:
-            raise PreflightError(f"cannot reach a Triton gRPC server at {url}: {error_message(e)}") from None
+            raise PreflightError(f"cannot reach a Triton gRPC server at {url}: {error_message(e)} (the client "
+                                 f"speaks gRPC: give Triton's gRPC port, {DEFAULT_GRPC_PORT} unless changed; 8000 is "
+                                 "its HTTP port)") from None
         if not live:
             raise PreflightError(f"the Triton server at {url} is not live")
         ready = False
