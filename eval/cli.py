@@ -19,7 +19,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="GT: the input JSONL (norm/coord/pixel) or a COCO instances json; not needed when --pred "
                         "is a gt_vs_pred.jsonl / gt_vs_pred_scored.jsonl (ours or CoordExp's: GT inside)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--metrics", choices=["coco", "f1ish", "both"], default="both")
+    p.add_argument("--metrics", choices=["coco", "f1ish", "both", "lvis"], default="both",
+                   help="lvis: federated LVIS AP on LVISEval (records need metadata.lvis; 300 dets per image)")
     p.add_argument("--reparse", action="store_true",
                    help="re-parse every line's raw_output with the shared parser (default: only lines without preds)")
     p.add_argument("--iou-thrs", default="0.3,0.5", help="F1-ish IoU thresholds, comma separated (0.5 is primary)")

@@ -90,6 +90,7 @@ class ImagePair:
     coco_image_id: int | None = None  # id in coco_gt.json (original id for COCO-json GT)
     pred_coord_mode: str | None = None
     size_mismatch: bool = False  # prediction line's width/height disagree with the GT's
+    metadata: dict = field(default_factory=dict)  # the GT record's `metadata` (LVIS federated lists)
 
     @property
     def coco_id(self) -> int:
@@ -176,8 +177,9 @@ def load_gt(gt_path: str, coord_mode: str | None = None) -> GroundTruth:
             continue
         for o in objs:
             cats.setdefault(o.desc, None)
+        md = d.get("metadata")
         images.append(ImagePair(image_id=image_id, images=list(rec.images), width=rec.width,
-                                height=rec.height, gts=objs))
+                                height=rec.height, gts=objs, metadata=md if isinstance(md, dict) else {}))
     return GroundTruth(images=images, categories=list(cats), source_format="jsonl", invalid=invalid)
 
 

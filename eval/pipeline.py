@@ -13,7 +13,7 @@ from .semantic import DEFAULT_THRESHOLD, SemanticScorer
 from .report import thr_key, write_artifacts
 
 EVAL_SCHEMA_VERSION = "coordexp.eval.v1"
-METRIC_CHOICES = ("coco", "f1ish", "both")
+METRIC_CHOICES = ("coco", "f1ish", "both", "lvis")
 DEFAULT_IOU_THRS = (0.3, 0.5)
 PRIMARY_IOU_THR = 0.5
 
@@ -169,6 +169,12 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
                                              coco_backend)
         result["coco"] = {it: r.to_dict() for it, r in coco_res.items()}
         timings["coco_s"] = time.perf_counter() - t
+    if metrics == "lvis":  # federated LVIS on LVISEval (eval/lvis.py)
+        from .lvis import evaluate_lvis
+
+        t = time.perf_counter()
+        result["lvis"], _, _ = evaluate_lvis(pairs, scorer)
+        timings["lvis_s"] = time.perf_counter() - t
     f1_results: dict[float, list[MatchResult]] = {}
     f1_pairs, ignored = pairs, 0
     if metrics in ("f1ish", "both"):

@@ -236,6 +236,16 @@ def format_summary(m: dict[str, Any]) -> str:
     for it, s in (m.get("coco") or {}).items():
         lines.append(f"COCO {it:<5} " + "  ".join(f"{n} {s[n]:.3f}" for n in STAT_NAMES[:6]))
         lines.append(" " * 11 + "  ".join(f"{n} {s[n]:.3f}" for n in STAT_NAMES[6:]))
+    lv = m.get("lvis")
+    if lv:
+        lines.append("LVIS  bbox  " + "  ".join(f"{n} {lv[n]:.3f}" for n in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+        lines.append(" " * 11 + "  ".join(f"{n} {lv[n]:.3f}" for n in ("APr", "APc", "APf", "AR@300"))
+                     + f"  ({lv['detections']} dets, <= {lv['max_dets']} per image)")
+    if m.get("compat", {}).get("mode") == "coordexp":
+        cx = m["compat"]
+        lines.append(f"compat coordexp: {cx['images_without_gt_left_out']} images without GT left out, "
+                     f"{cx['gt_degenerate_dropped']} GT / {cx['pred_degenerate_dropped']} preds degenerate dropped, "
+                     f"{cx['f1ish_pred_ignored']} preds outside the GT label space ignored (F1-ish)")
     if m.get("f1ish"):
         lines.append("F1-ish       IoU   | loc P   loc R   loc F1 | full P  full R  full F1 | sem acc")
         for key, a in m["f1ish"].items():

@@ -76,7 +76,9 @@ def load_gt_vs_pred(path: str) -> tuple[GroundTruth, dict[str, Any]]:
                              "refusing to score it as no predictions")
         w, h = _size(d, where)
         images_field = d.get("images") or ([d["image"]] if isinstance(d.get("image"), str) else [])
-        pair = ImagePair(image_id=len(images), images=list(images_field), width=w, height=h)
+        md = d.get("metadata")
+        pair = ImagePair(image_id=len(images), images=list(images_field), width=w, height=h,
+                         metadata=md if isinstance(md, dict) else {})
         mode = d.get("coord_mode") or "pixel"
         pair.gts = _gt_objects(d["gt"], d, pair, mode, where)
         pair.preds, pair.preds_invalid = _pred_objects(raw_preds, d, pair, mode)
@@ -122,6 +124,8 @@ def load_inputs(pred_path: str, gt_path: str | None, reparse: bool = False,
 SCORE_SOURCE = "coordexp_serve_constant_1.0"
 SCORE_VERSION = 1
 
+STAT_NAMES_LVIS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",
+                   "AR@300", "ARs@300", "ARm@300", "ARl@300")
 _COCO_FLAT = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
@@ -133,6 +137,12 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float | int | None]:
         for name in _COCO_FLAT:  # CocoResult.to_dict(): the 12 numbers at top level
             if name in res:
                 flat[f"{it}_{name}"] = res[name]
+    lvis = result.get("lvis") or {}
+    for name in STAT_NAMES_LVIS:  # upstream: bbox_AP.., bbox_APr/c/f, bbox_AR@300 and the alias bbox_AR300
+        if name in lvis:
+            flat[f"bbox_{name}"] = lvis[name]
+            if "@" in name:
+                flat[f"bbox_{name.replace('@', '')}"] = lvis[name]
     for key, agg in (result.get("f1ish") or {}).items():
         pre = f"f1ish@{key}_"
         for mode in ("loc", "full"):
