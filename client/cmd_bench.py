@@ -61,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", choices=("torch", "onnx"), help="also measure this in-process engine")
     p.add_argument("--ckpt", help="checkpoint (torch) or export folder / repository (onnx) for --baseline")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the baseline engine")
-    p.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
+    p.add_argument("--out", default=None,
+                   help="folder for bench.json and bench.png (default: runs/bench/<UTC date and time>)")
     add_decoding_args(p)
     p.set_defaults(max_new_tokens=64)  # a short fixed budget keeps sweeps quick
     add_prompt_args(p)
@@ -124,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
         B.add_baseline(report, served, base, args.baseline, os.path.abspath(args.ckpt))
         print("served / in-process throughput: " + ", ".join(
             f"c={r['concurrency']}: x{r['request_throughput_ratio']}" for r in report["ratios"]))
+    if args.out is None:  # never overwrite an earlier bench: one folder per run
+        import datetime as _dt
+
+        args.out = os.path.join("runs", "bench", _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
     os.makedirs(args.out, exist_ok=True)
     jpath = os.path.join(args.out, "bench.json")
     with open(jpath, "w", encoding="utf-8") as f:

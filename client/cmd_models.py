@@ -86,11 +86,13 @@ def format_server(info: dict[str, Any]) -> str:
     widths = [max(len(r[c]) for r in table) for c in range(4)]
     for r in table:
         lines.append("  " + "  ".join(cell.ljust(widths[c]) for c, cell in enumerate(r)).rstrip())
-    for m in info["models"]:
-        man = m.get("manifest")
-        if not man:
-            continue
-        lines.append(f"  manifest of {m['name']}:")
+    shared: dict[str, tuple[list[str], dict[str, Any]]] = {}  # one block per export: the unary and the
+    for m in info["models"]:                                   # streaming ensemble share their manifest
+        if m.get("manifest"):
+            key = json.dumps(m["manifest"], sort_keys=True, default=str)
+            shared.setdefault(key, ([], m["manifest"]))[0].append(m["name"])
+    for names, man in shared.values():
+        lines.append(f"  manifest of {', '.join(names)}:")
         versions = man.get("versions") or {}
         vtext = ", ".join(f"{k} {v}" for k, v in versions.items() if v) if isinstance(versions, dict) else versions
         for key, val in (("checkpoint", man.get("checkpoint")), ("hash", man.get("hash")),

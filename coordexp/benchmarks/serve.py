@@ -12,6 +12,7 @@ inter-token latency is, per request, (last token's arrival - first token's arriv
 from __future__ import annotations
 
 import io
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -112,8 +113,9 @@ def parse_levels(text: str) -> list[int]:
 
 
 async def drive(pool, inputs: Sequence[bytes], concurrency: int, n: int, params, user_text: str | None,
-                texts: dict[int, str] | None = None, stream: bool = False) -> dict[str, Any]:
-    """`concurrency` workers, one request in flight each, until `n` requests are answered.
+                texts: dict[int, str] | None = None, stream: bool = False, desc: str | None = None) -> dict[str, Any]:
+    """`concurrency` workers, one request in flight each, until `n` requests are answered (a progress
+    bar on stderr when `desc` is given).
     Returns latencies of successes (s), their output lengths, error count, wall seconds and, streamed,
     times to first token and mean inter-token times (s)."""
     import asyncio
@@ -124,10 +126,14 @@ async def drive(pool, inputs: Sequence[bytes], concurrency: int, n: int, params,
     ttft: list[float] = []
     itl: list[float] = []
     errors = 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc=desc, unit="req", leave=False, file=sys.stderr, disable=desc is None)
 
     async def worker() -> None:
         nonlocal errors
         for i in counter:
+            bar.update(1)
             data = inputs[i % len(inputs)]
             t0 = time.perf_counter()
             gen, facts = await pool.generate(data, params, user_text, stream=stream)
@@ -148,7 +154,10 @@ async def drive(pool, inputs: Sequence[bytes], concurrency: int, n: int, params,
                 texts[i] = gen.text
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        bar.close()
     return {"latencies": lat, "tokens": toks, "errors": errors, "wall": time.perf_counter() - t0,
             "first_token": ttft if stream else None, "inter_token": itl if stream else None}
 
@@ -183,8 +192,8 @@ async def sweep(opts: SweepOptions, params, inputs: list[bytes], log=print) -> d
             n = opts.requests or max(len(inputs), 2 * c)
             warm = opts.warmup if opts.warmup is not None else max(2, c)
             if warm:
-                await drive(pool, inputs, c, warm, params, user_text, stream=opts.stream)
-            d = await drive(pool, inputs, c, n, params, user_text, texts, stream=opts.stream)
+                await drive(pool, inputs, c, warm, params, user_text, stream=opts.stream, desc=f"c={c} warm-up")
+            d = await drive(pool, inputs, c, n, params, user_text, texts, stream=opts.stream, desc=f"c={c}")
             m = level_metrics(c, d["latencies"], d["tokens"], d["errors"], d["wall"], d["first_token"],
                               d["inter_token"])
             results.append(m)
