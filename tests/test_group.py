@@ -112,6 +112,39 @@ def test_clean_text_and_the_record_rules():
             R.validate_record({**good, **change}, "f.jsonl:3")
 
 
+def test_answers_in_any_order_become_lines_in_group_order(tree):
+    import io
+
+    from coordexp.group.backends import ImageAnswer, ImageJob
+    from coordexp.group.run import GroupWriter, judge
+
+    assert judge(ImageAnswer(raw="<|im_end|>\n"), "summary")[2]["error"] == R.EMPTY_ANSWER
+    assert judge(ImageAnswer(raw="not json at all"), "summary")[2] is None  # text mode: free text is fine
+    assert judge(ImageAnswer(raw="not json at all"), "detect")[2]["error"] == R.PARSE_FAILED
+    assert judge(ImageAnswer(error="generation_failed", message="server x: [INTERNAL] boom"), "summary")[2] == \
+        {"error": "generation_failed", "message": "server x: [INTERNAL] boom"}
+    root, _ = tree
+    m = discover(root, MISSION_A)[0]
+    groups = [*m.groups, *m.empty_groups]
+    main, errors = io.StringIO(), io.StringIO()
+    w = GroupWriter(groups, main, errors, "summary", legacy=False)
+    jobs = [ImageJob(gi, ii, p) for gi, g in enumerate(groups) for ii, p in enumerate(g.images)]
+    for job in reversed(jobs):  # the last image first: nothing may be written before group 0 is done
+        raw = "" if (job.group, job.index) == (0, 1) else f"text {job.group}.{job.index}"
+        w.add(job, ImageAnswer(raw=raw))
+        assert (main.getvalue() + errors.getvalue() == "") == (job != jobs[0])
+    out = [json.loads(x) for x in main.getvalue().splitlines()]
+    err = [json.loads(x) for x in errors.getvalue().splitlines()]
+    # the fail QC group had one empty answer (the corrupt image is only detected by the backends)
+    assert [(r["label"], r["group_id"]) for r in out] == [("fail", "corrupt_group"), ("pass", QC), ("pass", "site_042")]
+    assert [(e["group_id"], [x["error"] for x in e["errors"]]) for e in err] == \
+        [(QC, [R.EMPTY_ANSWER]), ("empty_group", [R.EMPTY_GROUP])]
+    assert err[0]["errors"] == [{"image": f"{QC}_2.jpg", "index": 2, "error": R.EMPTY_ANSWER,
+                                 "message": "the answer is empty ('')"}]
+    with pytest.raises(ValueError, match="two answers for image 1"):
+        w.add(jobs[0], ImageAnswer(raw="again"))
+
+
 # ---------------------------------------------------------------- served runs
 
 @pytest.fixture(scope="module")
@@ -234,9 +267,12 @@ def test_bad_input_exits_2_with_one_clear_line(tree, tmp_path, capsys):
     root, _ = tree
     rc, err = group_cli("--input-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o"),
                         "--local", "x", capsys=capsys)
-    assert rc == 2 and "input folder not found" in err or "cannot load" in err
+    assert rc == 2 and "cannot load torch engine from x: checkpoint folder not found: x" in err
     rc, err = group_cli("--input-dir", root, "--output-dir", str(tmp_path / "o"), capsys=capsys)
     assert rc == 2 and "give either --local CKPT or --url" in err
+    rc, err = group_cli("--input-dir", root, "--output-dir", str(tmp_path / "o"), "--url", "127.0.0.1:9",
+                        "--timeout", "2", capsys=capsys)
+    assert rc == 2 and "cannot reach a Triton gRPC server at 127.0.0.1:9" in err
     out = tmp_path / "broken"
     out.mkdir()
     (out / f"{MISSION_B}_stage_a.jsonl").write_text('{"group_id": 1}\n{"x": 2}\n', encoding="utf-8")

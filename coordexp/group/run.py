@@ -91,7 +91,7 @@ class GroupWriter:
         self._flush()  # empty groups at the head are complete already
 
     def add(self, job: ImageJob, answer: ImageAnswer) -> None:
-        if self.answers[job.group][job.index] is not None:
+        if job.group < self.next or self.answers[job.group][job.index] is not None:
             raise ValueError(f"two answers for image {job.index + 1} of group {self.groups[job.group].where}")
         self.answers[job.group][job.index] = answer
         self.left[job.group] -= 1
