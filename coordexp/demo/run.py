@@ -193,7 +193,24 @@ def _report(out: str, preds: str, seconds: float) -> None:
         path = os.path.join(out, rel)
         if os.path.exists(path):
             print(f"  {path}")
+    _registry_note(out)
     print("=" * 64)
+
+
+def _registry_note(out: str) -> None:
+    """Where `eval` registered this run, and the command that shows it."""
+    try:
+        from coordexp.runs.registry import Registry
+
+        with Registry() as reg:
+            run = next((r for r in reg.list_runs(limit=50) if r["run_dir"] == out), None)
+            path = reg.path
+    except Exception as e:  # noqa: BLE001 - the registry is a side product of the demo
+        print(f"  (registry not readable: {e})")
+        return
+    if run is not None:
+        print(f"Registered as {run['kind']} run {run['id']} in {path}; browse it with")
+        print(f"  coordexp-client ui      # then http://127.0.0.1:8080/run?id={run['id']}")
 
 
 if __name__ == "__main__":
