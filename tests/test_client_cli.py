@@ -346,3 +346,15 @@ def test_ask_into_a_closed_pipe_ends_quietly(server):
                        timeout=120)
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
     assert len(r.stdout) == 1
+
+
+def test_model_loading_bars_stay_out_of_the_output(tiny_ckpt, tmp_path):
+    """(issue 19) transformers' "Loading weights" bars do not leak into `infer --local` (and eval's
+    embedder loads the same way)."""
+    data = tmp_path / "one.jsonl"
+    data.write_text(open(SAMPLE).readline())
+    os.symlink(os.path.join(REPO_ROOT, "data", "sample", "images"), tmp_path / "images")
+    r = run_client("infer", "--local", tiny_ckpt, "--data", str(data), "--out", str(tmp_path / "o" / "p.jsonl"),
+                   "--max-new-tokens", "2", "--no-progress", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "Loading weights" not in r.stderr + r.stdout

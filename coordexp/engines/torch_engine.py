@@ -40,6 +40,9 @@ class TorchEngine:
         self.dtype = dtype
         self.prompt = prompt or PromptSpec()
         self.processor = CoordExpProcessor.from_pretrained(ckpt)
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars would mix into run output
         self.model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=getattr(torch, dtype)).to(device).eval()
 
     def describe(self) -> dict[str, Any]:
