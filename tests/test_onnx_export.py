@@ -162,11 +162,11 @@ def test_build_engine_refuses_other_families_and_plans_dry_run(tmp_path, tiny_ck
 
 @pytest.mark.parametrize("argv, message", [
     (["--trtllm-vision", "tensorrt"], "--trtllm-vision applies to --backend trtllm only"),
-    (["--dtype", "bf16"], "--dtype applies to --backend trtllm only"),  # given, even at its default value
+    (["--dtype", "bf16"], "--dtype applies to --backend torch or trtllm only"),  # given, even at its default value
     (["--tp-size", "2", "--kv-cache-fraction", "0.5"], "--kv-cache-fraction and --tp-size apply to --backend trtllm only"),
     (["--backend", "trtllm", "--opset", "17"], "--opset applies to --backend onnx only"),
-    (["--backend", "trtllm", "--skip-validation"], "--skip-validation applies to --backend onnx only"),
-    (["--backend", "trtllm", "--validation-steps", "4"], "--validation-steps applies to --backend onnx only"),
+    (["--backend", "trtllm", "--skip-validation"], "--skip-validation applies to --backend onnx or torch only"),
+    (["--backend", "trtllm", "--validation-steps", "4"], "--validation-steps applies to --backend onnx or torch only"),
 ])
 def test_build_engine_refuses_flags_of_another_format(tmp_path, tiny_ckpt, capsys, argv, message):
     from coordexp.export.build_engine import main
@@ -182,7 +182,7 @@ def test_formats_table_lists_every_format_build_engine_accepts():
 
     parser = build_parser()
     backend = next(a for a in parser._actions if a.dest == "backend")
-    assert [f.backend for f in FORMATS] == list(backend.choices) == ["onnx", "trtllm"]
+    assert [f.backend for f in FORMATS] == list(backend.choices) == ["onnx", "torch", "trtllm"]
     assert backend.default == "onnx"
     flags = flag_dests(parser)
     everywhere = set.intersection(*(set(f.flags) for f in FORMATS))
@@ -194,7 +194,8 @@ def test_formats_table_lists_every_format_build_engine_accepts():
     for flag in set(flags) - everywhere - {"--backend"}:  # format-specific: None unless given
         assert defaults[flags[flag]] is None, flag
     table = export_formats()
-    assert table["Argument"] == ["onnx", "trtllm"] and table["Format"] == ["ONNX", "TensorRT-LLM"]
+    assert table["Argument"] == ["onnx", "torch", "trtllm"]
+    assert table["Format"] == ["ONNX", "PyTorch", "TensorRT-LLM"]
     assert all(len(col) == len(FORMATS) for col in table.values())
 
 

@@ -153,3 +153,29 @@ def test_streamed_equals_unary_and_the_reference(torch_server, reference, images
         assert st.error is None and st.token_ids == ref
         assert [n for _, n in timing.token_times] == list(range(1, len(ref) + 1))
         assert all(ref[:len(p.token_ids)] == p.token_ids for p in partials)
+
+
+@pytest.mark.triton
+def test_gpu_check_script_runs_on_cpu(torch_server, tiny_ckpt, tmp_path):
+    """bench/gpu/run_gpu_check.py with --device cpu --small against the running torch server (so
+    it cannot rot): run A's answers are identical, run B's numbers are all there."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "gpu", "run_gpu_check.py")
+    spec = importlib.util.spec_from_file_location("run_gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "check"
+    url = torch_server.grpc_url
+    assert mod.main(["--out", str(out), "--device", "cpu", "--dtype", "fp32", "--small", "--ckpt-a", tiny_ckpt,
+                     "--url-a", url, "--url-b", url]) == 0
+    report = json.load(open(out / "gpu_check.json"))
+    assert report["a"]["ok"] and set(report["a"]["modes"]) == {"unary", "streamed", "guided"}
+    b = report["b"]
+    assert b["vision_ms_per_image"] > 0 and b["image_tokens"] > 0
+    for engine in ("torch_dynamic", "torch_static", "hf_generate"):
+        assert set(b[engine]) == {"batch_1", "batch_2"}
+        assert all(v["ms_per_token"] > 0 and v["ttft_ms"] > 0 for v in b[engine].values())
+    assert set(b["served"]) == {"concurrency_1", "concurrency_2"}
+    assert all(v["errors"] == 0 and v["requests_per_s"] > 0 for v in b["served"].values())
+    assert "| served concurrency |" in (out / "gpu_check.md").read_text()

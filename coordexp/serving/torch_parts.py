@@ -146,13 +146,15 @@ class TorchParts:
 
         if self.opts.cache == "dynamic":
             return DynamicCache(config=self.model.config.get_text_config())
-        cache = self._static.get(batch)
-        if cache is None or cache.max_cache_len < length:
-            cache = StaticCache(config=self.model.config.get_text_config(), max_cache_len=length)
-            self._static[batch] = cache
+        # one cache per batch bucket, its length rounded up so that compiled graphs are reused
+        have = self._static.get(batch)
+        if have is None or have[1] < length:
+            size = -(-length // 256) * 256
+            have = (StaticCache(config=self.model.config.get_text_config(), max_cache_len=size), size)
+            self._static[batch] = have
         else:
-            cache.reset()
-        return cache
+            have[0].reset()
+        return have[0]
 
     def _padded(self, input_ids: np.ndarray, attention_mask: np.ndarray, grid: np.ndarray, embeds: np.ndarray,
                 deep: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -184,14 +186,14 @@ class TorchParts:
                                            image_token_id=self.image_token_id, video_token_id=self.video_token_id)
         dev = self.opts.device
         t_mask = torch.as_tensor(mask, device=dev)
-        cache = self._cache(ids.shape[0], ids.shape[1] + params.max_new_tokens)
         prompt_len = mask.sum(-1)
         generated: list[list[int]] = [[] for _ in range(bsz)]
         seqs = [list(r) for r in ids[:bsz].tolist()] if params.repetition_penalty != 1.0 else None
         rngs = [np.random.default_rng(int(params.seed)) for _ in range(bsz)]
         active = set(range(bsz))
         stop = set(self.stop_ids)
-        with torch.inference_mode():
+        with torch.inference_mode():  # the static cache's tensors are inference tensors: reset them in here
+            cache = self._cache(ids.shape[0], ids.shape[1] + params.max_new_tokens)
             logits = self._forward(torch.as_tensor(ids, device=dev), t_mask, torch.as_tensor(pos, device=dev), cache,
                                    self._image_outputs(embeds, deep))
             for step in range(params.max_new_tokens):
