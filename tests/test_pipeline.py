@@ -281,3 +281,13 @@ def test_a_failing_stage_is_reported_and_exits_1(tmp_path, capsys):
     assert "disagree" in stages["eval"]["error"] and "disagree" in stages["vis"]["error"]
     assert summary["pipeline"]["exit_status"] == 1 and "gt_vs_pred_error" in summary
     assert "FAILED" in capsys.readouterr().err
+
+
+def test_the_shipped_config_validates_and_points_at_the_demo_val_set():
+    """(issue 19) configs/pipeline.yaml is valid and runs the demo model on its own distribution."""
+    from coordexp.client.pipeline_config import load_config
+
+    from conftest import REPO_ROOT
+
+    cfg = load_config(os.path.join(REPO_ROOT, "configs", "pipeline.yaml"))
+    assert cfg.data == os.path.join(REPO_ROOT, "data", "demo_val", "val.jsonl")
