@@ -224,10 +224,11 @@ def _account(groups: list[Group], main: str, errors: str) -> dict[str, Any]:
 
 
 def _progress(total: int, mission: str, opts: GroupRunOptions):
-    from coordexp.runner import progress_bar
+    """A bar per image; its postfix counts groups done and groups sent to the errors file."""
+    from tqdm import tqdm
 
-    return progress_bar(total, 0, desc=f"group[{mission}]",
-                        disable=None if opts.progress is None else not opts.progress)
+    return tqdm(total=total, desc=f"group[{mission}]", unit="img", file=sys.stderr, dynamic_ncols=True,
+                disable=None if opts.progress is None else not opts.progress, smoothing=0.1)
 
 
 def run_mission(m: Mission, backend: Any, prompt: MissionPrompt, opts: GroupRunOptions) -> dict[str, Any]:
