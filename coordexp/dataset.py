@@ -79,6 +79,21 @@ def check_image_bytes(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIX
     return w, h
 
 
+def resolve_image(image: str, root: str) -> tuple[str, str | None]:
+    """(path, problem) of a record's image. The rule: an absolute path is taken as given; a relative one
+    starts at `root` (the JSONL's folder or --image-root) and may not climb out of it with `..`
+    (symlinks inside the root are followed: linking an image folder in is the usual way to share one)."""
+    if "\x00" in image:
+        return "", "the image path contains a NUL character"
+    if os.path.isabs(image):
+        return image, None
+    path = os.path.normpath(os.path.join(root, image))
+    if os.path.commonpath([path, os.path.normpath(root)]) != os.path.normpath(root):
+        return path, (f"the relative path leaves the image root {root} (resolves to {path}); give an absolute path "
+                      "or set --image-root")
+    return path, None
+
+
 def _item_from_value(index: int, line_no: int, value: Any, root: str, max_pixels: int,
                      load_images: bool) -> DatasetItem:
     item = DatasetItem(index=index, line_no=line_no)
@@ -98,11 +113,13 @@ def _item_from_value(index: int, line_no: int, value: Any, root: str, max_pixels
         return item.fail(
             ErrorCode.MULTI_IMAGE_NOT_SUPPORTED, f"line {line_no}: {len(rec.images)} images; inference takes exactly one"
         )
-    path = rec.images[0] if os.path.isabs(rec.images[0]) else os.path.join(root, rec.images[0])
+    where = f"line {line_no} ({rec.images[0]})"
+    path, problem = resolve_image(rec.images[0], root)
+    if problem:
+        return item.fail(ErrorCode.IMAGE_LOAD_FAILED, f"{where}: {problem}")
     item.image_path = path
     if not load_images:
         return item
-    where = f"line {line_no} ({rec.images[0]})"
     try:
         with open(path, "rb") as f:
             data = f.read()

@@ -218,14 +218,32 @@ class PredictionRecord:
         )
 
 
+MAX_LINE_BYTES = 16 << 20  # a record line longer than this is refused (one record, not a data dump)
+
+
 def read_jsonl(path: str) -> Iterable[tuple[int, Any | Exception]]:
     """Yield (line_no starting at 1, parsed value or the exception) for every line.
 
     Every line yields exactly once (a blank line yields an error), so a caller can write one
-    output line per input line whatever the line holds.
+    output line per input line whatever the line holds. Lines are split on b"\n" only (as
+    `count_records` counts them) and decoded strictly: invalid UTF-8, NUL bytes and overlong lines are
+    that line's own `invalid_input`, never a silently altered value.
     """
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                yield i, ContractError(ErrorCode.INVALID_INPUT, f"line {i}: {len(raw) / 2**20:.1f} MiB long, "
+                                                                f"the limit is {MAX_LINE_BYTES >> 20} MiB")
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield i, ContractError(ErrorCode.INVALID_INPUT, f"line {i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} "
+                                                                f"at column {e.start + 1})")
+                continue
+            if "\x00" in line:
+                yield i, ContractError(ErrorCode.INVALID_INPUT, f"line {i}: contains a NUL byte")
+                continue
             if not line.strip():
                 yield i, ContractError(ErrorCode.INVALID_INPUT, f"line {i}: empty line")
                 continue

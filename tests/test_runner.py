@@ -1,5 +1,6 @@
 """Dataset runs keep the contract: one line per input line, in order, errors per line, resumable."""
 import json
+import os
 
 import pytest
 
@@ -211,3 +212,46 @@ def test_ctrl_c_keeps_a_valid_prefix_writes_the_summary_and_says_how_to_resume(t
     assert "wrote 3 of 6 lines" in capsys.readouterr().err
     s = run_dataset(data, str(out), EchoEngine(), GenerationParams(), resume=True, progress=False)
     assert s.records_written == 6 and s.extra["status"] == "complete"
+
+
+def test_hostile_dataset_lines_each_get_their_own_error(tmp_path):
+    """(issue 17) a 50 MB line, NUL bytes, invalid UTF-8, a lone CR inside a line, a path climbing out
+    of the image root, a NUL in a path, a directory where an image should be: one line each, in
+    order, with a clear message; good lines around them still run."""
+    import shutil
+
+    from conftest import SAMPLE_DIR
+
+    shutil.copytree(os.path.join(SAMPLE_DIR, "images"), tmp_path / "images")
+    (tmp_path / "images" / "a_dir.png").mkdir()
+    good = open(os.path.join(SAMPLE_DIR, "sample.jsonl")).readline().strip()
+    g = json.loads(good)
+    lines = [
+        good.encode(),
+        b'{"images": ["' + b"x" * (50 << 20) + b'"], "width": 1, "height": 1}',
+        b'{"images": ["images/a.png"], "width": 1,\x00 "height": 1}',
+        b'{"images": ["images/\xff\xfe.png"], "width": 1, "height": 1}',
+        json.dumps({**g, "images": ["../outside.png"]}).encode(),
+        json.dumps({**g, "images": ["images/x\u0000.png"]}).encode(),
+        json.dumps({**g, "images": ["images/a_dir.png"]}).encode(),
+        good.encode().replace(b'"width"', b'"wi\rdth"', 1),  # a lone CR is not a line break here
+        good.encode(),
+    ]
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    items = list(iter_dataset(str(path)))
+    assert len(items) == len(lines) and [it.line_no for it in items] == list(range(1, len(lines) + 1))
+    msgs = [it.error_message or "" for it in items]
+    assert items[0].ok and items[-1].ok
+    assert "MiB long, the limit is 16 MiB" in msgs[1]
+    assert "contains a NUL byte" in msgs[2]
+    assert "not valid UTF-8 (byte 0xff" in msgs[3]
+    assert "leaves the image root" in msgs[4] and items[4].error.value == "image_load_failed"
+    assert "contains a NUL character" in msgs[5]
+    assert "Is a directory" in msgs[6]
+    assert items[7].error.value == "invalid_input"  # "wi\rdth": the record misses its width
+    out = tmp_path / "run" / "p.jsonl"
+    run_dataset(str(path), str(out), EchoEngine(), GenerationParams(), progress=False)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["image_id"] for r in rows] == list(range(len(lines)))
+    assert [bool(r.get("error")) for r in rows] == [False] + [True] * 7 + [False]
