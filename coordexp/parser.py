@@ -2,7 +2,7 @@
 
 Imported by the Triton postprocess model, the client, eval and vis; pure Python, no heavy imports.
 
-    parse_model_output(text, coord_mode="norm1000") -> ParseResult
+    parse_model_output(text, coord_mode="norm1000", width=None, height=None) -> ParseResult
 
 What it accepts
 ---------------
@@ -12,8 +12,7 @@ What it accepts
   upstream's legacy shapes: an index-keyed ``{"0": {...}, "1": {...}}`` (read in key order) and an
   object map ``{"obj": {...}, ...}`` (every value an object; read in text order);
 - ``label`` as an alias of ``desc`` (``desc`` wins when both are there);
-- code fences, prose before/after the JSON, ``<think>...</think>`` blocks and Qwen special tokens
-  (``<|im_end|>`` ...).
+- code fences, prose around the JSON, ``<think>...</think>`` blocks, Qwen special tokens.
 
 Repairs (each one is written to ``ParseResult.repairs``)
 -----------------------------------------------------
@@ -22,10 +21,9 @@ Repairs (each one is written to ``ParseResult.repairs``)
 3. Otherwise a small scanner walks the text: it turns single-quoted strings into JSON strings,
    removes trailing commas, closes brackets the model forgot mid-text, and, when the text ends
    inside the JSON (cut at ``max_new_tokens``), cuts it back to the last complete object and
-   closes the brackets. An object that is open at the very end of the text is dropped and noted,
-   even when only its ``}`` is missing (``{"desc": "cat", "bbox_2d": [1, 2, 3, 4]``: upstream's
-   parser drops it and its test pins that; an answer cut there may have had more keys coming).
-   So a cut ``[<|coord_1|>, <|coord_2|>`` never becomes a 2-number (or 4-number) box.
+   closes the brackets. An object open at the very end of the text is dropped and noted, even
+   when only its ``}`` is missing (upstream's parser drops it too, and its test pins that). So a
+   cut ``[<|coord_1|>, <|coord_2|>`` never becomes a 2-number (or 4-number) box.
 4. Only then ``json_repair`` fixes what is left (missing commas, unquoted keys, Python literals)
    on text whose truncated tail has already been removed.
 
@@ -38,25 +36,20 @@ Validation (after repair), per object, in this order
   the mode's maximum -> dropped, ``invalid_coord``. Integral floats (``12.0``), digit strings
   (``"12"``), coord-token strings and ``[[x, y], ...]`` point pairs are accepted and noted;
 - wrong arity (``bbox_2d``: 4; ``poly``: even and >= 6) -> dropped, ``invalid_geometry``;
-- missing / empty / non-string desc -> dropped (no contract code, as upstream); a desc is stripped
-  of surrounding whitespace;
-- with ``width`` and ``height`` given: a geometry whose box is empty once converted to integer
-  pixels (``round(coordexp.grid.to_pixels(...))``: x2 <= x1 or y2 <= y1 over the min/max of its
-  points) -> dropped, ``invalid_geometry`` (what upstream does at the image's size);
+- missing / empty / non-string desc -> dropped (no contract code, as upstream); descs are stripped;
+- with ``width``/``height``: a geometry whose box (min/max of its points) is empty in integer
+  pixels (``round(coordexp.grid.to_pixels(...))``) -> dropped, ``invalid_geometry`` (as upstream);
 - an object cut by the end of the text -> dropped (no contract code).
-Extra keys are ignored; the model's own score hints are ignored (every pred has score 1.0);
-duplicated boxes are kept as written (eval decides) and noted.
+Extra keys and the model's score hints are ignored (score 1.0); duplicates are kept and noted.
 
-Coordinate modes: ``norm1000`` 0..999, ``qwen3_rel1000`` 0..1000, ``pixel`` any integer >= 0;
-any other mode raises ``ValueError``.
+Modes: ``norm1000`` 0..999, ``qwen3_rel1000`` 0..1000, ``pixel`` any integer >= 0; others: ``ValueError``.
 
 Error codes (``ParseResult.error``: fatal, the line has no preds; ``ParseResult.errors``: the
 contract code of every dropped object, in text order, also when others survive -- upstream's list)
 -----------------------------------
 - at least one object survives -> ``None`` (drops are in ``errors`` / ``repairs`` / ``num_dropped``);
 - empty or whitespace-only text (after removing special tokens) -> ``empty_pred``;
-- a valid empty answer (``{"objects": []}``, ``[]``) -> ``None`` with ``preds == []``: "nothing
-  there" is a legitimate answer, not an error;
+- a valid empty answer (``{"objects": []}``, ``[]``) -> ``None``: "nothing there" is an answer;
 - nothing recoverable (prose only, a bare string/number, an object without an ``objects`` list,
   text cut before any object was complete) -> ``empty_pred`` (the contract's code; upstream's
   too), the detail in ``error_message``;

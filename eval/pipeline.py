@@ -106,6 +106,30 @@ def _coco(pairs, categories: list[str], category_of: dict[str, str | None], with
     return coco_gt, coco_dets, res
 
 
+def _load(pred_path: str, gt_path: str | None, reparse: bool, gt_coord_mode: str | None, compat: str):
+    """(gt, line info, pairs, categories, compat changes): the pairs after `--compat coordexp`."""
+    from .compat import apply_coordexp
+    from .upstream import load_inputs
+
+    gt, line_info = load_inputs(pred_path, gt_path, reparse=reparse, gt_coord_mode=gt_coord_mode)
+    pairs, categories, changes = gt.images, list(gt.categories), None
+    if compat == "coordexp":  # categories: the stripped GT descs left, first seen
+        pairs, changes = apply_coordexp(pairs)
+        categories = list(dict.fromkeys(o.desc for p in pairs for o in p.gts))
+    return gt, line_info, pairs, categories, changes
+
+
+def _f1ish(result: dict, pairs, iou_thrs, primary: float, scorer: SemanticScorer, compat: str):
+    """F1-ish into `result`; (the pairs matched, results per threshold, preds ignored by the scope)."""
+    from .compat import annotated_scope
+
+    f1_pairs, ignored = annotated_scope(pairs, scorer) if compat == "coordexp" else (pairs, 0)
+    f1_results = run_f1ish(f1_pairs, iou_thrs, scorer)
+    result["f1ish"] = {thr_key(th): {**aggregate(rs), "pred_ignored": ignored} for th, rs in f1_results.items()}
+    result["f1ish_primary"] = thr_key(primary)
+    return f1_pairs, f1_results, ignored
+
+
 def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: str = "both", *,
              iou_thrs: Sequence[float] = DEFAULT_IOU_THRS, reparse: bool = False, semantic: bool = True,
              semantic_thr: float = DEFAULT_THRESHOLD, embedder=None, coco_backend: str = "faster-coco-eval",
@@ -114,14 +138,13 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
     """Evaluate a prediction artifact against GT; write the artifacts into `out_dir` (None: none).
 
     - `gt_path=None`: `pred_path` is a gt_vs_pred.jsonl (ours or CoordExp's) with the GT inside.
-
-    - `metrics`: "coco", "f1ish" or "both".
+    - `metrics`: "coco", "f1ish", "both" or "lvis" (federated, eval/lvis.py).
     - `semantic=False`: descs compare as exact/normalised strings only (no embedding model).
     - `embedder`: a `list[str] -> (n, d) array` used instead of all-MiniLM-L6-v2 (tests).
     - `compat="coordexp"`: CoordExp's evaluator conventions (eval/compat.py); default ours.
     Returns the metrics dict (the content of metrics.json).
     """
-    from .compat import COMPAT_CHOICES, annotated_scope, apply_coordexp, compat_info
+    from .compat import COMPAT_CHOICES, compat_info
 
     if metrics not in METRIC_CHOICES:
         raise ValueError(f"metrics must be one of {METRIC_CHOICES}, got {metrics!r}")
@@ -132,15 +155,9 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
-    from .upstream import flat_metrics, load_inputs
+    from .upstream import flat_metrics
 
-    gt, line_info = load_inputs(pred_path, gt_path, reparse=reparse, gt_coord_mode=gt_coord_mode)
-    pairs = gt.images
-    categories = list(gt.categories)
-    changes = None
-    if compat == "coordexp":  # categories: the stripped GT descs left, first seen
-        pairs, changes = apply_coordexp(pairs)
-        categories = list(dict.fromkeys(o.desc for p in pairs for o in p.gts))
+    gt, line_info, pairs, categories, changes = _load(pred_path, gt_path, reparse, gt_coord_mode, compat)
     timings["load_s"] = time.perf_counter() - t0
     scorer = SemanticScorer(embedder=embedder, threshold=semantic_thr, enabled=semantic)
     pred_descs = Counter(o.desc for p in pairs for o in p.preds)
@@ -179,11 +196,7 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
     f1_pairs, ignored = pairs, 0
     if metrics in ("f1ish", "both"):
         t = time.perf_counter()
-        if compat == "coordexp":
-            f1_pairs, ignored = annotated_scope(pairs, scorer)
-        f1_results = run_f1ish(f1_pairs, iou_thrs, scorer)
-        result["f1ish"] = {thr_key(th): {**aggregate(rs), "pred_ignored": ignored} for th, rs in f1_results.items()}
-        result["f1ish_primary"] = thr_key(primary)
+        f1_pairs, f1_results, ignored = _f1ish(result, pairs, iou_thrs, primary, scorer, compat)
         timings["f1ish_s"] = time.perf_counter() - t
     result["compat"] = compat_info(compat, changes, ignored)
     result["coordexp"] = flat_metrics(result)  # upstream's flat key names, same numbers
