@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                             prompt_overrides=prompt_overrides(args),
                             explicit_max_new_tokens=args.max_new_tokens is not None)
     from coordexp.engines import load_engine
-    from coordexp.runner import RunInterrupted, run_dataset
+    from coordexp.runner import OutputWriteError, RunInterrupted, run_dataset
 
     prompt = prompt_from_args(args)
     try:
@@ -107,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except RunInterrupted as e:
         summary = e.summary
+    except OutputWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     return report(summary.to_dict(), args.out, ("records_written", "errors", "seconds", "images_per_s"))
 
 
@@ -139,7 +142,7 @@ def infer_remote(urls: Sequence[str], data: str, out: str, params: GenerationPar
     (`coordexp.runner.run_dataset`) on a `TritonEngine`; `client` is a `ClientOptions`. Returns the
     exit code."""
     from coordexp.engines.triton import PreflightError, TritonEngine
-    from coordexp.runner import RunInterrupted, run_dataset
+    from coordexp.runner import OutputWriteError, RunInterrupted, run_dataset
 
     try:
         engine = TritonEngine.connect(urls, client, user_text=user_text)
@@ -160,5 +163,8 @@ def infer_remote(urls: Sequence[str], data: str, out: str, params: GenerationPar
             return EXIT_PREFLIGHT
         except RunInterrupted as e:
             summary = e.summary
+        except OutputWriteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_RUN_FAILED
     return report(summary.to_dict(), out, ("records_written", "errors", "seconds", "images_per_s", "tokens_per_s",
                                            "retries"))

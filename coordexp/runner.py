@@ -143,6 +143,11 @@ def _existing_lines(out_path: str) -> tuple[list[dict], int]:
     return rows, size
 
 
+class OutputWriteError(RuntimeError):
+    """The predictions file cannot take another line (disk full, file size limit, I/O error); the lines
+    written so far are kept, complete, for a resumed run."""
+
+
 class PredictionWriter:
     """Writes records strictly in image_id order, whatever order they arrive in.
 
@@ -171,9 +176,11 @@ class PredictionWriter:
                     self.errors[r["error"]] += 1
                 self.tokens += int(r.get("num_tokens") or 0)
             self.written = self.resumed_from = len(rows)
-            self._f = open(out_path, "a", encoding="utf-8")
+            self._f = open(out_path, "ab", buffering=0)  # unbuffered: nothing half-written hides in a buffer
+            self._size = size
         else:
-            self._f = open(out_path, "w", encoding="utf-8")
+            self._f = open(out_path, "wb", buffering=0)
+            self._size = 0  # bytes of complete lines on disk: a failed write is cut back to it
         self._pending: dict[int, PredictionRecord] = {}
 
     @property
@@ -187,16 +194,31 @@ class PredictionWriter:
         self._pending[rec.image_id] = rec
         n = 0
         while self.written in self._pending:
-            r = self._pending.pop(self.written)
-            self._f.write(r.to_json() + "\n")
+            r = self._pending[self.written]
+            self._write_line((r.to_json() + "\n").encode("utf-8"))
+            del self._pending[self.written]
             if r.error:
                 self.errors[str(r.error)] += 1
             self.tokens += int(r.extra.get("num_tokens") or 0)
             self.written += 1
             n += 1
-        if n:
-            self._f.flush()
         return n
+
+    def _write_line(self, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._f.write(view):]
+        except OSError as e:
+            try:  # keep only complete lines: what --resume continues from
+                self._f.truncate(self._size)
+            except OSError:
+                pass
+            why = e.strerror or str(e)
+            raise OutputWriteError(f"cannot write {self.out_path}: {why} (disk full or a file size limit?); "
+                                   f"its {self.written} complete lines are kept: free space and run the same "
+                                   "command with --resume") from None
+        self._size += len(data)
 
     def drop_pending(self) -> list[int]:
         """Forget the records queued behind a gap (a run that stopped early); their ids."""

@@ -255,3 +255,34 @@ def test_hostile_dataset_lines_each_get_their_own_error(tmp_path):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["image_id"] for r in rows] == list(range(len(lines)))
     assert [bool(r.get("error")) for r in rows] == [False] + [True] * 7 + [False]
+
+
+def test_a_full_disk_is_a_clear_error_and_the_file_so_far_stays_valid(tmp_path):
+    """(issue 17) a file size limit (RLIMIT_FSIZE) stands in for a full disk: `infer` ends with one
+    clear sentence, no traceback, the lines on disk are complete, and --resume (with room) finishes."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    data = _sample_copy(tmp_path, 12)
+    out = tmp_path / "run" / "p.jsonl"
+    script = ("import sys, json; sys.path.insert(0, 'tests'); from test_runner import EchoEngine; "
+              "from coordexp.generation import GenerationParams; from coordexp.runner import OutputWriteError, "
+              "run_dataset\ntry:\n    run_dataset(sys.argv[1], sys.argv[2], EchoEngine(), GenerationParams(), "
+              "progress=False)\nexcept OutputWriteError as e:\n    print('error:', e, file=sys.stderr); sys.exit(1)")
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+
+    r = subprocess.run([sys.executable, "-c", script, data, str(out)], cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=120, preexec_fn=limit)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "disk full or a file size limit" in r.stderr and "--resume" in r.stderr
+    raw = out.read_bytes()
+    assert 0 < len(raw) <= 1500 and raw.endswith(b"\n")
+    kept = [json.loads(x) for x in raw.decode().splitlines()]
+    assert [k["image_id"] for k in kept] == list(range(len(kept))) and len(kept) < 12
+    s = run_dataset(data, str(out), EchoEngine(), GenerationParams(), resume=True, progress=False)
+    assert s.records_written == 12 and s.resumed_from == len(kept)
