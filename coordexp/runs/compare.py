@@ -167,7 +167,7 @@ def compare_runs(reg: Registry, run_ids: Sequence[int], opts: CompareOptions = C
         runs = [reg.get_run(i) for i in run_ids]
     except RegistryError as e:
         raise CompareError(str(e)) from None
-    images = [reg.all_images(i) for i in run_ids]
+    images = [reg.all_images(i, preds=False) for i in run_ids]
     check_same_gt(runs, images)
     head = {k: runs[0][k] for k in ("dataset_path", "dataset_sha256", "num_images")}
     return {"reference": runs[0]["id"], **head, "options": opts.__dict__,

@@ -1,6 +1,6 @@
 """Paged, filtered image queries over the registry (what the run page and `/api/runs/{id}/images` use).
 
-Every query is bounded (LIMIT) and walks an index: (run_id, f1, idx) for worst-first,
+Every query is bounded (LIMIT) and walks an index: (run_id, f1, idx, tp, fp, fn) for worst-first,
 the primary key for input order, (run_id, class, idx) for a class filter.
 """
 from __future__ import annotations
@@ -52,8 +52,12 @@ def page_images(reg: Registry, run_id: int, q: ImageQuery, with_objects: bool = 
     total = reg.db.execute(f"SELECT COUNT(*) FROM {frm} WHERE {w}", args).fetchone()[0]
     cols = "i.*" if with_objects else ("i.run_id, i.idx, i.path, i.width, i.height, i.tp, i.fp, i.fn, i.precision, "
                                        "i.recall, i.f1, i.error, i.latency_ms")
-    rows = reg.db.execute(f"SELECT {cols} FROM {frm} WHERE {w} ORDER BY {SORTS[q.sort]} LIMIT ? OFFSET ?",
-                          [*args, q.per_page, (q.page - 1) * q.per_page]).fetchall()
+    # page over the index first (idx only), then fetch the page's rows: OFFSET then skips index
+    # entries, not the large rows
+    page = f"SELECT i.idx FROM {frm} WHERE {w} ORDER BY {SORTS[q.sort]} LIMIT ? OFFSET ?"
+    rows = reg.db.execute(f"SELECT {cols} FROM images i JOIN ({page}) p ON i.idx = p.idx WHERE i.run_id = ? "
+                          f"ORDER BY {SORTS[q.sort]}", [*args, q.per_page, (q.page - 1) * q.per_page, int(run_id)]
+                          ).fetchall()
     items = [_image_dict(r) if with_objects else dict(r) for r in rows]
     return {"total": int(total), "page": q.page, "per_page": q.per_page, "sort": q.sort, "items": items}
 

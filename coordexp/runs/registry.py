@@ -68,6 +68,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN vis_dir TEXT;
     ALTER TABLE runs ADD COLUMN timings_json TEXT NOT NULL DEFAULT '{}';
     """,
+    # 3: the worst-first index covers the outcome columns, so counts, outcome filters and deep pages
+    #    read the index alone (the rows hold the GT/pred JSON: large)
+    """
+    DROP INDEX images_f1;
+    CREATE INDEX images_outcome ON images(run_id, f1, idx, tp, fp, fn);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -300,9 +306,13 @@ class Registry:
             raise RegistryError(f"run {run_id} has no image {idx}")
         return _image_dict(r)
 
-    def all_images(self, run_id: int) -> list[dict[str, Any]]:
+    def all_images(self, run_id: int, preds: bool = True) -> list[dict[str, Any]]:
+        """Every image of a run in input order; `preds=False` leaves the predictions out (compare needs
+        only the GT outcomes, and JSON decoding is most of the time at 50k images)."""
+        cols = "*" if preds else ("run_id, idx, path, width, height, gt_json, '[]' AS pred_json, tp, fp, fn, precision, "
+                                  "recall, f1, error, latency_ms")
         return [_image_dict(r) for r in
-                self.db.execute("SELECT * FROM images WHERE run_id = ? ORDER BY idx", (int(run_id),))]
+                self.db.execute(f"SELECT {cols} FROM images WHERE run_id = ? ORDER BY idx", (int(run_id),))]
 
     def classes(self, run_id: int) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT class FROM image_classes WHERE run_id = ? "
