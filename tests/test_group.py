@@ -210,6 +210,8 @@ def test_legacy_keys_and_resume(served_run, tree, server, tmp_path):
     main, errors = main_and_errors(out, MISSION_A)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "timestamp"} for r in rows]  # noqa: E731
     assert main == full_main and strip(errors) == strip(full_errors)  # no group twice, none lost
+    rc = client_main(["group", "--no-progress", *url, "--output-dir", out, "--resume", "--legacy-keys"])
+    assert rc == 2 and main_and_errors(out, MISSION_A)[0] == full_main  # refused: one shape per file
 
     # --legacy-keys: 图片_N keys and a timestamp; and resume continues an old tool's file in its shape
     legacy_out = str(tmp_path / "legacy")
