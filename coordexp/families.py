@@ -136,7 +136,8 @@ FAMILIES: dict[str, FamilySpec] = {
         vision_outputs=("image_embeds", "deepstack"),
         deepstack=True, window_attention=False, learned_position_grid=True,
         vision_config_fields=("deepstack_visual_indexes", "num_position_embeddings"),
-        vision_wrapper="Qwen3VisionWrapper", feeds=_qwen3_feeds, sample_grid=_qwen3_sample_grid),
+        vision_wrapper="Qwen3VisionWrapper", feeds=_qwen3_feeds, sample_grid=_qwen3_sample_grid,
+        trtllm_listed_since="1.2"),
     "qwen2_5_vl": FamilySpec(
         name="qwen2_5_vl", title="Qwen2.5-VL", architecture="Qwen2_5_VLForConditionalGeneration",
         vision_inputs=(("pixel_values", "patch_dim"), ("vision_pos_ids", 2), ("window_bias", "N"),

@@ -72,8 +72,12 @@ def repos(tiny_ckpt, qwen25_ckpt, tmp_path_factory) -> dict[str, str]:
     rc, out = dry_run(["--ckpt", tiny_ckpt, "--backend", "trtllm", "--dry-run", "--repo", str(base / "llmapi"),
                        "--name", "coordexp"])
     assert rc == 0, out
-    rc2, out2 = dry_run(["--ckpt", qwen25_ckpt, "--backend", "trtllm", "--dry-run", "--repo", str(base / "trt"),
-                         "--name", "coordexp", "--trtllm-vision", "tensorrt", "--dtype", "fp16", "--json"])
+    # the TensorRT vision path is refused for the pinned release; its dormant code is still checked,
+    # as if a release took external embeddings
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("coordexp.trtllm.plan.EXTERNAL_EMBEDDINGS_SINCE", "future")
+        rc2, out2 = dry_run(["--ckpt", qwen25_ckpt, "--backend", "trtllm", "--dry-run", "--repo", str(base / "trt"),
+                             "--name", "coordexp", "--trtllm-vision", "tensorrt", "--dtype", "fp16", "--json"])
     assert rc2 == 0, out2
     return {"onnx": onnx, "llmapi": str(base / "llmapi"), "trt": str(base / "trt"), "out": out,
             "plan_trt": json.loads(out2)["plan"]}
@@ -144,13 +148,19 @@ def test_layout_model_yaml_and_manifest(repos):
     assert set(args) <= TORCH_LLM_ARGS and set(args["kv_cache_config"]) <= KV_CACHE_CONFIG
     assert args["backend"] == "pytorch" and args["dtype"] == "bfloat16" and args["tensor_parallel_size"] == 1
     assert args["max_seq_len"] == args["max_input_len"] + 256 and args["max_num_tokens"] >= args["max_input_len"]
-    # llm and llm_stream are two LLM API instances: each gets half of --kv-cache-fraction (default 0.8)
-    assert args["kv_cache_config"]["free_gpu_memory_fraction"] == 0.4 and args["model"] == "llm/1/checkpoint"
+    # llm and llm_stream are two LLM API instances, each taking its fraction of the memory free when it
+    # starts: 1 - sqrt(1 - 0.8) each, about 0.8 together (not "half each"); block reuse off (#14125)
+    kv = args["kv_cache_config"]
+    assert kv["free_gpu_memory_fraction"] == 0.5528 and args["model"] == "llm/1/checkpoint"
+    assert kv["enable_block_reuse"] is False
     m = json.load(open(os.path.join(repo, C.MANIFEST)))
-    assert m["models"]["stream_ensemble"] == "coordexp_stream" and "half" in m["trtllm"]["kv_cache_note"]
+    note = m["trtllm"]["kv_cache_note"]
+    assert m["models"]["stream_ensemble"] == "coordexp_stream" and "half" not in note and "own weights" in note
     assert m["backend"] == "trtllm" and m["trtllm"]["dry_run"] is True and m["trtllm"]["pinned"] == PINNED
     assert m["models"]["steps"] == [wire.PREPROCESS, wire.LLM, wire.POSTPROCESS] and m["max_new_tokens"] == 256
-    assert PINNED["trtllm_image"].endswith("25.12-trtllm-python-py3") and PINNED["triton_image"].endswith("25.12-py3")
+    # both families need TensorRT-LLM >= 1.2 (Qwen3-VL); no Triton image carries it: built on 25.12-py3-min
+    assert PINNED["tensorrt_llm"] == "1.2.1" and PINNED["transformers"] == "4.57.3"
+    assert PINNED["trtllm_base_image"].endswith("25.12-py3-min") and PINNED["triton_image"].endswith("25.12-py3")
     out = repos["out"]
     assert "dry run" in out and "tritonserver --model-repository=" in out and "trtexec" not in out
 
@@ -229,7 +239,8 @@ def test_precision_and_options(tiny_ckpt, tmp_path):
                      TrtllmOptions(dtype="fp8", max_batch_size=4, max_input_len=400, max_new_tokens=64,
                                    kv_cache_fraction=0.5, tp_size=2, vision_max_patches=128, streaming=False))
     api = plan.llm_api
-    assert api["kv_cache_config"] == {"free_gpu_memory_fraction": 0.5, "dtype": "fp8"} and api["dtype"] == "bfloat16"
+    assert api["kv_cache_config"] == {"free_gpu_memory_fraction": 0.5, "dtype": "fp8", "enable_block_reuse": False}
+    assert api["dtype"] == "bfloat16"
     assert api["tensor_parallel_size"] == 2 and api["max_batch_size"] == 4
     assert api["max_input_len"] == 400 and api["max_seq_len"] == 464
     assert plan.profile["max"] == 128 and any("below the image processor's largest image" in w for w in plan.warnings)
@@ -254,10 +265,19 @@ def test_refusals_exit_2(tiny_ckpt, tmp_path, capsys):
     from importlib.util import find_spec
 
     from coordexp.export.build_engine import main
+    from coordexp.trtllm.plan import PINNED
 
-    # Qwen3-VL with a separate vision engine: its deepstack features have no LLM API input
+    # a separate vision engine: 1.2.1's Qwen-VL input processor has no external embeddings (one line)
     assert main(["--ckpt", tiny_ckpt, "--backend", "trtllm", "--dry-run", "--trtllm-vision", "tensorrt",
                  "--repo", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot work with TensorRT-LLM 1.2.1" in err
+    assert "NotImplementedError" in err and "--trtllm-vision trtllm" in err
+    # and, even with a release that took them, Qwen3-VL's deepstack features have no LLM API input
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("coordexp.trtllm.plan.EXTERNAL_EMBEDDINGS_SINCE", "future")
+        assert main(["--ckpt", tiny_ckpt, "--backend", "trtllm", "--dry-run", "--trtllm-vision", "tensorrt",
+                     "--repo", str(tmp_path / "a")]) == 2
     assert "deepstack" in capsys.readouterr().err
     assert main(["--ckpt", tiny_ckpt, "--backend", "trtllm", "--dry-run", "--tp-size", "3",
                  "--repo", str(tmp_path / "b")]) == 2
@@ -266,7 +286,7 @@ def test_refusals_exit_2(tiny_ckpt, tmp_path, capsys):
         pytest.skip("tensorrt_llm is importable here")
     assert main(["--ckpt", tiny_ckpt, "--backend", "trtllm", "--repo", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
-    assert "25.12-trtllm-python-py3" in err and "--dry-run" in err and "Traceback" not in err
+    assert PINNED["trtllm_image"] in err and "--dry-run" in err and "Traceback" not in err
     assert not (tmp_path / "c").exists()
 
 
@@ -319,9 +339,19 @@ class FakeLLM:
         self.answer, self.calls = answer, []
 
     def generate(self, prompts, sampling_params=None, use_tqdm=True):
-        self.calls.append((prompts, sampling_params))
-        return [SimpleNamespace(prompt_token_ids=None, outputs=[SimpleNamespace(token_ids=list(self.answer))])
-                for _ in prompts]
+        raise AssertionError("LLM.generate() blocks execute(): rows go to generate_async")
+
+    def generate_async(self, prompt, sampling_params=None, streaming=False):
+        """An async iterator: streamed, cumulative outputs one per token; else the final one."""
+        self.calls.append(([prompt], [sampling_params]))
+        answer = list(self.answer)
+
+        async def outputs():
+            for n in (range(1, len(answer) + 1) if streaming else [len(answer)]):
+                if prompt.get("fail") and n == 2:
+                    raise RuntimeError("engine error")
+                yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=answer[:n])], finished=n == len(answer))
+        return outputs()
 
 
 @dataclasses.dataclass
@@ -367,8 +397,9 @@ def test_batcher_runs_requests_through_the_llm_api(tiny_ckpt):
     assert isinstance(res[1], C.RequestError) and "guided" in str(res[1])
     out = res[0]
     assert out[wire.OUTPUT_IDS].tolist() == [[11, 12], [11, 12]] and out[wire.SEQUENCE_LENGTH].tolist() == [[2], [2]]
-    (prompts, sampling), = llm.calls
-    assert len(prompts) == 2 and all(p["prompt"] == proc.prompt_text() for p in prompts)
+    # one generate_async per row, all in flight together (rows join the running batch)
+    prompts, sampling = [c[0][0] for c in llm.calls], [c[1][0] for c in llm.calls]
+    assert batcher.calls == [2] and len(prompts) == 2 and all(p["prompt"] == proc.prompt_text() for p in prompts)
     sizes = [p["multi_modal_data"]["image"][0].size for p in prompts]
     assert sizes == [(int(g[2]) * 16, int(g[1]) * 16) for g in enc["image_grid_thw"]]
     assert sampling[0].max_tokens == 7 and sampling[0].top_k == 1 and sampling[0].end_id == stop[0]
@@ -377,20 +408,7 @@ def test_batcher_runs_requests_through_the_llm_api(tiny_ckpt):
     assert "pixel_values" in str(batcher.run([bare])[0])
 
 
-class FakeStreamingLLM(FakeLLM):
-    """+ `generate_async(..., streaming=True)`: an async iterator of cumulative outputs, one per token."""
-
-    def generate_async(self, prompt, sampling_params=None, streaming=False):
-        assert streaming
-        self.calls.append(([prompt], [sampling_params]))
-        answer = list(self.answer)
-
-        async def outputs():
-            for n in range(1, len(answer) + 1):
-                if prompt.get("fail") and n == 2:
-                    raise RuntimeError("engine error")
-                yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=answer[:n])], finished=n == len(answer))
-        return outputs()
+FakeStreamingLLM = FakeLLM
 
 
 def test_streaming_batcher_sends_every_token_then_the_unary_answer(tiny_ckpt):
@@ -502,3 +520,26 @@ def test_tensorrt_vision_uses_the_family_feeds_and_the_onnx_grouping(tmp_path):
     assert VisionEncoder(vision).merge_size == 2  # what the vision_encoder step wraps
     with pytest.raises(NotImplementedError, match="'llava'"):
         TensorRTVision({**meta, "family": "llava"}, session)
+
+
+def test_repository_carries_transformers4_readable_config_and_tokenizer(repos, tiny_ckpt, qwen25_ckpt, tmp_path):
+    """TensorRT-LLM <= 1.2 reads the checkpoint with transformers 4.x: the written copies follow its
+    rules (no `extra_special_tokens` list, `rope_scaling` of type mrope instead of `rope_parameters`)."""
+    from coordexp.trtllm.compat import TRANSFORMERS4_SUBDIR, transformers4_problems, write_transformers4_copies
+
+    for ckpt in (tiny_ckpt, qwen25_ckpt):
+        orig_cfg = json.load(open(os.path.join(ckpt, "config.json")))
+        orig_tc = json.load(open(os.path.join(ckpt, "tokenizer_config.json")))
+        assert transformers4_problems(orig_cfg, orig_tc)  # the transformers-5 files break the 4.x rules
+        out = tmp_path / os.path.basename(ckpt)
+        assert write_transformers4_copies(ckpt, str(out)) == ["config.json", "tokenizer_config.json"]
+        cfg, tc = json.load(open(out / "config.json")), json.load(open(out / "tokenizer_config.json"))
+        assert transformers4_problems(cfg, tc) == []
+        text = orig_cfg.get("text_config", orig_cfg)
+        section = text["rope_parameters"]["mrope_section"]
+        assert cfg["rope_scaling"]["mrope_section"] == section and cfg["rope_scaling"]["type"] == "mrope"
+        assert cfg["text_config"]["rope_theta"] == text["rope_parameters"]["rope_theta"]
+        assert tc["additional_special_tokens"][-len(orig_tc["extra_special_tokens"]):] == orig_tc["extra_special_tokens"]
+    repo = repos["llmapi"]
+    assert sorted(os.listdir(os.path.join(repo, TRANSFORMERS4_SUBDIR))) == ["config.json", "tokenizer_config.json"]
+

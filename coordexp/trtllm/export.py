@@ -65,7 +65,9 @@ def plan_lines(plan: TrtllmPlan, dry_run: bool) -> list[str]:
              f"batching   : max_batch_size {o.max_batch_size}, max_input_len {plan.max_input_len}, max_new_tokens "
              f"{o.max_new_tokens}, max_seq_len {plan.max_seq_len}, max_num_tokens {plan.max_num_tokens}",
              f"kv cache   : free_gpu_memory_fraction {o.kv_fraction_per_instance}"
-             + (f" per LLM instance (llm and llm_stream: half of {o.kv_cache_fraction} each)" if o.streaming else "")
+             + (f" of the memory free at each LLM instance's start (llm, llm_stream: about {o.kv_cache_fraction} "
+                "together, each with its own weights)" if o.streaming else "")
+             + ", enable_block_reuse false (multimodal, #14125)"
              + (f", dtype {kv['dtype']}" if "dtype" in kv else ""),
              f"vision     : {o.vision}" + (f" (engine profile {plan.profile['min']}/{plan.profile['opt']}/"
                                           f"{plan.profile['max']} patches)" if o.vision == "tensorrt" else

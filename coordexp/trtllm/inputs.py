@@ -123,7 +123,7 @@ class PromptRebuilder:
 
     Needs only a tokenizer and the image processor's numbers (`from_dir` reads them with
     `AutoTokenizer` and preprocessor_config.json): the llm process runs TensorRT-LLM's own
-    transformers (4.57.1 for TensorRT-LLM 1.1.0), not the one coordexp.processor needs."""
+    transformers (4.57.3 for TensorRT-LLM 1.2.1; it reads the repository's transformers-4 copies), not the one coordexp.processor needs."""
 
     def __init__(self, tokenizer: Any, image_token_id: int, patch_size: int, merge_size: int,
                  temporal_patch_size: int, image_mean: Sequence[float], image_std: Sequence[float],

@@ -168,7 +168,7 @@ class TrtllmBatcher:
         return self.sampling_cls(**kw)
 
     def _event_loop(self) -> Any:
-        """The one loop every streamed row runs on (a daemon thread), started on first use."""
+        """The one loop every row runs on (a daemon thread), started on first use."""
         import asyncio
         import threading
 
@@ -177,18 +177,26 @@ class TrtllmBatcher:
             threading.Thread(target=self._loop.run_forever, name="trtllm-stream", daemon=True).start()
         return self._loop
 
-    async def _stream_rows(self, items: Sequence[TrtllmItem], on_progress: ProgressCallback
-                           ) -> list[list[int] | Exception]:
+    async def _rows(self, items: Sequence[TrtllmItem], on_progress: ProgressCallback | None
+                    ) -> list[list[int] | Exception]:
+        """Every row through `LLM.generate_async` at once (as the official llmapi model schedules),
+        so the rows join TensorRT-LLM's in-flight batch; `on_progress`: streamed, one call per token."""
         import asyncio
 
         async def one(k: int, it: TrtllmItem) -> list[int]:
             ids: list[int] = []
             finished = False
-            async for out in self.llm.generate_async(self.llm_input(it), self.sampling(it.params), streaming=True):
+            async for out in self.llm.generate_async(self.llm_input(it), self.sampling(it.params),
+                                                     streaming=on_progress is not None):
                 ids = strip_stop(out.outputs[0].token_ids, self.stop_token_ids)  # cumulative in streaming mode
                 finished = bool(getattr(out, "finished", False))
-                on_progress({k: ids}, [k] if finished else [])
-            if not finished:  # an iterator that ends without a finished output still ends the row
+                if on_progress is not None:
+                    on_progress({k: ids}, [k] if finished else [])
+                got = getattr(out, "prompt_token_ids", None)
+                if got is not None and len(got) != len(it.ids):
+                    self._warn_once("prompt", f"{LOG_PREFIX} TensorRT-LLM tokenized a rebuilt prompt to "
+                                              f"{len(got)} ids, the preprocess step to {len(it.ids)}")
+            if on_progress is not None and not finished:  # an iterator that ends unfinished still ends the row
                 on_progress({k: ids}, [k])
             return ids
 
@@ -198,30 +206,13 @@ class TrtllmBatcher:
 
     def generate(self, items: Sequence[TrtllmItem], on_progress: ProgressCallback | None = None
                  ) -> list[list[int] | Exception]:
-        """All rows in one `LLM.generate` call: TensorRT-LLM batches them in flight. With
-        `on_progress` (the decoupled model), per-row streaming on the background loop instead."""
+        """All rows scheduled with `LLM.generate_async` on the batcher's loop (never the blocking
+        `LLM.generate()`); with `on_progress` (the decoupled model) streamed per token."""
+        import asyncio
+
         if not items:
             return []
-        if on_progress is not None:
-            import asyncio
-
-            return asyncio.run_coroutine_threadsafe(self._stream_rows(items, on_progress),
-                                                    self._event_loop()).result()
-        try:
-            prompts = [self.llm_input(it) for it in items]
-            sampling = [self.sampling(it.params) for it in items]
-            self.calls.append(len(items))
-            outs = self.llm.generate(prompts, sampling_params=sampling, use_tqdm=False)
-        except Exception as e:  # noqa: BLE001 - the batch's error becomes each request's error
-            return [e] * len(items)
-        results: list[list[int] | Exception] = []
-        for it, out in zip(items, outs):
-            got = getattr(out, "prompt_token_ids", None)
-            if got is not None and len(got) != len(it.ids):
-                self._warn_once("prompt", f"{LOG_PREFIX} TensorRT-LLM tokenized a rebuilt prompt to "
-                                          f"{len(got)} ids, the preprocess step to {len(it.ids)}")
-            results.append(strip_stop(out.outputs[0].token_ids, self.stop_token_ids))
-        return results
+        return asyncio.run_coroutine_threadsafe(self._rows(items, on_progress), self._event_loop()).result()
 
 
 # ---------------------------------------------------------------------------- the Triton model

@@ -2,10 +2,14 @@
 
     make_plan(ckpt, name, repo, TrtllmOptions(...)) -> TrtllmPlan      (no TensorRT-LLM needed)
 
-Pinned versions (`PINNED`, read in Triton's release compatibility matrix): the Triton 25.12
-containers, `nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3` = TensorRT-LLM 1.1.0 + TensorRT
-10.13.3.9 + Python 3.12. Nothing here imports TensorRT-LLM or TensorRT: they exist only inside that
-container.
+Pinned versions (`PINNED`): TensorRT-LLM 1.2.1, the first stable release with both families
+(Qwen3-VL arrived in 1.2: NVIDIA/TensorRT-LLM #9060, #9689; 1.1.0, the one in the newest published
+Triton image `25.12-trtllm-python-py3`, refuses `Qwen3VLForConditionalGeneration`, #10583). No
+Triton image with 1.2.x is published: docker/Dockerfile.gpu builds one with tensorrtllm_backend's
+`dockerfile/Dockerfile.triton.trt_llm_backend` (it takes the TensorRT-LLM tag; base
+`tritonserver:25.12-py3-min`). 1.2.1 runs transformers 4.57.3, so the repository carries
+transformers-4-readable copies of config.json / tokenizer_config.json (coordexp.trtllm.compat).
+Nothing here imports TensorRT-LLM or TensorRT: they exist only inside that container.
 
 What serves what:
 
@@ -25,9 +29,12 @@ What serves what:
 - `--trtllm-vision tensorrt`: the vision tower is a TensorRT engine built by `trtexec` from our
   vision ONNX export (one optimisation profile over the patch count), run by the
   `vision_encoder` step (`coordexp.trtllm.vision`); its embeddings go to the LLM API as
-  `multi_modal_embeddings`. That needs a TensorRT-LLM release whose Qwen-VL input processor
-  accepts external image embeddings (newer than the pinned one) and is refused for families with
-  deepstack features (Qwen3-VL: they have no such input).
+  `multi_modal_embeddings`. The Qwen-VL input processor of 1.1 / 1.2 raises NotImplementedError
+  for external embeddings, so it is refused (exit 2) while `EXTERNAL_EMBEDDINGS_SINCE` is None
+  (no pinned release implements them); and always for families with deepstack features.
+- KV cache: `enable_block_reuse: false` (block reuse breaks the second multimodal request,
+  "Multimodal token count mismatch", #14125). `free_gpu_memory_fraction` is a share of the memory
+  free when each LLM instance starts, and each instance (llm, llm_stream) loads its own weights.
 """
 from __future__ import annotations
 
@@ -44,14 +51,21 @@ from coordexp.families import FAMILIES, FamilySpec, family_spec
 # ---------------------------------------------------------------------------- pinned versions
 PINNED: dict[str, str] = {
     "triton_release": "25.12",
-    "trtllm_image": "nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3",
+    # built here (docker/Dockerfile.gpu stage 1) from the base below with tensorrtllm_backend
+    "trtllm_image": "coordexp-serve/tritonserver-trtllm:1.2.1",
+    "trtllm_base_image": "nvcr.io/nvidia/tritonserver:25.12-py3-min",
+    "tensorrtllm_backend_dockerfile": "dockerfile/Dockerfile.triton.trt_llm_backend",
     "triton_image": "nvcr.io/nvidia/tritonserver:25.12-py3",
-    "tensorrt_llm": "1.1.0",
-    "tensorrt": "10.13.3.9",
+    "tensorrt_llm": "1.2.1",
+    "transformers": "4.57.3",  # what TensorRT-LLM 1.2.x installs (1.1.0: 4.56.0)
+    "tensorrt": "10.13.3.9",  # Triton 25.12's TensorRT (the vision engine path, refused while unsupported); unverified for 1.2.1
     "python": "3.12",
-    "source": "https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/introduction/"
-              "compatibility.html (row 25.12, container trtllm-python-py3)",
+    "source": "TensorRT-LLM 1.2 release notes (Qwen3-VL: PRs #9060, #9689; 1.1.0 lacks it, #10583); "
+              "tensorrtllm_backend dockerfile/Dockerfile.triton.trt_llm_backend",
 }
+# Qwen-VL input processors take external `multi_modal_embeddings` only after the pinned release
+# (1.1 / 1.2 raise NotImplementedError): None = no pinned release does, --trtllm-vision tensorrt is refused.
+EXTERNAL_EMBEDDINGS_SINCE: str | None = None
 
 # --dtype -> LLM API dtype, KV-cache dtype, trtexec precision flag for the vision engine.
 DTYPES: dict[str, dict[str, str | None]] = {
@@ -100,17 +114,27 @@ class TrtllmOptions:
     tp_size: int = 1
     vision: str = "trtllm"
     vision_max_patches: int | None = None  # None: the image processor's largest image
-    streaming: bool = True  # + llm_stream / <name>_stream: a second LLM instance, each with half the KV share
+    streaming: bool = True  # + llm_stream / <name>_stream: a second LLM instance (its own weights and KV cache)
 
     @property
     def kv_fraction_per_instance(self) -> float:
-        return round(self.kv_cache_fraction / 2, 4) if self.streaming else self.kv_cache_fraction
+        """Each instance takes its fraction of the memory free when IT starts: two instances in
+        turn with p each take 1 - (1 - p)^2 of what was free before both (less the second's
+        weights), so p = 1 - sqrt(1 - F) for a total F (0.8 -> 0.553; the official two-instance
+        recipe uses ~0.3 each). Not "half each"."""
+        if not self.streaming:
+            return self.kv_cache_fraction
+        return round(1 - math.sqrt(1 - self.kv_cache_fraction), 4)
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
             raise PlanError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.vision not in VISION_MODES:
             raise PlanError(f"--trtllm-vision must be one of {', '.join(VISION_MODES)}, got {self.vision!r}")
+        if self.vision == "tensorrt" and EXTERNAL_EMBEDDINGS_SINCE is None:
+            raise PlanError(f"--trtllm-vision tensorrt cannot work with TensorRT-LLM {PINNED['tensorrt_llm']}: its "
+                            "Qwen-VL input processor raises NotImplementedError for external multi_modal_embeddings; "
+                            "use --trtllm-vision trtllm")
         if not 0.0 < self.kv_cache_fraction < 1.0:
             raise PlanError(f"--kv-cache-fraction must be in (0, 1), got {self.kv_cache_fraction}")
         if self.tp_size < 1 or self.tp_size & (self.tp_size - 1):
@@ -293,7 +317,8 @@ def llm_api_config(plan_facts: CheckpointFacts, opts: TrtllmOptions, max_input_l
     `model` is relative to the repository root (the model resolves it); the other keys are the
     LLM API's own names, so the file also works with the official `llmapi` Triton model."""
     dt = DTYPES[opts.dtype]
-    kv: dict[str, Any] = {"free_gpu_memory_fraction": float(opts.kv_fraction_per_instance)}
+    # block reuse breaks the second multimodal request (#14125)
+    kv: dict[str, Any] = {"free_gpu_memory_fraction": float(opts.kv_fraction_per_instance), "enable_block_reuse": False}
     if dt["kv_cache"]:
         kv["dtype"] = dt["kv_cache"]
     return {
@@ -310,6 +335,10 @@ def llm_api_config(plan_facts: CheckpointFacts, opts: TrtllmOptions, max_input_l
     }
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
+
+
 def _family_warnings(facts: CheckpointFacts, opts: TrtllmOptions) -> list[str]:
     """Refuses a separate vision engine for families with deepstack features; warns of what is unverified."""
     spec = facts.spec
@@ -318,17 +347,15 @@ def _family_warnings(facts: CheckpointFacts, opts: TrtllmOptions) -> list[str]:
                         f"embeddings as one [tokens, hidden] tensor per image and has no input for {spec.title}'s "
                         "deepstack features; use --trtllm-vision trtllm (TensorRT-LLM runs the vision tower)")
     warnings = []
+    since = spec.trtllm_listed_since
+    if since and _version(since) > _version(PINNED["tensorrt_llm"]):
+        raise PlanError(f"{spec.title} needs TensorRT-LLM >= {since}; the pinned {PINNED['tensorrt_llm']} cannot serve it")
     if spec.trtllm_listed_since is None:
         listed = ", ".join(f"{s.title} is listed since {s.trtllm_listed_since}" for s in FAMILIES.values()
                            if s.trtllm_listed_since)
         warnings.append(f"{spec.title} on TensorRT-LLM's PyTorch backend: this export did not verify that "
                         f"{PINNED['tensorrt_llm']} lists {spec.architecture} among its supported models "
                         f"({listed}); if the llm model fails to load, use a newer TensorRT-LLM container")
-    if facts.rope_layout == "rope_parameters":
-        warnings.append(f"config.json was written by transformers {facts.saved_with} (`rope_parameters`); TensorRT-LLM "
-                        f"{PINNED['tensorrt_llm']} reads configs with its pinned transformers 4.57.1, which expects "
-                        "`rope_scaling` (with `mrope_section`): check that the checkpoint loads in the container, or "
-                        "re-save config.json with a transformers 4.x layout")
     return warnings
 
 

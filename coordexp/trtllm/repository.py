@@ -25,8 +25,10 @@ SITE_ENV = "COORDEXP_SITE"  # docker/Dockerfile.gpu installs coordexp + transfor
 SITE_DEFAULT = "/opt/coordexp/site"
 LLM_MODEL = "coordexp.trtllm.llm_model"
 VISION_MODEL = "coordexp.trtllm.vision"
-KV_CACHE_NOTE = ("llm and llm_stream are two TensorRT-LLM instances (two copies of the weights); each gets half of "
-                 "--kv-cache-fraction. Export with --no-stream for one instance.")
+KV_CACHE_NOTE = ("llm and llm_stream are two TensorRT-LLM instances, each loading its own weights; each takes its "
+                 "free_gpu_memory_fraction of the memory free when it starts (1 - sqrt(1 - --kv-cache-fraction) each, "
+                 "so the two together take about --kv-cache-fraction, less the second's weights). Export with "
+                 "--no-stream for one instance.")
 
 
 # ---------------------------------------------------------------------------- files
@@ -40,7 +42,7 @@ def shim(module: str, cls: str, site: str | None) -> str:
     """A model.py importing `cls` of `module` as the Triton model.
 
     In the TensorRT-LLM container two transformers live side by side: the system one TensorRT-LLM
-    pins (4.57.1 for 1.1.0) and coordexp's (>= 5.20) in $COORDEXP_SITE. Each Python model is its
+    pins (4.57.3 for 1.2.1) and coordexp's (>= 5.20) in $COORDEXP_SITE. Each Python model is its
     own process, so `site="first"` (preprocess, postprocess: coordexp's transformers) puts that
     folder before the system packages and `site="last"` (llm, vision: TensorRT-LLM's) after them.
     Without the folder (any other install) the shim only imports."""
@@ -233,9 +235,18 @@ def _write_models(root: str, configs: dict[str, Any], plan: TrtllmPlan) -> None:
 
 
 def _copy_built(root: str, plan: TrtllmPlan, dry_run: bool, copy_checkpoint: bool) -> None:
-    """The real run's artifacts: the checkpoint copy, trtexec's engine and the vision graph's meta."""
+    """The transformers-4-readable config.json / tokenizer_config.json (every run, so a dry run
+    shows them), then the real run's artifacts: the checkpoint copy (with those two files in place
+    of the transformers-5 ones: TensorRT-LLM 1.2 reads it with transformers 4.57), trtexec's
+    engine and the vision graph's meta."""
+    from coordexp.trtllm.compat import TRANSFORMERS4_SUBDIR, write_transformers4_copies
+
+    t4 = os.path.join(root, TRANSFORMERS4_SUBDIR)
+    written = write_transformers4_copies(plan.facts.path, t4)
     if copy_checkpoint:
         shutil.copytree(plan.facts.path, os.path.join(root, CHECKPOINT_SUBDIR))
+        for name in written:
+            shutil.copy2(os.path.join(t4, name), os.path.join(root, CHECKPOINT_SUBDIR, name))
     if plan.options.vision == "tensorrt" and not dry_run:  # trtexec wrote it into the work folder
         shutil.copy2(os.path.join(plan.work_dir, "vision.plan"), os.path.join(root, VISION_PLAN))
         shutil.copy2(os.path.join(plan.onnx_dir, "onnx_meta.json"), os.path.join(root, VISION_META))
