@@ -205,3 +205,15 @@ def test_compose_passes_yamllint():
     proc = subprocess.run([exe, "-d", conf, os.path.join(DOCKER, "compose.yaml")], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_gpu_image_targets_a_tensorrt_llm_that_serves_both_families():
+    """No published Triton image carries TensorRT-LLM >= 1.2 (Qwen3-VL): the GPU image starts from one
+    built with tensorrtllm_backend's Dockerfile, tagged with the pinned version."""
+    from coordexp.trtllm.plan import PINNED
+
+    text = open(os.path.join(DOCKER, "Dockerfile.gpu")).read()
+    ins = instructions(os.path.join(DOCKER, "Dockerfile.gpu"))
+    assert PINNED["tensorrt_llm"] == "1.2.1" and arg_default(ins, "TRITON_TRTLLM_IMAGE").endswith(":1.2.1")
+    assert PINNED["tensorrtllm_backend_dockerfile"] in text and PINNED["trtllm_base_image"] in text
+    assert "25.12-trtllm-python-py3" not in arg_default(ins, "TRITON_TRTLLM_IMAGE")  # that one is 1.1.0
