@@ -257,6 +257,7 @@ def attach_predictions(gt: GroundTruth, pred_path: str, reparse: bool = False) -
     by_id = {p.image_id: p for p in gt.images}
     seen: set[int] = set()
     errors: Counter = Counter()
+    listed: Counter = Counter()
     counts = Counter()
     for line_no, d in read_jsonl(pred_path):
         counts["pred_lines"] += 1
@@ -291,6 +292,7 @@ def attach_predictions(gt: GroundTruth, pred_path: str, reparse: bool = False) -
             counts["size_mismatch_lines"] += 1
         mode = d.get("coord_mode") or "norm1000"
         pair.pred_coord_mode = mode
+        listed.update(str(e) for e in (d.get("errors") or []))  # codes of dropped objects (non-fatal)
         err = d.get("error")
         raw_preds = d.get("preds")
         if reparse or raw_preds is None:
@@ -311,7 +313,7 @@ def attach_predictions(gt: GroundTruth, pred_path: str, reparse: bool = False) -
         if p.image_id not in seen:
             p.missing = True
             counts["pred_lines_missing"] += 1
-    return {"counts": dict(counts), "errors": dict(errors)}
+    return {"counts": dict(counts), "errors": dict(errors), "errors_listed": dict(listed)}
 
 
 def load_pairs(pred_path: str, gt_path: str, reparse: bool = False,

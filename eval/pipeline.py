@@ -173,6 +173,7 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
                    "iou_thrs": [float(x) for x in iou_thrs], "primary_iou_thr": primary, "compat": compat},
         "counts": counts,
         "errors": line_info["errors"],
+        "errors_listed": line_info.get("errors_listed", {}),  # every code of the lines' `errors` lists
         "categories": categories,
         "category_mapping": mapping_report,
     }

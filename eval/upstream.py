@@ -63,6 +63,7 @@ def load_gt_vs_pred(path: str) -> tuple[GroundTruth, dict[str, Any]]:
     cats: dict[str, None] = {}
     counts: Counter = Counter()
     errors: Counter = Counter()
+    listed: Counter = Counter()
     for line_no, d in read_jsonl(path):
         where = f"{path} line {line_no}"
         counts["pred_lines"] += 1
@@ -86,6 +87,7 @@ def load_gt_vs_pred(path: str) -> tuple[GroundTruth, dict[str, Any]]:
         counts["preds_invalid"] += pair.preds_invalid
         err = d.get("error")
         line_errors = [str(e) for e in (d.get("errors") or [])]
+        listed.update(line_errors)
         if err is None and line_errors and not raw_preds:
             err = line_errors[0]  # upstream has only the list; a line left without preds is an error line
         if err is not None:
@@ -98,7 +100,7 @@ def load_gt_vs_pred(path: str) -> tuple[GroundTruth, dict[str, Any]]:
     if not images:
         raise ValueError(f"{path}: no lines")
     return GroundTruth(images=images, categories=list(cats), source_format="gt_vs_pred"), \
-        {"counts": dict(counts), "errors": dict(errors)}
+        {"counts": dict(counts), "errors": dict(errors), "errors_listed": dict(listed)}
 
 
 def load_inputs(pred_path: str, gt_path: str | None, reparse: bool = False,

@@ -50,6 +50,7 @@ def test_eval_reads_upstreams_gt_vs_pred_alone(tmp_path):
     assert m["inputs"]["gt_format"] == "gt_vs_pred"
     assert m["counts"]["images"] == 3 and m["counts"]["gt_objects"] == 4 and m["counts"]["pred_objects"] == 3
     assert m["errors"] == {"empty_pred": 1}  # upstream's list on a line left without preds
+    assert m["errors_listed"] == {"empty_pred": 1, "invalid_geometry": 1}  # also where preds survived
     f1 = m["f1ish"]["0.50"]["full"]["micro"]
     assert (f1["tp"], f1["fp"], f1["fn"]) == (2, 1, 2)  # cat + cat matched, the far dog box is an FP
     assert m["coco"]["bbox"]["AP"] > 0  # scores from pred[*].score were read (not silently AP 0)
