@@ -218,3 +218,22 @@ def test_eval_registers_a_test_run_replacing_the_inference_job(tmp_path, capsys)
     assert main(argv[:-2] + ["--no-register", "--quiet"]) == 0
     with Registry(reg) as r:
         assert len(r.list_runs()) == 1
+
+
+def test_the_pipeline_registers_its_run_folder_as_a_test_run(tmp_path, capsys):
+    from coordexp.client.cli import main
+
+    reg = str(tmp_path / "pipe.sqlite")
+    given = write_predictions(str(tmp_path / "given"), drop_last_every(10))
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"name: reg\noutput_dir: out\ndata: {DEMO_GT}\npredictions: {given}\nstages: [eval]\n"
+                   "eval: {semantic: false, plots: false, iou_thrs: [0.5]}\n")
+    assert main(["pipeline", "--config", str(cfg), "--registry", reg, "--run-name", "ablation-1"]) == 0
+    with Registry(reg) as r:
+        (run,) = r.list_runs()
+        assert (run["kind"], run["name"], run["status"], run["num_images"]) == ("test", "ablation-1", "completed", 50)
+        assert run["run_dir"] == str(tmp_path / "out" / "reg") and run["primary_metric_name"] == "bbox_AP"
+        assert [im["idx"] for im in r.all_images(run["id"]) if im["fn"]] == [0, 10, 20, 30, 40]
+    assert main(["pipeline", "--config", str(cfg), "--registry", reg, "--no-register"]) == 0
+    with Registry(reg) as r:
+        assert len(r.list_runs()) == 1
