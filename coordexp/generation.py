@@ -2,6 +2,8 @@
 decoding parameters, one generation's result, and the `Engine` interface `runner.run_dataset` drives."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -21,6 +23,9 @@ class GenerationParams:
     guided: bool = False  # constrain decoding to valid CoordJSON (where the engine supports it)
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):  # NaN slips through every comparison below
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

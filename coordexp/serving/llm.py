@@ -224,7 +224,12 @@ class LlmBatcher:
             n = int(np.prod(grid[i])) // (self.merge_size ** 2)
             if n > embeds.shape[1] or n > deep.shape[2]:
                 raise RequestError(f"{IMAGE_GRID_THW}[{i}] needs {n} image tokens, got {embeds.shape[1]}")
-            items.append(LlmItem(row, grid[i], embeds[i, :n], deep[i, :, :n], params_of(i)))
+            params = params_of(i)
+            max_pos = int((getattr(self.parts, "meta", None) or {}).get("max_position_embeddings") or 0)
+            if max_pos and row.shape[0] + params.max_new_tokens > max_pos:
+                raise RequestError(f"prompt_too_long: the prompt is {row.shape[0]} tokens; with max_tokens "
+                                   f"{params.max_new_tokens} that exceeds the model's {max_pos} positions")
+            items.append(LlmItem(row, grid[i], embeds[i, :n], deep[i, :, :n], params))
         return items
 
     # ------------------------------------------------------------------ generation

@@ -26,16 +26,20 @@ from coordexp.serving.common import (RequestError, TritonRequestView, as_bytes, 
 from coordexp.wire import (ATTENTION_MASK, IMAGE_BYTES_INPUT, IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS,
                            PIXEL_VALUES, TEXT_INPUT)
 
+MAX_IMAGE_BYTES = 32 << 20  # one encoded image per request: a 4032x3024 JPEG is ~5 MB
+
 
 class Preprocessor:
     """Request rows -> model inputs, with the repository's prompt variant."""
 
-    def __init__(self, processor: Any, prompt: PromptSpec | None = None, max_pixels: int | None = None):
+    def __init__(self, processor: Any, prompt: PromptSpec | None = None, max_pixels: int | None = None,
+                 max_image_bytes: int = MAX_IMAGE_BYTES):
         from coordexp.dataset import DEFAULT_MAX_PIXELS
 
         self.processor = processor
         self.prompt = prompt or PromptSpec()
         self.max_pixels = int(max_pixels or DEFAULT_MAX_PIXELS)
+        self.max_image_bytes = int(max_image_bytes)
 
     @classmethod
     def from_dir(cls, processor_dir: str, prompt: PromptSpec | None = None,
@@ -54,9 +58,11 @@ class Preprocessor:
         from PIL import Image
 
         from coordexp.dataset import check_image_bytes
-
         from coordexp.schema import ContractError
 
+        if len(data) > self.max_image_bytes:  # refused before any decoding (a 100 MB "image" is not one)
+            raise RequestError(f"image_too_large: {where}: {len(data) / 2**20:.1f} MiB, the limit is "
+                               f"{self.max_image_bytes / 2**20:.0f} MiB")
         try:
             check_image_bytes(data, where, self.max_pixels)
         except ContractError as e:  # image_load_failed | image_too_large: the code leads the message

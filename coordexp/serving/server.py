@@ -172,7 +172,7 @@ class TritonServer:
                f"--http-address={self.host}", f"--http-port={self.http_port}",
                *([f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}"] if self.metrics_port
                  else ["--allow-metrics=false"]),
-               "--exit-timeout-secs=10", "--strict-readiness=true"]
+               "--exit-timeout-secs=30", "--strict-readiness=true"]
         if self.verbose:
             cmd.append("--log-verbose=1")
         return cmd + self.extra_args
@@ -270,7 +270,7 @@ class TritonServer:
         msgs = _model_errors(text) or text.splitlines()[-5:]
         return "; ".join(msgs)
 
-    def stop(self, timeout: float = 20.0) -> int | None:
+    def stop(self, timeout: float = 40.0) -> int | None:
         """SIGTERM, wait, then SIGKILL the whole process group (model stubs included)."""
         if self.proc is None:
             return None
