@@ -167,3 +167,32 @@ def test_an_upload_runs_on_a_local_checkpoint_and_lands_in_the_history(tmp_path)
         assert v.get(f"/api/runs/{job['run_id']}", )[0] == 200
         assert request(v.url + f"/api/runs/{job['run_id']}", "DELETE")[0] == 200
         assert v.json("/api/runs?kind=infer")["items"] == []
+
+
+def test_the_ui_command_serves_the_registry(registry, tmp_path):
+    """`coordexp-client ui` as a user starts it: its own process, loopback, a free port."""
+    import subprocess
+    import sys
+    import time
+
+    from runs_fixtures import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "coordexp.client.cli", "ui", "--port", str(port), "--registry",
+                             registry[0]], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        code = body = None
+        while True:
+            try:
+                code, body, _ = request(f"http://127.0.0.1:{port}/api/health")
+            except OSError:  # not listening yet
+                pass
+            if code == 200 or time.monotonic() > deadline or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert code == 200 and json.loads(body)["runs"] == 2
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert f"CoordExp runs viewer on http://127.0.0.1:{port}/" in err
