@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# runs that infer / eval / pipeline register go to a registry of this test session, not the user's
+os.environ.setdefault("COORDEXP_REGISTRY", os.path.join(__import__("tempfile").mkdtemp(prefix="coordexp-tests-"),
+                                                        "registry.sqlite"))
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
