@@ -680,3 +680,43 @@ def test_a_url_without_a_port_means_tritons_grpc_port():
     assert P.normalise_url("grpc://10.0.0.5/") == "10.0.0.5:8001"
     assert P.normalise_url("127.0.0.1:9001") == "127.0.0.1:9001"
     assert P.normalise_url("[::1]") == "[::1]:8001" and P.normalise_url("[::1]:7") == "[::1]:7"
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_a_hung_server_does_not_hang_the_client_or_the_bench(fake_repo, tmp_path):
+    """(issue 17) SIGSTOP the server: `infer` times out and retries within its bounds and ends (every
+    line written, with its error), `bench` reports errors instead of waiting forever."""
+    data = make_dataset(tmp_path, 12)
+    server = start_server(fake_repo)
+    try:
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        r = run_client("infer", "--data", data, "--out", str(tmp_path / "p.jsonl"), "--url", server.grpc_url,
+                       "--concurrency", "4", "--max-new-tokens", "16", "--no-progress", "--timeout", "2",
+                       "--retries", "1", "--wait-for-server", "3", timeout=150)
+        assert r.returncode != 0, r.stderr  # pre-flight cannot even read the model: exit 2, bounded
+        assert time.monotonic() - t0 < 120
+        os.killpg(server.proc.pid, signal.SIGCONT)
+        # hung mid-run this time: pre-flight passes, then every request times out
+        proc = subprocess.Popen(client_cmd("infer", "--data", data, "--out", str(tmp_path / "q.jsonl"), "--url",
+                                           server.grpc_url, "--concurrency", "4", "--max-new-tokens", "16",
+                                           "--no-progress", "--timeout", "2", "--retries", "1",
+                                           "--wait-for-server", "3"),
+                                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        _, err = proc.communicate(timeout=150)
+        rows = rows_of(tmp_path / "q.jsonl") if (tmp_path / "q.jsonl").exists() else []
+        assert proc.returncode in (0, 1, 3), err
+        if proc.returncode == 3:  # every server gone: a valid prefix and the resume hint
+            assert "--resume" in err
+        else:
+            assert len(rows) == 12 and [r["image_id"] for r in rows] == list(range(12))
+        b = run_client("bench", "--url", server.grpc_url, "--synthetic", "2", "--concurrency", "1", "--requests",
+                       "2", "--warmup", "0", "--timeout", "2", "--retries", "0", "--out", str(tmp_path / "b"),
+                       timeout=120)
+        assert b.returncode != 0 or json.loads((tmp_path / "b" / "bench.json").read_text())["levels"][0]["errors"] > 0
+    finally:
+        os.killpg(server.proc.pid, signal.SIGCONT)
+        server.stop()
