@@ -720,3 +720,50 @@ def test_a_hung_server_does_not_hang_the_client_or_the_bench(fake_repo, tmp_path
     finally:
         os.killpg(server.proc.pid, signal.SIGCONT)
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_group_survives_a_dying_replica_and_resumes_after_all_went_away(tmp_path):
+    """(issue 17) `group` with two replicas, one killed mid-run: every group accounted for; the last
+    one killed mid-run: exit 3, status incomplete, and --resume completes without a group twice."""
+    from coordexp.group.sample_tree import build_bench_tree
+
+    build_bench_tree(str(tmp_path / "in"), groups=12)
+    fake_repo = write_fake_repository(tmp_path / "slow", delay=0.1)  # ~8 s of work: killed mid-run for sure
+    common = ["--input-dir", str(tmp_path / "in"), "--concurrency", "4", "--max-new-tokens", "8", "--no-progress",
+              "--wait-for-server", "2", "--timeout", "5"]
+
+    def group(out, *urls, resume=False):
+        flags = [x for u in urls for x in ("--url", u)] + (["--resume"] if resume else [])
+        return subprocess.Popen(client_cmd("group", "--output-dir", str(tmp_path / out), *common, *flags),
+                                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    servers = [start_server(fake_repo), start_server(fake_repo)]
+    try:
+        proc = group("one", *(s.grpc_url for s in servers))
+        time.sleep(2.0)
+        servers[1].kill()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        s = json.loads((tmp_path / "one" / "summary.json").read_text())
+        assert s["accounted"] and s["status"] == "complete", s
+        proc = group("two", servers[0].grpc_url)
+        time.sleep(2.0)
+        servers[0].kill()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 3 and "resume" in err, err
+        assert json.loads((tmp_path / "two" / "summary.json").read_text())["status"] == "incomplete"
+        servers.append(start_server(fake_repo))
+        proc = group("two", servers[-1].grpc_url, resume=True)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        done = json.loads((tmp_path / "two" / "summary.json").read_text())
+        assert done["accounted"] and done["status"] == "complete"
+        lines = [json.loads(x) for f in sorted((tmp_path / "two").glob("*_stage_a*.jsonl"))
+                 for x in f.read_text().splitlines()]
+        ids = [(x.get("group_id"), x.get("label"), tuple(x.get("images") or [])) for x in lines]
+        assert len(ids) == len(set(ids)) == 12
+    finally:
+        for srv in servers:
+            srv.stop()
