@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--kv-cache", choices=("dynamic", "static"), default=None,
                     help="KV cache of the decode loop (default dynamic; static: preallocated, batch padded to buckets)")
     pt.add_argument("--compile", action="store_true", default=None,
-                    help="torch.compile the decode step (batch padded to buckets so graphs are reused)")
+                    help="torch.compile the decode step (implies --kv-cache static; batch padded to buckets so graphs are reused)")
     t = p.add_argument_group("TensorRT-LLM (--backend trtllm)")
     t.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "fp8"), default=None,
                    help="model dtype (default bf16). torch: fp32|bf16|fp16; trtllm: bf16|fp16|fp8 (fp8 = FP8 KV cache "
@@ -415,8 +415,10 @@ def _torch_options(args: argparse.Namespace) -> Any:
     if args.dtype == "fp8":
         raise BuildError("--dtype fp8 applies to --backend trtllm only (torch: fp32, bf16, fp16)", 2)
     try:
+        # --compile implies the static cache (fixed shapes per batch bucket)
         parts = TorchOptions(device=args.device or "cuda", dtype=args.dtype or "bf16",
-                             cache=args.kv_cache or "dynamic", compile=bool(args.compile))
+                             cache=args.kv_cache or ("static" if args.compile else "dynamic"),
+                             compile=bool(args.compile))
     except ValueError as e:
         raise BuildError(str(e), 2) from e
     if parts.device.startswith("cuda"):

@@ -95,6 +95,8 @@ def test_torch_repository_layout_and_validation(torch_repo):
     (["--backend", "torch", "--dtype", "fp8"], "--dtype fp8 applies to --backend trtllm only"),
     (["--backend", "trtllm", "--dtype", "fp32", "--dry-run"], "--dtype fp32 applies to --backend torch only"),
     (["--backend", "torch", "--device", "tpu"], "device must be cuda or cpu"),
+    (["--backend", "torch", "--device", "cpu", "--compile", "--kv-cache", "dynamic"],
+     "compile needs the static KV cache"),
 ])
 def test_torch_flags_of_other_formats_exit_2(tiny_ckpt, capsys, argv, needle):
     from coordexp.export.build_engine import main

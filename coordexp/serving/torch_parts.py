@@ -47,6 +47,9 @@ class TorchOptions:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.cache not in CACHES:
             raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
+        if self.compile and self.cache != "static":
+            # a dynamic cache changes shape every step: every step would recompile
+            raise ValueError("compile needs the static KV cache (--kv-cache static)")
         if not self.buckets or sorted(self.buckets) != list(self.buckets) or self.buckets[0] < 1:
             raise ValueError(f"buckets must be increasing positive sizes, got {self.buckets}")
 
@@ -156,6 +159,23 @@ class TorchParts:
             have[0].reset()
         return have[0]
 
+    def _grow(self, mask: Any, filled: int, cache: Any) -> Any:
+        """The attention mask with the next position on. Static cache: a fixed [B, cache length]
+        mask (future positions 0), so every decode step has the same shapes and a compiled step
+        is reused; dynamic: one column longer."""
+        torch = self.torch
+        if self.opts.cache == "static":
+            if mask.shape[1] < self._static_len(cache):
+                full = torch.zeros((mask.shape[0], self._static_len(cache)), dtype=mask.dtype, device=mask.device)
+                full[:, :mask.shape[1]] = mask
+                mask = full
+            mask[:, filled] = 1
+            return mask
+        return torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=mask.device)], 1)
+
+    def _static_len(self, cache: Any) -> int:
+        return next(size for c, size in self._static.values() if c is cache)
+
     def _padded(self, input_ids: np.ndarray, attention_mask: np.ndarray, grid: np.ndarray, embeds: np.ndarray,
                 deep: np.ndarray) -> tuple[np.ndarray, ...]:
         """Static cache / compile: repeat row 0 up to the batch bucket (its outputs are dropped)."""
@@ -226,7 +246,7 @@ class TorchParts:
                 nxt = np.full((ids.shape[0], 1), self.pad_token_id, np.int64)
                 for b in active:
                     nxt[b, 0] = generated[b][-1]
-                t_mask = torch.cat([t_mask, torch.ones((ids.shape[0], 1), dtype=t_mask.dtype, device=dev)], 1)
+                t_mask = self._grow(t_mask, ids.shape[1] + step, cache)
                 p = (prompt_len + deltas[:, 0] + step).astype(np.int64)
                 t_pos = torch.as_tensor(np.ascontiguousarray(np.broadcast_to(p[None, :, None], (3, len(p), 1))),
                                         device=dev)
