@@ -4,6 +4,7 @@
         [--runs a,b] [--images 50] [--new-tokens 64] [--concurrency 1,8,32]
         [--url-a HOST:PORT] [--url-b HOST:PORT]      (use a running server instead of starting one)
         [--small]                                    (CPU test sizes: tiny model, few images)
+        [--compile]                                  (run B: + static cache with torch.compile)
 
 Run A: the demo checkpoint exported with `--backend torch --dtype fp32 --device DEVICE` (the export
 validates it), served by the real Triton; unary, streamed and guided answers on the demo val
@@ -68,8 +69,8 @@ def table(report: dict[str, Any]) -> str:
     if b:
         lines += [f"vision: {b['vision_ms_per_image']} ms per image ({b['image_tokens']} image tokens)", "",
                   "| decode | batch | TTFT ms | ms/token | tokens/s |", "| --- | --- | --- | --- | --- |"]
-        for engine in ("torch_dynamic", "torch_static", "hf_generate"):
-            for batch, v in b[engine].items():
+        for engine in ("torch_dynamic", "torch_static", "torch_static_compiled", "hf_generate"):
+            for batch, v in b.get(engine, {}).items():
                 lines.append(f"| {engine} | {batch.split('_')[1]} | {v['ttft_ms']} | {v['ms_per_token']} | "
                              f"{v['tokens_per_s']} |")
         for batch in b["hf_generate"]:
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default=None)
     p.add_argument("--url-a", default=None)
     p.add_argument("--url-b", default=None)
+    p.add_argument("--compile", action="store_true", help="run B: also the static cache with torch.compile")
     return p
 
 
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device, dtype=args.dtype, small=small, images=args.images or (3 if small else 50),
         new_tokens=args.new_tokens or (8 if small else 64), image_size=128 if small else 448,
         levels=tuple(int(c) for c in (args.concurrency or ("1,2" if small else "1,8,32")).split(",")),
-        batches=(1, 2) if small else (1, 8))
+        batches=(1, 2) if small else (1, 8), compile=args.compile)
     os.makedirs(args.out, exist_ok=True)
     runs = set(args.runs.split(","))
     report: dict[str, Any] = {"device": opts.device, "dtype": opts.dtype,
