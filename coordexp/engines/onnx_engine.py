@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from coordexp.engines.base import results_from_ids
+from coordexp.engines.base import append_tokens, results_from_ids
 from coordexp.generation import GenerationParams, GenerationResult
 from coordexp.prompt import PromptSpec
 
@@ -330,19 +330,7 @@ class OnnxParts:
                 logits = full[active]
             row_seqs = [np.asarray(seqs[b]) for b in active] if seqs is not None else []
             tokens = self._choose(logits, row_seqs, params, [rngs[b] for b in active])
-            keep = []
-            finished = []
-            for k, (b, tok) in enumerate(zip(active.tolist(), tokens.tolist())):
-                if tok in stop and not params.ignore_eos:
-                    finished.append(b)
-                    continue
-                generated[b].append(int(tok))
-                if seqs is not None:
-                    seqs[b].append(int(tok))
-                if len(generated[b]) < params.max_new_tokens:
-                    keep.append(k)
-                else:
-                    finished.append(b)
+            finished, keep = append_tokens(active.tolist(), tokens.tolist(), generated, seqs, stop, params)
             if on_step is not None:
                 on_step(generated, finished)
             if not keep:

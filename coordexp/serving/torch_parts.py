@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from coordexp.engines.base import append_tokens
 from coordexp.generation import GenerationParams
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -227,16 +228,7 @@ class TorchParts:
                     lg = np.asarray(logits_hook(step, generated, full), dtype=np.float32)
                 tokens = _choose(lg[rows], [np.asarray(seqs[b]) for b in rows] if seqs else [], params,
                                  [rngs[b] for b in rows])
-                finished = []
-                for b, tok in zip(rows, tokens.tolist()):
-                    if tok in stop and not params.ignore_eos:
-                        finished.append(b)
-                        continue
-                    generated[b].append(int(tok))
-                    if seqs is not None:
-                        seqs[b].append(int(tok))
-                    if len(generated[b]) >= params.max_new_tokens:
-                        finished.append(b)
+                finished, _ = append_tokens(rows, tokens.tolist(), generated, seqs, stop, params)
                 active.difference_update(finished)
                 if on_step is not None:
                     on_step(generated, finished)
