@@ -66,6 +66,10 @@ class ServingOptions:
     postprocess_instances: int = 1
     streaming: bool = True  # also write llm_stream + <name>_stream (a second decoder session in memory)
     max_pixels: int | None = None  # None: coordexp.dataset.DEFAULT_MAX_PIXELS
+    # decoding speed-ups of the llm steps (llm params `batching`, `prefix_cache`, `jump_forward`):
+    llm_batching: str = "static"  # llm_stream: "inflight" (iteration-level scheduler) or "static" batches
+    prefix_cache: bool = False  # the shared prompt prefix's KV computed once per loaded model
+    jump_forward: bool = False  # guided decoding appends grammar-forced tokens without a sampling step
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -360,7 +364,8 @@ def _step_configs(name: str, max_batch_size: int, max_new_tokens: int, prompt: P
     """Every model's ModelConfig ({name: config}) and the ensembles among them."""
     llm_params = {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.llm_threads),
                   "max_new_tokens": str(max_new_tokens), "decoding_defaults": decoding.to_dict(),
-                  "pad_token_id": str(pad_id), "merge_size": str(merge), "prompt_json": prompt.to_dict()}
+                  "pad_token_id": str(pad_id), "merge_size": str(merge), "prompt_json": prompt.to_dict(),
+                  "prefix_cache": str(options.prefix_cache).lower(), "jump_forward": str(options.jump_forward).lower()}
     vision_params = {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.vision_threads),
                      "merge_size": str(merge)}
     if torch is not None:  # the torch steps read the checkpoint copy and their TorchOptions
@@ -386,7 +391,10 @@ def _step_configs(name: str, max_batch_size: int, max_new_tokens: int, prompt: P
     configs[name] = ensemble_config(name, max_batch_size, ens_params)
     ensembles = [name]
     if options.streaming:
-        configs[wire.LLM_STREAM] = python_model_config(wire.LLM_STREAM, max_batch_size, options.llm_instances, llm_params,
+        if options.llm_batching not in ("inflight", "static"):
+            raise ValueError(f"llm_batching must be 'inflight' or 'static', got {options.llm_batching!r}")
+        stream_params = {**llm_params, "batching": options.llm_batching}
+        configs[wire.LLM_STREAM] = python_model_config(wire.LLM_STREAM, max_batch_size, options.llm_instances, stream_params,
                                                     queue_delay_us=options.llm_queue_delay_us, decoupled=True)
         stream_name = wire.stream_ensemble_name(name)
         configs[stream_name] = ensemble_config(stream_name, max_batch_size, ens_params, stream=True)

@@ -143,12 +143,12 @@ class OnnxParts:
     `threads`: ONNX Runtime intra-op threads (None: its default). `providers`: execution providers
     (default CUDA when available, then CPU). `max_vision_patches`: images are run through the
     vision graph in groups of at most this many patches. `preload`: graphs to open now ("vision",
-    "embed", "decoder"); the others open on first use.
+    "embed", "decoder"); the others open on first use. `prefix_cache`: see `prefill`.
     """
 
     def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None,
                  providers: Sequence[str] | None = None, max_vision_patches: int = 1024,
-                 preload: Sequence[str] = ()):
+                 preload: Sequence[str] = (), prefix_cache: bool = False):
         import onnxruntime as ort
 
         self.onnx_dir = find_onnx_dir(onnx_dir)
@@ -166,6 +166,7 @@ class OnnxParts:
         self.stop_ids = [int(i) for i in m["stop_token_ids"]]
         self.pad_token_id = int(m["pad_token_id"])
         self.max_vision_patches = int(max_vision_patches)
+        self.prefix_cache = bool(prefix_cache)  # the shared prompt prefix's KV computed once (see `prefill`)
         self.np_dtype = np.float16 if m.get("dtype") == "float16" else np.float32
         opts = ort.SessionOptions()
         if threads:
@@ -268,6 +269,20 @@ class OnnxParts:
         outs = self.decoder_session.run(self.decoder_outputs, feeds)
         return outs[0].astype(np.float32, copy=False), outs[1:]
 
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw: np.ndarray,
+                image_embeds: np.ndarray, deepstack: np.ndarray
+                ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
+        """The prompt through the decoder: `(logits [B, V], presents, attention_mask [B, P], deltas [B, 1])`,
+        `attention_mask` covering every cached position (what the next step extends). With
+        `prefix_cache` on, the shared prompt prefix comes from `coordexp.engines.prefix_cache`."""
+        if self.prefix_cache:
+            from coordexp.engines.prefix_cache import cached_prefill
+
+            return cached_prefill(self, input_ids, attention_mask, image_grid_thw, image_embeds, deepstack)
+        feeds, deltas = self.prefill_feeds(input_ids, attention_mask, image_grid_thw, image_embeds, deepstack)
+        logits, presents = self.decoder_step(feeds)
+        return logits, presents, np.asarray(attention_mask, dtype=np.int64), deltas
+
     def prefill_logits(self, input_ids, attention_mask, image_grid_thw, image_embeds, deepstack) -> np.ndarray:
         """Logits of the first generated position `[B, V]` (validation)."""
         feeds, _ = self.prefill_feeds(input_ids, attention_mask, image_grid_thw, image_embeds, deepstack)
@@ -310,15 +325,14 @@ class OnnxParts:
         if input_ids.shape != attention_mask.shape:
             raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} differ")
         bsz = input_ids.shape[0]
-        feeds, deltas = self.prefill_feeds(input_ids, attention_mask, image_grid_thw, image_embeds, deepstack)
+        logits, presents, mask, deltas = self.prefill(input_ids, attention_mask, image_grid_thw, image_embeds,
+                                                     deepstack)
         prompt_len = attention_mask.sum(-1).astype(np.int64)
         generated: list[list[int]] = [[] for _ in range(bsz)]
         seqs = [list(r) for r in input_ids.tolist()] if params.repetition_penalty != 1.0 else None
         rngs = [np.random.default_rng(int(params.seed)) for _ in range(bsz)]
         active = np.arange(bsz)
         stop = set(self.stop_ids)
-        mask = attention_mask
-        logits, presents = self.decoder_step(feeds)
         for step in range(params.max_new_tokens):
             if params.ignore_eos:
                 logits = logits.copy()
