@@ -143,12 +143,13 @@ class OnnxParts:
     `threads`: ONNX Runtime intra-op threads (None: its default). `providers`: execution providers
     (default CUDA when available, then CPU). `max_vision_patches`: images are run through the
     vision graph in groups of at most this many patches. `preload`: graphs to open now ("vision",
-    "embed", "decoder"); the others open on first use. `prefix_cache`: see `prefill`.
+    "embed", "decoder"); the others open on first use. `prefix_cache`: see `prefill`; `jump_forward`:
+    see `generate`.
     """
 
     def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None,
                  providers: Sequence[str] | None = None, max_vision_patches: int = 1024,
-                 preload: Sequence[str] = (), prefix_cache: bool = False):
+                 preload: Sequence[str] = (), prefix_cache: bool = False, jump_forward: bool = False):
         import onnxruntime as ort
 
         self.onnx_dir = find_onnx_dir(onnx_dir)
@@ -167,6 +168,8 @@ class OnnxParts:
         self.pad_token_id = int(m["pad_token_id"])
         self.max_vision_patches = int(max_vision_patches)
         self.prefix_cache = bool(prefix_cache)  # the shared prompt prefix's KV computed once (see `prefill`)
+        self.jump_forward = bool(jump_forward)  # guided: grammar-forced tokens fed as one chunk (see `generate`)
+        self.decoder_calls = 0  # decoder graph runs so far (benchmarks)
         self.np_dtype = np.float16 if m.get("dtype") == "float16" else np.float32
         opts = ort.SessionOptions()
         if threads:
@@ -266,6 +269,7 @@ class OnnxParts:
 
     def decoder_step(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder call: (`logits [B, V]` float32, presents [k0, v0, k1, v1, ...])."""
+        self.decoder_calls += 1
         outs = self.decoder_session.run(self.decoder_outputs, feeds)
         return outs[0].astype(np.float32, copy=False), outs[1:]
 

@@ -397,7 +397,9 @@ class TritonPythonModel:
         self.pb = pb_utils
         config, params, root, self.decoupled = model_args(args)
         parts = OnnxParts(resolve(root, params.get("onnx_dir") or ONNX_SUBDIR),
-                          threads=int_param(params, "intra_op_threads", 0) or None, preload=("embed", "decoder"))
+                          threads=int_param(params, "intra_op_threads", 0) or None, preload=("embed", "decoder"),
+                          prefix_cache=params.get("prefix_cache") == "true",
+                          jump_forward=params.get("jump_forward") == "true")
         defaults = defaults_from_params(params)
         self.batcher = LlmBatcher(parts, defaults, int_param(params, "max_new_tokens", defaults.max_new_tokens),
                                   pad_token_id=int_param(params, "pad_token_id", 0),
