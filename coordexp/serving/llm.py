@@ -406,8 +406,21 @@ class TritonPythonModel:
                                   merge_size=int_param(params, "merge_size", 0) or None,
                                   max_batch_size=int(config.get("max_batch_size") or 0) or None,
                                   guided_hook=guided_hook_factory(parts, params.get("prompt_json")))
+        self.scheduler = None
+        if self.decoupled and params.get("batching") == "inflight":
+            from coordexp.serving.inflight import InflightScheduler, OnnxRows
+
+            self.scheduler = InflightScheduler(OnnxRows(parts, self.batcher.pad_token_id), parts.stop_ids,
+                                               self.batcher.pad_token_id,
+                                               max_batch_size=int(config.get("max_batch_size") or 0) or 8,
+                                               guided_hook=self.batcher.guided_hook)
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
+        if self.scheduler is not None:
+            from coordexp.serving.inflight import submit_requests
+
+            submit_requests(self.pb, self.scheduler, self.batcher, requests, LLM_INPUTS)
+            return None
         views = [request_view(self.pb, r, LLM_INPUTS) for r in requests]
         if self.decoupled:
             DecoupledRun(self.batcher, decoupled_sender(self.pb, requests)).run(views)
@@ -416,3 +429,7 @@ class TritonPythonModel:
         for res in run_unary(self.batcher, views):
             out.append(error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res))
         return out
+
+    def finalize(self) -> None:
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.close()
