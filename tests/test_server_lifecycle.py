@@ -204,3 +204,51 @@ def test_the_client_picks_the_one_ensemble_when_the_default_name_is_not_there(ex
         assert "using its one CoordExp ensemble 'shapes'" in capsys.readouterr().err
     finally:
         server.stop()
+
+
+def _markers(repo: str) -> list[str]:
+    from coordexp.serving.server import MARKER_PREFIX
+
+    return sorted(f for f in os.listdir(repo) if f.startswith(MARKER_PREFIX))
+
+
+def test_a_serving_marker_names_the_server_triton_ignores_it_and_a_dead_one_is_ignored(tmp_path):
+    import json
+
+    from coordexp.serving.server import MARKER_PREFIX, live_servers
+
+    repo = os.path.abspath(_repo(tmp_path))
+    # a marker left by a server that was killed: Triton scans past it, and nobody counts it as serving
+    stale = {"pid": 1, "tritonserver_pid": 999999, "repo": repo, "host": "127.0.0.1", "grpc_port": 1}
+    with open(os.path.join(repo, f"{MARKER_PREFIX}999999.json"), "w") as f:
+        json.dump(stale, f)
+    assert live_servers(repo) == []
+    grpc, http = _free(), _free()
+    proc = subprocess.Popen([sys.executable, "-m", "coordexp.serving.server", "--repo", repo, "--grpc-port",
+                             str(grpc), "--http-port", str(http)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out = _stderr_until(proc, "ready:")
+        assert "models m " in out  # the dotfiles at the repository root are no model and no error
+        [live] = live_servers(repo)
+        assert live["pid"] == proc.pid and live["tritonserver_pid"] in _tritons(repo)
+        assert (live["grpc_port"], live["http_port"], live["repo"]) == (grpc, http, repo)
+        assert live["model_control_mode"] == "none" and live["started"]
+        assert len(_markers(repo)) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert _markers(repo) == [f"{MARKER_PREFIX}999999.json"]  # its own marker is gone, not others'
+    finally:
+        proc.kill()
+    # killed wrapper: the marker stays behind but its tritonserver is gone, so it does not count
+    proc = _server(repo)
+    try:
+        _stderr_until(proc, "ready:")
+        assert len(live_servers(repo)) == 1
+        proc.kill()
+        proc.wait(10)
+        _wait(lambda: not _tritons(repo), 30, "tritonserver to die with its parent")
+        assert len(_markers(repo)) == 2 and live_servers(repo) == []
+    finally:
+        for pid in _tritons(repo):
+            os.kill(pid, signal.SIGKILL)

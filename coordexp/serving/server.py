@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import datetime as _dt
+import glob
+import json
 import os
 import re
 import shutil
@@ -67,6 +70,51 @@ def repository_problem(repo: str) -> str | None:
         hint = (f" (it looks like a checkpoint: export it first with python export/build_engine.py --ckpt {repo}"
                 " and serve the repository that prints)")
     return f"{repo} is not a Triton model repository: no model folder with a config.pbtxt{hint}"
+
+
+# While a server runs, a marker `<repo>/.coordexp-server-<tritonserver pid>.json` says who serves the
+# repository (the exporter refuses to overwrite it). Triton ignores files at the repository root (it
+# loads folders only; tests/test_server_lifecycle.py checks it with a real tritonserver).
+MARKER_PREFIX = ".coordexp-server-"
+
+
+def _marker_path(repo: str, pid: int) -> str:
+    return os.path.join(repo, f"{MARKER_PREFIX}{pid}.json")
+
+
+def _serves(pid: int, repo: str) -> bool:
+    """Whether process `pid` is a live tritonserver of `repo` (a recycled pid is not)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmd) and os.path.basename(cmd[0]).startswith(b"tritonserver") and any(
+        a.startswith(b"--model-repository=") and os.path.realpath(a.split(b"=", 1)[1].decode(errors="replace"))
+        == os.path.realpath(repo) for a in cmd)
+
+
+def live_servers(repo: str) -> list[dict[str, Any]]:
+    """The servers whose marker is in `repo` and who still serve it (a marker left by a killed server,
+    or copied along with the folder, is ignored)."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(repo), f"{MARKER_PREFIX}*.json"))):
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                m = json.load(f)
+            pid = int(m["tritonserver_pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if os.path.realpath(str(m.get("repo", ""))) == os.path.realpath(repo) and _serves(pid, repo):
+            out.append({**m, "marker": path})
+    return out
+
+
+def describe_server(m: dict[str, Any]) -> str:
+    """One marker, for a message: who, where, since when."""
+    ports = ", ".join(f"{k} {m['host']}:{v}" for k, v in (("grpc", m.get("grpc_port")), ("http", m.get("http_port")))
+                      if v)
+    return f"pid {m.get('pid')} (tritonserver pid {m.get('tritonserver_pid')}; {ports}; since {m.get('started')})"
 
 
 @dataclass
@@ -223,6 +271,7 @@ class TritonServer:
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
                                      start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
+        self._write_marker()
         try:
             self._wait_ready()
         except BaseException:
@@ -270,6 +319,26 @@ class TritonServer:
         msgs = _model_errors(text) or text.splitlines()[-5:]
         return "; ".join(msgs)
 
+    def _write_marker(self) -> None:
+        """Say in the repository that it is being served (best effort: a read-only repository has none)."""
+        marker = {"pid": os.getpid(), "tritonserver_pid": self.proc.pid, "repo": self.repo, "host": self.host,
+                  "grpc_port": self.grpc_port, "http_port": self.http_port, "metrics_port": self.metrics_port or None,
+                  "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  # Triton's default "none": models never reload from disk while it runs
+                  "model_control_mode": next((a.split("=", 1)[1] for a in self.extra_args
+                                              if a.startswith("--model-control-mode=")), "none")}
+        try:
+            with open(_marker_path(self.repo, self.proc.pid), "w", encoding="utf-8") as f:
+                json.dump(marker, f, indent=2)
+        except OSError:
+            pass
+
+    def _remove_marker(self) -> None:
+        try:
+            os.remove(_marker_path(self.repo, self.proc.pid))
+        except OSError:
+            pass
+
     def stop(self, timeout: float = 40.0) -> int | None:
         """SIGTERM, wait, then SIGKILL the whole process group (model stubs included)."""
         if self.proc is None:
@@ -289,6 +358,7 @@ class TritonServer:
         except (ProcessLookupError, PermissionError):
             pass
         rc = self.proc.returncode
+        self._remove_marker()
         shutil.rmtree(os.path.join(self._workdir, "backends"), ignore_errors=True)
         return rc
 
