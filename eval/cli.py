@@ -24,8 +24,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reparse", action="store_true",
                    help="re-parse every line's raw_output with the shared parser (default: only lines without preds)")
     p.add_argument("--iou-thrs", default="0.3,0.5", help="F1-ish IoU thresholds, comma separated (0.5 is primary)")
+    p.add_argument("--desc-match", choices=["exact", "semantic"], default=None,
+                   help="how a matched desc counts as right in the headline 'full' F1 and how pred descs map to "
+                        "COCO categories: exact (normalised labels; default) or semantic (also MiniLM cosine >= "
+                        "--semantic-thr; the default with --compat coordexp, upstream's rule). Both F1 figures are "
+                        "reported either way (full_exact, full_semantic)")
     p.add_argument("--no-semantic", action="store_true",
-                   help="compare descs as exact/normalised strings only (no embedding model)")
+                   help="no embedding model at all: compare descs as exact/normalised strings only "
+                        "(no semantic F1 figure)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="silence the warning for GT images without a prediction line (a partial run); they "
+                        "are still scored as misses and recorded in metrics.json `partial`")
     p.add_argument("--semantic-thr", type=float, default=0.6, help="embedding cosine threshold (default 0.6)")
     p.add_argument("--gt-coord-mode", choices=["norm1000", "qwen3_rel1000", "pixel"], default=None,
                    help="coordinate mode of the GT JSONL (default: each record's coord_mode, else norm1000)")
@@ -55,7 +64,7 @@ def run(args) -> int:
         m = evaluate(args.pred, args.gt, args.out, metrics=args.metrics, iou_thrs=thrs, reparse=args.reparse,
                      semantic=not args.no_semantic, semantic_thr=args.semantic_thr,
                      coco_backend=args.coco_backend, gt_coord_mode=args.gt_coord_mode, plots=not args.no_plots,
-                     compat=args.compat)
+                     compat=args.compat, desc_match=args.desc_match, allow_partial=args.allow_partial)
     except (OSError, ValueError, ContractError, RuntimeError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 2

@@ -91,6 +91,7 @@ class ImagePair:
     pred_coord_mode: str | None = None
     size_mismatch: bool = False  # prediction line's width/height disagree with the GT's
     metadata: dict = field(default_factory=dict)  # the GT record's `metadata` (LVIS federated lists)
+    raw_output: str | None = None  # the model text, kept for error lines only (the gallery shows it)
 
     @property
     def coco_id(self) -> int:
@@ -307,6 +308,8 @@ def attach_predictions(gt: GroundTruth, pred_path: str, reparse: bool = False) -
             pair.error = str(err)
             errors[str(err)] += 1
             counts["pred_lines_with_error"] += 1
+            raw = d.get("raw_output")
+            pair.raw_output = raw if isinstance(raw, str) else None
         pair.preds, pair.preds_invalid = _pred_objects(list(raw_preds or []), d, pair, mode)
         counts["preds_invalid"] += pair.preds_invalid
     for p in gt.images:

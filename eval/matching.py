@@ -5,8 +5,11 @@ Per image and IoU threshold `thr`:
    and when either side is a polygon it is the mask IoU (both rasterised at the image size with
    the COCO mask tools; a box becomes its rectangle polygon);
 2. greedy 1:1 assignment by IoU descending, ties by lower pred index, then lower gt index;
-3. each matched pair is semantically right when the normalised descs are equal or the
-   embedding cosine is >= the semantic threshold (see `semantic.SemanticScorer`).
+3. each matched pair's desc is judged by two rules, both recorded: `exact` (the normalised descs
+   are equal) and `semantic` (equal, or the embedding cosine >= the semantic threshold, see
+   `semantic.SemanticScorer`). `desc_match` names the rule that counts (`semantic_ok`): eval's
+   default is `exact`, because a cosine of 0.75 between "red triangle" and "red circle" is not a
+   right answer; `semantic` is opt-in (and upstream CoordExp's rule in `--compat coordexp`).
 
 Counts: loc-only tp = matched pairs, fp = preds - tp, fn = gts - tp; full: tp = semantically
 right pairs, and a semantically wrong pair counts as one FP and one FN. Per image precision is
@@ -23,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .semantic import SemanticScorer
+from .semantic import SemanticScorer, normalize_desc
 
 
 def _mask_api():
@@ -32,6 +35,19 @@ def _mask_api():
     except ImportError:  # pragma: no cover
         from pycocotools import mask  # type: ignore[no-redef]
     return mask
+
+
+DESC_MATCH_CHOICES = ("exact", "semantic")
+
+
+def check_desc_match(desc_match: str | None) -> None:
+    if desc_match is not None and desc_match not in DESC_MATCH_CHOICES:
+        raise ValueError(f"desc_match must be one of {DESC_MATCH_CHOICES}, got {desc_match!r}")
+
+
+def desc_equal(a: str, b: str) -> bool:
+    """The exact rule: normalised descs equal (see `semantic.normalize_desc`)."""
+    return normalize_desc(a) == normalize_desc(b)
 
 
 def boxes_array(objs: Sequence) -> np.ndarray:
@@ -154,12 +170,23 @@ class MatchPair:
     pred_desc: str = ""
     gt_desc: str = ""
     similarity: float | None = None  # 1.0 for normalised-equal strings, else cosine (None: no embeddings)
-    semantic_ok: bool | None = None  # None until semantics are applied
+    semantic_ok: bool | None = None  # the desc counts as right under `desc_match`; None until applied
+    desc_ok_exact: bool | None = None  # normalised descs equal
+    desc_ok_semantic: bool | None = None  # equal or cosine >= threshold (None: no embeddings)
+
+    def ok(self, rule: str | None = None) -> bool:
+        """Right under `rule` ("exact" / "semantic"; None: the rule applied, `semantic_ok`)."""
+        if rule == "exact" and self.desc_ok_exact is not None:
+            return self.desc_ok_exact
+        if rule == "semantic" and self.desc_ok_semantic is not None:
+            return self.desc_ok_semantic
+        return bool(self.semantic_ok)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pred_index": self.pred_index, "gt_index": self.gt_index, "iou": self.iou,
                 "pred_desc": self.pred_desc, "gt_desc": self.gt_desc,
-                "similarity": self.similarity, "semantic_ok": self.semantic_ok}
+                "similarity": self.similarity, "semantic_ok": self.semantic_ok,
+                "desc_ok_exact": self.desc_ok_exact, "desc_ok_semantic": self.desc_ok_semantic}
 
 
 def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
@@ -212,24 +239,33 @@ class MatchResult:
     def fn_full(self) -> int:
         return self.fn_loc + self.sem_bad
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, rule: str | None = None) -> dict[str, int]:
+        """Counts with descs judged by `rule` ("exact" / "semantic"; None: the rule applied)."""
         tp = len(self.pairs)
-        ok = self.sem_ok
+        ok = sum(1 for p in self.pairs if p.ok(rule))
         bad = tp - ok
         fp, fn = self.num_pred - tp, self.num_gt - tp
         return {"num_pred": self.num_pred, "num_gt": self.num_gt, "tp_loc": tp, "fp_loc": fp, "fn_loc": fn,
                 "matched_sem_ok": ok, "matched_sem_bad": bad, "tp_full": ok, "fp_full": fp + bad, "fn_full": fn + bad}
 
-    def scores(self) -> dict[str, dict[str, float]]:
-        c = self.counts()
+    def scores(self, rule: str | None = None) -> dict[str, dict[str, float]]:
+        c = self.counts(rule)
         return {"loc": prf(c["tp_loc"], c["fp_loc"], c["fn_loc"]),
                 "full": prf(c["tp_full"], c["fp_full"], c["fn_full"])}
 
-    def apply_semantic(self, scorer: SemanticScorer | None) -> "MatchResult":
+    def apply_semantic(self, scorer: SemanticScorer | None, desc_match: str | None = None) -> "MatchResult":
+        """Judge every pair's desc by both rules; `semantic_ok` takes `desc_match`'s verdict
+        (None: "semantic" when `scorer` has embeddings, else "exact"). Without embeddings the
+        semantic verdict stays None (unknown), and "semantic" falls back to exact strings."""
         scorer = scorer or SemanticScorer.string_only()
+        check_desc_match(desc_match)
+        rule = desc_match or ("semantic" if scorer.enabled else "exact")
         res = scorer.score_pairs([(p.pred_desc, p.gt_desc) for p in self.pairs])
         for p, (sim, ok) in zip(self.pairs, res):
-            p.similarity, p.semantic_ok = sim, bool(ok)
+            p.similarity = sim
+            p.desc_ok_exact = desc_equal(p.pred_desc, p.gt_desc)
+            p.desc_ok_semantic = bool(ok) if scorer.enabled else None
+            p.semantic_ok = p.desc_ok_exact if rule == "exact" or p.desc_ok_semantic is None else p.desc_ok_semantic
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -242,11 +278,13 @@ class MatchResult:
 
 def match_image(preds: Sequence, gts: Sequence, iou_thr: float = 0.5, *, width: int | None = None,
                 height: int | None = None, semantic: SemanticScorer | None | bool = None,
-                ious: np.ndarray | None = None) -> MatchResult:
+                ious: np.ndarray | None = None, desc_match: str | None = None) -> MatchResult:
     """Match one image's predictions to its GT objects (EvalObject-like: desc, type, points).
 
     `semantic`: a SemanticScorer; None = normalised string equality only; False = leave the
     pairs' semantic fields unset (call `apply_semantic` later, e.g. after batching embeddings).
+    `desc_match`: the rule `semantic_ok` follows ("exact" / "semantic"; None: semantic when a
+    scorer with embeddings is given, else exact).
     `ious`: a precomputed `iou_matrix(preds, gts, width, height)` to reuse across thresholds.
     """
     if ious is None:
@@ -263,18 +301,19 @@ def match_image(preds: Sequence, gts: Sequence, iou_thr: float = 0.5, *, width: 
                       unmatched_preds=[i for i in range(len(preds)) if i not in mp],
                       unmatched_gts=[j for j in range(len(gts)) if j not in mg])
     if semantic is not False:
-        res.apply_semantic(semantic if isinstance(semantic, SemanticScorer) else None)
+        res.apply_semantic(semantic if isinstance(semantic, SemanticScorer) else None, desc_match)
     return res
 
 
-def aggregate(results: Sequence[MatchResult]) -> dict[str, Any]:
-    """Micro (global sums) and macro (mean over images) P/R/F1, loc-only and full."""
+def aggregate(results: Sequence[MatchResult], rule: str | None = None) -> dict[str, Any]:
+    """Micro (global sums) and macro (mean over images) P/R/F1, loc-only and full (descs judged by
+    `rule`: "exact" / "semantic"; None: the rule applied to the pairs)."""
     out: dict[str, Any] = {"images": len(results)}
     tot = {k: 0 for k in ("num_pred", "num_gt", "tp_loc", "fp_loc", "fn_loc", "matched_sem_ok",
                           "matched_sem_bad", "tp_full", "fp_full", "fn_full")}
     per_image = []
     for r in results:
-        c = r.counts()
+        c = r.counts(rule)
         for k, v in c.items():
             tot[k] += v
         per_image.append({"loc": prf(c["tp_loc"], c["fp_loc"], c["fn_loc"]),

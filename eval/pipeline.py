@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 from typing import Any, Sequence
 
 from .coco import STAT_NAMES, CocoResult, build_coco_dets, build_coco_gt, run_cocoeval
 from .io import ImagePair
-from .matching import MatchResult, aggregate, iou_matrix, match_image
+from .matching import DESC_MATCH_CHOICES, MatchResult, aggregate, check_desc_match, iou_matrix, match_image
 from .semantic import DEFAULT_THRESHOLD, SemanticScorer
 from .report import thr_key, write_artifacts
 
@@ -37,9 +38,12 @@ def parse_thresholds(text: str | Sequence[float]) -> list[float]:
 
 
 def run_f1ish(pairs: Sequence[ImagePair], iou_thrs: Sequence[float],
-              scorer: SemanticScorer | None) -> dict[float, list[MatchResult]]:
-    """Match every image at every threshold (IoU matrices computed once per image), then apply
-    semantics with one batched embedding pass over the unique descs that need it."""
+              scorer: SemanticScorer | None, desc_match: str | None = None) -> dict[float, list[MatchResult]]:
+    """Match every image at every threshold (IoU matrices computed once per image), then judge
+    the descs with one batched embedding pass over the unique descs that need it. The ONE
+    matching path of eval, vis and the run registry. `desc_match`: the rule `semantic_ok`
+    follows ("exact" / "semantic"; None: semantic when `scorer` has embeddings); both rules'
+    verdicts are kept on every pair (`desc_ok_exact`, `desc_ok_semantic`)."""
     results: dict[float, list[MatchResult]] = {t: [] for t in iou_thrs}
     for p in pairs:
         ious = iou_matrix(p.preds, p.gts, p.width, p.height)
@@ -55,7 +59,7 @@ def run_f1ish(pairs: Sequence[ImagePair], iou_thrs: Sequence[float],
         scorer.prefetch(need)
     for rs in results.values():
         for r in rs:
-            r.apply_semantic(scorer)
+            r.apply_semantic(scorer, desc_match)
     return results
 
 
@@ -119,27 +123,64 @@ def _load(pred_path: str, gt_path: str | None, reparse: bool, gt_coord_mode: str
     return gt, line_info, pairs, categories, changes
 
 
-def _f1ish(result: dict, pairs, iou_thrs, primary: float, scorer: SemanticScorer, compat: str):
-    """F1-ish into `result`; (the pairs matched, results per threshold, preds ignored by the scope)."""
+def _rule_block(rs: list[MatchResult], rule: str) -> dict[str, Any]:
+    """`full_exact` / `full_semantic`: the full micro/macro scores and desc counts under one rule."""
+    a = aggregate(rs, rule)
+    return {"micro": a["full"]["micro"], "macro": a["full"]["macro"], **a["semantic"]}
+
+
+def _f1ish(result: dict, pairs, iou_thrs, primary: float, scorer: SemanticScorer, compat: str, desc_match: str):
+    """F1-ish into `result`; (the pairs matched, results per threshold, preds ignored by the scope).
+    `full` follows `desc_match`; `full_exact` and `full_semantic` (None without embeddings) are
+    both always there, so a report can show the two figures side by side."""
     from .compat import annotated_scope
 
     f1_pairs, ignored = annotated_scope(pairs, scorer) if compat == "coordexp" else (pairs, 0)
-    f1_results = run_f1ish(f1_pairs, iou_thrs, scorer)
-    result["f1ish"] = {thr_key(th): {**aggregate(rs), "pred_ignored": ignored} for th, rs in f1_results.items()}
+    f1_results = run_f1ish(f1_pairs, iou_thrs, scorer, desc_match)
+    result["f1ish"] = {}
+    for th, rs in f1_results.items():
+        result["f1ish"][thr_key(th)] = {
+            **aggregate(rs), "pred_ignored": ignored, "desc_match": desc_match,
+            "full_exact": _rule_block(rs, "exact"),
+            "full_semantic": _rule_block(rs, "semantic") if scorer.enabled else None,
+        }
     result["f1ish_primary"] = thr_key(primary)
     return f1_pairs, f1_results, ignored
+
+
+def _partial(gt, counts: dict[str, Any], allow: bool) -> dict[str, Any] | None:
+    """The `partial` block when some GT images have no prediction line (an interrupted or cut run):
+    their GT objects all count as misses, so AP and recall drop for a reason that is not the model."""
+    missing = int(counts.get("pred_lines_missing", 0))
+    if not missing:
+        return None
+    n = len(gt.images)
+    return {"predicted_images": n - missing, "gt_images": n, "missing_images": missing,
+            "scored_as": "misses: every GT object of a missing image is a false negative", "allowed": bool(allow)}
+
+
+def partial_warning(partial: dict[str, Any]) -> str:
+    return (f"WARNING: partial run: {partial['missing_images']} of {partial['gt_images']} GT images have no "
+            f"prediction line (only {partial['predicted_images']} predicted); the scores count every GT object "
+            f"of those images as a miss. Finish the run (infer --resume) or pass --allow-partial to silence this.")
 
 
 def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: str = "both", *,
              iou_thrs: Sequence[float] = DEFAULT_IOU_THRS, reparse: bool = False, semantic: bool = True,
              semantic_thr: float = DEFAULT_THRESHOLD, embedder=None, coco_backend: str = "faster-coco-eval",
              gt_coord_mode: str | None = None, plots: bool = True, verbose: bool = False,
-             compat: str = "ours") -> dict[str, Any]:
+             compat: str = "ours", desc_match: str | None = None, allow_partial: bool = False) -> dict[str, Any]:
     """Evaluate a prediction artifact against GT; write the artifacts into `out_dir` (None: none).
 
     - `gt_path=None`: `pred_path` is a gt_vs_pred.jsonl (ours or CoordExp's) with the GT inside.
     - `metrics`: "coco", "f1ish", "both" or "lvis" (federated, eval/lvis.py).
-    - `semantic=False`: descs compare as exact/normalised strings only (no embedding model).
+    - `desc_match`: how a matched pair's desc counts as right in `full` (F1-ish) and how pred descs
+      map onto COCO categories: "exact" (normalised strings; the default) or "semantic" (also an
+      embedding cosine >= `semantic_thr`; the default of `compat="coordexp"`, upstream's rule).
+      Both F1 figures are reported (`full_exact`, `full_semantic`) whichever counts.
+    - `semantic=False`: no embedding model at all (no `full_semantic`; "semantic" refused).
+    - `allow_partial`: GT images without a prediction line are still recorded (`partial`) and
+      scored as misses, but no warning goes to stderr.
     - `embedder`: a `list[str] -> (n, d) array` used instead of all-MiniLM-L6-v2 (tests).
     - `compat="coordexp"`: CoordExp's evaluator conventions (eval/compat.py); default ours.
     Returns the metrics dict (the content of metrics.json).
@@ -150,6 +191,10 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
         raise ValueError(f"metrics must be one of {METRIC_CHOICES}, got {metrics!r}")
     if compat not in COMPAT_CHOICES:
         raise ValueError(f"compat must be one of {COMPAT_CHOICES}, got {compat!r}")
+    check_desc_match(desc_match)
+    desc_match = desc_match or ("semantic" if compat == "coordexp" else "exact")
+    if desc_match == "semantic" and not semantic:
+        raise ValueError("desc_match 'semantic' needs the embedding model: drop --no-semantic (semantic=False)")
     iou_thrs = parse_thresholds(iou_thrs)
     primary = primary_threshold(iou_thrs)
     t0 = time.perf_counter()
@@ -163,20 +208,29 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
     pred_descs = Counter(o.desc for p in pairs for o in p.preds)
     counts = _counts(gt, pairs, pred_descs, line_info["counts"])
     t = time.perf_counter()
-    category_of, mapping_report = _category_mapping(scorer, pred_descs, categories, counts)
+    # COCO categories follow the same rule as F1-ish: exact maps by normalised strings only
+    map_scorer = scorer if desc_match == "semantic" else SemanticScorer.string_only()
+    category_of, mapping_report = _category_mapping(map_scorer, pred_descs, categories, counts)
     timings["category_mapping_s"] = time.perf_counter() - t
 
     result: dict[str, Any] = {
         "schema_version": EVAL_SCHEMA_VERSION,
         "inputs": {"pred": os.path.abspath(pred_path), "gt": os.path.abspath(gt_path or pred_path),
                    "gt_format": gt.source_format, "metrics": metrics, "reparse": bool(reparse),
-                   "iou_thrs": [float(x) for x in iou_thrs], "primary_iou_thr": primary, "compat": compat},
+                   "iou_thrs": [float(x) for x in iou_thrs], "primary_iou_thr": primary, "compat": compat,
+                   "desc_match": desc_match},
+        "desc_match": desc_match,
         "counts": counts,
         "errors": line_info["errors"],
         "errors_listed": line_info.get("errors_listed", {}),  # every code of the lines' `errors` lists
         "categories": categories,
         "category_mapping": mapping_report,
     }
+    partial = _partial(gt, line_info["counts"], allow_partial)
+    if partial is not None:
+        result["partial"] = partial
+        if not allow_partial:
+            print(partial_warning(partial), file=sys.stderr)
     if gt.invalid:
         result["gt_invalid_lines"] = [gt.invalid[k] for k in sorted(gt.invalid)][:50]
     coco_gt = coco_dets = None
@@ -197,7 +251,7 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
     f1_pairs, ignored = pairs, 0
     if metrics in ("f1ish", "both"):
         t = time.perf_counter()
-        f1_pairs, f1_results, ignored = _f1ish(result, pairs, iou_thrs, primary, scorer, compat)
+        f1_pairs, f1_results, ignored = _f1ish(result, pairs, iou_thrs, primary, scorer, compat, desc_match)
         timings["f1ish_s"] = time.perf_counter() - t
     result["compat"] = compat_info(compat, changes, ignored)
     result["coordexp"] = flat_metrics(result)  # upstream's flat key names, same numbers
@@ -213,5 +267,5 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
     return result
 
 
-__all__ = ["evaluate", "run_f1ish", "thr_key", "parse_thresholds", "primary_threshold", "STAT_NAMES",
+__all__ = ["evaluate", "run_f1ish", "partial_warning", "DESC_MATCH_CHOICES", "thr_key", "parse_thresholds", "primary_threshold", "STAT_NAMES",
            "EVAL_SCHEMA_VERSION"]

@@ -49,16 +49,21 @@ def thr_key(thr: float) -> str:
 
 
 def per_class_f1(pairs, results: list[MatchResult], categories, category_of) -> dict[str, dict[str, int]]:
-    """Per category at one threshold, full mode: tp by the GT's category; fn = GT of the category
-    not counted as tp; fp = preds mapped to the category that are not a semantically right match."""
+    """Per category at one threshold, full mode. A class is credited only with its own
+    predictions: tp = right matches whose pred maps to the GT's category (so tp <= pred_count);
+    fn = GT of the category not counted as tp; fp = preds mapped to the category that are not
+    such a tp. A pair judged right across classes (semantic matching: "yellow rectangle" on a
+    "yellow circle") is an FN of the GT's class and an FP of the pred's, so with `desc_match
+    semantic` the per-class sums can be below the headline tp."""
     out = {c: {"tp": 0, "fp": 0, "fn": 0} for c in categories}
     for p, r in zip(pairs, results):
         ok_pred, ok_gt = set(), set()
         for m in r.pairs:
-            if m.semantic_ok:
+            g = p.gts[m.gt_index].desc
+            if m.semantic_ok and category_of.get(p.preds[m.pred_index].desc) == g:
                 ok_pred.add(m.pred_index)
                 ok_gt.add(m.gt_index)
-                out[p.gts[m.gt_index].desc]["tp"] += 1
+                out[g]["tp"] += 1
         for j, g in enumerate(p.gts):
             if j not in ok_gt:
                 out[g.desc]["fn"] += 1
@@ -121,8 +126,11 @@ def write_artifacts(out_dir: str, metrics: dict[str, Any], pairs: Sequence, cate
     # plots
     if plots and "bbox" in coco_res:
         try:
-            files += plot_pr_curve(os.path.join(out_dir, "pr_curve.png"), coco_res["bbox"], categories)
-            files += plot_per_class_ap(os.path.join(out_dir, "per_class_ap.png"), coco_res["bbox"], categories)
+            files += plot_pr_curve(os.path.join(out_dir, "pr_curve.png"), coco_res["bbox"], categories,
+                                   {r["category"]: (r["gt_count"], r["pred_count"]) for r in per_class})
+            counts = {r["category"]: (r["gt_count"], r["pred_count"]) for r in per_class}
+            files += plot_per_class_ap(os.path.join(out_dir, "per_class_ap.png"), coco_res["bbox"], categories,
+                                       counts)
         except Exception as e:  # a plotting problem must not lose the metrics
             metrics.setdefault("warnings", []).append(f"plots not written: {type(e).__name__}: {e}")
     metrics["artifacts"] = sorted(files)
@@ -168,8 +176,10 @@ def _figure(w: float, h: float):
     return fig
 
 
-def plot_pr_curve(path: str, res: CocoResult, categories: Sequence[str]) -> list[str]:
-    """Precision-recall at IoU 0.5 (area all, maxDets 100): mean over classes + the worst ones."""
+def plot_pr_curve(path: str, res: CocoResult, categories: Sequence[str],
+                  counts: dict[str, tuple[int, int]] | None = None) -> list[str]:
+    """Precision-recall at IoU 0.5 (area all, maxDets 100): mean over classes + the worst ones
+    (legend entries carry the class's GT / prediction counts when `counts` is given)."""
     t50 = int(np.argmin(np.abs(res.iou_thrs - 0.5)))
     pr = res.precision[t50, :, :, 0, -1]  # [R, K]
     valid = [k for k in range(pr.shape[1]) if (pr[:, k] > -1).any()]
@@ -183,7 +193,8 @@ def plot_pr_curve(path: str, res: CocoResult, categories: Sequence[str]) -> list
         worst = sorted(valid, key=lambda k: (ap50[k], k))[:WORST_CLASSES]
         for k in worst:
             name = categories[res.cat_ids[k] - 1] if res.cat_ids[k] - 1 < len(categories) else str(res.cat_ids[k])
-            ax.plot(res.rec_thrs, np.clip(pr[:, k], 0, None), lw=1.2, label=f"{name} ({ap50[k]:.3f})")
+            ax.plot(res.rec_thrs, np.clip(pr[:, k], 0, None), lw=1.2,
+                    label=f"{class_label(name, counts)}: AP50 {ap50[k]:.3f}")
     else:
         ax.text(0.5, 0.5, "no GT objects", ha="center", va="center")
     ax.set_xlim(0, 1)
@@ -198,10 +209,28 @@ def plot_pr_curve(path: str, res: CocoResult, categories: Sequence[str]) -> list
     return [os.path.basename(path)]
 
 
-def plot_per_class_ap(path: str, res: CocoResult, categories: Sequence[str]) -> list[str]:
-    rows = [(categories[cid - 1] if cid - 1 < len(categories) else str(cid), v["AP"], v["AP50"])
+def class_label(name: str, counts: dict[str, tuple[int, int]] | None) -> str:
+    """A class's axis label with its object counts: an AP over 3 GT objects is not one over 300."""
+    if not counts or name not in counts:
+        return name
+    g, p = counts[name]
+    return f"{name} (GT {g}, pred {p})"
+
+
+def per_class_plot_rows(res: CocoResult, categories: Sequence[str],
+                        counts: dict[str, tuple[int, int]] | None = None) -> list[tuple[str, float, float]]:
+    """(label, AP, AP50) per class with an AP, in the plot's order (worst first)."""
+    rows = [(class_label(categories[cid - 1] if cid - 1 < len(categories) else str(cid), counts), v["AP"], v["AP50"])
             for cid, v in res.per_class.items() if v["AP"] is not None]
     rows.sort(key=lambda r: (r[1], r[0]))
+    return rows
+
+
+def plot_per_class_ap(path: str, res: CocoResult, categories: Sequence[str],
+                      counts: dict[str, tuple[int, int]] | None = None) -> list[str]:
+    """Per-class AP / AP50 bars, each class labelled with its GT and prediction counts
+    (`counts`: category -> (gt_count, pred_count), as in per_class.csv)."""
+    rows = per_class_plot_rows(res, categories, counts)
     n = max(len(rows), 1)
     fig = _figure(8, min(2 + 0.22 * n, 40))
     ax = fig.add_subplot(111)
@@ -233,6 +262,10 @@ def format_summary(m: dict[str, Any]) -> str:
     lines.append(f"images {c.get('images', 0)}  gt objects {c.get('gt_objects', 0)}  preds {c.get('pred_objects', 0)}"
                  f"  categories {c.get('categories', 0)}  error lines {c.get('pred_lines_with_error', 0)}"
                  f"  missing lines {c.get('pred_lines_missing', 0)}")
+    pa = m.get("partial")
+    if pa:
+        lines.append(f"PARTIAL RUN: {pa['predicted_images']} of {pa['gt_images']} GT images predicted; the "
+                     f"{pa['missing_images']} others count as misses (every GT object a false negative)")
     for it, s in (m.get("coco") or {}).items():
         lines.append(f"COCO {it:<5} " + "  ".join(f"{n} {s[n]:.3f}" for n in STAT_NAMES[:6]))
         lines.append(" " * 11 + "  ".join(f"{n} {s[n]:.3f}" for n in STAT_NAMES[6:]))
@@ -247,6 +280,9 @@ def format_summary(m: dict[str, Any]) -> str:
                      f"{cx['gt_degenerate_dropped']} GT / {cx['pred_degenerate_dropped']} preds degenerate dropped, "
                      f"{cx['f1ish_pred_ignored']} preds outside the GT label space ignored (F1-ish)")
     if m.get("f1ish"):
+        dm = m.get("desc_match") or "semantic"
+        lines.append(f"F1-ish (full: descs judged by {'exact (normalised) labels' if dm == 'exact' else 'semantic matching'}"
+                     f", --desc-match {dm})")
         lines.append("F1-ish       IoU   | loc P   loc R   loc F1 | full P  full R  full F1 | sem acc")
         for key, a in m["f1ish"].items():
             for avg in ("micro", "macro"):
@@ -255,6 +291,13 @@ def format_summary(m: dict[str, Any]) -> str:
                 acc = a["semantic"]["sem_acc_on_matched"]
                 lines.append(f"  {avg:<6}{star}   {key} | {_f(lo['precision'])}  {_f(lo['recall'])}  {_f(lo['f1'])} |"
                              f" {_f(fu['precision'])}  {_f(fu['recall'])}  {_f(fu['f1'])}  | {_f(acc)}")
+        a = m["f1ish"].get(m.get("f1ish_primary")) or {}
+        ex, se = a.get("full_exact"), a.get("full_semantic")
+        if ex:
+            lines.append(f"full F1@{m.get('f1ish_primary')} micro: exact-label {ex['micro']['f1']:.3f}"
+                         + (f"  semantic {se['micro']['f1']:.3f} (cosine >= {m.get('semantic', {}).get('threshold', 0.6)})"
+                            if se else "  semantic - (no embedding model)")
+                         + f"  [headline: {dm}]")
     cm = m.get("category_mapping", {})
     if cm.get("mapped") or cm.get("dropped"):
         lines.append(f"descs mapped to a category: {len(cm.get('mapped', []))} ({c.get('coco_preds_mapped', 0)} preds);"

