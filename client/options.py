@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from coordexp.generation import GenerationParams
-from coordexp.prompt import COORD_FORMATS, FIELD_ORDERS, OBJECT_ORDERS, PromptSpec
+from coordexp.prompt import PromptSpec, add_prompt_options, prompt_from_options
 
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -30,24 +30,11 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
 
 
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("prompt")
-    g.add_argument("--coord-format", choices=COORD_FORMATS, default=None,
-                   help="coord tokens or numeric (default: the checkpoint's / tokens)")
-    g.add_argument("--field-order", choices=FIELD_ORDERS, default=None)
-    g.add_argument("--object-order", choices=OBJECT_ORDERS, default=None)
-    g.add_argument("--prompt", dest="user_text", default=None, help="user text of the prompt")
-    g.add_argument("--system-prompt", default=None)
+    add_prompt_options(p.add_argument_group("prompt"))  # the flags the exporter takes too
 
 
 def prompt_from_args(args: argparse.Namespace, base: PromptSpec | None = None) -> PromptSpec:
-    d = (base or PromptSpec()).to_dict()
-    d.pop("variant")
-    for key in ("coord_format", "field_order", "object_order", "user_text"):
-        if getattr(args, key, None) is not None:
-            d[key] = getattr(args, key)
-    if getattr(args, "system_prompt", None) is not None:
-        d["system_text"] = args.system_prompt
-    return PromptSpec(**d)
+    return prompt_from_options(vars(args), base)
 
 
 def prompt_overrides(args: argparse.Namespace) -> dict[str, str | None]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from coordexp.tokens import coord_token
 
@@ -70,6 +70,48 @@ class PromptSpec:
         d = dict(d or {})
         d.pop("variant", None)
         return cls(**d)
+
+
+class PromptOption(NamedTuple):
+    """One command-line flag of a prompt variant."""
+
+    flag: str
+    dest: str  # argparse attribute
+    field: str  # PromptSpec field it sets
+    choices: tuple[str, ...] | None
+    help: str
+
+
+# The prompt flags, defined once: the client's subcommands (client/options.py) and the exporter
+# (export/build_engine.py) both add them from this table, so a variant is spelled the same everywhere.
+PROMPT_OPTIONS: tuple[PromptOption, ...] = (
+    PromptOption("--coord-format", "coord_format", "coord_format", COORD_FORMATS,
+                 "coordinates as coord tokens <|coord_k|> or numeric integers (default tokens)"),
+    PromptOption("--field-order", "field_order", "field_order", FIELD_ORDERS,
+                 "desc before or after the geometry in each object (default desc_first)"),
+    PromptOption("--object-order", "object_order", "object_order", OBJECT_ORDERS,
+                 "objects sorted by their top-left corner, or as given (default sorted)"),
+    PromptOption("--prompt", "user_text", "user_text", None,
+                 f"user text of the prompt (default {PromptSpec.user_text!r})"),
+    PromptOption("--system-prompt", "system_prompt", "system_text", None,
+                 "system text of the prompt (default: the format's own system prompt)"),
+)
+
+
+def add_prompt_options(group: Any) -> None:
+    """Add the PROMPT_OPTIONS flags to an argparse parser or group; each defaults to None (not given)."""
+    for o in PROMPT_OPTIONS:
+        group.add_argument(o.flag, dest=o.dest, choices=o.choices, default=None, help=o.help)
+
+
+def prompt_from_options(values: Mapping[str, Any], base: PromptSpec | None = None) -> PromptSpec:
+    """`base` (default PromptSpec()) with the given flags (by argparse dest; None = not given) applied."""
+    d = (base or PromptSpec()).to_dict()
+    d.pop("variant")
+    for o in PROMPT_OPTIONS:
+        if values.get(o.dest) is not None:
+            d[o.field] = values[o.dest]
+    return PromptSpec(**d)
 
 
 def sort_key(points: Sequence[float]) -> tuple[float, float]:
