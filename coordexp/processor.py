@@ -8,7 +8,10 @@ tokenizer and the PIL image processor (`Qwen2VLImageProcessorPil`) and mirrors w
 1. the image processor turns each image into flat patches (`pixel_values`, shape
    `(sum of t*h*w, C*temporal_patch*patch*patch)`) and `image_grid_thw` (`(n_images, 3)`), after
    `smart_resize` to multiples of `patch_size * merge_size` within `size.shortest_edge` (min_pixels)
-   and `size.longest_edge` (max_pixels) when `do_resize`;
+   and `size.longest_edge` (max_pixels) when `do_resize`. `coordexp.image_prep` computes the
+   same values (bit for bit) several times faster for the `Qwen2VLImageProcessorPil` settings it
+   supports; any other image processor (another class, a subclass, non-RGB mean/std) is run
+   itself (`image_plan` is None then);
 2. the i-th `<|image_pad|>` of the rendered prompts becomes `t*h*w // merge_size**2` copies;
 3. the tokenizer encodes the batch (LEFT padded here, for generation);
 4. `mm_token_type_ids` marks image placeholder positions with 1 (video 2, text and padding 0);
@@ -23,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from coordexp.image_prep import ImagePlan, decode_image
 from coordexp.prompt import PromptSpec
 from coordexp.tokens import ENDOFTEXT, IM_END, IMAGE_PAD, VISION_END, VISION_START
 
@@ -86,6 +90,8 @@ class CoordExpProcessor:
          self.im_end_token_id, self.endoftext_token_id) = ids
         self.image_token = IMAGE_PAD
         self.merge_size = int(image_processor.merge_size)
+        # the fast, bit-identical image path, or None: then `image_processor` itself runs
+        self.image_plan: ImagePlan | None = ImagePlan.from_processor(image_processor)
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else self.endoftext_token_id
         stops = [self.im_end_token_id, self.endoftext_token_id]
@@ -144,14 +150,44 @@ class CoordExpProcessor:
 
     def image_grid(self, width: int, height: int) -> tuple[int, int, int]:
         """The (t, h, w) patch grid an image of this size gets (no pixels needed)."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
         ip = self.image_processor
-        if ip.do_resize:
+        if self.image_plan is not None:
+            width, height = self.image_plan.size_for(width, height)
+        elif ip.do_resize:
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
             factor = ip.patch_size * ip.merge_size
             height, width = smart_resize(height, width, factor=factor, min_pixels=ip.size["shortest_edge"],
                                          max_pixels=ip.size["longest_edge"])
         return (1, height // ip.patch_size, width // ip.patch_size)
+
+    def processing_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the image processor resizes an image of this size to."""
+        _, gh, gw = self.image_grid(width, height)
+        p = int(self.image_processor.patch_size)
+        return gw * p, gh * p
+
+    def load_image(self, data: bytes, *, draft: bool = False):
+        """Encoded image bytes -> RGB PIL image (`Image.open(...).convert("RGB")`).
+
+        `draft=True`: a JPEG much larger than its processing size is decoded at 1/2, 1/4 or 1/8
+        scale (PIL draft mode) and resized to that size: same patch grid, several times faster,
+        but the pixel values are NOT the Hugging Face processor's (see `coordexp.image_prep`),
+        so it is off by default."""
+        resample = self.image_plan.resample if self.image_plan is not None else int(self.image_processor.resample or 2)
+        return decode_image(data, self.processing_size, draft=draft, resample=resample)
+
+    def pixels(self, images: Sequence[Any]) -> tuple[Any, Any]:
+        """Images (any PIL mode, or HWC uint8 arrays) -> (pixel_values float32, image_grid_thw int64
+        [n, 3]), through the fast path when `image_plan` is set, else the HF image processor."""
+        import numpy as np
+
+        rgb = [to_rgb(im) for im in images]
+        if self.image_plan is not None:
+            return self.image_plan(rgb)
+        vision = self.image_processor(rgb, return_tensors=None)
+        return (np.asarray(vision["pixel_values"], dtype=np.float32),
+                np.asarray(vision["image_grid_thw"], dtype=np.int64).reshape(-1, 3))
 
     def expand_image_tokens(self, texts: Sequence[str], image_grid_thw: Iterable[Sequence[int]]) -> list[str]:
         """Replace the i-th `<|image_pad|>` (over the whole batch, in order) by its placeholder run."""
@@ -203,10 +239,7 @@ class CoordExpProcessor:
             raise ValueError(f"{n_placeholders} {self.image_token} placeholders in the prompts "
                              f"for {len(images)} images")
 
-        rgb = [to_rgb(im) for im in images]
-        vision = self.image_processor(rgb, return_tensors=None)
-        pixel_values = np.asarray(vision["pixel_values"], dtype=np.float32)
-        image_grid_thw = np.asarray(vision["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
+        pixel_values, image_grid_thw = self.pixels(images)
 
         expanded = self.expand_image_tokens(texts, image_grid_thw.tolist())
         enc = self.tokenizer(expanded, padding=True, padding_side=padding_side, return_attention_mask=True,

@@ -8,10 +8,13 @@ Per request (rows = the request's batch dimension, usually 1):
 The image arrives as the encoded file's bytes, never as a server-side path; it is checked with
 `coordexp.dataset.check_image_bytes` (header first, so decompression bombs are refused before
 decoding) and a bad one fails only its own request, with the contract's error code in the message.
+
+Pixels go through `CoordExpProcessor` (its fast path, bit-identical to the HF image processor).
+`fast_decode` (config parameter `fast_decode: "true"`, default off) decodes large JPEGs at reduced
+scale (PIL draft mode): faster, but the pixel values then differ from the HF processor's.
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import replace
 from typing import Any, Sequence
@@ -33,20 +36,21 @@ class Preprocessor:
     """Request rows -> model inputs, with the repository's prompt variant."""
 
     def __init__(self, processor: Any, prompt: PromptSpec | None = None, max_pixels: int | None = None,
-                 max_image_bytes: int = MAX_IMAGE_BYTES):
+                 max_image_bytes: int = MAX_IMAGE_BYTES, fast_decode: bool = False):
         from coordexp.dataset import DEFAULT_MAX_PIXELS
 
         self.processor = processor
+        self.fast_decode = bool(fast_decode)
         self.prompt = prompt or PromptSpec()
         self.max_pixels = int(max_pixels or DEFAULT_MAX_PIXELS)
         self.max_image_bytes = int(max_image_bytes)
 
     @classmethod
     def from_dir(cls, processor_dir: str, prompt: PromptSpec | None = None,
-                 max_pixels: int | None = None) -> "Preprocessor":
+                 max_pixels: int | None = None, fast_decode: bool = False) -> "Preprocessor":
         from coordexp.processor import CoordExpProcessor
 
-        return cls(CoordExpProcessor.from_pretrained(processor_dir), prompt, max_pixels)
+        return cls(CoordExpProcessor.from_pretrained(processor_dir), prompt, max_pixels, fast_decode=fast_decode)
 
     def spec_for(self, text: str | None) -> PromptSpec:
         """The prompt for one row: the repository's, with the user text replaced when given."""
@@ -55,8 +59,6 @@ class Preprocessor:
         return replace(self.prompt, user_text=text)
 
     def load_image(self, data: bytes, where: str):
-        from PIL import Image
-
         from coordexp.dataset import check_image_bytes
         from coordexp.schema import ContractError
 
@@ -68,7 +70,7 @@ class Preprocessor:
         except ContractError as e:  # image_load_failed | image_too_large: the code leads the message
             raise RequestError(f"{e.code}: {e.message}") from None
         try:
-            return Image.open(io.BytesIO(data)).convert("RGB")
+            return self.processor.load_image(data, draft=self.fast_decode)
         except Exception as e:  # verified header, broken body
             raise RequestError(f"image_load_failed: {where}: cannot decode image ({e})") from None
 
@@ -118,8 +120,9 @@ class TritonPythonModel:
         params = config_parameters(args["model_config"])
         root = repository_root(args)
         prompt = PromptSpec.from_dict(json.loads(params["prompt_json"])) if params.get("prompt_json") else None
+        fast_decode = params.get("fast_decode", "").strip().lower() in ("1", "true", "yes", "on")
         self.pre = Preprocessor.from_dir(resolve(root, params["processor_dir"]), prompt,
-                                         int_param(params, "max_pixels", 0) or None)
+                                         int_param(params, "max_pixels", 0) or None, fast_decode=fast_decode)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         out = []
