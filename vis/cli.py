@@ -26,8 +26,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--iou", type=float, default=0.5, help="IoU threshold of a match (default 0.5)")
     p.add_argument("--matches", default=None,
                    help="matches.jsonl written by `coordexp-client eval` (default: match here at --iou)")
-    p.add_argument("--semantic", action="store_true",
-                   help="judge descs with the embedding model like eval does (default: normalised strings)")
+    p.add_argument("--desc-match", choices=["exact", "semantic"], default=None,
+                   help="how a matched desc counts as right, as in eval: exact (normalised labels; default, "
+                        "eval's default) or semantic (MiniLM cosine >= 0.6); ignored with --matches")
+    p.add_argument("--semantic", action="store_true", help="the same as --desc-match semantic")
     p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the GT's)")
     p.add_argument("--gt-coord-mode", choices=["norm1000", "qwen3_rel1000", "pixel"], default=None)
     p.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE,
@@ -48,7 +50,7 @@ def run(args) -> int:
         index = visualize(args.pred, args.gt, args.out, iou=args.iou, matches_path=args.matches, limit=args.limit,
                           only_errors=args.only_errors, semantic=args.semantic, image_root=args.image_root,
                           gt_coord_mode=args.gt_coord_mode, min_size=args.min_size, max_size=args.max_size,
-                          title=args.title)
+                          title=args.title, desc_match=args.desc_match)
     except (OSError, ValueError, ContractError) as e:
         print(f"vis: error: {e}", file=sys.stderr)
         return 2

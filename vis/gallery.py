@@ -1,4 +1,5 @@
-"""`index.html`: the overlays of a run, worst F1 first, with per-image counts.
+"""`index.html`: the overlays of a run, worst F1 first, with per-image counts; a failed row (a
+parse failure or another error line) shows the model's `raw_output`, HTML-escaped.
 
 A single self-contained HTML file (inline CSS, no scripts, no network): open it from disk.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 import html
 import os
 from typing import Any
+
+RAW_OUTPUT_CHARS = 2000  # of a failed row's raw_output shown (the rest is counted)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -37,6 +40,8 @@ td.img { width: 640px; text-align: left; }
 tr.bad td.f1 { color: #c8143c; font-weight: bold; }
 td.err { color: #c8143c; max-width: 260px; word-wrap: break-word; }
 td.err small { color: #777; display: block; }
+td.err pre.raw { color: #222; background: #f7f7f7; border: 1px solid #ddd; padding: 4px; margin: 4px 0 0 0;
+  white-space: pre-wrap; word-break: break-all; max-height: 240px; overflow: auto; font-size: 11px; text-align: left; }
 .num0 { color: #aaa; }
 """
 
@@ -94,6 +99,11 @@ def write_gallery(path: str, index: dict[str, Any], title: str | None = None) ->
             err_parts.append(f"{html.escape(r['error'])}" + (f"<small>{html.escape(msg[:300])}</small>" if msg else ""))
         if r.get("image_error"):
             err_parts.append(f"<small>{html.escape(r['image_error'])}</small>")
+        if r.get("error") and r.get("raw_output") is not None:  # what the model said, to see why it failed
+            raw = r["raw_output"]
+            cut = f"\n… ({len(raw) - RAW_OUTPUT_CHARS} more characters)" if len(raw) > RAW_OUTPUT_CHARS else ""
+            err_parts.append(f'<small>raw_output:</small><pre class="raw">'
+                             f'{html.escape(raw[:RAW_OUTPUT_CHARS] + cut) if raw else "(empty)"}</pre>')
         size = f"<br><small>{r['width']}×{r['height']} · id {r['image_id']}</small>" if r.get("width") else ""
         row_cls = ' class="bad"' if bad else ""
         out.append(

@@ -1,7 +1,9 @@
 """GT vs prediction overlays of a prediction artifact, and the gallery that lists them.
 
 `visualize(pred, gt, out)` reads the artifact and the GT (nothing else: never the model), matches
-each image (the eval's `matches.jsonl` when given, else `coordexp.eval.match_image` at `iou`),
+each image (the eval's `matches.jsonl` when given, else eval's own matching path,
+`coordexp.eval.pipeline.run_f1ish`, at `iou` with the same `desc_match` rule: exact labels by
+default, as `eval`, so one run's gallery and metrics.json count the same TP/FP/FN),
 renders one side-by-side PNG per image (left GT, right prediction) into `out/overlays/`, and writes
 `out/index.html` (worst F1 first) and `out/index.json`.
 
@@ -51,6 +53,7 @@ class ImageReport:
     error: str | None = None  # prediction line's error code (or missing_prediction / gt_invalid)
     error_message: str | None = None
     image_error: str | None = None  # the image file could not be read (a placeholder is drawn)
+    raw_output: str | None = None  # the model text of an error line (the gallery shows it)
     overlay: str | None = None  # path relative to the output folder
     pred_status: list[str] = field(default_factory=list)
     gt_status: list[str] = field(default_factory=list)
@@ -97,7 +100,7 @@ def load_matches(path: str) -> dict[int, dict[str, Any]]:
 def _pairs_from_matches_line(pair, line: dict[str, Any]) -> list[tuple[int, int, bool]]:
     """(pred position, gt position, semantic_ok) from a matches.jsonl line (indices there are into
     the prediction line's `preds` and the GT line's `objects`)."""
-    from coordexp.eval import normalize_desc
+    from coordexp.eval.matching import desc_equal
 
     ppos = {o.index: k for k, o in enumerate(pair.preds)}
     gpos = {o.index: k for k, o in enumerate(pair.gts)}
@@ -109,7 +112,7 @@ def _pairs_from_matches_line(pair, line: dict[str, Any]) -> list[tuple[int, int,
                              f"{m.get('gt_index')} do not exist in the artifact (was it made from these files?)")
         ok = m.get("semantic_ok")
         if ok is None:
-            ok = normalize_desc(pair.preds[pi].desc) == normalize_desc(pair.gts[gi].desc)
+            ok = desc_equal(pair.preds[pi].desc, pair.gts[gi].desc)  # eval's exact rule
         out.append((pi, gi, bool(ok)))
     return out
 
@@ -132,23 +135,29 @@ def _fill_counts(rep: ImageReport, pair, matched: list[tuple[int, int, bool]]) -
 
 
 def build_reports(pairs: Sequence, iou: float, matches: dict[int, dict] | None = None,
-                  semantic: bool = False) -> list[ImageReport]:
-    """Match every image (or take the eval's matches) and count TP/FP/FN per image."""
-    from coordexp.eval import SemanticScorer, match_image
+                  semantic: bool = False, desc_match: str | None = None) -> list[ImageReport]:
+    """Match every image (or take the eval's matches) and count TP/FP/FN per image. Matching is
+    eval's (`run_f1ish`), descs judged by `desc_match` ("exact", the default as in eval, or
+    "semantic"; `semantic=True` is the older spelling of "semantic")."""
+    from coordexp.eval import SemanticScorer
+    from coordexp.eval.pipeline import run_f1ish
 
-    scorer = SemanticScorer() if semantic else None
+    rule = desc_match or ("semantic" if semantic else "exact")
+    todo = [p for p in pairs if (matches or {}).get(p.image_id) is None]
+    scorer = SemanticScorer() if rule == "semantic" else SemanticScorer.string_only()
+    computed = dict(zip((p.image_id for p in todo), run_f1ish(todo, [iou], scorer, rule)[iou])) if todo else {}
     reports = []
     for pair in pairs:
         rep = ImageReport(image_id=pair.image_id, images=list(pair.images), width=pair.width, height=pair.height,
-                          error=pair.error, error_message=pair.error_message)
+                          error=pair.error, error_message=pair.error_message,
+                          raw_output=getattr(pair, "raw_output", None))
         if pair.missing and not rep.error:
             rep.error, rep.error_message = "missing_prediction", "no prediction line for this image"
         line = (matches or {}).get(pair.image_id)
         if line is not None:
             matched = _pairs_from_matches_line(pair, line)
         else:
-            res = match_image(pair.preds, pair.gts, iou, width=pair.width, height=pair.height, semantic=scorer)
-            matched = [(m.pred_index, m.gt_index, bool(m.semantic_ok)) for m in res.pairs]
+            matched = [(m.pred_index, m.gt_index, bool(m.semantic_ok)) for m in computed[pair.image_id].pairs]
         _fill_counts(rep, pair, matched)
         reports.append(rep)
     return reports
@@ -343,8 +352,9 @@ def visualize(pred_path: str, gt_path: str | None, out_dir: str, *, iou: float =
               limit: int | None = None, only_errors: bool = False, semantic: bool = False,
               image_root: str | None = None, gt_coord_mode: str | None = None,
               min_size: int = DEFAULT_MIN_SIZE, max_size: int = DEFAULT_MAX_SIZE,
-              title: str | None = None) -> dict[str, Any]:
-    """Render the overlays and the gallery; returns the content of index.json."""
+              title: str | None = None, desc_match: str | None = None) -> dict[str, Any]:
+    """Render the overlays and the gallery; returns the content of index.json. `desc_match`:
+    "exact" (default, as eval) or "semantic" (`semantic=True` means the same)."""
     from coordexp.eval.upstream import load_inputs
 
     from .gallery import write_gallery
@@ -359,15 +369,20 @@ def visualize(pred_path: str, gt_path: str | None, out_dir: str, *, iou: float =
     root = image_root or os.path.dirname(os.path.abspath(gt_path or pred_path))
     gt, _ = load_inputs(pred_path, gt_path, gt_coord_mode=gt_coord_mode)  # gt_path None: GT inside pred_path
     pairs = gt.images
+    from coordexp.eval.matching import check_desc_match
+
+    check_desc_match(desc_match)
+    desc_match = desc_match or ("semantic" if semantic else "exact")
     matches = None
-    match_source = "computed (strings only)" if not semantic else "computed (embeddings)"
+    match_source = ("computed (exact labels, as eval's default)" if desc_match == "exact"
+                    else "computed (semantic matching, as eval --desc-match semantic)")
     if matches_path:
         matches = load_matches(matches_path)
         thrs = {round(float(m.get("iou_thr", iou)), 6) for m in matches.values()}
         if len(thrs) == 1:
             iou = thrs.pop()
         match_source = f"eval matches: {os.path.abspath(matches_path)}"
-    reports = build_reports(pairs, iou, matches, semantic=semantic)
+    reports = build_reports(pairs, iou, matches, desc_match=desc_match)
     for pair, rep in zip(pairs, reports):
         p = image_path(pair.images, root)
         if p is None or not os.path.isfile(p):
@@ -406,6 +421,7 @@ def visualize(pred_path: str, gt_path: str | None, out_dir: str, *, iou: float =
                    "image_root": os.path.abspath(root), "matches": os.path.abspath(matches_path) if matches_path else None},
         "iou_thr": iou,
         "match_source": match_source,
+        "desc_match": None if matches_path else desc_match,
         "filters": {"only_errors": bool(only_errors), "limit": limit},
         "counts": {"images": len(reports), "rendered": len(selected),
                    "images_with_errors": sum(1 for r in reports if r.has_error),
