@@ -323,6 +323,19 @@ class OnnxParts:
         `on_step(generated, finished)`: called after every step (token streaming) with the ids so
         far and the rows that finished at this step (stop token or length limit); every row is
         reported finished exactly once.
+
+        Jump-forward (`self.jump_forward`, with a hook that has `forced_tokens(row, ids, limit)`,
+        i.e. guided decoding): after a row's token is chosen, the tokens the grammar forces next are
+        appended at once and the row feeds [token, forced...] to the decoder as one chunk, so one
+        decoder call covers them all. Rows of one batch with shorter chunks are padded at the front
+        of the block with attention_mask 0 (the decoder returns the last position's logits), and
+        positions go on per row, so the cache holds the same keys as step-by-step decoding. The hook
+        is then called with `active=` (the rows still running). Greedy output is the same as
+        without it: a forced token is the only one with a finite logit, which argmax picks. Forced
+        tokens take no sampling draw, so sampled output differs from the step-by-step stream at the
+        same seed (it is still reproducible). `on_step` reports the jumped ids with the token that
+        led to them; stop / length / `ignore_eos` / repetition-penalty semantics are unchanged (a
+        forced run ends at the length limit, and one that only allows stop tokens ends the row).
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
@@ -337,6 +350,7 @@ class OnnxParts:
         rngs = [np.random.default_rng(int(params.seed)) for _ in range(bsz)]
         active = np.arange(bsz)
         stop = set(self.stop_ids)
+        forced_of = getattr(logits_hook, "forced_tokens", None) if self.jump_forward else None
         for step in range(params.max_new_tokens):
             if params.ignore_eos:
                 logits = logits.copy()
@@ -344,34 +358,82 @@ class OnnxParts:
             if logits_hook is not None:
                 full = np.zeros((bsz, logits.shape[1]), dtype=np.float32)
                 full[active] = logits
-                full = np.asarray(logits_hook(step, generated, full), dtype=np.float32)
-                logits = full[active]
+                if forced_of is not None:
+                    full = logits_hook(step, generated, full, active=active.tolist())
+                else:
+                    full = logits_hook(step, generated, full)
+                logits = np.asarray(full, dtype=np.float32)[active]
             row_seqs = [np.asarray(seqs[b]) for b in active] if seqs is not None else []
             tokens = self._choose(logits, row_seqs, params, [rngs[b] for b in active])
             finished, keep = append_tokens(active.tolist(), tokens.tolist(), generated, seqs, stop, params)
+            chunks = [[int(tokens[k])] for k in keep]
+            if forced_of is not None:
+                keep, chunks = self._jump(keep, chunks, active, forced_of, generated, seqs, stop, params, finished)
             if on_step is not None:
                 on_step(generated, finished)
             if not keep:
                 break
             if len(keep) < len(active):
                 sel = np.asarray(keep)
-                active, tokens, mask = active[sel], tokens[sel], mask[sel]
-                presents = [p[sel] for p in presents]
-            n = len(active)
-            mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
-            pos = (prompt_len[active] + deltas[active, 0] + step).astype(np.int64)
-            feeds = {
-                "inputs_embeds": np.asarray(self.embed(tokens[:, None]), dtype=self.np_dtype),
-                "attention_mask": mask,
-                "position_ids": np.ascontiguousarray(np.broadcast_to(pos[None, :, None], (3, n, 1))),
-            }
-            if self.num_deepstack:
-                feeds["deepstack"] = np.zeros((self.num_deepstack, n, 1, self.hidden), dtype=self.np_dtype)
-            for i in range(self.num_layers):
-                feeds[f"past_key_{i}"] = presents[2 * i]
-                feeds[f"past_value_{i}"] = presents[2 * i + 1]
+                active, mask, presents = active[sel], mask[sel], [p[sel] for p in presents]
+            feeds, mask = self._chunk_feeds(chunks, active, mask, presents, generated, prompt_len, deltas)
             logits, presents = self.decoder_step(feeds)
         return generated
+
+    @staticmethod
+    def _jump(keep: list[int], chunks: list[list[int]], active: np.ndarray, forced_of: Callable,
+              generated: list[list[int]], seqs: list[list[int]] | None, stop: set, params: GenerationParams,
+              finished: list[int]) -> tuple[list[int], list[list[int]]]:
+        """Append each going-on row's forced run (the same bookkeeping as a chosen token); the rows
+        that still go on and their chunks. Rows that end inside their run join `finished`."""
+        out_keep, out_chunks = [], []
+        for k, chunk in zip(keep, chunks):
+            b = int(active[k])
+            ended = False
+            for tok in forced_of(b, generated[b], params.max_new_tokens - len(generated[b])):
+                done, _ = append_tokens([b], [tok], generated, seqs, stop, params)
+                if tok in stop and not params.ignore_eos:
+                    ended = True
+                    break
+                chunk.append(int(tok))
+                if done:
+                    ended = True
+                    break
+            if ended:
+                finished.append(b)
+            else:
+                out_keep.append(k)
+                out_chunks.append(chunk)
+        return out_keep, out_chunks
+
+    def _chunk_feeds(self, chunks: list[list[int]], active: np.ndarray, mask: np.ndarray, presents: list[np.ndarray],
+                     generated: list[list[int]], prompt_len: np.ndarray, deltas: np.ndarray
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Decoder inputs for one step: each row's new ids (1 without jump-forward), right-aligned in
+        a block of the longest chunk's width, the front padding masked out; (feeds, extended mask)."""
+        n, width = len(active), max(len(c) for c in chunks)
+        ids = np.full((n, width), self.pad_token_id, dtype=np.int64)
+        new_mask = np.zeros((n, width), dtype=np.int64)
+        pos = np.zeros((n, width), dtype=np.int64)
+        for i, (b, chunk) in enumerate(zip(active.tolist(), chunks)):
+            pad = width - len(chunk)
+            ids[i, pad:] = chunk
+            new_mask[i, pad:] = 1
+            # generated index of the chunk's first id, as position after the prompt (pads: the same)
+            first = prompt_len[b] + deltas[b, 0] + len(generated[b]) - len(chunk)
+            pos[i] = first + np.maximum(np.arange(width) - pad, 0)
+        mask = np.concatenate([mask, new_mask], axis=1)
+        feeds = {
+            "inputs_embeds": np.asarray(self.embed(ids), dtype=self.np_dtype),
+            "attention_mask": mask,
+            "position_ids": np.ascontiguousarray(np.broadcast_to(pos[None], (3, n, width))),
+        }
+        if self.num_deepstack:
+            feeds["deepstack"] = np.zeros((self.num_deepstack, n, width, self.hidden), dtype=self.np_dtype)
+        for i in range(self.num_layers):
+            feeds[f"past_key_{i}"] = presents[2 * i]
+            feeds[f"past_value_{i}"] = presents[2 * i + 1]
+        return feeds, mask
 
     def describe(self) -> dict[str, Any]:
         m = self.meta
@@ -386,11 +448,12 @@ class OnnxEngine:
     name = "onnx"
 
     def __init__(self, path: str | os.PathLike, prompt: PromptSpec | None = None, threads: int | None = None,
-                 providers: Sequence[str] | None = None):
+                 providers: Sequence[str] | None = None, jump_forward: bool = False, prefix_cache: bool = False):
         from coordexp.processor import CoordExpProcessor
 
         self.path = str(path)
-        self.parts = OnnxParts(path, threads=threads, providers=providers)
+        self.parts = OnnxParts(path, threads=threads, providers=providers, jump_forward=jump_forward,
+                               prefix_cache=prefix_cache)
         self.onnx_dir = self.parts.onnx_dir
         self.processor = CoordExpProcessor.from_pretrained(str(self.onnx_dir))
         self.prompt = prompt or PromptSpec()

@@ -70,9 +70,25 @@ class GuidedBatch:
 
     def row_mask(self, row: int, logits=None) -> np.ndarray | None:
         """The allowed tokens (bool [V]) for the row's next token: the grammar's (xgrammar fills
-        the bitmask), then the budget planner and the duplicate check. None: leave this row's
-        logits alone. `logits` [B, V] (torch) tells whether the budget cut the model's own first
-        choice (-> guided_closed_early)."""
+        the bitmask) in the skeleton's canonical tokenization, then the budget planner and the
+        duplicate check. None: leave this row's logits alone. `logits` [B, V] (torch) tells whether
+        the budget cut the model's own first choice (-> guided_closed_early)."""
+        got = self._allowed(row)
+        if got is None:
+            return None
+        bits, ids, keep = got
+        if keep is not None and not keep.all() and not self.closed_early[row]:
+            # closed early = the budget removed the token the model ranks first under the grammar
+            if logits is None:
+                self.closed_early[row] = True
+            else:
+                lr = logits[row].detach().float().cpu().numpy()
+                self.closed_early[row] = not keep[int(np.argmax(lr[ids]))]
+        return bits
+
+    def _allowed(self, row: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None:
+        """(allowed bool [V], the grammar's ids, what the budget planner kept of them or None when it
+        did not look) for the row's next token; None when the row is left alone."""
         if self.done[row]:
             return None
         g = self.guide
@@ -82,34 +98,63 @@ class GuidedBatch:
             return None
         self.matchers[row].fill_next_token_bitmask(self.bitmask, row)
         words = self.bitmask[row].numpy()
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:g.vocab_size].view(bool)
+        bits = g.allowed_here(q, np.unpackbits(words.view(np.uint8), bitorder="little")[:g.vocab_size].view(bool))
         left = self.max_new_tokens - self.count[row]  # tokens left, this one included
         tight = left - 1 < g.max_cost
         acc = self.acc[row]
         dup = g.duplicate_possible(q, acc)
         if not (tight or dup):
-            return bits
+            return bits, None, None
         ids = np.flatnonzero(bits)
         keep = np.ones(len(ids), dtype=bool)
+        budget = None
         if tight:
             costs = g.token_costs(q, ids)
             keep = costs <= left - 1
             if not keep.any():  # not even the cheapest ending fits: keep the cheapest tokens
                 keep = costs == costs.min()
-            if not keep.all() and not self.closed_early[row]:
-                # closed early = the budget removed the token the model ranks first under the grammar
-                if logits is None:
-                    self.closed_early[row] = True
-                else:
-                    lr = logits[row].detach().float().cpu().numpy()
-                    self.closed_early[row] = not keep[int(np.argmax(lr[ids]))]
+            budget = keep.copy()
         if dup:
             ban = g.duplicate_bans(q, acc, ids)
             if (keep & ~ban).any():
                 keep &= ~ban
         if not keep.all():
             bits[ids[~keep]] = False
-        return bits
+        return bits, ids, budget
+
+    def forced_tokens(self, row: int, limit: int) -> list[int]:
+        """Jump-forward: the tokens the mask leaves no choice about after the row's last accepted
+        token, at most `limit`, accepted into the row's matcher and state as they are found. Ends at
+        the first step with a choice, at a step where the budget planner narrowed the choice before
+        the row's `guided_closed_early` is known (that needs the model's logits), or with a stop
+        token when only stop tokens are allowed (the row is then done; the id is the first stop id
+        allowed). Greedy decoding would pick exactly these: every other logit is -inf."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        run: list[int] = []
+        g = self.guide
+        while len(run) < limit and g is not None:
+            got = self._allowed(row)
+            if got is None:
+                break
+            bits, _, budget = got
+            if budget is not None and not budget.all() and not self.closed_early[row]:
+                break
+            if self.ignore_eos:
+                bits = bits & ~g.is_stop  # the decode loop suppresses them
+            ids = np.flatnonzero(bits)
+            if len(ids) == 0:
+                break
+            if g.is_stop[ids].all():
+                run.append(int(ids[0]))
+                self.stop(row)
+                break
+            if len(ids) != 1:
+                break
+            run.append(int(ids[0]))
+            self.accept(row, int(ids[0]))
+        self.mask_s += time.perf_counter() - t0
+        self.mask_cpu_s += time.process_time() - c0
+        return run
 
     def mask(self, logits, rows: Sequence[int]) -> None:
         """Mask `logits` (a torch tensor [B, V], in place) for the given rows: -inf where not allowed.
@@ -191,32 +236,52 @@ class GuidedLogitsProcessor(LogitsProcessor):
 
 class GuidedLogitsHook:
     """`logits_hook(step, generated, logits[B, V]) -> logits` for `OnnxParts.generate` (in-process
-    ONNX engine and the Triton llm model). A row is active at `step` when it holds `step` ids."""
+    ONNX engine and the Triton llm model). A row is running at `step` when it holds `step` ids, or,
+    when the loop passes `active` (the rows still running; jump-forward appends several ids per
+    step), when it is listed there. Ids the hook has not seen yet are accepted first."""
 
     def __init__(self, processor, prompt: PromptSpec, params, batch: int):
         self.state = GuidedBatch(processor, prompt, params.max_new_tokens, batch, ignore_eos=params.ignore_eos)
 
-    def __call__(self, step: int, generated: Sequence[Sequence[int]], logits: np.ndarray) -> np.ndarray:
+    def _sync(self, row: int, ids: Sequence[int]) -> None:
+        s = self.state
+        for t in ids[s.count[row]:]:
+            if s.done[row]:
+                break
+            s.accept(row, int(t))
+
+    def __call__(self, step: int, generated: Sequence[Sequence[int]], logits: np.ndarray,
+                 active: Sequence[int] | None = None) -> np.ndarray:
         import torch
 
         t0, c0 = time.perf_counter(), time.process_time()
         s = self.state
-        active = []
+        running = set(active) if active is not None else {r for r, ids in enumerate(generated) if len(ids) == step}
+        rows = []
         for row, ids in enumerate(generated):
             if s.done[row]:
                 continue
-            if len(ids) == step:
-                if step > 0:
-                    s.accept(row, ids[-1])
-                active.append(row)
+            if row in running:
+                if s.guide is not None:
+                    self._sync(row, ids)
+                rows.append(row)
             else:
                 s.stop(row)  # it emitted a stop token at the last step
         out = np.ascontiguousarray(logits, dtype=np.float32)
         if out is logits:
             out = out.copy()
-        s.mask(torch.from_numpy(out), active)
+        s.mask(torch.from_numpy(out), rows)
         s.timed(t0, c0)
         return out
+
+    def forced_tokens(self, row: int, ids: Sequence[int], limit: int) -> list[int]:
+        """Jump-forward for a decode loop: `ids` the row's ids so far (its last token just chosen);
+        the tokens the grammar forces next (`GuidedBatch.forced_tokens`), at most `limit`."""
+        s = self.state
+        if s.guide is None or s.done[row]:
+            return []
+        self._sync(row, ids)
+        return s.forced_tokens(row, limit)
 
     def extras(self) -> list[dict[str, Any]]:
         return self.state.extras()

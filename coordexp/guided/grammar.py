@@ -53,7 +53,8 @@ def grammar_ebnf(coord_format: str = "tokens", field_order: str = "desc_first",
         "geometry ::= bbox | poly",
         'bbox ::= "\\"bbox_2d\\": [" c ", " c ", " c ", " c "]"',
         'poly ::= "\\"poly\\": [" c ", " c ", " c ", " c ", " c ", " c (", " c ", " c)* "]"',
-        f"desc ::= {_char_class(_DESC_FIRST)} {_char_class(_DESC_REST)}*",
+        # no space at either end: the parser would strip it (a repair)
+        f"desc ::= {_char_class(_DESC_FIRST)} ({_char_class(_DESC_REST)}* {_char_class(_DESC_FIRST)})?",
         f"c ::= {coord}",
         "",
     ])
@@ -136,12 +137,15 @@ class _Dfa:
         lit([first, nxt], b"]}", self.accept)
         lit([first], b"{", obj)
         lit([nxt], b", {", obj)
-        d0, d1 = new("desc0"), new("desc")
+        # d1: in a desc, after a non-space byte (it may close); d2: after a space (it may not)
+        d0, d1, d2 = new("desc0"), new("desc"), new("desc")
         for b in _DESC_FIRST:
             add(d0, b, d1)
-        for b in _DESC_REST:
             add(d1, b, d1)
-        self.desc0, self.desc1 = d0, d1
+            add(d2, b, d1)
+        add(d1, 0x20, d2)
+        add(d2, 0x20, d2)
+        self.desc0, self.desc1, self.desc2 = d0, d1, d2
         key, after = new(), new()  # before the geometry key's name; after the geometry's ']'
         if field_order == "desc_first":
             lit([obj], b'"desc": "', d0)

@@ -26,9 +26,10 @@ class CoordJsonGuide:
     compiled grammar, the DFA, the cost table and the token classes. Build with `get_guide`."""
 
     def __init__(self, tokenizer, vocab_size: int, coord_format: str, field_order: str,
-                 stop_token_ids: Sequence[int]):
+                 stop_token_ids: Sequence[int], canonical: bool = True):
         t0 = time.perf_counter()
         self.vocab_size = int(vocab_size)
+        self.canonical = bool(canonical)
         self.coord_format = coord_format
         self.field_order = field_order
         self.stop_ids = [int(s) for s in stop_token_ids]
@@ -53,11 +54,15 @@ class CoordJsonGuide:
         # desc tokens: every byte a desc byte (-> the state stays "in desc"); desc-first tokens too
         self.plain = np.zeros(V, dtype=bool)
         self.plain_first = np.zeros(V, dtype=bool)
+        self.plain_space_end = np.zeros(V, dtype=bool)  # -> the desc state after a space
         for t, b in enumerate(self.token_bytes):
             if b and not self.is_coord[t] and not b.translate(None, _DESC_REST):
                 self.plain[t] = True
                 self.plain_first[t] = b[0] != 0x20
+                self.plain_space_end[t] = b[-1] == 0x20
         self._delta: dict[tuple[int, int], int] = {}
+        # state -> the only tokens allowed there (the skeleton's canonical tokenization, see the package doc)
+        self.canon: dict[int, np.ndarray] = self._canonical_tokens(tokenizer) if self.canonical else {}
         self.cost = self._costs()
         self.max_cost = int(max(self.cost))
         self.build_s = time.perf_counter() - t0
@@ -105,6 +110,48 @@ class CoordJsonGuide:
             q = r
         return q
 
+    def _canonical_tokens(self, tokenizer) -> dict[int, np.ndarray]:
+        """For every state inside the fixed skeleton (not in a desc, not at a coordinate): the first
+        token of the tokenizer's own encoding of each way the skeleton can go on from there, up to
+        the next free part (desc text, a coordinate) or the end. These are the tokens the model was
+        trained on (`format_coordjson` text, tokenized); from such a state no other token is allowed."""
+        dfa = self.dfa
+        free = ("desc0", "desc", "slot", "num")
+        memo: dict[int, list[bytes]] = {}
+
+        def rest(q: int) -> list[bytes]:
+            """The skeleton strings from q to the next free state (acyclic: every loop of the DFA
+            goes through a desc, slot or num state)."""
+            if dfa.kind[q] in free or q == dfa.accept:
+                return [b""]
+            if q not in memo:
+                memo[q] = [bytes([s]) + tail for s, r in dfa.trans[q].items() if s != COORD for tail in rest(r)]
+            return memo[q]
+
+        canon: dict[int, np.ndarray] = {}
+        for q in range(dfa.n):
+            if dfa.kind[q] in free or q == dfa.accept:
+                continue
+            firsts = set()
+            for text in rest(q):
+                ids = tokenizer.encode(text.decode(), add_special_tokens=False) if text else []
+                if not ids or self.delta(q, int(ids[0])) < 0:
+                    firsts = set()  # this tokenizer spells it some other way: leave the state free
+                    break
+                firsts.add(int(ids[0]))
+            if firsts:
+                canon[q] = np.asarray(sorted(firsts), dtype=np.int64)
+        return canon
+
+    def allowed_here(self, q: int, bits: np.ndarray) -> np.ndarray:
+        """The grammar's bitmask `bits` (bool [V]) narrowed to the canonical tokens of state q."""
+        ids = self.canon.get(q)
+        if ids is None:
+            return bits
+        out = np.zeros_like(bits)
+        out[ids] = bits[ids]
+        return out
+
     def _costs(self) -> np.ndarray:
         """cost[q]: fewest tokens from q to a complete answer, over the tokens that spell the
         skeleton of the format (a realisable upper bound of the true minimum, and self-consistent:
@@ -122,7 +169,7 @@ class CoordJsonGuide:
         n = self.dfa.n
         rev: list[list[int]] = [[] for _ in range(n)]
         for q in range(n):
-            for t in closing:
+            for t in (self.canon[q].tolist() if q in self.canon else closing):
                 r = self.delta(q, t)
                 if r >= 0:
                     rev[r].append(q)
@@ -149,7 +196,7 @@ class CoordJsonGuide:
         rest = np.ones(len(ids), dtype=bool)
         if kind in ("desc0", "desc"):
             cls = (self.plain_first if kind == "desc0" else self.plain)[ids]
-            out[cls] = self.cost[self.desc1]
+            out[cls] = np.where(self.plain_space_end[ids[cls]], self.cost[self.dfa.desc2], self.cost[self.desc1])
             rest &= ~cls
         elif kind == "slot" and self.coord_format == "tokens":
             cls = self.is_coord[ids]
@@ -237,13 +284,14 @@ def _number_alive(digits: str, banned: set) -> bool:
 _GUIDES: dict[tuple, CoordJsonGuide] = {}
 
 
-def get_guide(processor, prompt: PromptSpec, vocab_size: int) -> CoordJsonGuide:
-    """The (cached) guide for this processor's tokenizer, vocabulary size and prompt format."""
-    key = (id(processor.tokenizer), int(vocab_size), prompt.coord_format, prompt.field_order)
+def get_guide(processor, prompt: PromptSpec, vocab_size: int, canonical: bool = True) -> CoordJsonGuide:
+    """The (cached) guide for this processor's tokenizer, vocabulary size and prompt format
+    (`canonical=False`: the skeleton in any tokenization, as before jump-forward; measurements only)."""
+    key = (id(processor.tokenizer), int(vocab_size), prompt.coord_format, prompt.field_order, bool(canonical))
     guide = _GUIDES.get(key)
     if guide is None or guide._tokenizer_ref is not processor.tokenizer:
         guide = CoordJsonGuide(processor.tokenizer, vocab_size, prompt.coord_format, prompt.field_order,
-                               processor.stop_token_ids)
+                               processor.stop_token_ids, canonical=canonical)
         guide._tokenizer_ref = processor.tokenizer  # keeps id() unique while cached
         _GUIDES[key] = guide
     return guide
