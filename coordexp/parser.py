@@ -40,6 +40,12 @@ Validation (after repair), per object, in this order
 - with ``width``/``height``: a geometry whose box (min/max of its points) is empty in integer
   pixels (``round(coordexp.grid.to_pixels(...))``) -> dropped, ``invalid_geometry`` (as upstream);
 - an object cut by the end of the text -> dropped (no contract code).
+- an inverted ``bbox_2d`` (``x2 < x1`` or ``y2 < y1``, e.g. ``[802, 79, 503, 260]``) is KEPT as
+  written, with a note in ``repairs`` (so in ``parse`` output and in the prediction line's
+  ``repairs``): its points are what the model drew, eval's default mode scores it as drawn (no
+  area: a false positive) and ``--compat coordexp`` drops it as upstream's evaluator does (its
+  parser keeps it unchanged too). It is never swapped: that would hide the model's mistake and
+  break upstream parity.
 Extra keys and the model's score hints are ignored (score 1.0); duplicates are kept and noted.
 
 Modes: ``norm1000`` 0..999, ``qwen3_rel1000`` 0..1000, ``pixel`` any integer >= 0; others: ``ValueError``.
@@ -253,6 +259,10 @@ def _validate(obj: Any, where: str, ctx: _Ctx, notes: list[str]) -> PredObject |
     degenerate = _degenerate(gtype, pts, ctx)
     if degenerate:
         return ErrorCode.INVALID_GEOMETRY, degenerate
+    if gtype == "bbox_2d" and (pts[2] < pts[0] or pts[3] < pts[1]):
+        axes = " and ".join(a for a, bad in (("x2 < x1", pts[2] < pts[0]), ("y2 < y1", pts[3] < pts[1])) if bad)
+        local.append(f"{where}: inverted bbox_2d {pts} ({axes}): kept as written, not swapped "
+                     "(eval scores it as drawn: no area; --compat coordexp drops it, as upstream)")
     desc = obj["desc"] if "desc" in obj else obj.get("label")
     if desc is None:
         return BAD_DESC, "no desc"

@@ -508,3 +508,55 @@ def test_cli_parse_predictions_field(tmp_path, capsys):
     # an explicit --coord-mode wins over the record's
     rc, out = _cli(["parse", str(f), "--field", "raw_output", "--coord-mode", "norm1000"], capsys)
     assert json.loads(out.splitlines()[1])["error"] == "invalid_coord"
+
+
+# ----------------------------------------------------------------------------------------------
+# Inverted boxes (issue 19): kept as written, with a note everywhere the parse goes.
+
+INVERTED = '{"objects": [{"desc": "orange triangle", "bbox_2d": [' + T(802, 79, 503, 260) + ']}]}'
+
+
+def test_inverted_box_is_kept_as_written_with_a_note():
+    r = parse_model_output(INVERTED, width=128, height=128)
+    assert r.error is None and r.preds == [B([802, 79, 503, 260], "orange triangle")]  # never swapped
+    notes = [n for n in r.repairs if "inverted" in n]
+    assert notes == ["objects[0]: inverted bbox_2d [802, 79, 503, 260] (x2 < x1): kept as written, not swapped "
+                     "(eval scores it as drawn: no area; --compat coordexp drops it, as upstream)"]
+    both = parse_model_output('[{"desc": "d", "bbox_2d": [9, 9, 1, 1]}]')
+    assert "(x2 < x1 and y2 < y1)" in both.repairs[-1]
+    assert not any("inverted" in n for n in parse_model_output('[{"desc": "d", "bbox_2d": [1, 1, 9, 9]}]').repairs)
+
+
+def test_inverted_box_note_reaches_parse_output_and_prediction_records(tmp_path, capsys):
+    from coordexp.dataset import DatasetItem
+    from coordexp.generation import GenerationResult
+    from coordexp.runner import prediction_from_generation
+
+    f = tmp_path / "answer.txt"
+    f.write_text(INVERTED, encoding="utf-8")
+    rc, out = _cli(["parse", str(f)], capsys)
+    assert rc == 0 and any("inverted bbox_2d" in n for n in json.loads(out)["repairs"])
+    item = DatasetItem(index=0, line_no=1, images=["images/val_00000.png"], width=128, height=128)
+    rec = prediction_from_generation(item, GenerationResult(text=INVERTED, token_ids=[1, 2]))
+    line = json.loads(rec.to_json())
+    assert line.get("error") is None and line["preds"][0]["points"] == [802, 79, 503, 260]
+    assert any("inverted bbox_2d [802, 79, 503, 260]" in n for n in line["repairs"])
+
+
+def test_inverted_box_is_a_false_positive_by_default_and_dropped_in_upstream_mode(tmp_path):
+    """Upstream parity: its parser keeps the box as written and its evaluator drops it (x2 <= x1)."""
+    from coordexp.eval import evaluate
+
+    gt = tmp_path / "gt.jsonl"
+    gt.write_text(json.dumps({"images": ["a.png"], "width": 128, "height": 128,
+                              "objects": [{"desc": "orange triangle", "bbox_2d": [503, 79, 802, 260]}]}) + "\n")
+    r = parse_model_output(INVERTED, width=128, height=128)
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text(json.dumps({"image_id": 0, "images": ["a.png"], "width": 128, "height": 128,
+                                "coord_mode": "norm1000", "raw_output": INVERTED, "repairs": r.repairs,
+                                "preds": [p.to_dict() for p in r.preds]}) + "\n")
+    ours = evaluate(str(pred), str(gt), None, semantic=False, plots=False)["f1ish"]["0.50"]["loc"]["micro"]
+    assert (ours["tp"], ours["fp"], ours["fn"]) == (0, 1, 1)
+    up = evaluate(str(pred), str(gt), None, semantic=False, desc_match="exact", plots=False, compat="coordexp")
+    assert up["compat"]["pred_degenerate_dropped"] == 1
+    assert (up["f1ish"]["0.50"]["loc"]["micro"]["fp"], up["f1ish"]["0.50"]["loc"]["micro"]["fn"]) == (0, 1)
