@@ -178,11 +178,11 @@ class ImagePlan:
 
 
 def decode_image(data: bytes, size_for: Callable[[int, int], tuple[int, int]] | None = None, *,
-                 draft: bool = False, resample: int = PIL_BICUBIC):
+                 draft: bool = False, resample: int = PIL_BICUBIC, draft_margin: int = DRAFT_MARGIN):
     """Encoded image bytes -> RGB PIL image (as `Image.open(...).convert("RGB")`).
 
     `draft=True` (JPEG only, needs `size_for`: (width, height) -> the processing size): decode
-    at the smallest of 1/2, 1/4, 1/8 scale that still leaves `DRAFT_MARGIN` times the target
+    at the smallest of 1/2, 1/4, 1/8 scale that still leaves `draft_margin` times the target
     size, then resize to the exact processing size, so the patch grid (and the number of image
     tokens) is the one a full decode gets. The pixels are NOT the full decode's."""
     from PIL import Image
@@ -191,7 +191,7 @@ def decode_image(data: bytes, size_for: Callable[[int, int], tuple[int, int]] | 
     if draft and size_for is not None and image.format == "JPEG":
         width, height = image.size
         target = size_for(width, height)
-        want = (max(1, target[0] * DRAFT_MARGIN), max(1, target[1] * DRAFT_MARGIN))
+        want = (max(1, target[0] * draft_margin), max(1, target[1] * draft_margin))
         if want[0] <= width // 2 and want[1] <= height // 2:
             drafted = image.draft("RGB", want)
             image = _rgb(image)
