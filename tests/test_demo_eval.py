@@ -50,3 +50,29 @@ def test_ap_without_gt_or_predictions():
     assert ap_at([GT], [[]])["ap"] == 0.0
     with pytest.raises(ValueError):
         ap_at([GT], [GT], thr=0.52)
+
+
+def test_demo_headline_prints_the_exact_label_f1_and_names_the_semantic_one(tmp_path):
+    """Issue 19: the demo printed the semantic F1 (a "red triangle" on a "red circle" counted) as
+    "F1 (full)". It now prints the exact-label figure as the F1 and the semantic one beside it, named."""
+    import json
+
+    from coordexp.demo.run import headline_lines
+    from coordexp.eval import evaluate
+
+    box = [100, 100, 500, 500]
+    gt, pred = tmp_path / "gt.jsonl", tmp_path / "pred.jsonl"
+    pairs = [("red circle", "red triangle"), ("blue square", "blue square")]
+    gt.write_text("".join(json.dumps({"images": [f"{i}.png"], "width": 64, "height": 64,
+                                      "objects": [{"desc": g, "bbox_2d": box}]}) + "\n" for i, (g, _) in enumerate(pairs)))
+    pred.write_text("".join(json.dumps({"image_id": i, "images": [f"{i}.png"], "width": 64, "height": 64,
+                                        "preds": [{"type": "bbox_2d", "points": box, "desc": p}]}) + "\n"
+                            for i, (_, p) in enumerate(pairs)))
+    vecs = {"red circle": [1.0, 0.0, 0.0], "red triangle": [0.75, 0.6614378, 0.0], "blue square": [0.0, 0.0, 1.0]}
+    m = evaluate(str(pred), str(gt), None, embedder=lambda ts: np.array([vecs[t] for t in ts]), plots=False)
+    lines = headline_lines(m)
+    text = "\n".join(lines)
+    assert "F1 @ IoU 0.5, exact labels   0.500" in text
+    assert "F1 @ IoU 0.5, semantic       1.000" in text and "wrong shape" in text
+    assert any(ln.startswith("  AP50 (bbox, exact labels)") for ln in lines)
+    assert "(full)" not in text

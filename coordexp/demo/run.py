@@ -161,21 +161,36 @@ def _load(path: str) -> dict:
         return {}
 
 
+def headline_lines(metrics: dict) -> list[str]:
+    """The demo's printed headline from eval's metrics.json: AP50, AP and the exact-label F1 (a
+    wrong shape is a miss), with the semantic F1 beside it, named, never in its place."""
+    coco = (metrics.get("coco") or {}).get("bbox") or {}
+    f1 = (metrics.get("f1ish") or {}).get("0.50") or {}
+    # older metrics.json (no full_exact): "full" was semantic, so it is not the exact figure
+    exact = (f1.get("full_exact") or {}).get("micro") or {}
+    sem = (f1.get("full_semantic") or {}).get("micro") or {}
+
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
+    return [f"  AP50 (bbox, exact labels)    {fmt(coco.get('AP50'))}",
+            f"  AP (bbox, exact labels)      {fmt(coco.get('AP'))}",
+            f"  F1 @ IoU 0.5, exact labels   {fmt(exact.get('f1'))}",
+            f"  F1 @ IoU 0.5, semantic       {fmt(sem.get('f1'))}  (MiniLM cosine >= 0.6: can accept a wrong shape)"]
+
+
 def _report(out: str, preds: str, seconds: float) -> None:
     metrics = _load(os.path.join(out, "eval", "metrics.json"))
     summary = _load(os.path.join(os.path.dirname(preds), "summary.json"))
     bench = _load(os.path.join(out, "bench", "bench.json"))
-    coco = (metrics.get("coco") or {}).get("bbox") or {}
-    f1_full = (((metrics.get("f1ish") or {}).get("0.50") or {}).get("full") or {}).get("micro") or {}
 
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
 
     print("\n" + "=" * 64)
     print(f"CoordExp Serve demo finished in {seconds:.0f}s")
-    print(f"  AP50 (bbox)          {fmt(coco.get('AP50'))}")
-    print(f"  AP (bbox)            {fmt(coco.get('AP'))}")
-    print(f"  F1 @ IoU 0.5 (full)  {fmt(f1_full.get('f1'))}")
+    for line in headline_lines(metrics):
+        print(line)
     print(f"  images/s (infer)     {fmt(summary.get('images_per_s'))}")
     print(f"  records / errors     {summary.get('records_written', 'n/a')} / {summary.get('errors', {})}")
     if bench:
