@@ -192,9 +192,10 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
     if compat not in COMPAT_CHOICES:
         raise ValueError(f"compat must be one of {COMPAT_CHOICES}, got {compat!r}")
     check_desc_match(desc_match)
-    desc_match = desc_match or ("semantic" if compat == "coordexp" else "exact")
     if desc_match == "semantic" and not semantic:
         raise ValueError("desc_match 'semantic' needs the embedding model: drop --no-semantic (semantic=False)")
+    # upstream's rule in its mode; without the model both rules are the string rule anyway
+    desc_match = desc_match or ("semantic" if compat == "coordexp" and semantic else "exact")
     iou_thrs = parse_thresholds(iou_thrs)
     primary = primary_threshold(iou_thrs)
     t0 = time.perf_counter()
