@@ -14,6 +14,11 @@ response per decoding step that advanced it, each carrying the ids generated so 
 the postprocess step parses every partial answer and the last response equals the unary answer);
 the last one is flagged final. Without `stream`, one final response.
 
+With the config parameter `batching` = "inflight" (`ServingOptions.llm_batching`), `execute()`
+queues its requests to `coordexp.serving.inflight.InflightScheduler` and returns at once: rows join
+the running batch at the next decoding step and leave when done (same answers, same responses).
+Otherwise ("static", the baseline) batching is per `execute()`:
+
 Triton's dynamic batcher hands `execute()` several requests at once; every row of every request
 becomes one item, the items are grouped by their decoding parameters (same params -> one
 left-padded batch, one `OnnxParts.generate` call, in arrival order) and the results are split back.
@@ -407,7 +412,9 @@ class TritonPythonModel:
                                   max_batch_size=int(config.get("max_batch_size") or 0) or None,
                                   guided_hook=guided_hook_factory(parts, params.get("prompt_json")))
         self.scheduler = None
-        if self.decoupled and params.get("batching") == "inflight":
+        # in-flight batching (coordexp.serving.inflight): the decoupled llm_stream, and the unary llm
+        # too when its config asks (its requests then get their one response through the sender)
+        if params.get("batching") == "inflight":
             from coordexp.serving.inflight import InflightScheduler, OnnxRows
 
             self.scheduler = InflightScheduler(OnnxRows(parts, self.batcher.pad_token_id), parts.stop_ids,
