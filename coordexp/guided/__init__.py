@@ -8,6 +8,7 @@ masks are identical and greedy parity (torch == onnx == served) holds with guida
     guided_logits_processor(processor, prompt, params, batch) -> transformers LogitsProcessor
     guided_logits_hook(processor, prompt, params, batch)      -> (step, generated, logits[B, V]) -> logits
     obj.extras() -> one dict per row: {"guided": True, "guided_closed_early": bool}
+    GuidedBatch.forced_tokens(row, limit) / hook.forced_tokens(row, ids, limit) -> jump-forward runs
 
 Three layers, each doing what the one before cannot:
 
@@ -17,8 +18,18 @@ Three layers, each doing what the one before cannot:
    `Token(<coord ids>)` in coord-token mode (exactly one of the 1000 coord tokens, never the text
    spelled out piece by piece) or integers 0..999 without leading zeros in numeric mode. `desc` is
    non-empty printable ASCII without `"`, `\\` and `<` (so no escapes and no special tokens inside
-   a label), not starting with a space. `<|im_end|>` is not in the grammar: the matcher allows the
-   stop tokens only once the answer is complete.
+   a label), not starting or ending with a space (the parser would strip it: a repair).
+   `<|im_end|>` is not in the grammar: the matcher allows the stop tokens only once the answer is
+   complete. The fixed skeleton between the free parts (desc text, coordinates) is allowed in ONE
+   tokenization only, the tokenizer's own: from a skeleton state the allowed tokens are the first
+   tokens of `tokenizer.encode` of each way the skeleton can go on up to the next free part
+   (`CoordJsonGuide.canon`), e.g. after `"desc` only `":`, after a bbox's 4th coordinate only
+   `]},` or `]}]}`. That is what the model was trained on (the answers are `format_coordjson`
+   text, tokenized), so a trained model picks those tokens anyway -- checked on all 50 demo val
+   images: guided answers identical to the any-tokenization grammar and to unguided decoding --
+   and it makes most of the skeleton forced (one token allowed), which jump-forward exploits. The
+   cost: a desc starting with punctuation is written ` "` + `(` where the tokenizer would merge
+   ` "(`; the any-tokenization grammar stays available as `get_guide(..., canonical=False)`.
 2. Budget-aware closing (a small planner; xgrammar's `max_tokens` is only a soft limit). The
    grammar is regular, so a DFA over bytes (+ one symbol for "a coord token") mirrors it exactly.
    For every DFA state we precompute `cost[q]`: the fewest tokens that complete a valid answer
@@ -32,6 +43,15 @@ Three layers, each doing what the one before cannot:
 3. No duplicates: the shared parser notes a repeated geometry as a repair, and untrained models
    love to repeat themselves, so a geometry identical to one already written in the answer is
    masked at the token that would complete it (the last bbox coordinate, or the `]` of a poly).
+
+Jump-forward (`GuidedBatch.forced_tokens`, used by `OnnxParts.generate` with `jump_forward`): after
+the model's token, the tokens the mask allows alone (grammar, canonical skeleton, planner and
+duplicate guard together) are appended at once and fed to the decoder with it as one chunk. Greedy
+decoding would pick exactly these (every other logit is -inf), so greedy output is identical with
+and without it; a run stops before a step where the planner narrowed the choice while
+`guided_closed_early` is still unknown (that needs the model's logits), and ends the row when only
+stop tokens are left. Measured on the demo val set (50 images, batch 8): 2.7x fewer decoder calls;
+about 64 % of the answers' tokens are forced (34 % with the any-tokenization grammar).
 
 Where the budget cannot hold even `{"objects": []}` the planner keeps the cheapest tokens (the
 answer is cut anyway; `guided_closed_early` is True). With `ignore_eos` (benchmarks) a row that is

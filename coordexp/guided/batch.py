@@ -34,6 +34,7 @@ class GuidedBatch:
         self.mask_cpu_s = 0.0  # ... and the CPU time of this process (robust on a loaded machine)
         self._setup_s = (0.0, 0.0)  # the one-off setup, not counted
         self.masked_steps = 0  # row-steps masked
+        self.forced = 0  # tokens jump-forward appended without a model choice (stop tokens not counted)
 
     def _setup(self, vocab_size: int) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -152,6 +153,7 @@ class GuidedBatch:
                 break
             run.append(int(ids[0]))
             self.accept(row, int(ids[0]))
+            self.forced += 1
         self.mask_s += time.perf_counter() - t0
         self.mask_cpu_s += time.process_time() - c0
         return run

@@ -83,12 +83,17 @@ class TorchParts:
     """The checkpoint's model on `opts.device` in `opts.dtype`. `vision_only`: keep the vision tower
     and drop the language model (the vision_encoder step's process)."""
 
-    def __init__(self, hf_dir: str | os.PathLike, opts: TorchOptions | None = None, vision_only: bool = False):
+    def __init__(self, hf_dir: str | os.PathLike, opts: TorchOptions | None = None, vision_only: bool = False,
+                 jump_forward: bool = False):
         import torch
         from transformers import AutoModelForImageTextToText
 
         self.torch = torch
         self.opts = opts or TorchOptions()
+        # guided: grammar-forced tokens fed with the chosen one as one chunk (see `generate`); not with
+        # torch.compile, whose decode step is compiled for one new position
+        self.jump_forward = bool(jump_forward)
+        self.decoder_calls = 0  # model forwards so far (benchmarks)
         self.hf_dir = Path(hf_dir)
         self.onnx_dir = self.hf_dir  # where guided decoding finds the tokenizer (llm.guided_hook_factory)
         self.config = json.loads((self.hf_dir / "config.json").read_text(encoding="utf-8"))
@@ -160,19 +165,22 @@ class TorchParts:
             have[0].reset()
         return have[0]
 
-    def _grow(self, mask: Any, filled: int, cache: Any) -> Any:
-        """The attention mask with the next position on. Static cache: a fixed [B, cache length]
-        mask (future positions 0), so every decode step has the same shapes and a compiled step
-        is reused; dynamic: one column longer."""
+    def _grow(self, mask: Any, filled: int, cache: Any, block: Any = None) -> Any:
+        """The attention mask with the next positions on: `block` (a [B, W] 0/1 tensor, default one
+        column of ones) at columns filled..filled+W-1. Static cache: a fixed [B, cache length] mask
+        (future positions 0), so every decode step has the same shapes and a compiled step is
+        reused; dynamic: W columns longer."""
         torch = self.torch
+        if block is None:
+            block = torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=mask.device)
         if self.opts.cache == "static":
             if mask.shape[1] < self._static_len(cache):
                 full = torch.zeros((mask.shape[0], self._static_len(cache)), dtype=mask.dtype, device=mask.device)
                 full[:, :mask.shape[1]] = mask
                 mask = full
-            mask[:, filled] = 1
+            mask[:, filled:filled + block.shape[1]] = block
             return mask
-        return torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=mask.device)], 1)
+        return torch.cat([mask, block], 1)
 
     def _static_len(self, cache: Any) -> int:
         return next(size for c, size in self._static.values() if c is cache)
@@ -195,8 +203,11 @@ class TorchParts:
                  image_embeds: np.ndarray, deepstack: np.ndarray, params: GenerationParams,
                  logits_hook: LogitsHook | None = None,
                  on_step: Callable[[list[list[int]], list[int]], None] | None = None) -> list[list[int]]:
-        """`OnnxParts.generate`, in PyTorch: generated ids per row (stop excluded) of a LEFT padded batch."""
+        """`OnnxParts.generate`, in PyTorch: generated ids per row (stop excluded) of a LEFT padded batch.
+        Jump-forward as there (`self.jump_forward`, a hook with `forced_tokens`, not with compile):
+        each row's [token, forced...] right-aligned in one block, front padding masked out."""
         from coordexp import mrope
+        from coordexp.engines.onnx_engine import OnnxParts
 
         torch = self.torch
         bsz = int(np.asarray(input_ids).shape[0])
@@ -213,8 +224,12 @@ class TorchParts:
         rngs = [np.random.default_rng(int(params.seed)) for _ in range(bsz)]
         active = set(range(bsz))
         stop = set(self.stop_ids)
+        jump = self.jump_forward and not self.opts.compile
+        forced_of = getattr(logits_hook, "forced_tokens", None) if jump else None
+        filled = ids.shape[1]  # cache positions written so far
         with torch.inference_mode():  # the static cache's tensors are inference tensors: reset them in here
             cache = self._cache(ids.shape[0], ids.shape[1] + params.max_new_tokens)
+            self.decoder_calls += 1
             logits = self._forward(torch.as_tensor(ids, device=dev), t_mask, torch.as_tensor(pos, device=dev), cache,
                                    self._image_outputs(embeds, deep))
             for step in range(params.max_new_tokens):
@@ -225,23 +240,38 @@ class TorchParts:
                 if logits_hook is not None:
                     full = lg.copy()
                     full[[b for b in range(bsz) if b not in active]] = 0.0
-                    lg = np.asarray(logits_hook(step, generated, full), dtype=np.float32)
+                    if forced_of is not None:
+                        full = logits_hook(step, generated, full, active=rows)
+                    else:
+                        full = logits_hook(step, generated, full)
+                    lg = np.asarray(full, dtype=np.float32)
                 tokens = _choose(lg[rows], [np.asarray(seqs[b]) for b in rows] if seqs else [], params,
                                  [rngs[b] for b in rows])
-                finished, _ = append_tokens(rows, tokens.tolist(), generated, seqs, stop, params)
+                finished, keep = append_tokens(rows, tokens.tolist(), generated, seqs, stop, params)
+                chunks = [[int(tokens[k])] for k in keep]
+                if forced_of is not None:
+                    keep, chunks = OnnxParts._jump(keep, chunks, np.asarray(rows), forced_of, generated, seqs, stop,
+                                                   params, finished)
                 active.difference_update(finished)
                 if on_step is not None:
                     on_step(generated, finished)
                 if not active:
                     break
                 # finished and padding rows keep decoding (their tokens are dropped): fixed shapes
-                nxt = np.full((ids.shape[0], 1), self.pad_token_id, np.int64)
-                for b in active:
-                    nxt[b, 0] = generated[b][-1]
-                t_mask = self._grow(t_mask, ids.shape[1] + step, cache)
-                p = (prompt_len + deltas[:, 0] + step).astype(np.int64)
-                t_pos = torch.as_tensor(np.ascontiguousarray(np.broadcast_to(p[None, :, None], (3, len(p), 1))),
-                                        device=dev)
+                width = max(len(c) for c in chunks)
+                nxt = np.full((ids.shape[0], width), self.pad_token_id, np.int64)
+                block = np.zeros((ids.shape[0], width), np.int64) if width > 1 else np.ones((ids.shape[0], 1), np.int64)
+                p = np.repeat((prompt_len + deltas[:, 0] + step).astype(np.int64)[:, None], width, 1)
+                for k, chunk in zip(keep, chunks):
+                    b, pad = rows[k], width - len(chunk)
+                    nxt[b, pad:] = chunk
+                    block[b, pad:] = 1
+                    first = prompt_len[b] + deltas[b, 0] + len(generated[b]) - len(chunk)
+                    p[b] = first + np.maximum(np.arange(width) - pad, 0)
+                t_mask = self._grow(t_mask, filled, cache, torch.as_tensor(block, device=dev, dtype=t_mask.dtype))
+                filled += width
+                t_pos = torch.as_tensor(np.ascontiguousarray(np.broadcast_to(p[None], (3,) + p.shape)), device=dev)
+                self.decoder_calls += 1
                 logits = self._step(torch.as_tensor(nxt, device=dev), t_mask, t_pos, cache)
         return generated
 
