@@ -174,7 +174,8 @@ def eval_stage(pred_path: str, gt_path: str, out_dir: str, opts: dict[str, Any])
 
         m = evaluate(pred_path, gt_path, out_dir, metrics=opts["metrics"], iou_thrs=opts["iou_thrs"],
                      reparse=opts["reparse"], semantic=opts["semantic"], semantic_thr=opts["semantic_thr"],
-                     coco_backend=opts["coco_backend"], gt_coord_mode=opts["gt_coord_mode"], plots=opts["plots"])
+                     coco_backend=opts["coco_backend"], gt_coord_mode=opts["gt_coord_mode"], plots=opts["plots"],
+                     desc_match=opts["desc_match"], allow_partial=opts["allow_partial"])
         return {"status": "ok", "seconds": round(time.perf_counter() - t0, 3), "headline": _eval_headline(m),
                 "report": format_summary(m)}
     except Exception as e:  # noqa: BLE001 - reported in summary.json
@@ -190,7 +191,8 @@ def vis_stage(pred_path: str, gt_path: str, out_dir: str, opts: dict[str, Any], 
         from coordexp.vis import visualize
 
         idx = visualize(pred_path, gt_path, out_dir, iou=opts["iou"], limit=opts["limit"],
-                        only_errors=opts["only_errors"], semantic=opts["semantic"], image_root=opts["image_root"],
+                        only_errors=opts["only_errors"], image_root=opts["image_root"],
+                        desc_match="semantic" if opts["semantic"] else opts["desc_match"],
                         min_size=opts["min_size"], max_size=opts["max_size"], gt_coord_mode=gt_coord_mode,
                         title=title)
         return {"status": "ok", "seconds": round(time.perf_counter() - t0, 3),
@@ -209,7 +211,7 @@ def _eval_headline(m: dict[str, Any]) -> dict[str, Any]:
             out[f"bbox_{k}"] = bbox[k]
     prim = m.get("f1ish_primary")
     f1 = ((m.get("f1ish") or {}).get(prim) or {}) if prim else {}
-    for mode in ("full", "loc"):
+    for mode in ("full", "full_exact", "full_semantic", "loc"):
         micro = (f1.get(mode) or {}).get("micro") or {}
         if "f1" in micro:
             out[f"f1ish@{prim}_{mode}_micro_f1"] = micro["f1"]

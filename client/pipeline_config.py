@@ -158,8 +158,11 @@ class InferConfig(_Model):
 class EvalConfig(_Model):
     metrics: Literal["coco", "f1ish", "both"] = "both"
     iou_thrs: list[UnitFloat] = Field(default_factory=lambda: [0.3, 0.5], min_length=1)  # 0.5 is primary
-    semantic: bool = True  # embedding similarity of descs (false: normalised strings only)
+    semantic: bool = True  # compute the embedding (semantic) desc figure too (false: no embedding model)
     semantic_thr: Float = Field(0.6, ge=-1, le=1)
+    # which desc rule the headline "full" F1 counts: exact (normalised) labels, or semantic (can accept a wrong shape)
+    desc_match: Literal["exact", "semantic"] = "exact"
+    allow_partial: bool = False  # a run with fewer prediction lines than GT images: no warning
     coco_backend: Literal["faster-coco-eval", "pycocotools"] = "faster-coco-eval"
     gt_coord_mode: Optional[Literal["norm1000", "qwen3_rel1000", "pixel"]] = None
     reparse: bool = False  # re-parse raw_output with the shared parser
@@ -170,7 +173,8 @@ class VisConfig(_Model):
     iou: Float = Field(0.5, gt=0, le=1)  # IoU threshold of a match
     limit: Optional[int] = Field(None, ge=0)  # render at most N images (the N worst)
     only_errors: bool = False  # only images with an FP, an FN or an error
-    semantic: bool = False  # judge descs with the embedding model (default: normalised strings)
+    desc_match: Literal["exact", "semantic"] = "exact"  # as eval's: what counts as a right desc
+    semantic: bool = False  # older spelling of desc_match: semantic
     min_size: int = Field(384, ge=16)  # panels' shorter side is upscaled to this
     max_size: int = Field(1280, ge=16)  # panels' longer side is downscaled to this
     image_root: Optional[Folder] = None  # null: the folder of `data`
