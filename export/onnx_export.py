@@ -32,6 +32,7 @@ exports each graph (`export_vision_graph`, `export_embed_graph`, `export_decoder
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -55,7 +56,11 @@ PROCESSOR_FILES = (
     "video_preprocessor_config.json", "generation_config.json", "config.json",
 )
 SUPPORTED_FAMILIES = tuple(FAMILIES)
-_EXTERNAL_DATA_BYTES = 1_500_000_000  # graphs above this keep their weights in a `<graph>.data` file
+# Graphs with more weights than this stream them into `<graph>.data`, tensor by tensor. An inline
+# graph is serialised whole in memory (the proto, its bytes, the reload for renaming dims: several
+# copies of the weights), which was the export's memory peak; small graphs stay one file.
+_EXTERNAL_DATA_BYTES = 64 * 2**20
+_SAVE_IN_FLIGHT_BYTES = 64 * 2**20  # weights buffered at once while streaming them to disk
 
 
 class ExportError(RuntimeError):
@@ -158,9 +163,17 @@ def _name_dims(path: Path) -> None:
     onnx.save(model, str(path))  # external initializers keep their references; the .data file is untouched
 
 
-def _save(program, path: Path, nbytes: int) -> list[str]:
-    """Save an ONNXProgram; weights go to `<name>.data` only for big graphs. Returns files written."""
-    program.save(str(path), external_data=nbytes > _EXTERNAL_DATA_BYTES)
+def _save(program, path: Path, nbytes: int, external_data_bytes: int = _EXTERNAL_DATA_BYTES) -> list[str]:
+    """Save an ONNXProgram; weights go to `<name>.data` only for graphs with more than
+    `external_data_bytes` of them. Returns files written."""
+    if nbytes > external_data_bytes:
+        import onnx_ir
+
+        # what ONNXProgram.save(external_data=True) does, with a bounded write buffer (its default is 1 GB)
+        onnx_ir.save(program.model, str(path), external_data=path.name + ".data",
+                     max_in_flight_bytes=_SAVE_IN_FLIGHT_BYTES)
+    else:
+        program.save(str(path), external_data=False)
     _name_dims(path)
     files = [path.name]
     data = path.with_name(path.name + ".data")
@@ -169,7 +182,8 @@ def _save(program, path: Path, nbytes: int) -> list[str]:
     return files
 
 
-def _export(module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, opset: int) -> list[str]:
+def _export(module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, opset: int,
+            external_data_bytes: int = _EXTERNAL_DATA_BYTES) -> list[str]:
     import torch
 
     import logging
@@ -182,7 +196,10 @@ def _export(module, args: tuple, path: Path, input_names, output_names, dynamic_
         program = torch.onnx.export(module, args, None, input_names=list(input_names),
                                     output_names=list(output_names), dynamic_shapes=dynamic_shapes,
                                     opset_version=opset, dynamo=True, optimize=True, verbose=False)
-    return _save(program, path, nbytes)
+    files = _save(program, path, nbytes, external_data_bytes)
+    del program  # the ONNX IR of the graph: dropped before the next graph is traced
+    gc.collect()
+    return files
 
 
 @dataclass(frozen=True)
@@ -234,7 +251,8 @@ def _auto(axes_per_input) -> tuple[dict, ...]:
     return tuple({axis: torch.export.Dim.AUTO for axis in axes} for axes in axes_per_input)
 
 
-def export_vision_graph(model, spec: FamilySpec, dims: GraphDims, out: Path, opset: int, gen, dtype) -> dict[str, Any]:
+def export_vision_graph(model, spec: FamilySpec, dims: GraphDims, out: Path, opset: int, gen, dtype,
+                        external_data_bytes: int = _EXTERNAL_DATA_BYTES) -> dict[str, Any]:
     """vision.onnx, traced on the family's sample images with the host-side inputs the runtime computes.
     Returns {files, inputs, outputs, seconds}."""
     import numpy as np
@@ -252,12 +270,13 @@ def export_vision_graph(model, spec: FamilySpec, dims: GraphDims, out: Path, ops
                  for name in spec.vision_input_names)
     module = getattr(onnx_wrappers, spec.vision_wrapper)(model.model.visual).eval()
     files = _export(module, args, out / "vision.onnx", spec.vision_input_names, spec.vision_outputs,
-                    _auto(spec.vision_dynamic_axes()), opset)
+                    _auto(spec.vision_dynamic_axes()), opset, external_data_bytes)
     return {"files": files, "inputs": spec.vision_input_names, "outputs": list(spec.vision_outputs),
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def export_embed_graph(model, dims: GraphDims, out: Path, opset: int, gen) -> dict[str, Any]:
+def export_embed_graph(model, dims: GraphDims, out: Path, opset: int, gen,
+                       external_data_bytes: int = _EXTERNAL_DATA_BYTES) -> dict[str, Any]:
     """embed.onnx: input_ids [B, T] -> inputs_embeds [B, T, H]."""
     import torch
 
@@ -266,7 +285,7 @@ def export_embed_graph(model, dims: GraphDims, out: Path, opset: int, gen) -> di
     t0 = time.perf_counter()
     ids = torch.randint(0, dims.vocab_size, (2, 5), generator=gen)
     files = _export(EmbedWrapper(model.model.language_model.embed_tokens).eval(), (ids,), out / "embed.onnx",
-                    ["input_ids"], ["inputs_embeds"], _auto([(0, 1)]), opset)
+                    ["input_ids"], ["inputs_embeds"], _auto([(0, 1)]), opset, external_data_bytes)
     return {"files": files, "inputs": ["input_ids"], "outputs": ["inputs_embeds"],
             "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -281,7 +300,8 @@ def decoder_names(dims: GraphDims) -> tuple[list[str], list[str]]:
     return in_names, out_names
 
 
-def export_decoder_graph(model, dims: GraphDims, out: Path, opset: int, gen, dtype) -> dict[str, Any]:
+def export_decoder_graph(model, dims: GraphDims, out: Path, opset: int, gen, dtype,
+                         external_data_bytes: int = _EXTERNAL_DATA_BYTES) -> dict[str, Any]:
     """decoder.onnx, traced at B=2, T=5 new tokens, P=3 cached (row 1 left padded)."""
     import torch
 
@@ -306,7 +326,7 @@ def export_decoder_graph(model, dims: GraphDims, out: Path, opset: int, gen, dty
     else:
         module, args = PlainDecoderWrapper(model), (embeds, amask, pos, past)
         dyn = (*_auto([(0, 1), (0, 1), (1, 2)]), kv_dyn)
-    files = _export(module.eval(), args, out / "decoder.onnx", in_names, out_names, dyn, opset)
+    files = _export(module.eval(), args, out / "decoder.onnx", in_names, out_names, dyn, opset, external_data_bytes)
     return {"files": files, "inputs": in_names, "outputs": out_names, "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -383,12 +403,15 @@ def build_meta(model, spec: FamilySpec, dims: GraphDims, graphs: dict[str, dict[
 
 
 def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                dtype: str = "float32", model=None, log=None) -> dict[str, Any]:
+                dtype: str = "float32", model=None, log=None,
+                external_data_bytes: int = _EXTERNAL_DATA_BYTES) -> dict[str, Any]:
     """Export `ckpt` into `out_dir` (created; existing graphs are replaced). Returns the meta dict
     (also written to `out_dir/onnx_meta.json`).
 
     `model`: an already loaded model to export instead of loading `ckpt` (its weights are what the
     graphs get; the hashes still come from `ckpt`). `log`: a callable taking one line of progress.
+    `external_data_bytes`: graphs with more weights than this keep them in `<graph>.data`, streamed
+    to disk (small graphs stay one file); 1.5e9 gives the earlier layout, and its memory peak.
     """
     import torch
 
@@ -415,11 +438,11 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int 
     graphs: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
         log("exporting vision.onnx")
-        graphs["vision"] = export_vision_graph(model, spec, dims, out, opset, gen, tdtype)
+        graphs["vision"] = export_vision_graph(model, spec, dims, out, opset, gen, tdtype, external_data_bytes)
         log("exporting embed.onnx")
-        graphs["embed"] = export_embed_graph(model, dims, out, opset, gen)
+        graphs["embed"] = export_embed_graph(model, dims, out, opset, gen, external_data_bytes)
         log("exporting decoder.onnx")
-        graphs["decoder"] = export_decoder_graph(model, dims, out, opset, gen, tdtype)
+        graphs["decoder"] = export_decoder_graph(model, dims, out, opset, gen, tdtype, external_data_bytes)
     copied = _copy_processor_files(ckpt, out)
     meta = build_meta(model, spec, dims, graphs, processor, ckpt, digest, copied, dtype, opset)
     meta["export_seconds"] = dict({k: g["seconds"] for k, g in graphs.items()},
