@@ -20,7 +20,10 @@ Decoding semantics follow transformers' `generate` as `TorchEngine` calls it:
 - a row stops at its first stop token (not returned) or after `max_new_tokens`;
   `ignore_eos` suppresses the stop tokens instead (like `min_new_tokens = max_new_tokens`), so
   exactly `max_new_tokens` tokens come back;
-- rows that finished are dropped from the batch (their KV cache rows are sliced away).
+- rows that finished are dropped from the batch (their KV cache rows are sliced away);
+- `jump_forward` (guided decoding only): grammar-forced tokens are appended without a model
+  choice and fed with the chosen token as one decoder chunk; greedy output is unchanged, sampled
+  output differs from the step-by-step stream (forced tokens take no draw). See `generate`.
 """
 from __future__ import annotations
 

@@ -150,7 +150,7 @@ class CoordJsonGuide:
             return bits
         out = np.zeros_like(bits)
         out[ids] = bits[ids]
-        return out
+        return out if out.any() else bits  # never leave nothing (the DFA and xgrammar agree; a safety net)
 
     def _costs(self) -> np.ndarray:
         """cost[q]: fewest tokens from q to a complete answer, over the tokens that spell the
