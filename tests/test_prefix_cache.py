@@ -165,8 +165,9 @@ def test_rows_with_different_prefixes_or_none_in_one_batch(plain, cached, proc):
     assert after["rows"] == before["rows"] and after["misses"] == before["misses"] == 3
 
 
-def test_guided_decoding_in_process_with_the_cache(plain, onnx_dir):
+def test_guided_decoding_in_process_with_the_cache(onnx_dir):
     from coordexp.engines.onnx_engine import OnnxEngine, OnnxParts
+    from coordexp.engines.prefix_cache import cache_of
 
     ref = OnnxEngine(onnx_dir, threads=1)
     eng = OnnxEngine(onnx_dir, threads=1)
@@ -177,7 +178,7 @@ def test_guided_decoding_in_process_with_the_cache(plain, onnx_dir):
         got, want = eng.generate_batch(batch, params), ref.generate_batch(batch, params)
         assert [r.token_ids for r in got] == [r.token_ids for r in want]
         assert [r.extra for r in got] == [r.extra for r in want]
-    assert eng.parts._prefix_kv_cache.hits >= 3
+    assert cache_of(eng.parts).hits >= 3
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +195,7 @@ def qwen25_onnx(tmp_path_factory):
 
 def test_qwen25_without_deepstack(qwen25_onnx):
     from coordexp.engines.onnx_engine import OnnxParts
+    from coordexp.engines.prefix_cache import cache_of
     from coordexp.processor import CoordExpProcessor
 
     p25 = CoordExpProcessor.from_pretrained(qwen25_onnx)
@@ -204,7 +206,7 @@ def test_qwen25_without_deepstack(qwen25_onnx):
     rows = [(imgs[0], PromptSpec()), (imgs[1], PromptSpec()), (imgs[2], PromptSpec(system_text="Find the shapes."))]
     assert_same(plain25, cached25, encode_rows(p25, plain25, rows))
     assert_same(plain25, cached25, encode_rows(p25, plain25, rows[:1]))
-    assert cached25._prefix_kv_cache.stats()["positions_saved"] > 0
+    assert cache_of(cached25).stats()["positions_saved"] > 0
 
 
 def _png(img) -> bytes:
