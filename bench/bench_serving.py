@@ -11,6 +11,8 @@ request generates exactly --max-new-tokens tokens, so the numbers compare):
   onnx@8      ONNX Runtime in process, batches of 8 (for reference)
   served@c1   the Triton ensemble over gRPC, one request in flight
   served@c8   the Triton ensemble, 8 requests in flight (the dynamic batcher groups them)
+  served@c8/inflight  the same repository with the llm's in-flight batching (`batching` = "inflight",
+              a second server from a copy of --repo), 8 requests in flight; --no-inflight skips it
 
 Reported per row: images/s, generated tokens/s, mean / p50 / p90 latency per image and ms per
 generated token of a request (mean latency / tokens). Then the two ratios the issue targets:
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8, help="in-flight requests of the loaded served run")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--no-inflight", action="store_true", help="skip served@c8/inflight")
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--keep", action="store_true", help="keep the checkpoint / repository made here")
     args = p.parse_args(argv)
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
 
     server = None
+    inflight_server = None
     url = args.url
     try:
         if not url:
@@ -193,9 +197,28 @@ def main(argv: list[str] | None = None) -> int:
             # where a served request's time goes: Triton's per-model queue / compute times
             rows[-1]["steps"] = stats_delta(before, step_stats(url))
             print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+        if not args.no_inflight:
+            import shutil
+
+            from coordexp.benchmarks.decoding import set_llm_batching
+            from coordexp.serving.server import start_server
+
+            copy = os.path.join(workdir, "model_repository_inflight")
+            shutil.copytree(repo, copy)
+            set_llm_batching(copy, "inflight")
+            print(f"starting Triton from {copy} (in-flight llm) ...", file=sys.stderr)
+            inflight_server = start_server(copy)
+            iurl = inflight_server.grpc_url
+            before = step_stats(iurl)
+            c = args.concurrency
+            rows.append(bench_served(f"served@c{c}/inflight", iurl, model, images, params, c, args.warmup))
+            rows[-1]["steps"] = stats_delta(before, step_stats(iurl))
+            print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr)
     finally:
         if server is not None:
             server.stop()
+        if inflight_server is not None:
+            inflight_server.stop()
         if not args.keep:
             import shutil
 
@@ -209,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios["served@c1 latency vs onnx@1"] = by["served@c1"]["latency_ms_mean"] / by["onnx@1"]["latency_ms_mean"]
     ratios[f"{cN} images/s vs onnx@8"] = by[cN]["images_per_s"] / by["onnx@8"]["images_per_s"]
     targets = {f"{cN} images/s vs hf@1": (">=", 3.0), "served@c1 latency vs onnx@1": ("<=", 1.5),
-               f"{cN} images/s vs onnx@8": (">=", 0.9)}
+               f"{cN} images/s vs onnx@8": (">=", 0.9), f"{cN}/inflight images/s vs onnx@8": (">=", 0.9)}
+    if f"{cN}/inflight" in by:
+        ratios[f"{cN}/inflight images/s vs onnx@8"] = by[f"{cN}/inflight"]["images_per_s"] / by["onnx@8"]["images_per_s"]
     print(f"\nCoordExp serving benchmark: {args.images} images ({len(set(SIZES))} sizes), {args.max_new_tokens} "
           f"generated tokens each (ignore_eos), {os.cpu_count()} CPUs, {platform.machine()}")
     print(format_table(rows))
@@ -224,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         op, t = targets[k]
         hit = v >= t if op == ">=" else v <= t
         ok &= hit
-        print(f"{k:<32} {v:6.2f}x   (target {op} {t}x: {'met' if hit else 'NOT met'})")
+        print(f"{k:<40} {v:6.2f}x   (target {op} {t}x: {'met' if hit else 'NOT met'})")
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
             json.dump({"rows": rows, "ratios": ratios, "params": params.to_dict(), "images": args.images,

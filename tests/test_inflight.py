@@ -186,7 +186,7 @@ def test_errors_stay_with_their_request_and_close_fails_what_is_left(onnx, image
 def test_served_inflight_streams_equal_in_process_concurrently(exported, onnx, images, tmp_path):
     """A repository with llm_batching="inflight" on the real Triton server: concurrent streamed
     requests (guided and unguided, mixed lengths) give the in-process engine's answers, token for
-    token; the unary ensemble (static llm) still answers the same."""
+    token; so does the unary ensemble with its llm in-flight too."""
     import asyncio
     import os
 
@@ -199,6 +199,9 @@ def test_served_inflight_streams_equal_in_process_concurrently(exported, onnx, i
     repo = write_repository(str(tmp_path / "inflight_repo"), wire.ENSEMBLE, os.path.join(exported[1], "llm", "1", "onnx"),
                             exported[0], max_batch_size=4, max_new_tokens=MAX_NEW,
                             options=ServingOptions(llm_batching="inflight"))
+    from coordexp.benchmarks.decoding import set_llm_batching
+
+    set_llm_batching(repo, "inflight", ("llm",))  # the unary llm too (one response through its sender)
     p = GenerationParams(max_new_tokens=MAX_NEW)
     cases = [(images[k], params) for k in range(len(images))
              for params in (p, replace(p, guided=True))][:10]
@@ -209,16 +212,21 @@ def test_served_inflight_streams_equal_in_process_concurrently(exported, onnx, i
         async def go():
             stream, _ = await ServerPool.connect([srv.grpc_url], wire.stream_ensemble_name(wire.ENSEMBLE),
                                                  timeout=120.0)
+            unary, _ = await ServerPool.connect([srv.grpc_url], wire.ENSEMBLE, timeout=120.0)
             try:
                 async def one(b, params):
                     partials = []
                     gen, _ = await stream.generate(b, params, on_partial=partials.append)
                     return gen, partials
-                return await asyncio.wait_for(asyncio.gather(*(one(b, params) for b, params in cases)), 240)
+                streamed = [one(b, params) for b, params in cases]
+                plain = [unary.generate(b, params) for b, params in cases[:4]]
+                out = await asyncio.wait_for(asyncio.gather(*streamed, *plain), 240)
+                return out[:len(cases)], [gen for gen, _ in out[len(cases):]]
             finally:
                 await stream.close()
+                await unary.close()
 
-        got = asyncio.run(go())
+        got, got_unary = asyncio.run(go())
     finally:
         assert srv.stop() == 0, f"tritonserver exited badly; see {srv.log_path}"
     for k, ((gen, partials), ids) in enumerate(zip(got, want)):
@@ -226,4 +234,6 @@ def test_served_inflight_streams_equal_in_process_concurrently(exported, onnx, i
         assert gen.token_ids == ids, f"case {k} (guided={cases[k][1].guided})"
         for part in partials:
             assert ids[:len(part.token_ids)] == part.token_ids
+    for k, gen in enumerate(got_unary):  # the unary ensemble, its llm in-flight as well
+        assert gen.error is None and gen.token_ids == want[k], f"unary case {k}"
     assert any(len(ids) > 3 for ids in want) and len({len(ids) for ids in want}) > 1  # mixed lengths, not trivial
