@@ -2,7 +2,10 @@
 
     python export/build_engine.py --ckpt CKPT [--repo model_repository/NAME] [--name NAME]
         [--backend onnx|torch|trtllm] [--max-batch-size 8] [--max-new-tokens 256] [--dry-run]
-        onnx only:   [--opset N] [--skip-validation] [--validation-steps 16]
+        onnx, torch: [--coord-format tokens|numeric] [--field-order desc_first|geometry_first]
+                     [--object-order sorted|as_given] [--prompt USER_TEXT] [--system-prompt TEXT] [--force]
+        onnx only:   [--opset N] [--skip-validation] [--validation-steps 16] [--llm-batching inflight|static]
+                     [--prefix-cache|--no-prefix-cache] [--jump-forward|--no-jump-forward]
         torch only:  [--device cuda|cpu] [--dtype fp32|bf16|fp16] [--kv-cache dynamic|static] [--compile]
                      [--skip-validation] [--validation-steps 16]   (see export/torch_export.py)
         trtllm only: [--dtype bf16|fp16|fp8] [--max-input-len N] [--kv-cache-fraction 0.8] [--tp-size 1]
@@ -17,7 +20,14 @@ ONNX path exports the three graphs (`coordexp.export.onnx_export`), validates th
 torch checkpoint (`coordexp.export.validate`: greedy tokens must be identical) and hands the folder
 to `coordexp.export.repository.write_repository`, which lays out the Triton repository.
 
-Exit status: 0 done, 1 export or validation failed, 2 bad arguments / checkpoint / unsupported model.
+The prompt flags (the client's, `coordexp.prompt.PROMPT_OPTIONS`) choose the prompt variant the
+repository serves; validation encodes its probes with it. A repository that is already current
+(`coordexp.export.repository.repository_current`: same checkpoint digest, options, prompt, library
+versions) is not exported again, and one that a running coordexp-server serves is not replaced;
+`--force` does both anyway. Every build (or skip) ends by printing the command that serves it.
+
+Exit status: 0 done (or already current), 1 export or validation failed, 2 bad arguments / checkpoint /
+unsupported model / a repository that a running server serves.
 """
 from __future__ import annotations
 
@@ -26,6 +36,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -33,6 +44,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from coordexp.prompt import PROMPT_OPTIONS, PromptSpec, add_prompt_options, prompt_from_options
 
 RESERVED_NAMES = ("preprocess", "vision_encoder", "llm", "postprocess")
 DEFAULT_VALIDATION_STEPS = 16
@@ -83,6 +96,10 @@ class OnnxOptions:
     opset: int
     skip_validation: bool = False
     validation_steps: int = DEFAULT_VALIDATION_STEPS
+    # decoding speed-ups of the llm steps; None: ServingOptions' defaults
+    llm_batching: str | None = None
+    prefix_cache: bool | None = None
+    jump_forward: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,8 @@ class BuildOptions:
     threads: int | None = None
     dry_run: bool = False
     as_json: bool = False
+    prompt: PromptSpec = PromptSpec()  # the prompt variant the repository serves (onnx, torch)
+    force: bool = False  # export even when current, replace even when served
     onnx: OnnxOptions | None = None
     trtllm: Any = None  # coordexp.trtllm.plan.TrtllmOptions
     torch: Any = None  # coordexp.export.torch_export.TorchExportOptions
@@ -145,7 +164,8 @@ def _validate(opts: BuildOptions, onnx_dir: str) -> dict[str, Any]:
 
     _log("validating against the torch checkpoint")
     try:
-        return validate_export(onnx_dir, opts.ckpt, steps=opts.onnx.validation_steps, threads=opts.threads, log=_log)
+        return validate_export(onnx_dir, opts.ckpt, steps=opts.onnx.validation_steps, threads=opts.threads,
+                               prompt=opts.prompt, log=_log)
     except ExportValidationError as e:
         raise BuildError(f"validation failed: {e}", 1) from e
 
@@ -159,10 +179,19 @@ def export_trtllm_format(opts: BuildOptions) -> dict[str, Any]:
     return export_trtllm(opts.ckpt, opts.name, opts.repo, opts.trtllm, onnx_dir=opts.onnx_dir, dry_run=opts.dry_run)
 
 
+def serving_options(opts: BuildOptions) -> Any:
+    """The repository's ServingOptions: streaming, and (onnx) the decoding flags given."""
+    from coordexp.export.repository import ServingOptions
+
+    given = {}
+    if opts.onnx is not None:
+        given = {k: getattr(opts.onnx, k) for k in ("llm_batching", "prefix_cache", "jump_forward")
+                 if getattr(opts.onnx, k) is not None}
+    return ServingOptions(streaming=opts.streaming, **given)
+
+
 def write_repo(opts: BuildOptions, result: dict[str, Any]) -> dict[str, Any]:
     """Hand the export to the repository writer; without one, keep the ONNX folder at the repo path."""
-    from coordexp.prompt import PromptSpec
-
     try:
         from coordexp.export.repository import write_repository
     except ImportError as e:
@@ -175,16 +204,17 @@ def write_repo(opts: BuildOptions, result: dict[str, Any]) -> dict[str, Any]:
             result["onnx_dir"] = dst
         _log(f"note: no Triton repository writer ({e}); the ONNX folder is at {result['onnx_dir']}")
         return {"repo": None, "onnx_dir": result["onnx_dir"]}
+    from coordexp.export.repository import RepositoryServed
+
     kwargs: dict[str, Any] = dict(max_batch_size=opts.max_batch_size, max_new_tokens=opts.max_new_tokens,
-                                  prompt=PromptSpec(), backend=opts.backend, validation=result.get("validation"))
+                                  prompt=opts.prompt, backend=opts.backend, validation=result.get("validation"),
+                                  options=serving_options(opts), replace_served=opts.force)
     if "move_onnx" in inspect.signature(write_repository).parameters:
         kwargs["move_onnx"] = bool(result["temporary"])
-    if not opts.streaming:
-        from coordexp.export.repository import ServingOptions
-
-        kwargs["options"] = ServingOptions(streaming=False)
     try:
         repo = write_repository(opts.repo, opts.name, result["onnx_dir"], opts.ckpt, **kwargs)
+    except RepositoryServed as e:  # a server started on it during the export
+        raise BuildError(str(e), 2) from e
     finally:
         if result["temporary"]:
             shutil.rmtree(result["onnx_dir"], ignore_errors=True)
@@ -193,7 +223,7 @@ def write_repo(opts: BuildOptions, result: dict[str, Any]) -> dict[str, Any]:
 
 def summary_lines(opts: BuildOptions, result: dict[str, Any], written: dict[str, Any], seconds: float) -> list[str]:
     lines = [f"checkpoint : {opts.ckpt}", f"backend    : {opts.backend} (opset {opts.onnx.opset})",
-             f"name       : {opts.name}"]
+             f"name       : {opts.name}", f"prompt     : {opts.prompt.variant}"]
     root = written.get("repo") or written.get("onnx_dir")
     lines.append(f"written    : {root}")
     files = _files(root) if root else []
@@ -225,7 +255,7 @@ def build_onnx(opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
         plan = {"ckpt": opts.ckpt, "family": opts.family, "backend": opts.backend, "name": opts.name,
                 "repo": os.path.abspath(opts.repo), "onnx_dir": opts.onnx_dir, "opset": opts.onnx.opset,
                 "max_batch_size": opts.max_batch_size, "max_new_tokens": opts.max_new_tokens,
-                "validation": not opts.onnx.skip_validation}
+                "prompt": opts.prompt.variant, "validation": not opts.onnx.skip_validation}
         return plan, [f"{k:<15}: {v}" for k, v in plan.items()]
     result = export_onnx_format(opts)
     keep = result["onnx_dir"] if opts.onnx_dir and result["temporary"] is False else None
@@ -236,6 +266,43 @@ def build_onnx(opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
     summary = {"name": opts.name, **written, "validation": result.get("validation"),
                "export_seconds": (result.get("meta") or {}).get("export_seconds"), "seconds": round(seconds, 2)}
     return summary, summary_lines(opts, result, written, seconds)
+
+
+def current_check(opts: BuildOptions) -> tuple[bool, str]:
+    """(current, why) of the repository this build would write (`repository_current`, the one check)."""
+    from coordexp.export.repository import build_record, repository_current
+
+    want = build_record(opts.name, opts.backend, opts.max_batch_size, opts.max_new_tokens, opts.prompt,
+                        serving_options(opts), torch=opts.torch.parts if opts.torch else None)
+    if opts.onnx is not None:
+        want["onnx.opset"] = opts.onnx.opset
+        if opts.onnx_dir and not os.path.isfile(os.path.join(opts.onnx_dir, "onnx_meta.json")):
+            return False, f"--onnx-dir {opts.onnx_dir} holds no export"
+    skip_validation = (opts.onnx or opts.torch).skip_validation
+    return repository_current(os.path.abspath(opts.repo), opts.ckpt, want, validated=not skip_validation)
+
+
+def served_check(opts: BuildOptions) -> list[str]:
+    """Refuse (BuildError, exit 2) to replace a repository a running coordexp-server serves, unless
+    --force; with it, the warnings to print."""
+    from coordexp.export.repository import RepositoryServed
+    from coordexp.serving.server import describe_server, live_servers
+
+    repo = os.path.abspath(opts.repo)
+    servers = live_servers(repo) if os.path.isdir(repo) else []
+    if servers and not opts.force:
+        raise BuildError(str(RepositoryServed(repo, servers)), 2)
+    # Triton runs without model control (--model-control-mode none): it never reloads from disk
+    return [f"coordexp-server {describe_server(m)} serves {repo}: it keeps answering with the model it loaded "
+            "until you restart it (Ctrl-C it, then run the command below)" for m in servers]
+
+
+def next_commands(opts: BuildOptions, repo: str) -> list[str]:
+    """How to serve what was built, and to run the client against it."""
+    model = "" if opts.name == "coordexp" else f" --model {opts.name}"  # the client's default
+    return [f"serve it    : coordexp-server --repo {shlex.quote(repo)}",
+            f"then, in a second terminal: coordexp-client infer --url 127.0.0.1:8001{model} "
+            "--data YOUR.jsonl --out predictions.jsonl"]
 
 
 def build_trtllm(opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
@@ -249,21 +316,26 @@ def build_trtllm(opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
 
 def build_torch(opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
     """--backend torch: validate against HF generate, write the repository (export/torch_export.py)."""
+    from coordexp.export.repository import RepositoryServed
     from coordexp.export.torch_export import TorchValidationError, export_torch
 
     t = opts.torch
     if opts.dry_run:
         plan = {"ckpt": opts.ckpt, "family": opts.family, "backend": "torch", "name": opts.name,
-                "repo": os.path.abspath(opts.repo), **t.parts.to_params(), "validation": not t.skip_validation}
+                "repo": os.path.abspath(opts.repo), **t.parts.to_params(), "prompt": opts.prompt.variant,
+                "validation": not t.skip_validation}
         return plan, [f"{k:<15}: {v}" for k, v in plan.items()]
     try:
         result = export_torch(opts.ckpt, opts.repo, opts.name, t, opts.max_batch_size, opts.max_new_tokens,
-                              streaming=opts.streaming, log=_log)
+                              streaming=opts.streaming, log=_log, prompt=opts.prompt, replace_served=opts.force)
     except TorchValidationError as e:
         raise BuildError(f"validation failed: {e}", 1) from e
+    except RepositoryServed as e:
+        raise BuildError(str(e), 2) from e
     v = result["validation"]
     lines = [f"checkpoint : {opts.ckpt}", f"backend    : torch ({t.parts.device}, {t.parts.dtype}, "
-             f"{t.parts.cache} cache{', compiled' if t.parts.compile else ''})", f"written    : {result['repo']}",
+             f"{t.parts.cache} cache{', compiled' if t.parts.compile else ''})", f"prompt     : {opts.prompt.variant}",
+             f"written    : {result['repo']}",
              "validation : " + (f"{v['tokens_compared']} greedy tokens over {v['probes']} probes, "
                                 f"{len(v['mismatches'])} differing row(s), {v['seconds']} s" if v else "skipped"),
              f"seconds    : {time.perf_counter() - t0:.1f}"]
@@ -284,18 +356,21 @@ class ExportFormat:
 
 COMMON_FLAGS = ("--ckpt", "--repo", "--name", "--max-batch-size", "--max-new-tokens", "--onnx-dir", "--no-stream",
                 "--threads", "--dry-run", "--json")
+PROMPT_FLAGS = tuple(o.flag for o in PROMPT_OPTIONS)  # the repository writer's formats serve any prompt variant
+DECODING_FLAGS = ("--llm-batching", "--prefix-cache", "--jump-forward")  # the ONNX llm steps' speed-ups
 FORMATS: tuple[ExportFormat, ...] = (
     ExportFormat("ONNX", "onnx",
                  "Triton repository: vision.onnx, embed.onnx, decoder.onnx (+ onnx_meta.json) run by ONNX Runtime "
                  "Python models, validated against the torch checkpoint",
                  "CPU (ONNX Runtime; CUDA where its CUDA provider is installed)",
-                 COMMON_FLAGS + ("--opset", "--skip-validation", "--validation-steps"), build_onnx),
+                 COMMON_FLAGS + PROMPT_FLAGS + DECODING_FLAGS + ("--force", "--opset", "--skip-validation",
+                                                                 "--validation-steps"), build_onnx),
     ExportFormat("PyTorch", "torch",
                  "Triton repository whose vision_encoder / llm steps run the checkpoint (copied to llm/1/hf) in "
                  "PyTorch, validated against HF generate",
                  "NVIDIA GPU (--device cuda, default) or CPU",
-                 COMMON_FLAGS + ("--device", "--dtype", "--kv-cache", "--compile", "--skip-validation",
-                                 "--validation-steps"), build_torch),
+                 COMMON_FLAGS + PROMPT_FLAGS + ("--force", "--device", "--dtype", "--kv-cache", "--compile",
+                                                "--skip-validation", "--validation-steps"), build_torch),
     ExportFormat("TensorRT-LLM", "trtllm",
                  "Triton repository for TensorRT-LLM's LLM API (llm/1/model.yaml, the checkpoint copy; "
                  "--trtllm-vision tensorrt: a TensorRT vision engine)",
@@ -337,12 +412,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch / ONNX Runtime")
     p.add_argument("--dry-run", action="store_true", help="check the arguments and print the plan only (trtllm: "
                    "also write the whole repository and print every command, without TensorRT-LLM)")
+    p.add_argument("--force", action="store_true", default=None,
+                   help="export even when the repository is current, and replace it even while a coordexp-server "
+                        "serves it (that server keeps the old model until restarted)")
+    add_prompt_options(p.add_argument_group("prompt variant the repository serves (--backend onnx or torch)"))
     o = p.add_argument_group("ONNX (--backend onnx)")
     o.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     o.add_argument("--skip-validation", action="store_true", default=None,
                    help="do not compare with the torch checkpoint")
     o.add_argument("--validation-steps", type=int, default=None,
                    help=f"greedy steps compared during validation (default {DEFAULT_VALIDATION_STEPS})")
+    from coordexp.export.repository import ServingOptions
+
+    d = ServingOptions()
+    o.add_argument("--llm-batching", choices=("inflight", "static"), default=None,
+                   help=f"llm_stream's scheduler: inflight (iteration-level) or static batches (default {d.llm_batching})")
+    o.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="compute the shared prompt prefix's KV once per loaded model (default "
+                        f"{'on' if d.prefix_cache else 'off'})")
+    o.add_argument("--jump-forward", action=argparse.BooleanOptionalAction, default=None,
+                   help="guided decoding appends grammar-forced tokens without a sampling step (default "
+                        f"{'on' if d.jump_forward else 'off'})")
     pt = p.add_argument_group("PyTorch (--backend torch)")
     pt.add_argument("--device", default=None, help="cuda (default) or cpu")
     pt.add_argument("--kv-cache", choices=("dynamic", "static"), default=None,
@@ -448,7 +538,9 @@ def resolve_options(args: argparse.Namespace, fmt: ExportFormat) -> BuildOptions
         from coordexp.export.onnx_export import DEFAULT_OPSET
 
         onnx = OnnxOptions(opset=args.opset or DEFAULT_OPSET, skip_validation=bool(args.skip_validation),
-                           validation_steps=args.validation_steps or DEFAULT_VALIDATION_STEPS)
+                           validation_steps=args.validation_steps or DEFAULT_VALIDATION_STEPS,
+                           llm_batching=args.llm_batching, prefix_cache=args.prefix_cache,
+                           jump_forward=args.jump_forward)
     elif fmt.backend == "torch":
         torch = _torch_options(args)
     else:
@@ -459,8 +551,44 @@ def resolve_options(args: argparse.Namespace, fmt: ExportFormat) -> BuildOptions
         ckpt=ckpt, repo=args.repo or os.path.join("model_repository", sanitize_name(os.path.basename(ckpt))),
         name=sanitize_name(args.name or "coordexp"), backend=fmt.backend, family=family,
         max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens, onnx_dir=args.onnx_dir,
-        streaming=args.stream, threads=args.threads, dry_run=args.dry_run, as_json=args.json, onnx=onnx, trtllm=trtllm,
-        torch=torch)
+        streaming=args.stream, threads=args.threads, dry_run=args.dry_run, as_json=args.json,
+        prompt=_prompt(args), force=bool(args.force), onnx=onnx, trtllm=trtllm, torch=torch)
+
+
+def _prompt(args: argparse.Namespace) -> PromptSpec:
+    """The prompt flags -> PromptSpec; BuildError (exit 2) naming the flag. The choices are argparse's."""
+    for o in PROMPT_OPTIONS:
+        value = getattr(args, o.dest, None)
+        if o.choices is None and value is not None and not value.strip():
+            raise BuildError(f"{o.flag} is empty: give the text, or leave the flag out for the default", 2)
+    try:
+        return prompt_from_options(vars(args))
+    except ValueError as e:
+        raise BuildError(str(e), 2) from e
+
+
+def build(fmt: ExportFormat, opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
+    """The format's build, unless (onnx, torch) the repository is current; refused when served."""
+    if opts.dry_run or fmt.backend not in ("onnx", "torch"):
+        return fmt.build(opts, t0)
+    current, why = current_check(opts)
+    if current and not opts.force:
+        repo = os.path.abspath(opts.repo)
+        _log(f"{repo} is current, not exporting again (--force to export anyway)")
+        summary = {"name": opts.name, "repo": repo, "skipped": True, "reason": why,
+                   "next": next_commands(opts, repo), "seconds": round(time.perf_counter() - t0, 2)}
+        return summary, [f"skipped    : {repo} is current: {why} (--force to export anyway)", *summary["next"]]
+    warnings = served_check(opts)
+    if os.path.exists(os.path.join(opts.repo, "manifest.json")):
+        _log(f"exporting again: {why}" if not current else "exporting again: --force")
+    for w in warnings:
+        _log(f"warning: {w}")
+    summary, lines = fmt.build(opts, t0)
+    repo = summary.get("repo")
+    if repo:
+        summary["next"] = next_commands(opts, repo)
+        lines = lines + [f"warning    : {w}" for w in warnings] + summary["next"]
+    return summary, lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -475,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(opts.threads)
-        summary, lines = fmt.build(opts, t0)
+        summary, lines = build(fmt, opts, t0)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code

@@ -38,13 +38,14 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from coordexp.generation import GenerationParams
 from coordexp.checkpoint import checkpoint_digest
 from coordexp.prompt import PromptSpec
 from coordexp import wire
 from coordexp.serving import common as C
+from coordexp.serving.server import describe_server, live_servers
 
 MANIFEST_VERSION = "coordexp.repository.v1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx")
@@ -71,6 +72,17 @@ class ServingOptions:
     prefix_cache: bool = False  # the shared prompt prefix's KV computed once per loaded model
     jump_forward: bool = False  # guided decoding appends grammar-forced tokens without a sampling step
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RepositoryServed(RuntimeError):
+    """The repository to replace is being served by a running coordexp-server."""
+
+    def __init__(self, repo: str, servers: list[dict[str, Any]]):
+        self.repo, self.servers = repo, servers
+        who = "; ".join(describe_server(m) for m in servers)
+        super().__init__(f"{repo} is being served by coordexp-server {who}: writing it now would replace the files "
+                         "under a server that keeps answering with the model it loaded. Stop that server first, or "
+                         "pass --force (the running server keeps the old model until it is restarted)")
 
 
 # ---------------------------------------------------------------------------- config building
@@ -294,7 +306,7 @@ def write_repository(repo_dir: str, name: str = wire.ENSEMBLE, onnx_dir: str | N
                      max_batch_size: int = 8, max_new_tokens: int = 256, prompt: PromptSpec | None = None,
                      backend: str = "onnx", validation: dict[str, Any] | None = None,
                      options: ServingOptions | None = None, decoding: GenerationParams | None = None,
-                     move_onnx: bool = False, torch: Any = None) -> str:
+                     move_onnx: bool = False, torch: Any = None, replace_served: bool = False) -> str:
     """Write (or replace) the Triton repository `repo_dir` whose ensemble is called `name`.
 
     `onnx_dir`: the export folder (vision.onnx, embed.onnx, decoder.onnx, onnx_meta.json); it is
@@ -302,6 +314,9 @@ def write_repository(repo_dir: str, name: str = wire.ENSEMBLE, onnx_dir: str | N
     exported from (processor files are copied, weights are hashed for the manifest).
     `backend="torch"`: no `onnx_dir`; the checkpoint itself is copied to `<repo_dir>/llm/1/hf` and
     the vision_encoder / llm steps run it in PyTorch (`torch`: coordexp.serving.torch_parts.TorchOptions).
+    A repository a running coordexp-server serves is not replaced (RepositoryServed) unless
+    `replace_served`: then it is, the server's marker is kept, and that server goes on answering with
+    the model it loaded (Triton runs without model control: it never reloads) until it is restarted.
     Returns the repository's absolute path.
     """
     if backend not in ("onnx", "torch"):
@@ -329,7 +344,13 @@ def write_repository(repo_dir: str, name: str = wire.ENSEMBLE, onnx_dir: str | N
     else:
         onnx_dir = os.path.abspath(onnx_dir)
         meta = _check_onnx_dir(onnx_dir)
+    if validation and validation.get("prompt") not in (None, prompt.to_dict()):
+        raise ValueError(f"the export was validated with prompt {validation['prompt'].get('variant')!r}, not with "
+                         f"the one being written ({prompt.variant!r})")
     repo_dir = os.path.abspath(repo_dir)
+    served = live_servers(repo_dir) if os.path.isdir(repo_dir) else []
+    if served and not replace_served:
+        raise RepositoryServed(repo_dir, served)
     parent = os.path.dirname(repo_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(repo_dir)}.tmp-", dir=parent)
@@ -337,6 +358,13 @@ def write_repository(repo_dir: str, name: str = wire.ENSEMBLE, onnx_dir: str | N
     try:
         _assemble(tmp, name, onnx_dir, ckpt, meta, max_batch_size, max_new_tokens, prompt, backend,
                   validation, options, decoding, move_onnx, torch)
+        served = live_servers(repo_dir) if os.path.isdir(repo_dir) else []  # one may have started meanwhile
+        if served and not replace_served:
+            raise RepositoryServed(repo_dir, served)
+        for m in served:  # the server still serves this path: the next export must see it too
+            marker = os.path.join(repo_dir, os.path.basename(m["marker"]))
+            if os.path.isfile(marker):
+                shutil.copy2(marker, tmp)
         swap_in(tmp, repo_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -356,6 +384,87 @@ def swap_in(tmp: str, repo_dir: str) -> None:
     os.rename(tmp, repo_dir)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def build_record(name: str, backend: str, max_batch_size: int, max_new_tokens: int, prompt: PromptSpec,
+                 options: ServingOptions, decoding: GenerationParams | None = None, torch: Any = None
+                 ) -> dict[str, Any]:
+    """The manifest entries a build request decides (the writer writes them from here, so
+    `repository_current` compares like with like)."""
+    rec: dict[str, Any] = {
+        "schema_version": MANIFEST_VERSION, "name": name, "backend": backend, "max_batch_size": max_batch_size,
+        "max_new_tokens": max_new_tokens,
+        "decoding_defaults": (decoding or GenerationParams(max_new_tokens=max_new_tokens)).to_dict(),
+        "prompt": prompt.to_dict(),
+        "serving": {k: v for k, v in options.__dict__.items() if k != "extra"} | dict(options.extra)}
+    if torch is not None:
+        rec["torch"] = torch.to_params()
+    return json.loads(json.dumps(rec))  # as the manifest reads back
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+ABSENT = _Absent()
+
+
+def _differences(key: str, have: Any, want: Any) -> list[str]:
+    """'key: value in the repository, value requested' for every leaf that differs."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        return [d for k in sorted(set(have) | set(want), key=str)
+                for d in _differences(f"{key}.{k}", have.get(k, ABSENT), want.get(k, ABSENT))]
+    show = (lambda v: repr(v) if v is ABSENT else json.dumps(v))
+    return [] if have == want else [f"{key} {show(have)} in the repository, {show(want)} requested"]
+
+
+def _missing_files(repo: str, manifest: dict[str, Any]) -> list[str]:
+    models = manifest.get("models") or {}
+    names = [models.get("ensemble"), *(models.get("steps") or [])]
+    if models.get("stream_ensemble"):
+        names += [models["stream_ensemble"], wire.LLM_STREAM]
+    missing = [f"{n}/config.pbtxt" for n in names if not n or not os.path.isfile(os.path.join(repo, n, "config.pbtxt"))]
+    layout = manifest.get("layout") or {}
+    if layout.get("onnx_dir"):
+        try:
+            _check_onnx_dir(os.path.join(repo, layout["onnx_dir"]))
+        except (OSError, ValueError) as e:
+            missing.append(str(e))
+    elif not os.path.isdir(os.path.join(repo, layout.get("hf_dir") or HF_SUBDIR)):
+        missing.append(layout.get("hf_dir") or HF_SUBDIR)
+    return missing
+
+
+def repository_current(repo: str, ckpt: str, want: Mapping[str, Any], validated: bool = False) -> tuple[bool, str]:
+    """(current, why): whether `repo` is a complete repository written from exactly these weights (the one
+    checkpoint digest) with `want` (manifest keys, dotted for nested ones: `build_record(...)`, "onnx.opset")
+    under this machine's library versions, and (`validated`) with a validation report."""
+    try:
+        with open(os.path.join(repo, C.MANIFEST), "r", encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return False, f"no {C.MANIFEST} in {repo}"
+    except (OSError, ValueError) as e:
+        return False, f"{os.path.join(repo, C.MANIFEST)} is unreadable ({e})"
+    missing = _missing_files(repo, manifest)
+    if missing:
+        return False, "incomplete repository: " + ", ".join(missing[:3])
+    sha = checkpoint_digest(ckpt).sha256
+    have_sha = (manifest.get("checkpoint") or {}).get("weights_sha256")
+    if have_sha != sha:
+        return False, f"exported from other weights (sha256 {str(have_sha)[:12]}, this checkpoint {sha[:12]})"
+    reasons = []
+    for key, value in {**want, "versions": library_versions()}.items():
+        have: Any = manifest
+        for part in key.split("."):
+            have = have.get(part, ABSENT) if isinstance(have, dict) else ABSENT
+        reasons += _differences(key, have, json.loads(json.dumps(value)))
+    if validated and not manifest.get("validation"):
+        reasons.append("it was written without validation")
+    if reasons:
+        return False, "; ".join(reasons[:4]) + (f" (+{len(reasons) - 4} more)" if len(reasons) > 4 else "")
+    return True, f"same checkpoint (sha256 {sha[:12]}), options, prompt and library versions"
 
 
 def _step_configs(name: str, max_batch_size: int, max_new_tokens: int, prompt: PromptSpec, backend: str,
@@ -430,8 +539,9 @@ def _assemble(root: str, name: str, onnx_dir: str | None, ckpt: str, meta: dict[
     if meta.get("pad_token_id") is not None and int(meta["pad_token_id"]) != pad_id:
         raise ValueError(f"onnx_meta pad_token_id {meta['pad_token_id']} != the checkpoint's {pad_id}")
 
+    rec = build_record(name, backend, max_batch_size, max_new_tokens, prompt, options, decoding, torch)
     manifest: dict[str, Any] = {
-        "schema_version": MANIFEST_VERSION,
+        "schema_version": rec["schema_version"],
         "name": name,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "exporter": {"tool": "coordexp.export.build_engine", "writer": "coordexp.export.repository"},
@@ -440,16 +550,16 @@ def _assemble(root: str, name: str, onnx_dir: str | None, ckpt: str, meta: dict[
         "backend": backend,
         "max_batch_size": max_batch_size,
         "max_new_tokens": max_new_tokens,
-        "decoding_defaults": decoding.to_dict(),
-        "prompt": prompt.to_dict(),
+        "decoding_defaults": rec["decoding_defaults"],
+        "prompt": rec["prompt"],
         "coord_mode": "norm1000",  # both prompt formats answer on the 0..999 grid
         "models": {"ensemble": name, "steps": [s[0] for s in wire.ENSEMBLE_STEPS],
                    "stream_ensemble": wire.stream_ensemble_name(name) if options.streaming else None},
         "layout": {("hf_dir" if torch else "onnx_dir"): HF_SUBDIR if torch else C.ONNX_SUBDIR,
                    "processor_dir": C.PROCESSOR_SUBDIR, "processor_files": copied},
-        ("torch" if torch else "onnx"): torch.to_params() if torch else {
+        ("torch" if torch else "onnx"): rec["torch"] if torch else {
             k: meta.get(k) for k in ("format", "family", "architecture", "opset", "dtype", "versions") if k in meta},
-        "serving": {k: v for k, v in options.__dict__.items() if k != "extra"} | dict(options.extra),
+        "serving": rec["serving"],
         "validation": validation,
     }
 

@@ -35,8 +35,8 @@ class TorchValidationError(RuntimeError):
     pass
 
 
-def _step_outputs(hf_dir: str, opts: TorchOptions, batches: list[list[Any]], params: GenerationParams
-                  ) -> list[list[list[int]]]:
+def _step_outputs(hf_dir: str, opts: TorchOptions, batches: list[list[Any]], params: GenerationParams,
+                  prompt: PromptSpec) -> list[list[list[int]]]:
     """Greedy ids per probe through the repository's own vision + llm step logic (no server)."""
     import numpy as np
 
@@ -52,7 +52,7 @@ def _step_outputs(hf_dir: str, opts: TorchOptions, batches: list[list[Any]], par
     batcher = torch_batcher(parts, {"max_new_tokens": str(params.max_new_tokens)}, None)
     out = []
     for images in batches:
-        enc = proc.encode(images, PromptSpec())
+        enc = proc.encode(images, prompt)
         ids, mask = enc["input_ids"].numpy(), enc["attention_mask"].numpy()
         grid, pv = enc["image_grid_thw"].numpy(), enc["pixel_values"].numpy()
         counts = [int(np.prod(g)) for g in grid]
@@ -63,9 +63,10 @@ def _step_outputs(hf_dir: str, opts: TorchOptions, batches: list[list[Any]], par
     return out
 
 
-def validate_torch(ckpt: str, opts: TorchOptions, steps: int = 16,
-                        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Probe images at batch 1 and a padded batch 3: the repository's steps vs HF generate."""
+def validate_torch(ckpt: str, opts: TorchOptions, steps: int = 16, log: Callable[[str], None] = print,
+                   prompt: PromptSpec | None = None) -> dict[str, Any]:
+    """Probe images at batch 1 and a padded batch 3, encoded with `prompt` (the one the repository
+    serves): the repository's steps vs HF generate."""
     from coordexp.engines.torch_engine import TorchEngine
     from coordexp.export.validate import probe_images
 
@@ -73,16 +74,17 @@ def validate_torch(ckpt: str, opts: TorchOptions, steps: int = 16,
     images = probe_images(PROBE_SIZES)
     batches = [[im] for im in images] + [images]
     params = GenerationParams(max_new_tokens=steps)
-    ref = TorchEngine(ckpt, device=opts.device, dtype=DTYPES[opts.dtype])
+    prompt = prompt or PromptSpec()
+    ref = TorchEngine(ckpt, prompt=prompt, device=opts.device, dtype=DTYPES[opts.dtype])
     expected = [ref.generate_ids(b, params)[0] for b in batches]
     del ref
-    got = _step_outputs(ckpt, opts, batches, params)
+    got = _step_outputs(ckpt, opts, batches, params, prompt)
     mismatches = [f"probe {p} row {r}: reference {e} served-step {g}"
                   for p, (eb, gb) in enumerate(zip(expected, got)) for r, (e, g) in enumerate(zip(eb, gb)) if e != g]
     compared = sum(len(r) for b in expected for r in b)
     report = {"reference": "torch (HF generate)", "device": opts.device, "dtype": opts.dtype,
               "probes": len(batches), "tokens_compared": compared, "mismatches": mismatches,
-              "seconds": round(time.perf_counter() - t0, 2), "warnings": []}
+              "seconds": round(time.perf_counter() - t0, 2), "warnings": [], "prompt": prompt.to_dict()}
     if mismatches and opts.dtype == "fp32":
         raise TorchValidationError(f"{len(mismatches)} row(s) differ from the torch reference: {mismatches[0]}")
     if mismatches:
@@ -93,13 +95,18 @@ def validate_torch(ckpt: str, opts: TorchOptions, steps: int = 16,
 
 
 def export_torch(ckpt: str, repo: str, name: str, opts: TorchExportOptions, max_batch_size: int,
-                 max_new_tokens: int, streaming: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Validate (unless skipped), then write the torch repository with the validation in its manifest."""
+                 max_new_tokens: int, streaming: bool = True, log: Callable[[str], None] = print,
+                 prompt: PromptSpec | None = None, replace_served: bool = False) -> dict[str, Any]:
+    """Validate (unless skipped) with `prompt`, then write the torch repository serving that prompt,
+    with the validation in its manifest."""
     from coordexp.export.repository import ServingOptions, write_repository
 
     t0 = time.perf_counter()
-    validation = None if opts.skip_validation else validate_torch(ckpt, opts.parts, opts.validation_steps, log)
+    prompt = prompt or PromptSpec()
+    validation = (None if opts.skip_validation
+                  else validate_torch(ckpt, opts.parts, opts.validation_steps, log, prompt=prompt))
     path = write_repository(repo, name, None, ckpt, max_batch_size=max_batch_size, max_new_tokens=max_new_tokens,
-                            backend="torch", torch=opts.parts, options=ServingOptions(streaming=streaming),
-                            validation=validation)
+                            prompt=prompt, backend="torch", torch=opts.parts,
+                            options=ServingOptions(streaming=streaming), validation=validation,
+                            replace_served=replace_served)
     return {"repo": path, "validation": validation, "seconds": round(time.perf_counter() - t0, 2)}

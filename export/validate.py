@@ -222,6 +222,7 @@ def validate_export(onnx_dir: str | os.PathLike, ckpt: str | os.PathLike | None 
 
     `reference`: a loaded `TorchEngine` (e.g. with edited weights) instead of loading `ckpt`.
     `check_hash`: compare onnx_meta.json's `checkpoint_sha256` with `ckpt`'s weights first.
+    `prompt`: the PromptSpec the repository will serve (default the reference's); recorded as `prompt`.
     """
     from coordexp.export.onnx_export import read_meta
     from coordexp.families import family_spec
@@ -238,6 +239,8 @@ def validate_export(onnx_dir: str | os.PathLike, ckpt: str | os.PathLike | None 
         _check_checkpoint(report, meta, onnx_dir, ckpt)
     if prompt is not None:
         reference.prompt = prompt
+    # the probes are encoded with this prompt: the greedy tokens compared are those of the served prompt
+    report["prompt"] = reference.prompt.to_dict()
     parts = _open_parts(onnx_dir, threads, report)
     spec = family_spec(str(meta.get("family", "qwen3_vl")), where=str(onnx_dir))
     params = GenerationParams(max_new_tokens=steps, ignore_eos=True)

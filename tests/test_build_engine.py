@@ -1,0 +1,179 @@
+"""`build_engine.py` for one's own checkpoint: the prompt variant it serves (flags, manifest, validation
+with that prompt), the decoding flags of the ONNX llm steps, no second export of an unchanged
+checkpoint, the next command after every build, and no silent overwrite of a served repository.
+
+One real export of the tiny checkpoint (module fixture); everything else reuses it or stops before
+exporting."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import pytest
+
+from coordexp import wire
+from coordexp.prompt import PromptSpec
+from coordexp.serving import common as C
+
+PROMPT = PromptSpec(field_order="geometry_first", object_order="as_given", user_text="List the shapes.",
+                    system_text="Find every shape.")
+ARGV = ["--field-order", "geometry_first", "--object-order", "as_given", "--prompt", "List the shapes.",
+        "--system-prompt", "Find every shape.", "--llm-batching", "inflight", "--prefix-cache",
+        "--max-new-tokens", "24", "--validation-steps", "4", "--threads", "2"]
+
+
+def _argv(ckpt: str, repo: str, *extra: str) -> list[str]:
+    return ["--ckpt", ckpt, "--repo", repo, *ARGV, *extra]
+
+
+@pytest.fixture(scope="module")
+def built(tiny_ckpt, tmp_path_factory):
+    """(repo, stdout, stderr) of one real build with prompt and decoding flags."""
+    from coordexp.export.build_engine import main
+
+    repo = str(tmp_path_factory.mktemp("build") / "model_repository")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(_argv(tiny_ckpt, repo))
+    assert rc == 0, err.getvalue()
+    return repo, out.getvalue(), err.getvalue()
+
+
+def _configs(repo: str) -> dict:
+    from coordexp.export.repository import load_configs
+
+    return load_configs(repo)
+
+
+def _param(cfg, key: str) -> str:
+    return cfg.parameters[key].string_value
+
+
+@pytest.mark.slow
+def test_the_prompt_flags_are_served_recorded_and_validated_with_that_prompt(built):
+    repo, out, _ = built
+    manifest = json.load(open(os.path.join(repo, C.MANIFEST)))
+    assert manifest["prompt"] == PROMPT.to_dict()
+    assert PROMPT.variant == "coordexp/tokens/geometry_first/as_given/v1+custom"
+    configs = _configs(repo)
+    assert json.loads(_param(configs[wire.PREPROCESS], "prompt_json")) == PROMPT.to_dict()  # what preprocess encodes
+    assert _param(configs[wire.ENSEMBLE], "prompt_variant") == PROMPT.variant
+    # validation encoded its probes with the served prompt: the greedy tokens compared are that prompt's
+    v = manifest["validation"]
+    assert v["prompt"] == PROMPT.to_dict() and v["greedy_tokens_match"] and v["tokens_compared"] > 0
+    assert f"prompt     : {PROMPT.variant}" in out
+
+
+@pytest.mark.slow
+def test_the_decoding_flags_reach_the_llm_steps(built):
+    repo, _, _ = built
+    configs = _configs(repo)
+    assert _param(configs[wire.LLM_STREAM], "batching") == "inflight"
+    for model in (wire.LLM, wire.LLM_STREAM):
+        assert (_param(configs[model], "prefix_cache"), _param(configs[model], "jump_forward")) == ("true", "false")
+    serving = json.load(open(os.path.join(repo, C.MANIFEST)))["serving"]
+    assert (serving["llm_batching"], serving["prefix_cache"], serving["jump_forward"]) == ("inflight", True, False)
+
+
+@pytest.mark.slow
+def test_every_build_ends_with_the_command_that_serves_it(built):
+    repo, out, _ = built
+    lines = out.splitlines()
+    assert f"serve it    : coordexp-server --repo {repo}" in lines
+    assert lines[-1] == ("then, in a second terminal: coordexp-client infer --url 127.0.0.1:8001 --data YOUR.jsonl "
+                         "--out predictions.jsonl")
+
+
+@pytest.mark.slow
+def test_an_unchanged_checkpoint_is_not_exported_again_and_a_change_says_what_differs(built, tiny_ckpt, capsys):
+    from coordexp.export.build_engine import build_parser, check_flags, current_check, main, resolve_options
+
+    repo, _, _ = built
+    before = open(os.path.join(repo, C.MANIFEST)).read()
+    assert main(_argv(tiny_ckpt, repo, "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["skipped"] and summary["repo"] == repo
+    assert summary["reason"].startswith("same checkpoint (sha256 ") and "prompt" in summary["reason"]
+    assert summary["next"][0] == f"serve it    : coordexp-server --repo {repo}"
+    assert open(os.path.join(repo, C.MANIFEST)).read() == before  # not rewritten
+    assert main(_argv(tiny_ckpt, repo)) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"skipped    : {repo} is current: same checkpoint")
+    assert "--force to export anyway" in captured.out and "coordexp-server --repo" in captured.out
+
+    def why(*extra: str) -> str:
+        parser = build_parser()
+        args = parser.parse_args(_argv(tiny_ckpt, repo, *extra))
+        current, reason = current_check(resolve_options(args, check_flags(args, parser)))
+        assert not current
+        return reason
+
+    assert why("--field-order", "desc_first").startswith(
+        'prompt.field_order "geometry_first" in the repository, "desc_first" requested')
+    assert why("--no-prefix-cache") == "serving.prefix_cache true in the repository, false requested"
+    assert why("--max-batch-size", "4") == "max_batch_size 8 in the repository, 4 requested"
+    assert why("--opset", "17").startswith("onnx.opset ")
+    assert why("--name", "shapes").startswith('name "coordexp" in the repository, "shapes" requested')
+
+
+def test_the_decoding_flags_default_to_serving_options_and_belong_to_onnx(tiny_ckpt, tmp_path, capsys):
+    from coordexp.export.build_engine import build_parser, check_flags, main, resolve_options, serving_options
+    from coordexp.export.repository import ServingOptions
+
+    parser = build_parser()
+    args = parser.parse_args(["--ckpt", tiny_ckpt])
+    opts = resolve_options(args, check_flags(args, parser))
+    assert serving_options(opts) == ServingOptions()  # the lead flips the defaults there, in one place
+    args = parser.parse_args(["--ckpt", tiny_ckpt, "--no-prefix-cache", "--jump-forward", "--llm-batching", "static",
+                              "--no-stream"])
+    s = serving_options(resolve_options(args, check_flags(args, parser)))
+    assert (s.prefix_cache, s.jump_forward, s.llm_batching, s.streaming) == (False, True, "static", False)
+    for flag in ("--jump-forward", "--no-prefix-cache"):
+        assert main(["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu", flag, "--dry-run"]) == 2
+        assert capsys.readouterr().err == f"error: {flag.replace('--no-', '--')} applies to --backend onnx only\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--field-order", "sideways"],
+     "argument --field-order: invalid choice: 'sideways' (choose from 'desc_first', 'geometry_first')"),
+    (["--coord-format", "float"], "argument --coord-format: invalid choice: 'float' (choose from 'tokens', 'numeric')"),
+    (["--object-order", "random"], "argument --object-order: invalid choice: 'random' (choose from 'sorted', 'as_given')"),
+])
+def test_a_bad_prompt_choice_exits_2_naming_the_flag_and_the_allowed_values(tiny_ckpt, capsys, argv, message):
+    from coordexp.export.build_engine import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--ckpt", tiny_ckpt, "--dry-run", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_prompt_flags_are_checked_before_anything_is_done(tiny_ckpt, tmp_path, capsys):
+    from coordexp.export.build_engine import main
+
+    repo = tmp_path / "r"
+    assert main(["--ckpt", tiny_ckpt, "--repo", str(repo), "--prompt", "  "]) == 2
+    assert capsys.readouterr().err == "error: --prompt is empty: give the text, or leave the flag out for the default\n"
+    assert main(["--ckpt", tiny_ckpt, "--backend", "trtllm", "--field-order", "geometry_first", "--dry-run"]) == 2
+    assert capsys.readouterr().err == "error: --field-order applies to --backend onnx or torch only\n"
+    assert main(["--ckpt", tiny_ckpt, "--repo", str(repo), "--coord-format", "numeric", "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "coordexp/numeric/desc_first/sorted/v1"
+    assert not repo.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_a_repository_a_server_serves_is_not_replaced_and_the_refusal_names_the_server(server, tiny_ckpt, capsys):
+    from coordexp.export.build_engine import main
+
+    repo = server.repo
+    before = open(os.path.join(repo, C.MANIFEST)).read()
+    # another token limit: not current, so it would export; refused before the (minute-long) export
+    assert main(["--ckpt", tiny_ckpt, "--repo", repo, "--max-new-tokens", "16", "--skip-validation"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {repo} is being served by coordexp-server pid {os.getpid()} "
+                          f"(tritonserver pid {server.proc.pid}; grpc 127.0.0.1:{server.grpc_port}, "
+                          f"http 127.0.0.1:{server.http_port}; since ")
+    assert "pass --force (the running server keeps the old model until it is restarted)" in err
+    assert open(os.path.join(repo, C.MANIFEST)).read() == before and server.proc.poll() is None
