@@ -214,3 +214,39 @@ def test_streaming_ensemble_is_the_same_pipeline_with_a_decoupled_llm(repo):
     assert llm_s.parameters["batching"].string_value in ("inflight", "static")
     manifest = json.load(open(os.path.join(repo, C.MANIFEST)))
     assert manifest["models"]["stream_ensemble"] == "coordexp_stream"
+
+
+def test_repository_current_compares_checkpoint_options_prompt_and_files(repo, tiny_ckpt, tmp_path):
+    import shutil
+
+    from coordexp.export.repository import build_record, repository_current
+
+    want = build_record("coordexp", "onnx", 4, 64, PROMPT, ServingOptions())
+    current, why = repository_current(repo, tiny_ckpt, want, validated=True)
+    assert current and why.startswith("same checkpoint (sha256 ")
+    assert repository_current(repo, tiny_ckpt, {**want, "max_new_tokens": 32}) == (
+        False, "max_new_tokens 64 in the repository, 32 requested")
+    assert repository_current(repo, tiny_ckpt, build_record("coordexp", "onnx", 4, 64, PromptSpec(), ServingOptions())
+                              )[1].startswith('prompt.field_order "geometry_first" in the repository, "desc_first"')
+    # other weights: the one checkpoint digest differs
+    other = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, other)
+    with open(other / "model.safetensors", "ab") as f:
+        f.write(b"\0")
+    current, why = repository_current(repo, str(other), want)
+    assert not current and why.startswith("exported from other weights (sha256 ")
+    # an incomplete copy, a folder that is no repository
+    copy = tmp_path / "copy"
+    shutil.copytree(repo, copy)
+    os.remove(copy / wire.LLM_STREAM / "config.pbtxt")
+    assert repository_current(str(copy), tiny_ckpt, want) == (False, "incomplete repository: llm_stream/config.pbtxt")
+    assert repository_current(str(tmp_path), tiny_ckpt, want) == (False, f"no {C.MANIFEST} in {tmp_path}")
+
+
+def test_the_validation_written_must_be_of_the_prompt_written(tiny_ckpt, tmp_path):
+    onnx = fake_onnx_dir(tmp_path / "export")
+    with pytest.raises(ValueError, match=r"validated with prompt 'coordexp/tokens/desc_first/sorted/v1', not with the "
+                                         r"one being written \('coordexp/tokens/geometry_first/sorted/v1'\)"):
+        write_repository(str(tmp_path / "r"), "coordexp", onnx, tiny_ckpt, prompt=PROMPT,
+                         validation={"prompt": PromptSpec().to_dict()})
+    assert not (tmp_path / "r").exists()

@@ -252,3 +252,43 @@ def test_a_serving_marker_names_the_server_triton_ignores_it_and_a_dead_one_is_i
     finally:
         for pid in _tritons(repo):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_served_repository_is_replaced_only_with_force_and_stays_marked(tmp_path, tiny_ckpt):
+    from test_repository import fake_onnx_dir
+
+    from coordexp.export.build_engine import BuildError, build_parser, check_flags, resolve_options, served_check
+    from coordexp.export.repository import RepositoryServed, write_repository
+    from coordexp.serving.server import live_servers
+
+    repo = os.path.abspath(_repo(tmp_path / "served"))
+    onnx = fake_onnx_dir(tmp_path / "export")
+    proc = _server(repo)
+    try:
+        _stderr_until(proc, "ready:")
+        with pytest.raises(RepositoryServed, match=f"served by coordexp-server pid {proc.pid} "):
+            write_repository(repo, "coordexp", onnx, tiny_ckpt)
+        assert os.path.isdir(os.path.join(repo, "m")) and not os.path.exists(os.path.join(repo, "manifest.json"))
+        parser = build_parser()
+
+        def opts(*extra):
+            args = parser.parse_args(["--ckpt", tiny_ckpt, "--repo", repo, *extra])
+            return resolve_options(args, check_flags(args, parser))
+
+        with pytest.raises(BuildError) as e:
+            served_check(opts())
+        assert e.value.code == 2 and "pass --force" in str(e.value)
+        [warning] = served_check(opts("--force"))
+        assert warning.startswith(f"coordexp-server pid {proc.pid} (tritonserver pid ")
+        assert "keeps answering with the model it loaded until you restart it" in warning
+        write_repository(repo, "coordexp", onnx, tiny_ckpt, replace_served=True)
+        assert os.path.isfile(os.path.join(repo, "manifest.json")) and not os.path.exists(os.path.join(repo, "m"))
+        [live] = live_servers(repo)  # the marker moved into the new repository: still seen as served
+        assert live["pid"] == proc.pid and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert live_servers(repo) == [] and _markers(repo) == []
+    finally:
+        proc.kill()
+        for pid in _tritons(repo):
+            os.kill(pid, signal.SIGKILL)
