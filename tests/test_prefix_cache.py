@@ -217,8 +217,9 @@ def _png(img) -> bytes:
 
 @pytest.mark.triton
 def test_served_repository_with_the_cache_answers_like_in_process(exported, onnx_dir, tmp_path):
-    """One server for a repository written with ServingOptions(prefix_cache=True): unary and
-    streamed, guided and unguided, token for token like the in-process engine without the cache."""
+    """One server for a repository written with ServingOptions(prefix_cache=True): unary (the static
+    llm batcher) and streamed (llm_stream, its in-flight scheduler: requests join a running batch),
+    guided and unguided, token for token like the in-process engine without the cache."""
     from conftest import SERVED_MAX_NEW, served_answers
     from coordexp import wire
     from coordexp.engines.onnx_engine import OnnxEngine
@@ -226,10 +227,12 @@ def test_served_repository_with_the_cache_answers_like_in_process(exported, onnx
     from coordexp.export.repository import ServingOptions, write_repository
     from coordexp.serving.server import start_server
 
+    options = ServingOptions(prefix_cache=True, llm_batching="inflight")
     repo = write_repository(str(tmp_path / "repo"), wire.ENSEMBLE, onnx_dir, exported[0], max_batch_size=8,
-                            max_new_tokens=SERVED_MAX_NEW, options=ServingOptions(prefix_cache=True))
-    config = (tmp_path / "repo" / wire.LLM / "config.pbtxt").read_text()
-    assert '"prefix_cache"' in config and '"true"' in config.split('"prefix_cache"', 1)[1][:80]
+                            max_new_tokens=SERVED_MAX_NEW, options=options)
+    for step in (wire.LLM, wire.LLM_STREAM):
+        config = (tmp_path / "repo" / step / "config.pbtxt").read_text()
+        assert '"true"' in config.split('"prefix_cache"', 1)[1][:80], step
     imgs = _images(4, seed=11)
     pngs = [_png(im) for im in imgs]
     local = OnnxEngine(onnx_dir, threads=1)
@@ -239,9 +242,10 @@ def test_served_repository_with_the_cache_answers_like_in_process(exported, onnx
     assert any(want["unguided"])
 
     async def streamed(url, params):
-        pool, _ = await ServerPool.connect([url], wire.stream_ensemble_name(wire.ENSEMBLE))
+        pool, _ = await ServerPool.connect([url], wire.stream_ensemble_name(wire.ENSEMBLE), timeout=120.0)
         try:
-            return [(await pool.generate(b, params))[0] for b in pngs]
+            out = await asyncio.wait_for(asyncio.gather(*[pool.generate(b, params) for b in pngs]), 240)
+            return [gen for gen, _ in out]
         finally:
             await pool.close()
 
