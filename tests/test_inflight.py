@@ -142,6 +142,36 @@ def test_rows_joining_mid_decode_equal_each_row_decoded_alone(onnx, images):
 
 
 @pytest.mark.slow
+def test_jump_forward_rows_equal_step_by_step_with_fewer_decoder_calls(onnx, images):
+    """Guided rows with jump-forward on (OnnxParts.jump_forward) beside an unguided one: the same
+    greedy answers as each row decoded alone step by step, in fewer decoder calls."""
+    p = GenerationParams(max_new_tokens=MAX_NEW)
+    items = _items(onnx, images[:4], [replace(p, guided=True)] * 3 + [p])
+    parts = onnx.parts
+    sched, hooks = _scheduler(onnx, max_batch_size=4)
+    try:
+        ref = [_alone(onnx, hooks, it) for it in items]  # jump-forward off
+        calls = {}
+        for jump in (False, True):
+            parts.jump_forward = jump
+            box = Collect(len(items))
+            c0 = parts.decoder_calls
+            sched.submit([items[0]], box.sender(0), stream=True)
+            for k in range(1, len(items)):
+                sched.submit([items[k]], box.sender(k), stream=True)
+            assert box.done.wait(120), box.order
+            calls[jump] = parts.decoder_calls - c0
+            for k in range(len(items)):
+                assert box.ids(k) == [ref[k]], f"jump_forward={jump}: row {k}"
+                lengths = [int(r[wire.SEQUENCE_LENGTH][0, 0]) for r, _ in box.sent[k]]
+                assert lengths == sorted(lengths) and lengths[-1] == len(ref[k])  # jumped ids stream as they come
+    finally:
+        parts.jump_forward = False
+        sched.close()
+    assert calls[True] < calls[False], calls
+
+
+@pytest.mark.slow
 def test_errors_stay_with_their_request_and_close_fails_what_is_left(onnx, images):
     from coordexp.serving.common import RequestError
     from coordexp.serving.llm import LlmItem

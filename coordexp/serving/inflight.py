@@ -11,7 +11,10 @@ thread runs the decode loop. At every iteration:
 3. rows that stopped (stop token or length limit) leave the batch at once and their request gets
    its final response as soon as its last row is done; streamed requests get one response per
    step carrying the ids so far (cumulative, as `DecoupledRun` sends them);
-4. one decoder call feeds the chosen token of every remaining row (`DecodeRows.step`).
+4. one decoder call feeds the chosen token of every remaining row (`DecodeRows.step`); with
+   jump-forward on (`OnnxParts.jump_forward`), a guided row also appends the run of tokens its
+   grammar forces next and feeds [token, forced...] as one chunk in that same call (rows with
+   shorter chunks padded at the front with attention_mask 0, as `OnnxParts.generate` does).
 
 Rows of the batch have different past lengths: the cache is LEFT padded to the longest past
 (attention_mask 0 on the padding, positions given explicitly per row: prompt_len + M-RoPE delta +
@@ -55,8 +58,11 @@ class DecodeRows(Protocol):
         [n, V] float32. On an exception the batch is unchanged."""
         ...
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        """Feed one token per running row (batch order) -> the next logits [B, V] float32."""
+    jump_forward: bool  # whether guided rows append grammar-forced runs (fed as one chunk)
+
+    def step(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        """Feed each running row its new ids (batch order; one id, or more with jump-forward) ->
+        the next logits [B, V] float32 (each row's last position)."""
         ...
 
     def keep(self, positions: Sequence[int]) -> None:
@@ -114,24 +120,40 @@ class OnnxRows:
         self.steps = np.concatenate([self.steps, np.zeros(len(items), dtype=np.int64)])
         return np.asarray(logits, dtype=np.float32)
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
+    @property
+    def jump_forward(self) -> bool:
+        return bool(getattr(self.parts, "jump_forward", False))
+
+    def step(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
         p = self.parts
         n = len(self)
-        mask = np.concatenate([self.mask, np.ones((n, 1), dtype=np.int64)], axis=1)
-        pos = self.base + self.steps
+        width = max(len(c) for c in chunks)
+        pos = (self.base + self.steps)[:, None] + np.arange(width)[None, :]
+        if width == 1:
+            ids = np.asarray(chunks, dtype=np.int64).reshape(n, 1)
+            new_mask = np.ones((n, 1), dtype=np.int64)
+        else:  # jump-forward chunks: right-aligned, the front padding masked out (as OnnxParts.generate)
+            ids = np.full((n, width), self.pad_token_id, dtype=np.int64)
+            new_mask = np.zeros((n, width), dtype=np.int64)
+            for i, c in enumerate(chunks):
+                pad = width - len(c)
+                ids[i, pad:] = c
+                new_mask[i, pad:] = 1
+                pos[i] = self.base[i] + self.steps[i] + np.maximum(np.arange(width) - pad, 0)
+        mask = np.concatenate([self.mask, new_mask], axis=1)
         feeds = {
-            "inputs_embeds": np.asarray(p.embed(np.asarray(tokens, dtype=np.int64)[:, None]), dtype=p.np_dtype),
+            "inputs_embeds": np.asarray(p.embed(ids), dtype=p.np_dtype),
             "attention_mask": mask,
-            "position_ids": np.ascontiguousarray(np.broadcast_to(pos[None, :, None], (3, n, 1))),
+            "position_ids": np.ascontiguousarray(np.broadcast_to(pos[None], (3, n, width))),
         }
         if p.num_deepstack:
-            feeds["deepstack"] = np.zeros((p.num_deepstack, n, 1, p.hidden), dtype=p.np_dtype)
+            feeds["deepstack"] = np.zeros((p.num_deepstack, n, width, p.hidden), dtype=p.np_dtype)
         for i in range(p.num_layers):
             feeds[f"past_key_{i}"] = self.presents[2 * i]
             feeds[f"past_value_{i}"] = self.presents[2 * i + 1]
         logits, presents = p.decoder_step(feeds)
         self.presents, self.mask = list(presents), mask
-        self.steps = self.steps + 1
+        self.steps = self.steps + np.asarray([len(c) for c in chunks], dtype=np.int64)
         return logits
 
     def keep(self, positions: Sequence[int]) -> None:
@@ -277,6 +299,7 @@ class InflightScheduler:
             except Exception as e:
                 failed[b] = e
         keep, touched = [], []
+        chunks: dict[int, list[int]] = {}
         for b, row in enumerate(self.running):
             req = row.request
             if b in failed:
@@ -295,10 +318,15 @@ class InflightScheduler:
             if row.seq is not None:
                 row.seq.append(tok)
             req.rows[row.index] = row.generated
-            if len(row.generated) >= p.max_new_tokens:
-                self._finish(row)
+            chunk = [tok]
+            if len(row.generated) >= p.max_new_tokens or not self._jump(row, chunk, failed, b):
+                if b not in failed:
+                    self._finish(row)
+                else:
+                    self._fail_request(req, failed[b])
             else:
                 keep.append(b)
+                chunks[b] = chunk
         keep = [b for b in keep if not self.running[b].request.done]
         for req in dict.fromkeys(touched):
             if req.done:
@@ -312,7 +340,7 @@ class InflightScheduler:
         if not self.running:
             self.logits = None
             return
-        self.logits = self.rows.step(tokens[keep])
+        self.logits = self.rows.step([chunks[b] for b in keep])
         self.stats["steps"] += 1
 
     def _admit(self, joining: list[_Row]) -> None:
@@ -341,6 +369,32 @@ class InflightScheduler:
             logits = np.asarray(row.hook(len(row.generated), [row.generated], logits), dtype=np.float32)
         seqs = [np.asarray(row.seq)] if row.seq is not None else []
         return int(self.rows.choose(logits, seqs, p, [row.rng])[0])
+
+    def _jump(self, row: _Row, chunk: list[int], failed: dict[int, BaseException], b: int) -> bool:
+        """Jump-forward (guided rows, `DecodeRows.jump_forward`): append the run the grammar forces
+        after the chosen token to `chunk` with the same bookkeeping as a chosen token. False when
+        the row ended inside the run (stop token or length limit; or its hook failed -> `failed`)."""
+        forced_of = (getattr(row.hook, "forced_tokens", None)
+                     if getattr(self.rows, "jump_forward", False) else None)
+        if forced_of is None:
+            return True
+        p = row.item.params
+        try:
+            run = forced_of(0, row.generated, p.max_new_tokens - len(row.generated))
+        except Exception as e:
+            failed[b] = e
+            return False
+        for tok in run:
+            tok = int(tok)
+            if tok in self.stop and not p.ignore_eos:
+                return False
+            row.generated.append(tok)
+            if row.seq is not None:
+                row.seq.append(tok)
+            chunk.append(tok)
+            if len(row.generated) >= p.max_new_tokens:
+                return False
+        return True
 
     def _finish(self, row: _Row) -> None:
         req = row.request
