@@ -168,6 +168,8 @@ class ImagePlan:
         """RGB PIL images -> (pixel_values float32 [sum t*h*w, D], image_grid_thw int64 [n, 3])."""
         import numpy as np
 
+        if not images:
+            raise ValueError("no images to process")
         parts, grids = [], []
         for image in images:
             values, grid = self.patches(image)

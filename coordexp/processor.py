@@ -218,7 +218,10 @@ class CoordExpProcessor:
         `texts`: already rendered prompts instead of `spec` (each holding its `<|image_pad|>`s).
         Returns `input_ids`, `attention_mask` (left padded), `mm_token_type_ids`, `pixel_values`,
         `image_grid_thw` as torch tensors (`return_tensors="np"`: numpy; None: lists/arrays) -
-        all of them are what `model.generate(**inputs)` needs.
+        all of them are what `model.generate(**inputs)` needs. Pixel values come from
+        `coordexp.image_prep` (bit-identical, faster) when `image_plan` is set, otherwise from the
+        HF image processor itself (image processors it does not reproduce; or set
+        `image_plan = None` to force that path).
         """
         import numpy as np
 

@@ -165,12 +165,12 @@ def _jpeg(w: int, h: int) -> bytes:
 
 def test_decode_and_draft_decoding():
     proc = CoordExpProcessor.from_pretrained(DEMO_CKPT)
-    data = _jpeg(2048, 1536)
+    data = _jpeg(1200, 900)
     full = proc.load_image(data)
     assert full.mode == "RGB" and np.array_equal(np.asarray(full), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
     drafted = proc.load_image(data, draft=True)
     # decoded at reduced scale, then resized to exactly the processing size: same grid, other pixels
-    assert drafted.size == proc.processing_size(2048, 1536) == (288, 208)
+    assert drafted.size == proc.processing_size(1200, 900) == (288, 208)
     ref, grid = proc.pixels([full])
     ours, our_grid = proc.pixels([drafted])
     assert our_grid.tolist() == grid.tolist() and ours.shape == ref.shape
@@ -178,13 +178,13 @@ def test_decode_and_draft_decoding():
     assert 0 < diff.max() < 0.5 and diff.mean() < 0.05  # values span [-1, 1]
     # not a JPEG, or not much larger than its target: draft changes nothing
     png = io.BytesIO()
-    Image.fromarray(_photo(2048, 1536)).save(png, "PNG")
+    Image.fromarray(_photo(1200, 900)).save(png, "PNG")
     assert np.array_equal(np.asarray(proc.load_image(png.getvalue(), draft=True)),
                           np.asarray(Image.open(io.BytesIO(png.getvalue())).convert("RGB")))
     small = _jpeg(300, 200)
     assert np.array_equal(np.asarray(proc.load_image(small, draft=True)), np.asarray(proc.load_image(small)))
     gray = io.BytesIO()
-    Image.fromarray(_photo(2048, 1536)[..., 1], "L").save(gray, "JPEG", quality=90)
+    Image.fromarray(_photo(1200, 900)[..., 1], "L").save(gray, "JPEG", quality=90)
     assert proc.load_image(gray.getvalue(), draft=True).mode == "RGB"
 
 
@@ -193,7 +193,7 @@ def test_served_preprocess_uses_the_fast_path_and_draft_is_opt_in():
     from coordexp.serving.preprocess import Preprocessor
 
     proc = CoordExpProcessor.from_pretrained(DEMO_CKPT)
-    data = _jpeg(2048, 1536)
+    data = _jpeg(1200, 900)
     ip = proc.image_processor
     ref, grid = _hf(ip, Image.open(io.BytesIO(data)).convert("RGB"))
     out = Preprocessor(proc, PromptSpec()).encode([data])
