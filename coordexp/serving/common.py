@@ -14,6 +14,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from coordexp.generation import GenerationParams
+from coordexp.wire import GUIDED_CLOSED_EARLY, OUTPUT_IDS, SEQUENCE_LENGTH, STREAM
+
 # ---------------------------------------------------------------------------- folder layout
 # Paths relative to the repository root. The ONNX graphs (vision.onnx, embed.onnx, decoder.onnx,
 # onnx_meta.json) live once, inside the llm model's version folder; vision_encoder reads the
@@ -193,3 +196,44 @@ def decoupled_sender(pb_utils: Any, requests: Sequence[Any]):
 
     return send
 
+
+# ---------------------------------------------------------------------------- the llm step's rows
+# (shared by coordexp.serving.llm and its in-flight scheduler coordexp.serving.inflight)
+@dataclass
+class LlmItem:
+    """One row: unpadded prompt ids, its image features and its decoding parameters."""
+
+    ids: np.ndarray  # [T_i] int64
+    grid: np.ndarray  # [3] int64
+    embeds: np.ndarray  # [N_i, H]
+    deepstack: np.ndarray  # [L, N_i, H]
+    params: GenerationParams
+
+
+class Generated(list):
+    """A row's generated ids, plus what guided decoding says of them."""
+
+    closed_early: bool = False
+
+    @classmethod
+    def of(cls, ids: Sequence[int], closed_early: bool = False) -> "Generated":
+        g = cls(int(t) for t in ids)
+        g.closed_early = bool(closed_early)
+        return g
+
+
+def outputs_of(generated: Sequence[list[int]], pad_token_id: int) -> dict[str, np.ndarray]:
+    """One request's rows -> output_ids [B, S] (pad-filled), sequence_length [B, 1], guided_closed_early."""
+    longest = max(1, max(len(g) for g in generated))
+    ids = np.full((len(generated), longest), int(pad_token_id), dtype=np.int32)
+    for i, g in enumerate(generated):
+        ids[i, :len(g)] = g
+    lengths = np.asarray([[len(g)] for g in generated], dtype=np.int32)
+    closed = np.asarray([[bool(getattr(g, "closed_early", False))] for g in generated], dtype=np.bool_)
+    return {OUTPUT_IDS: ids, SEQUENCE_LENGTH: lengths, GUIDED_CLOSED_EARLY: closed}
+
+
+def wants_stream(view: "TritonRequestView") -> bool:
+    """A request's optional `stream` input (any row true -> streamed)."""
+    flag = view.get(STREAM)
+    return flag is not None and bool(np.asarray(flag).astype(bool).any())

@@ -40,8 +40,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from coordexp.generation import GenerationParams
-from coordexp.serving.common import RequestError, pad_stack
-from coordexp.serving.llm import Generated, LlmItem, outputs_of
+from coordexp.serving.common import Generated, LlmItem, RequestError, outputs_of, pad_stack
 
 # send(outputs_or_error, final): one request's response sender
 Send = Callable[[dict[str, np.ndarray] | BaseException, bool], None]
@@ -460,8 +459,7 @@ def submit_requests(pb_utils: Any, scheduler: InflightScheduler, parser: Any, re
                     names: Sequence[str]) -> None:
     """`execute()` of the in-flight llm_stream: parse every request (`parser.items_of`, a bad one
     gets its error now) and queue it with its response sender; returns at once."""
-    from coordexp.serving.common import error_response, request_view, response
-    from coordexp.serving.llm import wants_stream
+    from coordexp.serving.common import error_response, request_view, response, wants_stream
 
     final_flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
     for request in requests:

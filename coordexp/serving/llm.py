@@ -33,19 +33,19 @@ TensorRT-LLM one (it wraps `tensorrt_llm.LLM`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from coordexp.generation import GenerationParams
 from coordexp import wire
-from coordexp.serving.common import (ONNX_SUBDIR, RequestError, TritonRequestView, decoupled_sender,
-                                     error_response, int_param, model_args, pad_stack, request_view, resolve,
-                                     response, rows)
-from coordexp.wire import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, GUIDED_CLOSED_EARLY, IGNORE_EOS, IMAGE_EMBEDS,
-                           IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS, OUTPUT_IDS, RANDOM_SEED, REPETITION_PENALTY,
-                           REQUEST_OUTPUT_LEN, RUNTIME_TOP_P, SEQUENCE_LENGTH, STREAM, TEMPERATURE)
+from coordexp.serving.common import (ONNX_SUBDIR, Generated, LlmItem, RequestError, TritonRequestView,
+                                     decoupled_sender, error_response, int_param, model_args, outputs_of, pad_stack,
+                                     request_view, resolve, response, rows, wants_stream)
+from coordexp.wire import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, IGNORE_EOS, IMAGE_EMBEDS, IMAGE_GRID_THW,
+                           INPUT_IDS, INPUT_LENGTHS, RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P,
+                           TEMPERATURE)
 from coordexp.serving.vision_encoder import merge_size_of
 
 LLM_INPUTS = wire.input_names(wire.LLM_STREAM)  # llm reads the same, less `stream`
@@ -73,17 +73,6 @@ class Generator(Protocol):
         batch), in input order. `on_progress(partial, finished)`: after every decoding step, item
         indices as in `items` (the decoupled model streams from it)."""
         ...
-
-
-@dataclass
-class LlmItem:
-    """One row: unpadded prompt ids, its image features and its decoding parameters."""
-
-    ids: np.ndarray  # [T_i] int64
-    grid: np.ndarray  # [3] int64
-    embeds: np.ndarray  # [N_i, H]
-    deepstack: np.ndarray  # [L, N_i, H]
-    params: GenerationParams
 
 
 def row_params(view: TritonRequestView, batch: int, defaults: GenerationParams, limit: int
@@ -129,18 +118,6 @@ def params_for_row(defaults: GenerationParams, limit: int, max_tokens: Any = Non
         raise RequestError(str(e)) from None
 
 
-class Generated(list):
-    """A row's generated ids, plus what guided decoding says of them."""
-
-    closed_early: bool = False
-
-    @classmethod
-    def of(cls, ids: Sequence[int], closed_early: bool = False) -> "Generated":
-        g = cls(int(t) for t in ids)
-        g.closed_early = bool(closed_early)
-        return g
-
-
 def _closed_early(hook: Any, row: int) -> bool:
     state = getattr(hook, "state", None)
     return bool(state is not None and state.closed_early[row])
@@ -151,17 +128,6 @@ def _renumbered(on_progress: ProgressCallback, chunk: list[int]) -> Callable[[li
     def step(generated: list[list[int]], finished: list[int]) -> None:
         on_progress({k: generated[i] for i, k in enumerate(chunk)}, [chunk[b] for b in finished])
     return step
-
-
-def outputs_of(generated: Sequence[list[int]], pad_token_id: int) -> dict[str, np.ndarray]:
-    """One request's rows -> output_ids [B, S] (pad-filled), sequence_length [B, 1], guided_closed_early."""
-    longest = max(1, max(len(g) for g in generated))
-    ids = np.full((len(generated), longest), int(pad_token_id), dtype=np.int32)
-    for i, g in enumerate(generated):
-        ids[i, :len(g)] = g
-    lengths = np.asarray([[len(g)] for g in generated], dtype=np.int32)
-    closed = np.asarray([[bool(getattr(g, "closed_early", False))] for g in generated], dtype=np.bool_)
-    return {OUTPUT_IDS: ids, SEQUENCE_LENGTH: lengths, GUIDED_CLOSED_EARLY: closed}
 
 
 def run_unary(generator: Generator, views: Sequence[TritonRequestView]) -> list[dict[str, np.ndarray] | Exception]:
@@ -297,12 +263,6 @@ class LlmBatcher:
     def run(self, views: Sequence[TritonRequestView]) -> list[dict[str, np.ndarray] | Exception]:
         """Several requests (one dynamic batch) -> their outputs (or their error): `run_unary`."""
         return run_unary(self, views)
-
-
-def wants_stream(view: TritonRequestView) -> bool:
-    """A request's optional `stream` input (any row true -> streamed)."""
-    flag = view.get(STREAM)
-    return flag is not None and bool(np.asarray(flag).astype(bool).any())
 
 
 class DecoupledRun:
