@@ -17,6 +17,10 @@ wrapper modules that call the checkpoint's own submodules (weights and math stay
   `past_value_i [B, kv_heads, P, head_dim]` for every layer -> `logits [B, V]` (last position only),
   `present_key_i` / `present_value_i [B, kv_heads, P+T, head_dim]`.
 
+A graph with more than 64 MB of weights keeps them in `<graph>.data` beside it, written tensor by
+tensor, so the export's peak memory stays near the checkpoint's float32 size (an inline graph is
+serialised whole in memory; `bench/bench_export_memory.py` measures the peak).
+
 `onnx_meta.json` beside them holds everything the runtime needs (sizes, token ids, versions,
 checkpoint hash); the tokenizer / processor files are copied too, so the folder is self-contained
 (`CoordExpProcessor.from_pretrained(onnx_dir)` and `coordexp.engines.onnx_engine.OnnxParts(onnx_dir)`).
