@@ -177,3 +177,19 @@ def test_a_repository_a_server_serves_is_not_replaced_and_the_refusal_names_the_
                           f"http 127.0.0.1:{server.http_port}; since ")
     assert "pass --force (the running server keeps the old model until it is restarted)" in err
     assert open(os.path.join(repo, C.MANIFEST)).read() == before and server.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_the_torch_backend_validates_and_serves_the_same_prompt(tiny_ckpt, tmp_path, capsys):
+    from coordexp.export.build_engine import main
+
+    repo = str(tmp_path / "torch")
+    assert main(["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu", "--dtype", "fp32", "--repo", repo,
+                 "--field-order", "geometry_first", "--object-order", "as_given", "--prompt", "List the shapes.",
+                 "--system-prompt", "Find every shape.", "--max-new-tokens", "8", "--validation-steps", "3"]) == 0
+    assert f"prompt     : {PROMPT.variant}" in capsys.readouterr().out
+    manifest = json.load(open(os.path.join(repo, C.MANIFEST)))
+    assert manifest["prompt"] == PROMPT.to_dict() and manifest["backend"] == "torch"
+    v = manifest["validation"]
+    assert v["prompt"] == PROMPT.to_dict() and v["mismatches"] == [] and v["tokens_compared"] > 0
+    assert json.loads(_configs(repo)[wire.PREPROCESS].parameters["prompt_json"].string_value) == PROMPT.to_dict()
