@@ -69,6 +69,19 @@ def int_param(params: dict[str, str], key: str, default: int) -> int:
     return int(v) if v.strip() else default
 
 
+def open_quiet_sessions(parts: Any, keys: Sequence[str], spin: bool = False) -> Any:
+    """Open these ONNX Runtime sessions of `parts` (an OnnxParts made with no preload) with the
+    intra-op thread pool's spin-waiting off unless `spin`: the step models share few cores, and a
+    pool that spins after every call takes them from the other steps (vision, preprocess) for
+    nothing."""
+    opts = getattr(parts, "_session_options", None)
+    if opts is not None and not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key in keys:
+        parts.session(key)
+    return parts
+
+
 def read_manifest(repo: str) -> dict[str, Any]:
     with open(os.path.join(repo, MANIFEST), "r", encoding="utf-8") as f:
         return json.load(f)

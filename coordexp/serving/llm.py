@@ -41,8 +41,8 @@ import numpy as np
 from coordexp.generation import GenerationParams
 from coordexp import wire
 from coordexp.serving.common import (ONNX_SUBDIR, Generated, LlmItem, RequestError, TritonRequestView,
-                                     decoupled_sender, error_response, int_param, model_args, outputs_of, pad_stack,
-                                     request_view, resolve, response, rows, wants_stream)
+                                     decoupled_sender, error_response, int_param, model_args, open_quiet_sessions,
+                                     outputs_of, pad_stack, request_view, resolve, response, rows, wants_stream)
 from coordexp.wire import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, IGNORE_EOS, IMAGE_EMBEDS, IMAGE_GRID_THW,
                            INPUT_IDS, INPUT_LENGTHS, RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P,
                            TEMPERATURE)
@@ -362,9 +362,10 @@ class TritonPythonModel:
         self.pb = pb_utils
         config, params, root, self.decoupled = model_args(args)
         parts = OnnxParts(resolve(root, params.get("onnx_dir") or ONNX_SUBDIR),
-                          threads=int_param(params, "intra_op_threads", 0) or None, preload=("embed", "decoder"),
+                          threads=int_param(params, "intra_op_threads", 0) or None,
                           prefix_cache=params.get("prefix_cache") == "true",
                           jump_forward=params.get("jump_forward") == "true")
+        open_quiet_sessions(parts, ("embed", "decoder"), spin=params.get("ort_spin") == "true")
         defaults = defaults_from_params(params)
         self.batcher = LlmBatcher(parts, defaults, int_param(params, "max_new_tokens", defaults.max_new_tokens),
                                   pad_token_id=int_param(params, "pad_token_id", 0),

@@ -15,8 +15,8 @@ import numpy as np
 
 from coordexp import wire
 from coordexp.serving.common import (ONNX_SUBDIR, RequestError, TritonRequestView, config_parameters,
-                                     error_response, int_param, pad_stack, repository_root, request_view, resolve,
-                                     response)
+                                     error_response, int_param, open_quiet_sessions, pad_stack, repository_root,
+                                     request_view, resolve, response)
 from coordexp.wire import DEEPSTACK_EMBEDS, IMAGE_EMBEDS, IMAGE_GRID_THW, PIXEL_VALUES
 
 
@@ -120,7 +120,8 @@ class TritonPythonModel:
         # the vision graph opens now (a broken one fails the load, not the first request); the
         # text graphs are never opened in this process
         parts = OnnxParts(resolve(root, params.get("onnx_dir") or ONNX_SUBDIR),
-                          threads=int_param(params, "intra_op_threads", 0) or None, preload=("vision",))
+                          threads=int_param(params, "intra_op_threads", 0) or None)
+        open_quiet_sessions(parts, ("vision",), spin=params.get("ort_spin") == "true")
         self.encoder = VisionEncoder(parts, int_param(params, "merge_size", 0) or None)
 
     def execute(self, requests: list[Any]) -> list[Any]:
