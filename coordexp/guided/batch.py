@@ -114,6 +114,7 @@ class GuidedBatch:
             keep = costs <= left - 1
             if not keep.any():  # not even the cheapest ending fits: keep the cheapest tokens
                 keep = costs == costs.min()
+                self.closed_early[row] = True  # the answer will be cut, whatever the model wants
             budget = keep.copy()
         if dup:
             ban = g.duplicate_bans(q, acc, ids)

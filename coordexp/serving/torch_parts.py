@@ -9,7 +9,9 @@ Decoding runs the checkpoint's own modules (`model.model` with `mm_encoder_outpu
 with host-side M-RoPE positions (`coordexp.mrope`, as ONNX) and the token choice of `OnnxParts`
 (numpy argmax / seeded sampling), so a served greedy answer equals HF `generate` token for token
 in fp32. Options (`TorchOptions`): a static KV cache and `torch.compile` of the decode step, with
-the batch padded up to a bucket so compiled graphs are reused.
+the batch padded up to a bucket so compiled graphs are reused. `jump_forward` (guided): the
+grammar-forced tokens are fed with the chosen one as one chunk, as in `OnnxParts.generate` (not
+with `compile`: its step is compiled for one new position).
 """
 from __future__ import annotations
 
