@@ -72,15 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     preds = os.path.join(out, "predictions.jsonl")
     stages = Stages(5 if args.no_bench else 6)
 
-    # 1. export (skipped when the repository was exported from these very weights)
+    # 1. export (build_engine skips it when the repository is current: the one check, export/repository.py)
     t = stages.start(f"export {os.path.relpath(args.ckpt, ROOT)} -> ONNX + Triton repository")
-    if args.reexport or not _repository_current(repo, args.ckpt, args.max_new_tokens):
-        _run([sys.executable, os.path.join(ROOT, "export", "build_engine.py"), "--ckpt", args.ckpt,
-              "--repo", repo, "--name", name, "--max-new-tokens", str(args.max_new_tokens),
-              "--max-batch-size", "8"])
-        stages.done(t)
-    else:
-        stages.done(t, "(repository already current: same checkpoint hash; --reexport to force)")
+    _run([sys.executable, os.path.join(ROOT, "export", "build_engine.py"), "--ckpt", args.ckpt,
+          "--repo", repo, "--name", name, "--max-new-tokens", str(args.max_new_tokens),
+          "--max-batch-size", "8"] + (["--force"] if args.reexport else []))
+    stages.done(t)
 
     # 2. serve
     t = stages.start("start Triton Inference Server on loopback")
@@ -134,23 +131,6 @@ def _random_tiny_checkpoint(out: str) -> str:
     if not os.path.isdir(ckpt):
         build_tiny_checkpoint(ckpt, family="qwen3_vl", seed=0)
     return ckpt
-
-
-def _repository_current(repo: str, ckpt: str, max_new_tokens: int) -> bool:
-    """True when `repo` holds a complete export of exactly these weights, with this token limit."""
-    manifest = os.path.join(repo, "manifest.json")
-    if not os.path.exists(manifest):
-        return False
-    try:
-        from coordexp.checkpoint import checkpoint_digest
-
-        with open(manifest) as f:
-            m = json.load(f)
-        return (m.get("checkpoint", {}).get("weights_sha256") == checkpoint_digest(ckpt).sha256
-                and m.get("max_new_tokens") == max_new_tokens
-                and bool((m.get("models") or {}).get("stream_ensemble")))  # older exports: no streaming
-    except Exception:
-        return False
 
 
 def _load(path: str) -> dict:
