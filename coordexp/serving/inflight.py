@@ -33,6 +33,7 @@ token per row, keep these rows"); `OnnxRows` implements it on `OnnxParts`.
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -42,6 +43,7 @@ import numpy as np
 from coordexp.generation import GenerationParams
 from coordexp.serving.common import Generated, LlmItem, RequestError, outputs_of, pad_stack
 
+CANCEL_CHECK_S = 0.25  # how often running rows' requests are asked whether the client cancelled them
 # send(outputs_or_error, final): one request's response sender
 Send = Callable[[dict[str, np.ndarray] | BaseException, bool], None]
 
@@ -212,6 +214,7 @@ class InflightScheduler:
         self.queue: list[_Row] = []
         self.cond = threading.Condition()
         self.closed = False
+        self._cancel_checked = 0.0
         self.stats = {"steps": 0, "prefills": 0, "max_running": 0, "admitted": 0}
         self.thread = threading.Thread(target=self._loop, name="llm-inflight", daemon=True)
         self.thread.start()
@@ -425,9 +428,14 @@ class InflightScheduler:
         return False
 
     def _drop_cancelled(self) -> None:
-        """Rows whose request was cancelled (or already failed) leave the batch now."""
+        """Rows whose request was cancelled (or already failed) leave the batch now. Asked at most
+        every CANCEL_CHECK_S: a sender's `is_cancelled` is a round trip to the server process."""
         if not self.running:
             return
+        now = time.monotonic()
+        if now - self._cancel_checked < CANCEL_CHECK_S:
+            return
+        self._cancel_checked = now
         keep = [b for b, r in enumerate(self.running) if not self._gone(r)]
         if len(keep) < len(self.running):
             self.running = [self.running[b] for b in keep]
