@@ -36,7 +36,7 @@ class TorchValidationError(RuntimeError):
 
 
 def _step_outputs(hf_dir: str, opts: TorchOptions, batches: list[list[Any]], params: GenerationParams,
-                  prompt: PromptSpec) -> list[list[list[int]]]:
+                  prompt: PromptSpec | None = None) -> list[list[list[int]]]:
     """Greedy ids per probe through the repository's own vision + llm step logic (no server)."""
     import numpy as np
 

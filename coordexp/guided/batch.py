@@ -104,7 +104,8 @@ class GuidedBatch:
         tight = left - 1 < g.max_cost
         acc = self.acc[row]
         dup = g.duplicate_possible(q, acc)
-        if not (tight or dup):
+        order = g.inversion_possible(q, acc)
+        if not (tight or dup or order):
             return bits, None, None
         ids = np.flatnonzero(bits)
         keep = np.ones(len(ids), dtype=bool)
@@ -116,10 +117,11 @@ class GuidedBatch:
                 keep = costs == costs.min()
                 self.closed_early[row] = True  # the answer will be cut, whatever the model wants
             budget = keep.copy()
-        if dup:
-            ban = g.duplicate_bans(q, acc, ids)
-            if (keep & ~ban).any():
-                keep &= ~ban
+        for banned, bans in ((dup, g.duplicate_bans), (order, lambda *a: g.inversion_bans(*a, left))):
+            if banned:  # never at the cost of an empty mask (the budget comes first)
+                ban = bans(q, acc, ids)
+                if (keep & ~ban).any():
+                    keep &= ~ban
         if not keep.all():
             bits[ids[~keep]] = False
         return bits, ids, budget

@@ -227,6 +227,34 @@ class CoordJsonGuide:
             return self.dfa.index[q] == 3 and n == 3 and any(gt == g and pts[:3] == vals for gt, pts in acc.seen)
         return any(gt == g and 0 <= len(pts) - n <= 2 and pts[:n] == vals for gt, pts in acc.seen)
 
+    # ------------------------------------------------------------------ box order
+    def inversion_possible(self, q: int, acc: _Acc) -> bool:
+        """Cheap pre-check: is q writing x2 or y2 of a bbox_2d (which must not be below x1 / y1)?"""
+        return self.dfa.geom[q] == "bbox_2d" and len(acc.vals) in (2, 3)
+
+    def inversion_bans(self, q: int, acc: _Acc, ids: np.ndarray, left: int) -> np.ndarray:
+        """Which of `ids` (allowed from q, `left` tokens left with this one) would write an inverted
+        box (x2 < x1 or y2 < y1), or in numeric mode start a number that cannot reach its lower
+        bound within the budget. The parser notes an inverted box as a repair, so guided answers
+        never hold one (unless the budget leaves nothing else)."""
+        if self.coord_format == "tokens":
+            vals = self.coord_value[ids]
+            return (vals >= 0) & (vals < acc.vals[len(acc.vals) - 2])
+        ban = np.zeros(len(ids), dtype=bool)
+        for k, t in enumerate(ids.tolist()):
+            if self.is_stop[t]:
+                continue
+            a = acc.copy()
+            r = self.feed(q, a, t)
+            if r < 0:
+                continue
+            if a.closed is not None:
+                ban[k] = a.closed[0] == "bbox_2d" and _digits_to_order(a.closed[1]) is None
+            else:
+                extra = _digits_to_order(a.vals, a.digits)
+                ban[k] = extra is None or self.cost[r] + extra > left - 1
+        return ban
+
     def duplicate_bans(self, q: int, acc: _Acc, ids: np.ndarray) -> np.ndarray:
         """Which of `ids` (allowed from q) would complete a geometry already in `acc.seen`
         (or, numeric bbox, leave only such completions)."""
@@ -270,6 +298,23 @@ class CoordJsonGuide:
 
     def new_matcher(self):
         return xgr.GrammarMatcher(self.compiled)
+
+
+def _digits_to_order(pts: Sequence[int], digits: str = "") -> int | None:
+    """How many more digits the number in progress needs so that these bbox_2d coordinates end with
+    x2 >= x1 and y2 >= y1 (0: fine as it stands); None when they cannot (numbers 0..999, no
+    leading zeros)."""
+    for i in (2, 3):
+        if len(pts) > i and pts[i] < pts[i - 2]:
+            return None
+    i = len(pts)
+    if not digits or i not in (2, 3):
+        return 0
+    lo = pts[i - 2]
+    for extra in range(0, 1 if digits == "0" else 4 - len(digits)):
+        if int(digits + "9" * extra) >= lo:
+            return extra
+    return None
 
 
 def _number_alive(digits: str, banned: set) -> bool:

@@ -39,7 +39,8 @@ class TorchLlmModel:
 
         self.pb = pb_utils
         config, params, root, self.decoupled = model_args(args)
-        parts = TorchParts(resolve(root, params.get("hf_dir") or HF_SUBDIR), TorchOptions.from_params(params))
+        parts = TorchParts(resolve(root, params.get("hf_dir") or HF_SUBDIR), TorchOptions.from_params(params),
+                           jump_forward=params.get("jump_forward") == "true")
         self.batcher = torch_batcher(parts, params, int(config.get("max_batch_size") or 0) or None)
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
