@@ -68,9 +68,9 @@ class ServingOptions:
     streaming: bool = True  # also write llm_stream + <name>_stream (a second decoder session in memory)
     max_pixels: int | None = None  # None: coordexp.dataset.DEFAULT_MAX_PIXELS
     # decoding speed-ups of the llm steps (llm params `batching`, `prefix_cache`, `jump_forward`):
-    llm_batching: str = "static"  # llm_stream: "inflight" (iteration-level scheduler) or "static" batches
-    prefix_cache: bool = False  # the shared prompt prefix's KV computed once per loaded model
-    jump_forward: bool = False  # guided decoding appends grammar-forced tokens without a sampling step
+    llm_batching: str = "inflight"  # "inflight" (iteration-level scheduler) or "static" batches (the baseline)
+    prefix_cache: bool = True  # the shared prompt prefix's KV computed once per loaded model
+    jump_forward: bool = True  # guided decoding appends grammar-forced tokens without a sampling step
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -471,7 +471,11 @@ def _step_configs(name: str, max_batch_size: int, max_new_tokens: int, prompt: P
                   options: ServingOptions, decoding: GenerationParams, manifest: dict[str, Any], pad_id: int,
                   merge: int, torch: Any = None) -> tuple[dict[str, Any], list[str]]:
     """Every model's ModelConfig ({name: config}) and the ensembles among them."""
-    llm_params = {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.llm_threads),
+    if options.llm_batching not in ("inflight", "static"):
+        raise ValueError(f"llm_batching must be 'inflight' or 'static', got {options.llm_batching!r}")
+    # `batching`: the ONNX llm steps (unary and decoupled) schedule in flight or in static batches;
+    # the torch steps batch statically whatever it says
+    llm_params = {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.llm_threads), "batching": options.llm_batching,
                   "max_new_tokens": str(max_new_tokens), "decoding_defaults": decoding.to_dict(),
                   "pad_token_id": str(pad_id), "merge_size": str(merge), "prompt_json": prompt.to_dict(),
                   "prefix_cache": str(options.prefix_cache).lower(), "jump_forward": str(options.jump_forward).lower()}
@@ -500,10 +504,7 @@ def _step_configs(name: str, max_batch_size: int, max_new_tokens: int, prompt: P
     configs[name] = ensemble_config(name, max_batch_size, ens_params)
     ensembles = [name]
     if options.streaming:
-        if options.llm_batching not in ("inflight", "static"):
-            raise ValueError(f"llm_batching must be 'inflight' or 'static', got {options.llm_batching!r}")
-        stream_params = {**llm_params, "batching": options.llm_batching}
-        configs[wire.LLM_STREAM] = python_model_config(wire.LLM_STREAM, max_batch_size, options.llm_instances, stream_params,
+        configs[wire.LLM_STREAM] = python_model_config(wire.LLM_STREAM, max_batch_size, options.llm_instances, llm_params,
                                                     queue_delay_us=options.llm_queue_delay_us, decoupled=True)
         stream_name = wire.stream_ensemble_name(name)
         configs[stream_name] = ensemble_config(stream_name, max_batch_size, ens_params, stream=True)

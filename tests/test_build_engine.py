@@ -74,7 +74,7 @@ def test_the_decoding_flags_reach_the_llm_steps(built):
     for model in (wire.LLM, wire.LLM_STREAM):
         assert (_param(configs[model], "prefix_cache"), _param(configs[model], "jump_forward")) == ("true", "false")
     serving = json.load(open(os.path.join(repo, C.MANIFEST)))["serving"]
-    assert (serving["llm_batching"], serving["prefix_cache"], serving["jump_forward"]) == ("inflight", True, False)
+    assert (serving["llm_batching"], serving["prefix_cache"], serving["jump_forward"]) == ("inflight", True, True)
 
 
 @pytest.mark.slow

@@ -209,9 +209,7 @@ def test_streaming_ensemble_is_the_same_pipeline_with_a_decoupled_llm(repo):
     assert steps(unary) == [wire.PREPROCESS, wire.VISION_ENCODER, wire.LLM, wire.POSTPROCESS]
     llm_s, llm_u = configs[wire.LLM_STREAM], configs[wire.LLM]
     assert names(llm_s, "input") == names(llm_u, "input") + [names(llm_s, "input")[-1]]
-    # the same graphs, limits and defaults; only the decoupled llm schedules in flight
-    assert {k: v for k, v in llm_s.parameters.items() if k != "batching"} == dict(llm_u.parameters)
-    assert llm_s.parameters["batching"].string_value in ("inflight", "static")
+    assert dict(llm_s.parameters) == dict(llm_u.parameters)  # the same graphs, limits, defaults and scheduler
     manifest = json.load(open(os.path.join(repo, C.MANIFEST)))
     assert manifest["models"]["stream_ensemble"] == "coordexp_stream"
 

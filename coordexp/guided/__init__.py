@@ -43,6 +43,10 @@ Three layers, each doing what the one before cannot:
 3. No duplicates: the shared parser notes a repeated geometry as a repair, and untrained models
    love to repeat themselves, so a geometry identical to one already written in the answer is
    masked at the token that would complete it (the last bbox coordinate, or the `]` of a poly).
+   Likewise no inverted box (the parser notes `x2 < x1` / `y2 < y1` too): x2 and y2 may not go
+   below x1 and y1 (coord tokens masked by value; numeric: a number that cannot reach its bound
+   within the budget). The one exception: a numeric answer the budget cuts (`guided_closed_early`)
+   may keep an inverted box, as the planner's costs do not know a bound may need more digits.
 
 Jump-forward (`GuidedBatch.forced_tokens`, used by `OnnxParts.generate` with `jump_forward`): after
 the model's token, the tokens the mask allows alone (grammar, canonical skeleton, planner and
