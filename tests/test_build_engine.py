@@ -20,7 +20,7 @@ from coordexp.serving import common as C
 PROMPT = PromptSpec(field_order="geometry_first", object_order="as_given", user_text="List the shapes.",
                     system_text="Find every shape.")
 ARGV = ["--field-order", "geometry_first", "--object-order", "as_given", "--prompt", "List the shapes.",
-        "--system-prompt", "Find every shape.", "--llm-batching", "inflight", "--prefix-cache",
+        "--system-prompt", "Find every shape.", "--llm-batching", "static", "--prefix-cache", "--no-jump-forward",
         "--max-new-tokens", "24", "--validation-steps", "4", "--threads", "2"]
 
 
@@ -70,11 +70,11 @@ def test_the_prompt_flags_are_served_recorded_and_validated_with_that_prompt(bui
 def test_the_decoding_flags_reach_the_llm_steps(built):
     repo, _, _ = built
     configs = _configs(repo)
-    assert _param(configs[wire.LLM_STREAM], "batching") == "inflight"
-    for model in (wire.LLM, wire.LLM_STREAM):
-        assert (_param(configs[model], "prefix_cache"), _param(configs[model], "jump_forward")) == ("true", "false")
+    for model in (wire.LLM, wire.LLM_STREAM):  # the flags given, not the defaults (inflight, on, on)
+        assert (_param(configs[model], "batching"), _param(configs[model], "prefix_cache"),
+                _param(configs[model], "jump_forward")) == ("static", "true", "false")
     serving = json.load(open(os.path.join(repo, C.MANIFEST)))["serving"]
-    assert (serving["llm_batching"], serving["prefix_cache"], serving["jump_forward"]) == ("inflight", True, True)
+    assert (serving["llm_batching"], serving["prefix_cache"], serving["jump_forward"]) == ("static", True, False)
 
 
 @pytest.mark.slow
