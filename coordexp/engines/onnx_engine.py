@@ -248,16 +248,8 @@ class OnnxParts:
 
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
-        bsz, seq = input_ids.shape
-        embeds = np.array(self.embed(input_ids), dtype=self.np_dtype)
-        img = input_ids == self.image_token_id
-        n_img = int(img.sum())
-        if n_img != image_embeds.shape[0]:
-            raise ValueError(f"{n_img} image tokens in input_ids but {image_embeds.shape[0]} image embeddings")
-        embeds[img] = image_embeds.astype(self.np_dtype, copy=False)
-        if self.num_deepstack:
-            dense = np.zeros((self.num_deepstack, bsz, seq, self.hidden), dtype=self.np_dtype)
-            dense[:, img] = deepstack.astype(self.np_dtype, copy=False)
+        bsz = input_ids.shape[0]
+        embeds, dense = self.prompt_embeds(input_ids, image_embeds, deepstack)
         pos, deltas = mrope.get_rope_index(input_ids, image_grid_thw, attention_mask,
                                            spatial_merge_size=self.merge, image_token_id=self.image_token_id,
                                            video_token_id=self.video_token_id)
@@ -269,6 +261,23 @@ class OnnxParts:
             feeds[f"past_key_{i}"] = empty
             feeds[f"past_value_{i}"] = empty
         return feeds, deltas
+
+    def prompt_embeds(self, input_ids: np.ndarray, image_embeds: np.ndarray, deepstack: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Prompt ids [B, T] -> (inputs_embeds with the image features on the image tokens, the dense
+        deepstack input [L, B, T, H] (zero off the image tokens), or None without deepstack)."""
+        bsz, seq = input_ids.shape
+        embeds = np.array(self.embed(input_ids), dtype=self.np_dtype)
+        img = input_ids == self.image_token_id
+        n_img = int(img.sum())
+        if n_img != image_embeds.shape[0]:
+            raise ValueError(f"{n_img} image tokens in input_ids but {image_embeds.shape[0]} image embeddings")
+        embeds[img] = image_embeds.astype(self.np_dtype, copy=False)
+        if not self.num_deepstack:
+            return embeds, None
+        dense = np.zeros((self.num_deepstack, bsz, seq, self.hidden), dtype=self.np_dtype)
+        dense[:, img] = deepstack.astype(self.np_dtype, copy=False)
+        return embeds, dense
 
     def decoder_step(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder call: (`logits [B, V]` float32, presents [k0, v0, k1, v1, ...])."""
@@ -425,6 +434,14 @@ class OnnxParts:
             # generated index of the chunk's first id, as position after the prompt (pads: the same)
             first = prompt_len[b] + deltas[b, 0] + len(generated[b]) - len(chunk)
             pos[i] = first + np.maximum(np.arange(width) - pad, 0)
+        return self.step_feeds(ids, new_mask, pos, mask, presents)
+
+    def step_feeds(self, ids: np.ndarray, new_mask: np.ndarray, pos: np.ndarray, mask: np.ndarray,
+                   presents: list[np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Decoder inputs for new text ids over a KV cache (every decode loop's step): `ids`,
+        `new_mask`, `pos` [n, width] (text positions, the same on all three M-RoPE rows), `mask`
+        [n, P] the cache's; (feeds, the mask extended by `new_mask`)."""
+        n, width = ids.shape
         mask = np.concatenate([mask, new_mask], axis=1)
         feeds = {
             "inputs_embeds": np.asarray(self.embed(ids), dtype=self.np_dtype),

@@ -178,16 +178,9 @@ def cached_prefill(parts: Any, input_ids: np.ndarray, attention_mask: np.ndarray
         new_mask[b, width - len(cols):] = 1
         new_pos[:, b, width - len(cols):] = pos[:, b, cols]
 
-    embeds = np.array(parts.embed(new_ids), dtype=parts.np_dtype)
-    img = new_ids == parts.image_token_id
-    n_img = int(img.sum())
-    if n_img != image_embeds.shape[0]:
-        raise ValueError(f"{n_img} image tokens in input_ids but {image_embeds.shape[0]} image embeddings")
-    embeds[img] = image_embeds.astype(parts.np_dtype, copy=False)
+    embeds, dense = parts.prompt_embeds(new_ids, image_embeds, deepstack)
     feeds = {"inputs_embeds": embeds, "position_ids": new_pos}
-    if parts.num_deepstack:  # per position of the NEW tokens only (the prefix's is zero)
-        dense = np.zeros((parts.num_deepstack, bsz, width, parts.hidden), dtype=parts.np_dtype)
-        dense[:, img] = deepstack.astype(parts.np_dtype, copy=False)
+    if dense is not None:  # per position of the NEW tokens only (the prefix's is zero)
         feeds["deepstack"] = dense
 
     entries = [cache.get(parts, input_ids[b, real[b][:p]]) if p else None for b, p in enumerate(lens)]

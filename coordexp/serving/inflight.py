@@ -141,17 +141,7 @@ class OnnxRows:
                 ids[i, pad:] = c
                 new_mask[i, pad:] = 1
                 pos[i] = self.base[i] + self.steps[i] + np.maximum(np.arange(width) - pad, 0)
-        mask = np.concatenate([self.mask, new_mask], axis=1)
-        feeds = {
-            "inputs_embeds": np.asarray(p.embed(ids), dtype=p.np_dtype),
-            "attention_mask": mask,
-            "position_ids": np.ascontiguousarray(np.broadcast_to(pos[None], (3, n, width))),
-        }
-        if p.num_deepstack:
-            feeds["deepstack"] = np.zeros((p.num_deepstack, n, width, p.hidden), dtype=p.np_dtype)
-        for i in range(p.num_layers):
-            feeds[f"past_key_{i}"] = self.presents[2 * i]
-            feeds[f"past_value_{i}"] = self.presents[2 * i + 1]
+        feeds, mask = p.step_feeds(ids, new_mask, pos, self.mask, self.presents)
         logits, presents = p.decoder_step(feeds)
         self.presents, self.mask = list(presents), mask
         self.steps = self.steps + np.asarray([len(c) for c in chunks], dtype=np.int64)
