@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"default: {DEFAULT_MAX_NEW_TOKENS} locally; a server's export default remotely")
     d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     d.add_argument("--top-p", type=float, default=1.0)
-    d.add_argument("--repetition-penalty", type=float, default=1.0)
+    d.add_argument("--repetition-penalty", type=float, default=None,
+                   help="default: 1.0 locally; a server's export default remotely")
     d.add_argument("--decode-seed", type=int, default=0, help="seed for sampled decoding")
     s = p.add_argument_group("Triton servers")
     s.add_argument("--url", action="append", default=[], help="HOST:PORT of a Triton gRPC endpoint; repeat for several")
@@ -82,7 +83,7 @@ def _options(args: argparse.Namespace) -> Any:
 def _params(args: argparse.Namespace) -> GenerationParams:
     return GenerationParams(max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
                             temperature=args.temperature, top_p=args.top_p,
-                            repetition_penalty=args.repetition_penalty, seed=args.decode_seed)
+                            repetition_penalty=args.repetition_penalty or 1.0, seed=args.decode_seed)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,7 +119,7 @@ def _run_served(args: argparse.Namespace, opts: Any, params: GenerationParams) -
     except PreflightError as e:
         return _fail(str(e))
     with engine:
-        params = engine.fit_params(params, args.max_new_tokens is not None)
+        params = engine.fit_params(params, args.max_new_tokens is not None, args.repetition_penalty is not None)
         problems = engine.problems(params)
         if opts.task == "summary" and wire.TEXT_INPUT not in engine.iface.inputs:
             problems.append(f"--task summary: the served model has no {wire.TEXT_INPUT!r} input for the mission prompt")

@@ -89,7 +89,7 @@ def _infer_local(cfg, out_path: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"threads": eng.threads}
     if eng.kind == "torch":
         kwargs.update(device=eng.device, dtype=eng.dtype)
-    engine = load_engine(eng.kind, eng.checkpoint, prompt=cfg.prompt_spec(), **kwargs)
+    engine = load_engine(eng.kind, eng.checkpoint, prompt_flags=cfg.prompt_flags(), **kwargs)
     summary = run_dataset(cfg.data, out_path, engine, cfg.generation_params(), batch_size=cfg.infer.batch_size,
                           resume=cfg.infer.resume, max_pixels=cfg.infer.max_pixels, progress=cfg.infer.progress)
     return {"rc": 0, "summary": summary.to_dict()}
@@ -106,8 +106,10 @@ def _infer_triton(cfg, out_path: str) -> dict[str, Any]:
                       concurrency=eng.concurrency, resume=cfg.infer.resume, max_pixels=cfg.infer.max_pixels,
                       progress=False if cfg.infer.progress is False else None, user_text=pr.user_text,
                       prompt_overrides={"coord_format": pr.coord_format, "field_order": pr.field_order,
-                                        "object_order": pr.object_order, "system_prompt": pr.system_text},
-                      explicit_max_new_tokens=cfg.infer.decoding.max_new_tokens is not None)
+                                        "object_order": pr.object_order, "system_prompt": pr.system_text,
+                                        "bbox_format": pr.bbox_format, "layout": pr.layout},
+                      explicit_max_new_tokens=cfg.infer.decoding.max_new_tokens is not None,
+                      explicit_repetition_penalty=cfg.infer.decoding.repetition_penalty is not None)
     summary_path = os.path.join(os.path.dirname(out_path), "summary.json")
     summary = _read_json(summary_path) if rc in (0, 3) and os.path.exists(summary_path) else None
     return {"rc": rc, "summary": summary}

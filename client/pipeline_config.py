@@ -131,16 +131,18 @@ class DecodingConfig(_Model):
     max_new_tokens: Optional[int] = Field(None, ge=1)  # null: 256 locally, the served export's default on Triton
     temperature: Float = Field(0.0, ge=0)  # 0 = greedy
     top_p: Float = Field(1.0, gt=0, le=1)
-    repetition_penalty: Float = Field(1.0, gt=0)
+    repetition_penalty: Optional[Float] = Field(None, gt=0)  # null: 1.0 locally, the served export's default on Triton
     seed: int = Field(0, ge=0)
     guided: bool = False  # constrain decoding to valid CoordJSON where the engine supports it
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
 
 
-class PromptConfig(_Model):  # null: the default of coordexp.prompt.PromptSpec
+class PromptConfig(_Model):  # null: the checkpoint's training record (or the repository's prompt)
     coord_format: Optional[Literal["tokens", "numeric"]] = None
     field_order: Optional[Literal["desc_first", "geometry_first"]] = None
-    object_order: Optional[Literal["sorted", "as_given"]] = None
+    object_order: Optional[Literal["sorted", "as_given", "random"]] = None
+    bbox_format: Optional[Literal["xyxy", "cxcywh", "cxcy_logw_logh"]] = None
+    layout: Optional[Literal["image_first", "text_first"]] = None
     user_text: Optional[str] = None
     system_text: Optional[str] = None
 
@@ -223,12 +225,24 @@ class PipelineConfig(_Model):
 
         d = self.infer.decoding.model_dump()
         d["max_new_tokens"] = d["max_new_tokens"] or GenerationParams().max_new_tokens  # null: the default
+        d["repetition_penalty"] = d["repetition_penalty"] or 1.0
         return GenerationParams(**d)
 
     def prompt_spec(self):
+        """The prompt fields given (over the default PromptSpec: validation and the resolved config)."""
         from coordexp.prompt import PromptSpec
 
-        return PromptSpec(**{k: v for k, v in self.infer.prompt.model_dump().items() if v is not None})
+        return PromptSpec(**self.prompt_fields())
+
+    def prompt_fields(self) -> dict[str, Any]:
+        return {k: v for k, v in self.infer.prompt.model_dump().items() if v is not None}
+
+    def prompt_flags(self) -> dict[str, Any]:
+        """The given prompt fields as the prompt flags' argparse dests (`coordexp.engines.load_engine`)."""
+        from coordexp.prompt import PROMPT_OPTIONS
+
+        given = self.prompt_fields()
+        return {o.dest: given[o.field] for o in PROMPT_OPTIONS if o.field in given}
 
     def resolved(self) -> dict[str, Any]:
         """Everything the run uses, absolute paths, defaults filled in, secrets redacted."""

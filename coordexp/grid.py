@@ -91,3 +91,71 @@ def bbox_of(points: Sequence[float]) -> list[float]:
     """Axis-aligned box [x1, y1, x2, y2] of a flat point list (bbox or polygon)."""
     xs, ys = points[0::2], points[1::2]
     return [min(xs), min(ys), max(xs), max(ys)]
+
+
+# ---------------------------------------------------------------------------- bbox formats
+# How a checkpoint writes the four slots of `bbox_2d` (CoordExp's `custom.bbox_format`):
+#   xyxy            [x1, y1, x2, y2] on the grid (the default)
+#   cxcywh          [cx, cy, w, h], every slot linear on the grid (k / 999)
+#   cxcy_logw_logh  [cx, cy, u(w), u(h)], u(s) = 1 + log_1024(s): slot k means s = 1024 ** (k / 999 - 1)
+# Sizes never go below 1/1024 of the image. Polygons are always plain points.
+BBOX_FORMATS = ("xyxy", "cxcywh", "cxcy_logw_logh")
+SIZE_FLOOR = 1.0 / 1024.0
+
+
+def check_bbox_format(fmt: str) -> str:
+    """The canonical spelling of a bbox format (case and '-' forgiven); ValueError naming the allowed ones."""
+    norm = str(fmt).strip().lower().replace("-", "_")
+    if norm not in BBOX_FORMATS:
+        raise ValueError(f"unknown bbox_format {fmt!r}; expected one of {', '.join(BBOX_FORMATS)}")
+    return norm
+
+
+def _unit(k: float) -> float:
+    return _clamp(k / GRID_MAX, 0.0, 1.0)
+
+
+def _slot(z: float) -> int:
+    """A unit value -> its grid slot (half up, as the research code quantises)."""
+    import math
+
+    return int(_clamp(math.floor(GRID_MAX * _clamp(z, 0.0, 1.0) + 0.5), 0, GRID_MAX))
+
+
+def encode_bbox(xyxy: Sequence[float], fmt: str) -> list[int]:
+    """Grid box [x1, y1, x2, y2] -> the four slots a checkpoint trained with `fmt` writes."""
+    import math
+
+    fmt = check_bbox_format(fmt)
+    x1, y1, x2, y2 = (_unit(v) for v in xyxy)
+    if fmt == "xyxy":
+        return [_slot(v) for v in (x1, y1, x2, y2)]
+    x1, x2 = min(x1, x2), max(x1, x2)
+    y1, y2 = min(y1, y2), max(y1, y2)
+    w, h = max(x2 - x1, SIZE_FLOOR), max(y2 - y1, SIZE_FLOOR)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    if fmt == "cxcy_logw_logh":
+        floor_log = math.log(SIZE_FLOOR)
+        w, h = ((math.log(_clamp(s, SIZE_FLOOR, 1.0)) - floor_log) / -floor_log for s in (w, h))
+    return [_slot(v) for v in (cx, cy, w, h)]
+
+
+def decode_bbox_exact(slots: Sequence[float], fmt: str) -> list[float]:
+    """The four slots of `fmt` -> [x1, y1, x2, y2] on the grid as floats (may fall just outside 0..999)."""
+    fmt = check_bbox_format(fmt)
+    if fmt == "xyxy":
+        return [float(v) for v in slots]
+    cx, cy = _unit(slots[0]), _unit(slots[1])
+    if fmt == "cxcy_logw_logh":
+        w, h = (1024.0 ** (_unit(k) - 1.0) for k in slots[2:4])
+    else:
+        w, h = (_clamp(k / GRID_MAX, SIZE_FLOOR, 1.0) for k in slots[2:4])
+    return [(cx - w / 2) * GRID_MAX, (cy - h / 2) * GRID_MAX, (cx + w / 2) * GRID_MAX, (cy + h / 2) * GRID_MAX]
+
+
+def decode_bbox(slots: Sequence[float], fmt: str) -> list[int]:
+    """The four slots of `fmt` -> grid box [x1, y1, x2, y2] (ints 0..999): the exact box re-quantised to
+    the grid (Python's round, then clamped), so `to_pixels` gives the research code's pixels."""
+    if check_bbox_format(fmt) == "xyxy":
+        return [int(v) for v in slots]
+    return [int(_clamp(round(v), 0, GRID_MAX)) for v in decode_bbox_exact(slots, fmt)]

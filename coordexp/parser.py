@@ -2,7 +2,7 @@
 
 Imported by the Triton postprocess model, the client, eval and vis; pure Python, no heavy imports.
 
-    parse_model_output(text, coord_mode="norm1000", width=None, height=None) -> ParseResult
+    parse_model_output(text, coord_mode="norm1000", width=None, height=None, bbox_format="xyxy") -> ParseResult
 
 What it accepts
 ---------------
@@ -48,6 +48,12 @@ Validation (after repair), per object, in this order
   break upstream parity.
 Extra keys and the model's score hints are ignored (score 1.0); duplicates are kept and noted.
 
+Box formats (``bbox_format``, the checkpoint's; norm1000 only): ``xyxy`` reads ``bbox_2d`` as
+``[x1, y1, x2, y2]``. ``cxcywh`` and ``cxcy_logw_logh`` read it as centre + size
+(``coordexp.grid.decode_bbox``): the slots are range-checked as grid values, kept as written in
+``PredObject.slots``, and ``points`` holds the decoded ``[x1, y1, x2, y2]`` (never inverted, so no
+inverted-box note); the zero-area check runs on the decoded box. Polygons are plain points in every format.
+
 Modes: ``norm1000`` 0..999, ``qwen3_rel1000`` 0..1000, ``pixel`` any integer >= 0; others: ``ValueError``.
 
 Error codes (``ParseResult.error``: fatal, the line has no preds; ``ParseResult.errors``: the
@@ -69,7 +75,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordexp.grid import COORD_MODES, to_pixels
+from coordexp.grid import COORD_MODES, check_bbox_format, decode_bbox, to_pixels
 from coordexp.json_scan import WS as _WS, closing_brackets, scan
 from coordexp.schema import GEOMETRY_TYPES, INVALID_GEOMETRY_KEYS, ErrorCode, PredObject
 from coordexp.tokens import QWEN_SPECIAL_TOKENS
@@ -207,6 +213,7 @@ class _Ctx:
     coord_max: int | None
     width: int | None = None
     height: int | None = None
+    bbox_format: str = "xyxy"
 
 
 def _degenerate(gtype: str, pts: list[int], ctx: _Ctx) -> str | None:
@@ -256,6 +263,9 @@ def _validate(obj: Any, where: str, ctx: _Ctx, notes: list[str]) -> PredObject |
         return ErrorCode.INVALID_GEOMETRY, f"bbox_2d needs 4 numbers, got {len(pts)}"
     if gtype == "poly" and (len(pts) < 6 or len(pts) % 2):
         return ErrorCode.INVALID_GEOMETRY, f"poly needs an even count >= 6 of numbers, got {len(pts)}"
+    slots = None
+    if gtype == "bbox_2d" and ctx.bbox_format != "xyxy":
+        slots, pts = pts, decode_bbox(pts, ctx.bbox_format)
     degenerate = _degenerate(gtype, pts, ctx)
     if degenerate:
         return ErrorCode.INVALID_GEOMETRY, degenerate
@@ -273,7 +283,7 @@ def _validate(obj: Any, where: str, ctx: _Ctx, notes: list[str]) -> PredObject |
     if desc != desc.strip():
         local.append(f"{where}: stripped whitespace around desc {desc!r}")
     notes.extend(local)
-    return PredObject(type=gtype, points=pts, desc=desc.strip(), score=1.0)
+    return PredObject(type=gtype, points=pts, desc=desc.strip(), score=1.0, slots=slots)
 
 
 def _objects_of(value: Any, repairs: list[str]) -> list[Any] | None:
@@ -307,13 +317,17 @@ def _fail(res: ParseResult, code: ErrorCode, message: str) -> ParseResult:
 
 
 def parse_model_output(text: str, coord_mode: str = "norm1000", width: int | None = None,
-                       height: int | None = None) -> ParseResult:
+                       height: int | None = None, bbox_format: str = "xyxy") -> ParseResult:
     """Parse one model answer (CoordJSON, possibly damaged) into predictions. Never raises on
-    bad text; raises ``ValueError`` for an unknown ``coord_mode``. ``width``/``height`` (the
-    image's) turn on the zero-area-at-pixel-size check. See the module docstring."""
+    bad text; raises ``ValueError`` for an unknown ``coord_mode`` or ``bbox_format`` (or a centre
+    format outside norm1000). ``width``/``height`` (the image's) turn on the zero-area-at-pixel-size
+    check. See the module docstring."""
     if coord_mode not in COORD_MODE_MAX:
         raise ValueError(f"unknown coord_mode {coord_mode!r}; expected one of {', '.join(COORD_MODES)}")
-    ctx = _Ctx(coord_mode, COORD_MODE_MAX[coord_mode], width, height)
+    bbox_format = check_bbox_format(bbox_format)
+    if bbox_format != "xyxy" and coord_mode != "norm1000":
+        raise ValueError(f"bbox_format {bbox_format!r} is defined on the norm1000 grid only, not {coord_mode!r}")
+    ctx = _Ctx(coord_mode, COORD_MODE_MAX[coord_mode], width, height, bbox_format)
     res = ParseResult()
     repairs = res.repairs
     if text is None:

@@ -55,6 +55,25 @@ def _read_chat_template(folder: Path) -> str | None:
     return None
 
 
+def set_image_budget(image_processor: Any, max_pixels: int) -> None:
+    """Resize to at most `max_pixels` pixels (Qwen's `size.longest_edge`, which is an area, not an edge)."""
+    size = dict(getattr(image_processor, "size", None) or {})
+    size["longest_edge"] = int(max_pixels)
+    image_processor.size = size
+    if hasattr(image_processor, "max_pixels"):
+        image_processor.max_pixels = int(max_pixels)
+
+
+def write_image_budget(folder: str | os.PathLike, max_pixels: int) -> None:
+    """The same in a processor folder's `preprocessor_config.json` (what a served repository loads)."""
+    path = Path(folder) / "preprocessor_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["size"] = {**(cfg.get("size") or {}), "longest_edge": int(max_pixels)}
+    if "max_pixels" in cfg:
+        cfg["max_pixels"] = int(max_pixels)
+    path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
 def to_rgb(image):
     """PIL image (or HWC uint8 array) -> RGB PIL image, the way transformers' `convert_to_rgb` does
     it (transparency is composited onto white)."""
@@ -114,13 +133,18 @@ class CoordExpProcessor:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, ckpt: str | os.PathLike, **kwargs: Any) -> "CoordExpProcessor":
-        """Load tokenizer (`AutoTokenizer`) + PIL image processor + chat template from a folder."""
+    def from_pretrained(cls, ckpt: str | os.PathLike, image_max_pixels: int | None = None,
+                        **kwargs: Any) -> "CoordExpProcessor":
+        """Load tokenizer (`AutoTokenizer`) + PIL image processor + chat template from a folder.
+        `image_max_pixels`: the image budget to resize to instead of the folder's own (a training
+        run's `template.max_pixels`: `coordexp.training_record`)."""
         from transformers import AutoTokenizer
 
         folder = Path(ckpt)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
         image_processor = cls._load_image_processor(folder, **kwargs)
+        if image_max_pixels is not None:
+            set_image_budget(image_processor, image_max_pixels)
         return cls(tokenizer, image_processor, chat_template=_read_chat_template(folder))
 
     @staticmethod

@@ -20,12 +20,13 @@ from coordexp.schema import SCHEMA_VERSION, ErrorCode, PredictionRecord
 
 
 def prediction_from_generation(item: DatasetItem, gen: GenerationResult | None,
-                               extra: dict[str, Any] | None = None) -> PredictionRecord:
-    """The output line for one dataset item: its own error, an engine failure, or parsed text."""
+                               extra: dict[str, Any] | None = None, bbox_format: str = "xyxy") -> PredictionRecord:
+    """The output line for one dataset item: its own error, an engine failure, or parsed text
+    (`bbox_format`: how the checkpoint writes bbox_2d, its prompt's)."""
     from coordexp.parser import parse_model_output
 
     rec = PredictionRecord(image_id=item.index, images=item.images, width=item.width, height=item.height,
-                           extra=dict(extra or {}))
+                           bbox_format=bbox_format, extra=dict(extra or {}))
     if not item.ok:
         rec.error, rec.error_message = str(item.error), item.error_message
         return rec
@@ -35,14 +36,15 @@ def prediction_from_generation(item: DatasetItem, gen: GenerationResult | None,
         rec.raw_output = gen.text if gen else ""
         return rec
     rec.raw_output = gen.text
-    parsed = parse_model_output(gen.text, width=item.width, height=item.height)  # size: zero-area check
+    # the size turns on the zero-area check
+    parsed = parse_model_output(gen.text, width=item.width, height=item.height, bbox_format=bbox_format)
     rec.preds = parsed.preds
     rec.repairs = parsed.repairs
     rec.errors = [str(e) for e in parsed.errors]
     if parsed.error is not None:
         rec.error = str(parsed.error)
         rec.error_message = parsed.error_message
-    rec.extra.update({"num_tokens": len(gen.token_ids), "finish_reason": gen.finish_reason})
+    rec.extra.update({"num_tokens": gen.num_tokens, "finish_reason": gen.finish_reason})
     rec.extra.update(gen.extra)
     return rec
 
@@ -353,7 +355,8 @@ class _Loop:
     def write(self, batch: list[DatasetItem], results: dict[int, GenerationResult]) -> None:
         n = 0
         for it in batch:
-            n += self.writer.submit(prediction_from_generation(it, results.get(it.index), self.line_extra))
+            n += self.writer.submit(prediction_from_generation(it, results.get(it.index), self.line_extra,
+                                                               self.engine.prompt.bbox_format))
             it.image_bytes = None  # done with it: only records behind a gap stay in memory
         if n:
             self.bar.update(n)

@@ -52,19 +52,26 @@ class ContractError(ValueError):
 
 @dataclass
 class PredObject:
-    """One detection: `points` are grid values (0..999) in norm1000 mode."""
+    """One detection: `points` are grid values (0..999) in norm1000 mode, always [x1, y1, x2, y2] for a
+    box; `slots` are the four numbers the model wrote when its bbox format is a centre format."""
 
     type: str  # "bbox_2d" | "poly"
     points: list[int]
     desc: str
     score: float = 1.0
+    slots: list[int] | None = None  # bbox_2d as written in a centre format (cx, cy, size, size)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "points": list(self.points), "desc": self.desc, "score": self.score}
+        d = {"type": self.type, "points": list(self.points), "desc": self.desc, "score": self.score}
+        if self.slots is not None:
+            d["slots"] = list(self.slots)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PredObject":
-        return cls(type=d["type"], points=list(d["points"]), desc=d["desc"], score=float(d.get("score", 1.0)))
+        slots = d.get("slots")
+        return cls(type=d["type"], points=list(d["points"]), desc=d["desc"], score=float(d.get("score", 1.0)),
+                   slots=list(slots) if isinstance(slots, list) else None)
 
 
 @dataclass
@@ -168,6 +175,7 @@ class PredictionRecord:
     raw_output: str = ""
     preds: list[PredObject] = field(default_factory=list)
     coord_mode: str = "norm1000"
+    bbox_format: str = "xyxy"  # how the model wrote bbox_2d; preds' points are decoded to x1 y1 x2 y2
     error: str | None = None
     error_message: str | None = None
     repairs: list[str] = field(default_factory=list)  # what the parser repaired or dropped, and why
@@ -181,6 +189,7 @@ class PredictionRecord:
             "width": self.width,
             "height": self.height,
             "coord_mode": self.coord_mode,
+            "bbox_format": self.bbox_format,
             "raw_output": self.raw_output,
             "preds": [p.to_dict() for p in self.preds],
         }
@@ -200,7 +209,7 @@ class PredictionRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PredictionRecord":
-        known = {"image_id", "images", "width", "height", "coord_mode", "raw_output", "preds", "error",
+        known = {"image_id", "images", "width", "height", "coord_mode", "bbox_format", "raw_output", "preds", "error",
                  "error_message", "repairs", "errors"}
         return cls(
             image_id=d["image_id"],
@@ -210,6 +219,7 @@ class PredictionRecord:
             raw_output=d.get("raw_output", ""),
             preds=[PredObject.from_dict(p) for p in (d.get("preds") or [])],
             coord_mode=d.get("coord_mode", "norm1000"),
+            bbox_format=d.get("bbox_format") or "xyxy",
             error=d.get("error"),
             error_message=d.get("error_message"),
             repairs=list(d.get("repairs") or []),

@@ -23,6 +23,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="lvis: federated LVIS AP on LVISEval (records need metadata.lvis; 300 dets per image)")
     p.add_argument("--reparse", action="store_true",
                    help="re-parse every line's raw_output with the shared parser (default: only lines without preds)")
+    p.add_argument("--bbox-format", choices=["xyxy", "cxcywh", "cxcy_logw_logh"], default=None,
+                   help="how the model wrote bbox_2d, for prediction lines that do not say (ours carry bbox_format, "
+                        "their points already decoded; a line that says otherwise is an error)")
     p.add_argument("--iou-thrs", default="0.3,0.5", help="F1-ish IoU thresholds, comma separated (0.5 is primary)")
     p.add_argument("--desc-match", choices=["exact", "semantic"], default=None,
                    help="how a matched desc counts as right in the headline 'full' F1 and how pred descs map to "
@@ -64,7 +67,8 @@ def run(args) -> int:
         m = evaluate(args.pred, args.gt, args.out, metrics=args.metrics, iou_thrs=thrs, reparse=args.reparse,
                      semantic=not args.no_semantic, semantic_thr=args.semantic_thr,
                      coco_backend=args.coco_backend, gt_coord_mode=args.gt_coord_mode, plots=not args.no_plots,
-                     compat=args.compat, desc_match=args.desc_match, allow_partial=args.allow_partial)
+                     compat=args.compat, desc_match=args.desc_match, allow_partial=args.allow_partial,
+                     bbox_format=args.bbox_format)
     except (OSError, ValueError, ContractError, RuntimeError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 2

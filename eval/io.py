@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordexp.grid import COORD_MODES, bbox_of, to_pixels
+from coordexp.grid import BBOX_FORMATS, COORD_MODES, bbox_of, check_bbox_format, decode_bbox, to_pixels
 from coordexp.schema import (
     GEOMETRY_TYPES,
     ContractError,
@@ -207,7 +207,10 @@ def _load_coco_gt(data: dict) -> GroundTruth:
     return GroundTruth(images=images, categories=categories, source_format="coco")
 
 
-def _pred_objects(raw_preds: list, rec: dict, pair: ImagePair, mode: str) -> tuple[list[EvalObject], int]:
+def _pred_objects(raw_preds: list, rec: dict, pair: ImagePair, mode: str,
+                  decode_format: str = "xyxy") -> tuple[list[EvalObject], int]:
+    """`decode_format`: the boxes' points are still the slots of this bbox format (a line written
+    without `bbox_format`, read with `--bbox-format`): decode them first."""
     msize = _model_size(rec)
     out: list[EvalObject] = []
     invalid = 0
@@ -221,6 +224,8 @@ def _pred_objects(raw_preds: list, rec: dict, pair: ImagePair, mode: str) -> tup
             if not all(type(v) in (int, float) and math.isfinite(v) for v in pts):  # fast path: numbers
                 pts = [coord_value(v, "pred") for v in pts]
             check_arity(p["type"], pts, "pred")
+            if p["type"] == "bbox_2d" and decode_format != "xyxy":
+                pts = decode_bbox(pts, decode_format)
             desc = p.get("desc")
             if not isinstance(desc, str):
                 raise ContractError(ErrorCode.INVALID_INPUT, "desc")
@@ -234,12 +239,12 @@ def _pred_objects(raw_preds: list, rec: dict, pair: ImagePair, mode: str) -> tup
     return out, invalid
 
 
-def _reparse(raw_output: str, coord_mode: str) -> tuple[list, str | None, str | None]:
+def _reparse(raw_output: str, coord_mode: str, bbox_format: str = "xyxy") -> tuple[list, str | None, str | None]:
     try:
         from coordexp.parser import parse_model_output
     except ImportError as e:  # pragma: no cover - depends on the checkout
         raise RuntimeError(f"--reparse needs coordexp.parser, which cannot be imported: {e}") from e
-    res = parse_model_output(raw_output or "", coord_mode=coord_mode)
+    res = parse_model_output(raw_output or "", coord_mode=coord_mode, bbox_format=bbox_format)
     err = getattr(res, "error", None)
     return list(res.preds or []), (str(err) if err is not None else None), getattr(res, "error_message", None)
 
@@ -248,13 +253,32 @@ PRED_WITHOUT_PREDS = ("has upstream's `pred` list but no `preds`: it is a gt_vs_
                       "evaluate it alone: --pred FILE without --gt")
 
 
-def attach_predictions(gt: GroundTruth, pred_path: str, reparse: bool = False) -> dict[str, Any]:
+def _line_bbox_format(d: dict, given: str | None, where: str) -> tuple[str, bool]:
+    """(the line's bbox format, whether its box points are still undecoded slots). A line written by
+    us says its format (`bbox_format`; points already decoded); `given` (--bbox-format) names it for
+    lines that do not, and must agree with the ones that do."""
+    line = d.get("bbox_format")
+    if line is not None:
+        if line not in BBOX_FORMATS:
+            raise ValueError(f"{where}: bbox_format {line!r}; expected one of {', '.join(BBOX_FORMATS)}")
+        if given is not None and given != line:
+            raise ValueError(f"{where}: the line says bbox_format {line!r}, --bbox-format says {given!r}")
+        return line, False
+    fmt = given or "xyxy"
+    return fmt, fmt != "xyxy"
+
+
+def attach_predictions(gt: GroundTruth, pred_path: str, reparse: bool = False,
+                       bbox_format: str | None = None) -> dict[str, Any]:
     """Fill `pair.preds` from the prediction artifact; returns line-level counts.
 
     Lines are matched by `image_id` (0-based input order) and their `images` must agree with
     the GT line's (ValueError otherwise). A GT image without a prediction line is evaluated
-    with no predictions and counted as missing.
+    with no predictions and counted as missing. `bbox_format`: how the model wrote bbox_2d, for
+    lines that do not say (`_line_bbox_format`).
     """
+    bbox_format = check_bbox_format(bbox_format) if bbox_format is not None else None
+    formats: Counter = Counter()
     by_id = {p.image_id: p for p in gt.images}
     seen: set[int] = set()
     errors: Counter = Counter()
@@ -293,11 +317,17 @@ def attach_predictions(gt: GroundTruth, pred_path: str, reparse: bool = False) -
             counts["size_mismatch_lines"] += 1
         mode = d.get("coord_mode") or "norm1000"
         pair.pred_coord_mode = mode
+        fmt, undecoded = _line_bbox_format(d, bbox_format, f"{pred_path} line {line_no}")
+        if fmt != "xyxy" and mode != "norm1000":
+            raise ValueError(f"{pred_path} line {line_no}: bbox_format {fmt!r} is defined on the norm1000 grid, "
+                             f"the line's coord_mode is {mode!r}")
+        formats[fmt] += 1
         listed.update(str(e) for e in (d.get("errors") or []))  # codes of dropped objects (non-fatal)
         err = d.get("error")
         raw_preds = d.get("preds")
         if reparse or raw_preds is None:
-            raw_preds, perr, pmsg = _reparse(d.get("raw_output", ""), mode)
+            raw_preds, perr, pmsg = _reparse(d.get("raw_output", ""), mode, fmt)
+            undecoded = False
             pair.reparsed = True
             counts["reparsed_lines"] += 1
             if perr is not None and err is None:
@@ -310,20 +340,22 @@ def attach_predictions(gt: GroundTruth, pred_path: str, reparse: bool = False) -
             counts["pred_lines_with_error"] += 1
             raw = d.get("raw_output")
             pair.raw_output = raw if isinstance(raw, str) else None
-        pair.preds, pair.preds_invalid = _pred_objects(list(raw_preds or []), d, pair, mode)
+        pair.preds, pair.preds_invalid = _pred_objects(list(raw_preds or []), d, pair, mode,
+                                                       fmt if undecoded else "xyxy")
         counts["preds_invalid"] += pair.preds_invalid
     for p in gt.images:
         if p.image_id not in seen:
             p.missing = True
             counts["pred_lines_missing"] += 1
-    return {"counts": dict(counts), "errors": dict(errors), "errors_listed": dict(listed)}
+    return {"counts": dict(counts), "errors": dict(errors), "errors_listed": dict(listed),
+            "bbox_formats": dict(formats)}
 
 
 def load_pairs(pred_path: str, gt_path: str, reparse: bool = False,
-               gt_coord_mode: str | None = None) -> list[ImagePair]:
+               gt_coord_mode: str | None = None, bbox_format: str | None = None) -> list[ImagePair]:
     """Per image: GT objects and predictions, both in pixel coordinates (input order)."""
     gt = load_gt(gt_path, coord_mode=gt_coord_mode)
-    attach_predictions(gt, pred_path, reparse=reparse)
+    attach_predictions(gt, pred_path, reparse=reparse, bbox_format=bbox_format)
     return gt.images
 
 

@@ -110,12 +110,14 @@ def _coco(pairs, categories: list[str], category_of: dict[str, str | None], with
     return coco_gt, coco_dets, res
 
 
-def _load(pred_path: str, gt_path: str | None, reparse: bool, gt_coord_mode: str | None, compat: str):
+def _load(pred_path: str, gt_path: str | None, reparse: bool, gt_coord_mode: str | None, compat: str,
+          bbox_format: str | None = None):
     """(gt, line info, pairs, categories, compat changes): the pairs after `--compat coordexp`."""
     from .compat import apply_coordexp
     from .upstream import load_inputs
 
-    gt, line_info = load_inputs(pred_path, gt_path, reparse=reparse, gt_coord_mode=gt_coord_mode)
+    gt, line_info = load_inputs(pred_path, gt_path, reparse=reparse, gt_coord_mode=gt_coord_mode,
+                                bbox_format=bbox_format)
     pairs, categories, changes = gt.images, list(gt.categories), None
     if compat == "coordexp":  # categories: the stripped GT descs left, first seen
         pairs, changes = apply_coordexp(pairs)
@@ -169,7 +171,8 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
              iou_thrs: Sequence[float] = DEFAULT_IOU_THRS, reparse: bool = False, semantic: bool = True,
              semantic_thr: float = DEFAULT_THRESHOLD, embedder=None, coco_backend: str = "faster-coco-eval",
              gt_coord_mode: str | None = None, plots: bool = True, verbose: bool = False,
-             compat: str = "ours", desc_match: str | None = None, allow_partial: bool = False) -> dict[str, Any]:
+             compat: str = "ours", desc_match: str | None = None, allow_partial: bool = False,
+             bbox_format: str | None = None) -> dict[str, Any]:
     """Evaluate a prediction artifact against GT; write the artifacts into `out_dir` (None: none).
 
     - `gt_path=None`: `pred_path` is a gt_vs_pred.jsonl (ours or CoordExp's) with the GT inside.
@@ -183,6 +186,8 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
       scored as misses, but no warning goes to stderr.
     - `embedder`: a `list[str] -> (n, d) array` used instead of all-MiniLM-L6-v2 (tests).
     - `compat="coordexp"`: CoordExp's evaluator conventions (eval/compat.py); default ours.
+    - `bbox_format`: how the model wrote bbox_2d, for prediction lines that do not say (ours do;
+      a line that says otherwise is an error).
     Returns the metrics dict (the content of metrics.json).
     """
     from .compat import COMPAT_CHOICES, compat_info
@@ -203,7 +208,7 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
 
     from .upstream import flat_metrics
 
-    gt, line_info, pairs, categories, changes = _load(pred_path, gt_path, reparse, gt_coord_mode, compat)
+    gt, line_info, pairs, categories, changes = _load(pred_path, gt_path, reparse, gt_coord_mode, compat, bbox_format)
     timings["load_s"] = time.perf_counter() - t0
     scorer = SemanticScorer(embedder=embedder, threshold=semantic_thr, enabled=semantic)
     pred_descs = Counter(o.desc for p in pairs for o in p.preds)
@@ -219,7 +224,8 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
         "inputs": {"pred": os.path.abspath(pred_path), "gt": os.path.abspath(gt_path or pred_path),
                    "gt_format": gt.source_format, "metrics": metrics, "reparse": bool(reparse),
                    "iou_thrs": [float(x) for x in iou_thrs], "primary_iou_thr": primary, "compat": compat,
-                   "desc_match": desc_match},
+                   "desc_match": desc_match, "bbox_format": bbox_format,
+                   "bbox_formats": line_info.get("bbox_formats", {})},
         "desc_match": desc_match,
         "counts": counts,
         "errors": line_info["errors"],

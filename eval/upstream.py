@@ -146,8 +146,9 @@ def check_not_swapped(pred_path: str, gt_path: str) -> None:
 
 
 def load_inputs(pred_path: str, gt_path: str | None, reparse: bool = False,
-                gt_coord_mode: str | None = None) -> tuple[GroundTruth, dict[str, Any]]:
-    """What eval and vis read: predictions.jsonl + GT, or one gt_vs_pred file (GT inside)."""
+                gt_coord_mode: str | None = None, bbox_format: str | None = None) -> tuple[GroundTruth, dict[str, Any]]:
+    """What eval and vis read: predictions.jsonl + GT, or one gt_vs_pred file (GT inside; its boxes
+    are pixel x1 y1 x2 y2 whatever the model wrote, so `bbox_format` does not apply)."""
     from .io import attach_predictions, load_gt
 
     if gt_path is None:
@@ -158,7 +159,7 @@ def load_inputs(pred_path: str, gt_path: str | None, reparse: bool = False,
         return load_gt_vs_pred(pred_path)
     check_not_swapped(pred_path, gt_path)
     gt = load_gt(gt_path, coord_mode=gt_coord_mode)
-    return gt, attach_predictions(gt, pred_path, reparse=reparse)
+    return gt, attach_predictions(gt, pred_path, reparse=reparse, bbox_format=bbox_format)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
 """Build a servable engine from a CoordExp checkpoint: export, validate, write the Triton repository.
 
     python export/build_engine.py --ckpt CKPT [--repo model_repository/NAME] [--name NAME]
-        [--backend onnx|torch|trtllm] [--max-batch-size 8] [--max-new-tokens 256] [--dry-run]
-        onnx, torch: [--coord-format tokens|numeric] [--field-order desc_first|geometry_first]
-                     [--object-order sorted|as_given] [--prompt USER_TEXT] [--system-prompt TEXT] [--force]
+        [--backend onnx|torch|trtllm] [--max-batch-size 8] [--max-new-tokens 2048] [--repetition-penalty 1.0]
+        [--dry-run]
+        prompt:      [--run-config resolved_config.json] [--builtin-prompt] [--expect-prompt-hash HASH|FILE]
+                     [--coord-format tokens|numeric] [--field-order desc_first|geometry_first]
+                     [--object-order sorted|as_given|random] [--bbox-format xyxy|cxcywh|cxcy_logw_logh]
+                     [--message-layout image_first|text_first] [--prompt USER_TEXT] [--system-prompt TEXT]
+        onnx, torch: [--force]
         onnx only:   [--opset N] [--skip-validation] [--validation-steps 16] [--llm-batching inflight|static]
                      [--prefix-cache|--no-prefix-cache] [--jump-forward|--no-jump-forward]
         torch only:  [--device cuda|cpu] [--dtype fp32|bf16|fp16] [--kv-cache dynamic|static] [--compile]
@@ -20,8 +24,15 @@ ONNX path exports the three graphs (`coordexp.export.onnx_export`), validates th
 torch checkpoint (`coordexp.export.validate`: greedy tokens must be identical) and hands the folder
 to `coordexp.export.repository.write_repository`, which lays out the Triton repository.
 
-The prompt flags (the client's, `coordexp.prompt.PROMPT_OPTIONS`) choose the prompt variant the
-repository serves; validation encodes its probes with it. A repository that is already current
+The served prompt is the one the checkpoint was trained with: its training run's record
+(`resolved_config.json` beside the weights or in the run folder above them, or `--run-config`), read by
+`coordexp.training_record.checkpoint_prompt`: the recorded system and user texts verbatim, image part
+first, the recorded controls (coord format, field order, ordering, bbox format) and image budget. The
+prompt flags (the client's, `coordexp.prompt.PROMPT_OPTIONS`) override single values and are named in
+the log and the manifest. A checkpoint without a record and without prompt flags is refused (exit 2)
+unless `--builtin-prompt`. The manifest records the texts, the controls, where they came from and
+CoordExp's `prompt_template_hash` (`--expect-prompt-hash` checks it). Validation encodes its probes
+with the served prompt. A repository that is already current
 (`coordexp.export.repository.repository_current`: same checkpoint digest, options, prompt, library
 versions) is not exported again, and one that a running coordexp-server serves is not replaced;
 `--force` does both anyway. Every build (or skip) ends by printing the command that serves it.
@@ -45,10 +56,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from coordexp.prompt import PROMPT_OPTIONS, PromptSpec, add_prompt_options, prompt_from_options
+from coordexp.generation import SERVED_MAX_NEW_TOKENS
+from coordexp.prompt import PROMPT_OPTIONS, PromptSpec, add_prompt_options
 
 RESERVED_NAMES = ("preprocess", "vision_encoder", "llm", "postprocess")
 DEFAULT_VALIDATION_STEPS = 16
+DEFAULT_MAX_NEW_TOKENS = SERVED_MAX_NEW_TOKENS  # the served token limit (coordexp.generation says why)
 
 
 class BuildError(Exception):
@@ -113,13 +126,15 @@ class BuildOptions:
     backend: str
     family: str
     max_batch_size: int = 8
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    repetition_penalty: float = 1.0  # the served default (a request may send its own)
     onnx_dir: str | None = None
     streaming: bool = True
     threads: int | None = None
     dry_run: bool = False
     as_json: bool = False
-    prompt: PromptSpec = PromptSpec()  # the prompt variant the repository serves (onnx, torch)
+    prompt: PromptSpec = PromptSpec()  # the prompt the repository serves
+    prompt_choice: Any = None  # coordexp.training_record.PromptChoice: where `prompt` came from
     force: bool = False  # export even when current, replace even when served
     onnx: OnnxOptions | None = None
     trtllm: Any = None  # coordexp.trtllm.plan.TrtllmOptions
@@ -176,7 +191,8 @@ def export_trtllm_format(opts: BuildOptions) -> dict[str, Any]:
     tensorrt_llm is not importable."""
     from coordexp.trtllm.export import export_trtllm
 
-    return export_trtllm(opts.ckpt, opts.name, opts.repo, opts.trtllm, onnx_dir=opts.onnx_dir, dry_run=opts.dry_run)
+    return export_trtllm(opts.ckpt, opts.name, opts.repo, opts.trtllm, onnx_dir=opts.onnx_dir, dry_run=opts.dry_run,
+                         prompt=opts.prompt, decoding=decoding_defaults(opts), prompt_source=prompt_source(opts))
 
 
 def serving_options(opts: BuildOptions) -> Any:
@@ -188,6 +204,18 @@ def serving_options(opts: BuildOptions) -> Any:
         given = {k: getattr(opts.onnx, k) for k in ("llm_batching", "prefix_cache", "jump_forward")
                  if getattr(opts.onnx, k) is not None}
     return ServingOptions(streaming=opts.streaming, **given)
+
+
+def decoding_defaults(opts: BuildOptions) -> Any:
+    """What a request that sends no decoding parameters gets: the served limit, the repetition penalty."""
+    from coordexp.generation import GenerationParams
+
+    return GenerationParams(max_new_tokens=opts.max_new_tokens, repetition_penalty=opts.repetition_penalty)
+
+
+def prompt_source(opts: BuildOptions) -> dict[str, Any] | None:
+    """The manifest's `prompt_source`: where the prompt came from, its hash, the image budget."""
+    return opts.prompt_choice.to_manifest() if opts.prompt_choice is not None else None
 
 
 def write_repo(opts: BuildOptions, result: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +236,8 @@ def write_repo(opts: BuildOptions, result: dict[str, Any]) -> dict[str, Any]:
 
     kwargs: dict[str, Any] = dict(max_batch_size=opts.max_batch_size, max_new_tokens=opts.max_new_tokens,
                                   prompt=opts.prompt, backend=opts.backend, validation=result.get("validation"),
-                                  options=serving_options(opts), replace_served=opts.force)
+                                  options=serving_options(opts), replace_served=opts.force,
+                                  decoding=decoding_defaults(opts), prompt_source=prompt_source(opts))
     if "move_onnx" in inspect.signature(write_repository).parameters:
         kwargs["move_onnx"] = bool(result["temporary"])
     try:
@@ -223,7 +252,7 @@ def write_repo(opts: BuildOptions, result: dict[str, Any]) -> dict[str, Any]:
 
 def summary_lines(opts: BuildOptions, result: dict[str, Any], written: dict[str, Any], seconds: float) -> list[str]:
     lines = [f"checkpoint : {opts.ckpt}", f"backend    : {opts.backend} (opset {opts.onnx.opset})",
-             f"name       : {opts.name}", f"prompt     : {opts.prompt.variant}"]
+             f"name       : {opts.name}", *prompt_lines(opts)]
     root = written.get("repo") or written.get("onnx_dir")
     lines.append(f"written    : {root}")
     files = _files(root) if root else []
@@ -246,6 +275,19 @@ def summary_lines(opts: BuildOptions, result: dict[str, Any], written: dict[str,
     if exp:
         lines.append("export     : " + ", ".join(f"{k} {v} s" for k, v in exp.items()))
     lines.append(f"seconds    : {seconds:.1f}")
+    return lines
+
+
+def prompt_lines(opts: BuildOptions) -> list[str]:
+    p = opts.prompt
+    lines = [f"prompt     : {p.variant} (from {opts.prompt_choice.describe() if opts.prompt_choice else 'the flags'})",
+             f"  hash     : {p.template_hash()} (CoordExp's prompt_template_hash)",
+             f"  layout   : {p.layout.replace('_', ' ')}, bbox_2d as {p.bbox_format}, coordinates as {p.coord_format}"]
+    budget = opts.prompt_choice.max_pixels if opts.prompt_choice else None
+    if budget:
+        lines.append(f"  images   : resized to at most {budget} pixels (the training run's template.max_pixels)")
+    lines.append(f"limits     : {opts.max_new_tokens} new tokens, repetition penalty {opts.repetition_penalty} "
+                 "(served defaults)")
     return lines
 
 
@@ -273,7 +315,8 @@ def current_check(opts: BuildOptions) -> tuple[bool, str]:
     from coordexp.export.repository import build_record, repository_current
 
     want = build_record(opts.name, opts.backend, opts.max_batch_size, opts.max_new_tokens, opts.prompt,
-                        serving_options(opts), torch=opts.torch.parts if opts.torch else None)
+                        serving_options(opts), decoding_defaults(opts), torch=opts.torch.parts if opts.torch else None,
+                        prompt_source=prompt_source(opts))
     if opts.onnx is not None:
         want["onnx.opset"] = opts.onnx.opset
         if opts.onnx_dir and not os.path.isfile(os.path.join(opts.onnx_dir, "onnx_meta.json")):
@@ -327,14 +370,15 @@ def build_torch(opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
         return plan, [f"{k:<15}: {v}" for k, v in plan.items()]
     try:
         result = export_torch(opts.ckpt, opts.repo, opts.name, t, opts.max_batch_size, opts.max_new_tokens,
-                              streaming=opts.streaming, log=_log, prompt=opts.prompt, replace_served=opts.force)
+                              streaming=opts.streaming, log=_log, prompt=opts.prompt, replace_served=opts.force,
+                              decoding=decoding_defaults(opts), prompt_source=prompt_source(opts))
     except TorchValidationError as e:
         raise BuildError(f"validation failed: {e}", 1) from e
     except RepositoryServed as e:
         raise BuildError(str(e), 2) from e
     v = result["validation"]
     lines = [f"checkpoint : {opts.ckpt}", f"backend    : torch ({t.parts.device}, {t.parts.dtype}, "
-             f"{t.parts.cache} cache{', compiled' if t.parts.compile else ''})", f"prompt     : {opts.prompt.variant}",
+             f"{t.parts.cache} cache{', compiled' if t.parts.compile else ''})", *prompt_lines(opts),
              f"written    : {result['repo']}",
              "validation : " + (f"{v['tokens_compared']} greedy tokens over {v['probes']} probes, "
                                 f"{len(v['mismatches'])} differing row(s), {v['seconds']} s" if v else "skipped"),
@@ -354,9 +398,10 @@ class ExportFormat:
     build: Callable[[BuildOptions, float], tuple[Any, list[str]]]
 
 
-COMMON_FLAGS = ("--ckpt", "--repo", "--name", "--max-batch-size", "--max-new-tokens", "--onnx-dir", "--no-stream",
-                "--threads", "--dry-run", "--json")
-PROMPT_FLAGS = tuple(o.flag for o in PROMPT_OPTIONS)  # the repository writer's formats serve any prompt variant
+COMMON_FLAGS = ("--ckpt", "--repo", "--name", "--max-batch-size", "--max-new-tokens", "--repetition-penalty",
+                "--onnx-dir", "--no-stream", "--threads", "--dry-run", "--json")
+# every format serves the checkpoint's recorded prompt, or the one these flags choose
+PROMPT_FLAGS = ("--run-config", "--builtin-prompt", "--expect-prompt-hash", *(o.flag for o in PROMPT_OPTIONS))
 DECODING_FLAGS = ("--llm-batching", "--prefix-cache", "--jump-forward")  # the ONNX llm steps' speed-ups
 FORMATS: tuple[ExportFormat, ...] = (
     ExportFormat("ONNX", "onnx",
@@ -375,8 +420,8 @@ FORMATS: tuple[ExportFormat, ...] = (
                  "Triton repository for TensorRT-LLM's LLM API (llm/1/model.yaml, the checkpoint copy; "
                  "--trtllm-vision tensorrt: a TensorRT vision engine)",
                  "NVIDIA GPU in the TensorRT-LLM container (--dry-run: anywhere, no TensorRT-LLM)",
-                 COMMON_FLAGS + ("--dtype", "--max-input-len", "--kv-cache-fraction", "--tp-size", "--trtllm-vision",
-                                 "--vision-max-patches"), build_trtllm),
+                 COMMON_FLAGS + PROMPT_FLAGS + ("--dtype", "--max-input-len", "--kv-cache-fraction", "--tp-size",
+                                                "--trtllm-vision", "--vision-max-patches"), build_trtllm),
 )
 
 
@@ -404,7 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="served (ensemble) model name; the client's --model default is 'coordexp'")
     p.add_argument("--backend", choices=[f.backend for f in FORMATS], default="onnx")
     p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", "--max-output-len", type=int, default=256, dest="max_new_tokens")
+    p.add_argument("--max-new-tokens", "--max-output-len", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   dest="max_new_tokens", help="the served token limit, and the default of a request that sends "
+                   f"none (default {DEFAULT_MAX_NEW_TOKENS}: about 20 tokens per box, CoordExp runs up to 60 objects)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="served default repetition penalty of a request that sends none (CoordExp's inference "
+                        "configs use 1.05-1.1; default 1.0)")
     p.add_argument("--onnx-dir", default=None, help="also keep the ONNX export in this folder")
     p.add_argument("--no-stream", dest="stream", action="store_false",
                    help="no streaming ensemble (<name>_stream, decoupled llm_stream): saves the second decoder "
@@ -415,7 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", default=None,
                    help="export even when the repository is current, and replace it even while a coordexp-server "
                         "serves it (that server keeps the old model until restarted)")
-    add_prompt_options(p.add_argument_group("prompt variant the repository serves (--backend onnx or torch)"))
+    pg = p.add_argument_group(
+        "prompt the repository serves (default: the training run's record, resolved_config.json beside the "
+        "checkpoint or in its parent folder; these flags override single values)")
+    pg.add_argument("--run-config", default=None, metavar="PATH",
+                    help="the training run's resolved_config.json (or its folder), when it is not beside the "
+                         "checkpoint or in its parent")
+    pg.add_argument("--builtin-prompt", action="store_true", default=None,
+                    help="serve this project's built-in prompt (only for checkpoints trained on it: tiny ones)")
+    pg.add_argument("--expect-prompt-hash", default=None, metavar="HASH|FILE",
+                    help="refuse unless the served prompt has this CoordExp prompt_template_hash (a hex string, or "
+                         "a CoordExp inference run's resolved_config.json / summary.json)")
+    add_prompt_options(pg)
     o = p.add_argument_group("ONNX (--backend onnx)")
     o.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     o.add_argument("--skip-validation", action="store_true", default=None,
@@ -532,7 +593,10 @@ def resolve_options(args: argparse.Namespace, fmt: ExportFormat) -> BuildOptions
         raise BuildError(f"--max-batch-size must be >= 1, got {args.max_batch_size}", 2)
     if args.max_new_tokens < 1:
         raise BuildError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}", 2)
+    if not args.repetition_penalty > 0:
+        raise BuildError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}", 2)
     family = _family(ckpt, fmt)
+    choice = _prompt_choice(args, ckpt)
     onnx = trtllm = torch = None
     if fmt.backend == "onnx":
         from coordexp.export.onnx_export import DEFAULT_OPSET
@@ -552,19 +616,31 @@ def resolve_options(args: argparse.Namespace, fmt: ExportFormat) -> BuildOptions
         name=sanitize_name(args.name or "coordexp"), backend=fmt.backend, family=family,
         max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens, onnx_dir=args.onnx_dir,
         streaming=args.stream, threads=args.threads, dry_run=args.dry_run, as_json=args.json,
-        prompt=_prompt(args), force=bool(args.force), onnx=onnx, trtllm=trtllm, torch=torch)
+        prompt=choice.prompt, prompt_choice=choice, repetition_penalty=args.repetition_penalty,
+        force=bool(args.force), onnx=onnx, trtllm=trtllm, torch=torch)
 
 
-def _prompt(args: argparse.Namespace) -> PromptSpec:
-    """The prompt flags -> PromptSpec; BuildError (exit 2) naming the flag. The choices are argparse's."""
+def _prompt_choice(args: argparse.Namespace, ckpt: str) -> Any:
+    """The served prompt: the training record's (`checkpoint_prompt`) with the flags on top, checked
+    against --expect-prompt-hash; BuildError (exit 2) naming the file, key or flag."""
+    from coordexp.training_record import TrainingRecordError, checkpoint_prompt, expected_prompt_hash
+
     for o in PROMPT_OPTIONS:
         value = getattr(args, o.dest, None)
         if o.choices is None and value is not None and not value.strip():
-            raise BuildError(f"{o.flag} is empty: give the text, or leave the flag out for the default", 2)
+            raise BuildError(f"{o.flag} is empty: give the text, or leave the flag out", 2)
     try:
-        return prompt_from_options(vars(args))
-    except ValueError as e:
+        choice = checkpoint_prompt(ckpt, vars(args), run_config=args.run_config, builtin=bool(args.builtin_prompt))
+        want = expected_prompt_hash(args.expect_prompt_hash) if args.expect_prompt_hash else None
+    except (TrainingRecordError, ValueError) as e:
         raise BuildError(str(e), 2) from e
+    have = choice.prompt.template_hash()
+    if want is not None and want != have:
+        raise BuildError(f"--expect-prompt-hash: the prompt to serve (from {choice.describe()}) has "
+                         f"prompt_template_hash {have}, expected {want}: not the prompt that run used", 2)
+    for flag in choice.overrides:
+        _log(f"note: {flag} replaces the training record's value ({choice.record.path})")
+    return choice
 
 
 def build(fmt: ExportFormat, opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:

@@ -351,12 +351,20 @@ def _eager(model):
 
 
 def _copy_processor_files(ckpt, out: Path) -> list[str]:
+    """The processor files, and the training run's record (beside the weights or in the run folder), so
+    an export folder run on its own (`--local EXPORT --engine onnx`) uses the trained prompt too."""
+    from coordexp.training_record import RECORD_FILE, find_training_record
+
     copied = []
     for name in PROCESSOR_FILES:
         src = Path(ckpt) / name
         if src.is_file():
             shutil.copy2(src, out / name)
             copied.append(name)
+    record = find_training_record(ckpt)
+    if record is not None:
+        shutil.copy2(record, out / RECORD_FILE)
+        copied.append(RECORD_FILE)
     return copied
 
 

@@ -60,6 +60,8 @@ def _normalised_manifest(manifest: dict) -> dict:
     m["created"] = VARIES
     m["versions"] = VARIES
     m["checkpoint"] = {**m["checkpoint"], "path": VARIES}
+    if m.get("prompt_source"):
+        m["prompt_source"] = {**m["prompt_source"], "record": VARIES}
     return m
 
 
@@ -81,12 +83,19 @@ def _normalised_config(text: str) -> str:
 
 def write_reference(dst: str | os.PathLike = REFERENCE_DIR, ckpt: str | os.PathLike = DEMO_CHECKPOINT) -> list[str]:
     """(Re)write the reference repository at `dst`; returns its files (relative paths, sorted)."""
+    from coordexp.export.build_engine import DEFAULT_MAX_NEW_TOKENS
     from coordexp.export.repository import write_repository
+    from coordexp.generation import GenerationParams
+    from coordexp.training_record import checkpoint_prompt
 
     dst = Path(dst)
+    choice = checkpoint_prompt(ckpt)  # the training record's prompt, as build_engine serves it
     with tempfile.TemporaryDirectory(prefix="coordexp-reference-") as tmp:
         onnx = _placeholder_onnx_dir(Path(tmp) / "export")
-        repo = Path(write_repository(str(Path(tmp) / "repo"), onnx_dir=onnx, ckpt=str(ckpt)))
+        repo = Path(write_repository(str(Path(tmp) / "repo"), onnx_dir=onnx, ckpt=str(ckpt),
+                                     max_new_tokens=DEFAULT_MAX_NEW_TOKENS, prompt=choice.prompt,
+                                     decoding=GenerationParams(max_new_tokens=DEFAULT_MAX_NEW_TOKENS),
+                                     prompt_source=choice.to_manifest()))
         if dst.exists():
             shutil.rmtree(dst)
         dst.mkdir(parents=True)

@@ -40,7 +40,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from coordexp.generation import GenerationParams
+from coordexp.generation import SERVED_MAX_NEW_TOKENS, GenerationParams
 from coordexp.checkpoint import checkpoint_digest
 from coordexp.prompt import PromptSpec
 from coordexp import wire
@@ -50,7 +50,7 @@ from coordexp.serving.server import describe_server, live_servers
 MANIFEST_VERSION = "coordexp.repository.v1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx")
 SKIP_FILES = {"README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json",
-              "training.json", "train_log.txt", "train_log.jsonl"}  # model card and training records: not served
+              "training.json", "train_log.txt", "train_log.jsonl", "resolved_config.json"}  # model card and training records: not served
 
 
 @dataclass
@@ -303,10 +303,11 @@ def _check_onnx_dir(onnx_dir: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- the writer
 def write_repository(repo_dir: str, name: str = wire.ENSEMBLE, onnx_dir: str | None = None, ckpt: str | None = None,
-                     max_batch_size: int = 8, max_new_tokens: int = 256, prompt: PromptSpec | None = None,
+                     max_batch_size: int = 8, max_new_tokens: int = SERVED_MAX_NEW_TOKENS, prompt: PromptSpec | None = None,
                      backend: str = "onnx", validation: dict[str, Any] | None = None,
                      options: ServingOptions | None = None, decoding: GenerationParams | None = None,
-                     move_onnx: bool = False, torch: Any = None, replace_served: bool = False) -> str:
+                     move_onnx: bool = False, torch: Any = None, replace_served: bool = False,
+                     prompt_source: dict[str, Any] | None = None) -> str:
     """Write (or replace) the Triton repository `repo_dir` whose ensemble is called `name`.
 
     `onnx_dir`: the export folder (vision.onnx, embed.onnx, decoder.onnx, onnx_meta.json); it is
@@ -317,6 +318,8 @@ def write_repository(repo_dir: str, name: str = wire.ENSEMBLE, onnx_dir: str | N
     A repository a running coordexp-server serves is not replaced (RepositoryServed) unless
     `replace_served`: then it is, the server's marker is kept, and that server goes on answering with
     the model it loaded (Triton runs without model control: it never reloads) until it is restarted.
+    `prompt_source`: where `prompt` came from (`coordexp.training_record.PromptChoice.to_manifest()`);
+    its `image_max_pixels` becomes the served processor's image budget.
     Returns the repository's absolute path.
     """
     if backend not in ("onnx", "torch"):
@@ -357,7 +360,7 @@ def write_repository(repo_dir: str, name: str = wire.ENSEMBLE, onnx_dir: str | N
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the server may run as another user (containers)
     try:
         _assemble(tmp, name, onnx_dir, ckpt, meta, max_batch_size, max_new_tokens, prompt, backend,
-                  validation, options, decoding, move_onnx, torch)
+                  validation, options, decoding, move_onnx, torch, prompt_source)
         served = live_servers(repo_dir) if os.path.isdir(repo_dir) else []  # one may have started meanwhile
         if served and not replace_served:
             raise RepositoryServed(repo_dir, served)
@@ -386,16 +389,36 @@ def swap_in(tmp: str, repo_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def prompt_entries(prompt: PromptSpec, prompt_source: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's prompt keys, the same for every format: the prompt (texts and controls), where it
+    came from, CoordExp's prompt_template_hash of it."""
+    return {"prompt": prompt.to_dict(), "prompt_source": prompt_source, "prompt_template_hash": prompt.template_hash()}
+
+
+def served_processor(ckpt: str, dst: str, prompt: PromptSpec, prompt_source: dict[str, Any] | None) -> tuple[Any, list[str]]:
+    """Copy the checkpoint's processor files to `dst`, with the training run's image budget when it has
+    one, and load them (a broken folder fails here, not at server start). (processor, files copied)"""
+    from coordexp.processor import CoordExpProcessor, write_image_budget
+
+    copied = copy_processor_files(ckpt, dst)
+    budget = (prompt_source or {}).get("image_max_pixels")
+    if budget:
+        write_image_budget(dst, int(budget))
+    processor = CoordExpProcessor.from_pretrained(dst)
+    processor.prompt_text(prompt)
+    return processor, copied
+
+
 def build_record(name: str, backend: str, max_batch_size: int, max_new_tokens: int, prompt: PromptSpec,
-                 options: ServingOptions, decoding: GenerationParams | None = None, torch: Any = None
-                 ) -> dict[str, Any]:
+                 options: ServingOptions, decoding: GenerationParams | None = None, torch: Any = None,
+                 prompt_source: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest entries a build request decides (the writer writes them from here, so
     `repository_current` compares like with like)."""
     rec: dict[str, Any] = {
         "schema_version": MANIFEST_VERSION, "name": name, "backend": backend, "max_batch_size": max_batch_size,
         "max_new_tokens": max_new_tokens,
         "decoding_defaults": (decoding or GenerationParams(max_new_tokens=max_new_tokens)).to_dict(),
-        "prompt": prompt.to_dict(),
+        **prompt_entries(prompt, prompt_source),
         "serving": {k: v for k, v in options.__dict__.items() if k != "extra"} | dict(options.extra)}
     if torch is not None:
         rec["torch"] = torch.to_params()
@@ -497,7 +520,8 @@ def _step_configs(name: str, max_batch_size: int, max_new_tokens: int, prompt: P
                                    queue_delay_us=options.llm_queue_delay_us),
         wire.POSTPROCESS: python_model_config(
             wire.POSTPROCESS, max_batch_size, options.postprocess_instances,
-            {"processor_dir": C.PROCESSOR_SUBDIR, "coord_mode": manifest["coord_mode"]}),
+            {"processor_dir": C.PROCESSOR_SUBDIR, "coord_mode": manifest["coord_mode"],
+             "bbox_format": prompt.bbox_format}),
     }
     ens_params = {"manifest_json": json.dumps(manifest, sort_keys=True, separators=(",", ":")),
                   "prompt_variant": prompt.variant, "backend": backend}
@@ -526,21 +550,16 @@ def _copy_model(root: str, onnx_dir: str | None, ckpt: str, move_onnx: bool) -> 
 
 def _assemble(root: str, name: str, onnx_dir: str | None, ckpt: str, meta: dict[str, Any], max_batch_size: int,
               max_new_tokens: int, prompt: PromptSpec, backend: str, validation: dict[str, Any] | None,
-              options: ServingOptions, decoding: GenerationParams, move_onnx: bool, torch: Any = None
-              ) -> dict[str, Any]:
-    from coordexp.processor import CoordExpProcessor
-
+              options: ServingOptions, decoding: GenerationParams, move_onnx: bool, torch: Any = None,
+              prompt_source: dict[str, Any] | None = None) -> dict[str, Any]:
     _copy_model(root, onnx_dir, ckpt, move_onnx)
-    proc_dst = os.path.join(root, C.PROCESSOR_SUBDIR)
-    copied = copy_processor_files(ckpt, proc_dst)
-    processor = CoordExpProcessor.from_pretrained(proc_dst)  # fails here, not at server start
-    processor.prompt_text(prompt)
+    processor, copied = served_processor(ckpt, os.path.join(root, C.PROCESSOR_SUBDIR), prompt, prompt_source)
     pad_id = int(processor.pad_token_id)
     merge = int(processor.merge_size)
     if meta.get("pad_token_id") is not None and int(meta["pad_token_id"]) != pad_id:
         raise ValueError(f"onnx_meta pad_token_id {meta['pad_token_id']} != the checkpoint's {pad_id}")
 
-    rec = build_record(name, backend, max_batch_size, max_new_tokens, prompt, options, decoding, torch)
+    rec = build_record(name, backend, max_batch_size, max_new_tokens, prompt, options, decoding, torch, prompt_source)
     manifest: dict[str, Any] = {
         "schema_version": rec["schema_version"],
         "name": name,
@@ -552,7 +571,7 @@ def _assemble(root: str, name: str, onnx_dir: str | None, ckpt: str, meta: dict[
         "max_batch_size": max_batch_size,
         "max_new_tokens": max_new_tokens,
         "decoding_defaults": rec["decoding_defaults"],
-        "prompt": rec["prompt"],
+        **{k: rec[k] for k in ("prompt", "prompt_source", "prompt_template_hash")},
         "coord_mode": "norm1000",  # both prompt formats answer on the 0..999 grid
         "models": {"ensemble": name, "steps": [s[0] for s in wire.ENSEMBLE_STEPS],
                    "stream_ensemble": wire.stream_ensemble_name(name) if options.streaming else None},

@@ -96,9 +96,11 @@ def validate_torch(ckpt: str, opts: TorchOptions, steps: int = 16, log: Callable
 
 def export_torch(ckpt: str, repo: str, name: str, opts: TorchExportOptions, max_batch_size: int,
                  max_new_tokens: int, streaming: bool = True, log: Callable[[str], None] = print,
-                 prompt: PromptSpec | None = None, replace_served: bool = False) -> dict[str, Any]:
-    """Validate (unless skipped) with `prompt`, then write the torch repository serving that prompt,
-    with the validation in its manifest."""
+                 prompt: PromptSpec | None = None, replace_served: bool = False, decoding: Any = None,
+                 prompt_source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate (unless skipped) with `prompt`, then write the torch repository serving that prompt
+    (`decoding`: the served defaults; `prompt_source`: where the prompt came from), with the validation
+    in its manifest."""
     from coordexp.export.repository import ServingOptions, write_repository
 
     t0 = time.perf_counter()
@@ -108,5 +110,5 @@ def export_torch(ckpt: str, repo: str, name: str, opts: TorchExportOptions, max_
     path = write_repository(repo, name, None, ckpt, max_batch_size=max_batch_size, max_new_tokens=max_new_tokens,
                             prompt=prompt, backend="torch", torch=opts.parts,
                             options=ServingOptions(streaming=streaming), validation=validation,
-                            replace_served=replace_served)
+                            replace_served=replace_served, decoding=decoding, prompt_source=prompt_source)
     return {"repo": path, "validation": validation, "seconds": round(time.perf_counter() - t0, 2)}

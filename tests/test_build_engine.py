@@ -17,8 +17,9 @@ from coordexp import wire
 from coordexp.prompt import PromptSpec
 from coordexp.serving import common as C
 
+# the flags replace single values of the tiny checkpoint's training record (run variant "default")
 PROMPT = PromptSpec(field_order="geometry_first", object_order="as_given", user_text="List the shapes.",
-                    system_text="Find every shape.")
+                    system_text="Find every shape.", run_variant="default")
 ARGV = ["--field-order", "geometry_first", "--object-order", "as_given", "--prompt", "List the shapes.",
         "--system-prompt", "Find every shape.", "--llm-batching", "static", "--prefix-cache", "--no-jump-forward",
         "--max-new-tokens", "24", "--validation-steps", "4", "--threads", "2"]
@@ -56,14 +57,18 @@ def test_the_prompt_flags_are_served_recorded_and_validated_with_that_prompt(bui
     repo, out, _ = built
     manifest = json.load(open(os.path.join(repo, C.MANIFEST)))
     assert manifest["prompt"] == PROMPT.to_dict()
-    assert PROMPT.variant == "coordexp/tokens/geometry_first/as_given/v1+custom"
+    assert PROMPT.variant == "run:default/tokens/geometry_first/as_given"
+    src = manifest["prompt_source"]
+    assert src["source"] == "training_record" and src["overrides"] == [
+        "--field-order", "--object-order", "--prompt", "--system-prompt"]
+    assert manifest["prompt_template_hash"] == src["prompt_template_hash"] == PROMPT.template_hash()
     configs = _configs(repo)
     assert json.loads(_param(configs[wire.PREPROCESS], "prompt_json")) == PROMPT.to_dict()  # what preprocess encodes
     assert _param(configs[wire.ENSEMBLE], "prompt_variant") == PROMPT.variant
     # validation encoded its probes with the served prompt: the greedy tokens compared are that prompt's
     v = manifest["validation"]
     assert v["prompt"] == PROMPT.to_dict() and v["greedy_tokens_match"] and v["tokens_compared"] > 0
-    assert f"prompt     : {PROMPT.variant}" in out
+    assert f"prompt     : {PROMPT.variant} (from the training run's record" in out
 
 
 @pytest.mark.slow
@@ -139,7 +144,7 @@ def test_the_decoding_flags_default_to_serving_options_and_belong_to_onnx(tiny_c
     (["--field-order", "sideways"],
      "argument --field-order: invalid choice: 'sideways' (choose from 'desc_first', 'geometry_first')"),
     (["--coord-format", "float"], "argument --coord-format: invalid choice: 'float' (choose from 'tokens', 'numeric')"),
-    (["--object-order", "random"], "argument --object-order: invalid choice: 'random' (choose from 'sorted', 'as_given')"),
+    (["--object-order", "shuffled"], "argument --object-order: invalid choice: 'shuffled' (choose from 'sorted', 'as_given', 'random')"),
 ])
 def test_a_bad_prompt_choice_exits_2_naming_the_flag_and_the_allowed_values(tiny_ckpt, capsys, argv, message):
     from coordexp.export.build_engine import main
@@ -154,11 +159,11 @@ def test_prompt_flags_are_checked_before_anything_is_done(tiny_ckpt, tmp_path, c
 
     repo = tmp_path / "r"
     assert main(["--ckpt", tiny_ckpt, "--repo", str(repo), "--prompt", "  "]) == 2
-    assert capsys.readouterr().err == "error: --prompt is empty: give the text, or leave the flag out for the default\n"
-    assert main(["--ckpt", tiny_ckpt, "--backend", "trtllm", "--field-order", "geometry_first", "--dry-run"]) == 2
-    assert capsys.readouterr().err == "error: --field-order applies to --backend onnx or torch only\n"
+    assert capsys.readouterr().err == "error: --prompt is empty: give the text, or leave the flag out\n"
     assert main(["--ckpt", tiny_ckpt, "--repo", str(repo), "--coord-format", "numeric", "--dry-run", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["prompt"] == "coordexp/numeric/desc_first/sorted/v1"
+    assert json.loads(capsys.readouterr().out)["prompt"] == "run:default/numeric/desc_first/sorted"
+    assert main(["--ckpt", tiny_ckpt, "--repo", str(repo), "--opset", "18", "--backend", "torch", "--dry-run"]) == 2
+    assert capsys.readouterr().err == "error: --opset applies to --backend onnx only\n"
     assert not repo.exists()
 
 

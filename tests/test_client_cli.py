@@ -46,6 +46,7 @@ def test_interactive_turns():
 
 class StubSource:
     default_text = "Detect all objects in the image."
+    bbox_format = "xyxy"
 
     def __init__(self, text, error=None):
         self.text, self.error, self.seen = text, error, []

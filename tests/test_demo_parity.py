@@ -13,13 +13,13 @@ import sys
 
 import pytest
 
-from conftest import DEMO_CKPT, REPO_ROOT
+from conftest import DEMO_CKPT, DEMO_MAX_NEW, REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
 DEMO_VAL = os.path.join(REPO_ROOT, "data", "demo_val", "val.jsonl")
 N_RECORDS = 12
-MAX_NEW = 96  # the longest demo_val answer is 78 tokens: nothing is cut
+MAX_NEW = DEMO_MAX_NEW  # the shared demo repository's limit (conftest.demo_repo)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -40,21 +40,6 @@ def subset(tmp_path_factory) -> str:
         d["images"] = [os.path.join(root, p) for p in d["images"]]
     out.write_text("".join(json.dumps(d) + "\n" for d in lines))
     return str(out)
-
-
-@pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
-    from coordexp.export.build_engine import main as build_engine
-    from coordexp.serving.server import start_server
-
-    repo = str(tmp_path_factory.mktemp("demo_repo") / "model_repository")
-    assert build_engine(["--ckpt", DEMO_CKPT, "--repo", repo, "--max-new-tokens", str(MAX_NEW), "--threads", "2"]) == 0
-    srv = start_server(repo)
-    try:
-        yield repo, srv
-    finally:
-        rc = srv.stop()
-    assert rc == 0, f"tritonserver exited with {rc}"
 
 
 def lines_of(path: str) -> list[dict]:

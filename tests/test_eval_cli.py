@@ -176,8 +176,8 @@ def test_semantic_fallback_when_model_unavailable(monkeypatch):
 def fake_parser(monkeypatch):
     calls = []
 
-    def parse_model_output(text, coord_mode="norm1000"):
-        calls.append((text, coord_mode))
+    def parse_model_output(text, coord_mode="norm1000", bbox_format="xyxy"):
+        calls.append((text, coord_mode) if bbox_format == "xyxy" else (text, coord_mode, bbox_format))
         if "cat" in text:
             preds = [PredObject("bbox_2d", [100, 100, 500, 500], "cat")]
             return types.SimpleNamespace(preds=preds, error=None, error_message=None, repairs=[], num_dropped=0)

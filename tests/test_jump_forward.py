@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("xgrammar", reason="guided decoding needs xgrammar (make setup installs it)")
 
-from conftest import DEMO_CKPT, REPO_ROOT, SERVED_MAX_NEW, served_answers  # noqa: E402
+from conftest import REPO_ROOT, SERVED_MAX_NEW, served_answers  # noqa: E402
 from coordexp.generation import GenerationParams  # noqa: E402
 from coordexp.prompt import PromptSpec  # noqa: E402
 
@@ -167,14 +167,11 @@ def test_streaming_sees_every_jumped_token(tiny_onnx):
 
 # ============================================================================ the demo checkpoint
 @pytest.fixture(scope="module")
-def demo_onnx(tmp_path_factory) -> str:
-    """The demo checkpoint exported to ONNX (as tests/test_demo_parity.py builds it: from the
-    committed checkpoint, in this test session)."""
-    from coordexp.export.onnx_export import export_onnx
+def demo_onnx(demo_repo) -> str:
+    """The demo checkpoint's ONNX graphs, from the session's demo repository (conftest.demo_repo)."""
+    from coordexp.export.repository import find_onnx_dir
 
-    out = tmp_path_factory.mktemp("demo_onnx") / "onnx"
-    export_onnx(DEMO_CKPT, str(out))
-    return str(out)
+    return find_onnx_dir(demo_repo)
 
 
 @pytest.mark.slow

@@ -321,7 +321,7 @@ def test_ensemble_answers_images_of_several_sizes(server, images):
         for k in (0, 6, 9, 14):
             ids, preds = request([images[k]])[0]
             assert len(ids) <= MAX_NEW  # 0 when the model stops at once
-            assert set(preds) == {"preds", "error", "error_message", "repairs"}
+            assert set(preds) == {"preds", "error", "error_message", "repairs", "bbox_format"}
         # two images in one request (the request's own batch dimension), decoding inputs sent
         rows = request([images[1], images[14]], GenerationParams(max_new_tokens=5, ignore_eos=True))
         assert [len(ids) for ids, _ in rows] == [5, 5]

@@ -65,19 +65,23 @@ def qwen25_ckpt(tmp_path_factory) -> str:
 def repos(tiny_ckpt, qwen25_ckpt, tmp_path_factory) -> dict[str, str]:
     """The ONNX repository (placeholder graphs) and two dry-run repositories (both vision modes)."""
     from coordexp.export.repository import write_repository
+    from coordexp.training_record import checkpoint_prompt
 
     base = tmp_path_factory.mktemp("trtllm")
+    choice = checkpoint_prompt(tiny_ckpt)  # the prompt build_engine serves, every backend alike
     onnx = write_repository(str(base / "onnx"), "coordexp", fake_onnx_dir(base / "export"), tiny_ckpt,
-                            max_batch_size=8, max_new_tokens=256)
+                            max_batch_size=8, max_new_tokens=256, prompt=choice.prompt,
+                            prompt_source=choice.to_manifest())
     rc, out = dry_run(["--ckpt", tiny_ckpt, "--backend", "trtllm", "--dry-run", "--repo", str(base / "llmapi"),
-                       "--name", "coordexp"])
+                       "--name", "coordexp", "--max-new-tokens", "256"])
     assert rc == 0, out
     # the TensorRT vision path is refused for the pinned release; its dormant code is still checked,
     # as if a release took external embeddings
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("coordexp.trtllm.plan.EXTERNAL_EMBEDDINGS_SINCE", "future")
         rc2, out2 = dry_run(["--ckpt", qwen25_ckpt, "--backend", "trtllm", "--dry-run", "--repo", str(base / "trt"),
-                             "--name", "coordexp", "--trtllm-vision", "tensorrt", "--dtype", "fp16", "--json"])
+                             "--name", "coordexp", "--trtllm-vision", "tensorrt", "--dtype", "fp16", "--json",
+                             "--max-new-tokens", "256"])
     assert rc2 == 0, out2
     return {"onnx": onnx, "llmapi": str(base / "llmapi"), "trt": str(base / "trt"), "out": out,
             "plan_trt": json.loads(out2)["plan"]}

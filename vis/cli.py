@@ -32,6 +32,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--semantic", action="store_true", help="the same as --desc-match semantic")
     p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the GT's)")
     p.add_argument("--gt-coord-mode", choices=["norm1000", "qwen3_rel1000", "pixel"], default=None)
+    p.add_argument("--bbox-format", choices=["xyxy", "cxcywh", "cxcy_logw_logh"], default=None,
+                   help="how the model wrote bbox_2d, for prediction lines that do not say (as eval's)")
     p.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE,
                    help=f"upscale panels to this shorter side (default {DEFAULT_MIN_SIZE})")
     p.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
@@ -50,7 +52,7 @@ def run(args) -> int:
         index = visualize(args.pred, args.gt, args.out, iou=args.iou, matches_path=args.matches, limit=args.limit,
                           only_errors=args.only_errors, semantic=args.semantic, image_root=args.image_root,
                           gt_coord_mode=args.gt_coord_mode, min_size=args.min_size, max_size=args.max_size,
-                          title=args.title, desc_match=args.desc_match)
+                          title=args.title, desc_match=args.desc_match, bbox_format=args.bbox_format)
     except (OSError, ValueError, ContractError) as e:
         print(f"vis: error: {e}", file=sys.stderr)
         return 2

@@ -352,9 +352,10 @@ def visualize(pred_path: str, gt_path: str | None, out_dir: str, *, iou: float =
               limit: int | None = None, only_errors: bool = False, semantic: bool = False,
               image_root: str | None = None, gt_coord_mode: str | None = None,
               min_size: int = DEFAULT_MIN_SIZE, max_size: int = DEFAULT_MAX_SIZE,
-              title: str | None = None, desc_match: str | None = None) -> dict[str, Any]:
+              title: str | None = None, desc_match: str | None = None,
+              bbox_format: str | None = None) -> dict[str, Any]:
     """Render the overlays and the gallery; returns the content of index.json. `desc_match`:
-    "exact" (default, as eval) or "semantic" (`semantic=True` means the same)."""
+    "exact" (default, as eval) or "semantic" (`semantic=True` means the same). `bbox_format`: as eval's."""
     from coordexp.eval.upstream import load_inputs
 
     from .gallery import write_gallery
@@ -367,7 +368,8 @@ def visualize(pred_path: str, gt_path: str | None, out_dir: str, *, iou: float =
     if limit is not None and limit < 0:
         raise ValueError(f"--limit must be >= 0, got {limit}")
     root = image_root or os.path.dirname(os.path.abspath(gt_path or pred_path))
-    gt, _ = load_inputs(pred_path, gt_path, gt_coord_mode=gt_coord_mode)  # gt_path None: GT inside pred_path
+    # gt_path None: GT inside pred_path
+    gt, _ = load_inputs(pred_path, gt_path, gt_coord_mode=gt_coord_mode, bbox_format=bbox_format)
     pairs = gt.images
     from coordexp.eval.matching import check_desc_match
 

@@ -146,11 +146,13 @@ def file_hashes(out_dir: str | os.PathLike) -> dict[str, str]:
 def build_tiny_checkpoint(out_dir: str | os.PathLike, family: str = "qwen3_vl", seed: int = 0,
                           size: str | dict[str, Any] = "tiny", *, num_merges: int = DEFAULT_NUM_MERGES,
                           min_pixels: int | None = None, max_pixels: int | None = None,
-                          command: str | None = None, **overrides: Any) -> Path:
+                          command: str | None = None, training_record: bool = True, **overrides: Any) -> Path:
     """Build and save a tiny random checkpoint into `out_dir`; returns the folder.
 
     Deterministic: the same arguments give byte-identical files. `overrides` are the size keys
     accepted by `make_config` (e.g. text_hidden=128, patch_size=8, tie_word_embeddings=True).
+    `training_record`: also write a `resolved_config.json` in CoordExp's training-run layout with the
+    built-in prompt (what the demo trains with), so the exporter serves it like a real checkpoint.
     """
     from transformers import GenerationConfig
 
@@ -183,6 +185,12 @@ def build_tiny_checkpoint(out_dir: str | os.PathLike, family: str = "qwen3_vl", 
     _write_json(out / "video_preprocessor_config.json", _video_processor_config(family, image_processor))
     _write_json(out / "processor_config.json", {"processor_class": PROCESSOR_CLASSES[family]})
     (out / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+    if training_record:
+        from coordexp.prompt import PromptSpec
+        from coordexp.training_record import write_training_record
+
+        write_training_record(out, PromptSpec(), max_pixels=int(image_processor.size["longest_edge"]),
+                              config_path="coordexp-make-tiny")
     _write_model_card(out, family=family, seed=seed, spec=spec, config=config, real_vocab=real_vocab,
                       command=command or cli_command(family, seed, size, num_merges=num_merges,
                                                      min_pixels=min_pixels, max_pixels=max_pixels, **overrides),

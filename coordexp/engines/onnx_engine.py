@@ -468,14 +468,15 @@ class OnnxEngine:
     name = "onnx"
 
     def __init__(self, path: str | os.PathLike, prompt: PromptSpec | None = None, threads: int | None = None,
-                 providers: Sequence[str] | None = None, jump_forward: bool = False, prefix_cache: bool = False):
+                 providers: Sequence[str] | None = None, jump_forward: bool = False, prefix_cache: bool = False,
+                 image_max_pixels: int | None = None):
         from coordexp.processor import CoordExpProcessor
 
         self.path = str(path)
         self.parts = OnnxParts(path, threads=threads, providers=providers, jump_forward=jump_forward,
                                prefix_cache=prefix_cache)
         self.onnx_dir = self.parts.onnx_dir
-        self.processor = CoordExpProcessor.from_pretrained(str(self.onnx_dir))
+        self.processor = CoordExpProcessor.from_pretrained(str(self.onnx_dir), image_max_pixels=image_max_pixels)
         self.prompt = prompt or PromptSpec()
         self.threads = threads
 

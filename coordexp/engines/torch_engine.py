@@ -22,7 +22,7 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, ckpt: str, prompt: PromptSpec | None = None, device: str = "cpu", dtype: str = "float32",
-                 threads: int | None = None):
+                 threads: int | None = None, image_max_pixels: int | None = None):
         import torch
         from transformers import AutoModelForImageTextToText
 
@@ -39,7 +39,7 @@ class TorchEngine:
         self.device = device
         self.dtype = dtype
         self.prompt = prompt or PromptSpec()
-        self.processor = CoordExpProcessor.from_pretrained(ckpt)
+        self.processor = CoordExpProcessor.from_pretrained(ckpt, image_max_pixels=image_max_pixels)
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars would mix into run output

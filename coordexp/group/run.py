@@ -59,9 +59,10 @@ def output_paths(output_dir: str, mission: str) -> tuple[str, str]:
     return base + ".jsonl", base + ".errors.jsonl"
 
 
-def judge(answer: ImageAnswer, task: str) -> tuple[str, list | None, dict[str, str] | None]:
-    """(clean text, detect-mode preds, error or None) of one image's answer. In text mode the raw
-    text is the answer: the served ensemble's CoordJSON parse is not looked at."""
+def judge(answer: ImageAnswer, task: str, bbox_format: str = "xyxy") -> tuple[str, list | None, dict[str, str] | None]:
+    """(clean text, detect-mode preds, error or None) of one image's answer (`bbox_format`: the
+    checkpoint's). In text mode the raw text is the answer: the served ensemble's CoordJSON parse is
+    not looked at."""
     if answer.error:
         return "", None, {"error": answer.error, "message": answer.message or ""}
     clean = R.clean_text(answer.raw)
@@ -71,7 +72,7 @@ def judge(answer: ImageAnswer, task: str) -> tuple[str, list | None, dict[str, s
         return clean, None, None
     from coordexp.parser import parse_model_output
 
-    parsed = parse_model_output(answer.raw)
+    parsed = parse_model_output(answer.raw, bbox_format=bbox_format)
     if parsed.error is not None:
         return clean, None, {"error": R.PARSE_FAILED, "message": parsed.error_message or str(parsed.error)}
     return clean, [p.to_dict() for p in parsed.preds], None
@@ -80,8 +81,10 @@ def judge(answer: ImageAnswer, task: str) -> tuple[str, list | None, dict[str, s
 class GroupWriter:
     """Collects image answers (any order) and writes each group's line in discovery order."""
 
-    def __init__(self, groups: list[Group], main_f: Any, errors_f: Any, task: str, legacy: bool):
+    def __init__(self, groups: list[Group], main_f: Any, errors_f: Any, task: str, legacy: bool,
+                 bbox_format: str = "xyxy"):
         self.groups, self.main_f, self.errors_f, self.task, self.legacy = groups, main_f, errors_f, task, legacy
+        self.bbox_format = bbox_format
         self.answers: list[list[ImageAnswer | None]] = [[None] * len(g.images) for g in groups]
         self.left = [len(g.images) for g in groups]
         self.next = 0
@@ -111,7 +114,7 @@ class GroupWriter:
             return self._put(self.errors_f, R.error_record(g, errs), g.label, "errors")
         cleans, preds, errs = [], [], []
         for i, (name, a) in enumerate(zip(g.names, answers)):
-            clean, p, err = judge(a, self.task)
+            clean, p, err = judge(a, self.task, self.bbox_format)
             cleans.append(clean)
             preds.append(p)
             if err:
@@ -246,7 +249,7 @@ def run_mission(m: Mission, backend: Any, prompt: MissionPrompt, opts: GroupRunO
     total_images = sum(len(g.images) for g in pending)
     bar = _progress(total_images, m.name, opts)
     with main_f, errors_f:
-        writer = GroupWriter(pending, main_f, errors_f, opts.task, legacy)
+        writer = GroupWriter(pending, main_f, errors_f, opts.task, legacy, backend.engine.prompt.bbox_format)
 
         def on_done(job: ImageJob, answer: ImageAnswer) -> None:
             writer.add(job, answer)

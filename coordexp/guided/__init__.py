@@ -47,6 +47,8 @@ Three layers, each doing what the one before cannot:
    below x1 and y1 (coord tokens masked by value; numeric: a number that cannot reach its bound
    within the budget). The one exception: a numeric answer the budget cuts (`guided_closed_early`)
    may keep an inverted box, as the planner's costs do not know a bound may need more digits.
+   This order rule is for `bbox_format: xyxy` only: in a centre format (`cxcywh`,
+   `cxcy_logw_logh`) the last two numbers are sizes, so nothing masks them against the first two.
 
 Jump-forward (`GuidedBatch.forced_tokens`, used by `OnnxParts.generate` with `jump_forward`): after
 the model's token, the tokens the mask allows alone (grammar, canonical skeleton, planner and

@@ -26,12 +26,15 @@ class CoordJsonGuide:
     compiled grammar, the DFA, the cost table and the token classes. Build with `get_guide`."""
 
     def __init__(self, tokenizer, vocab_size: int, coord_format: str, field_order: str,
-                 stop_token_ids: Sequence[int], canonical: bool = True):
+                 stop_token_ids: Sequence[int], canonical: bool = True, bbox_format: str = "xyxy"):
         t0 = time.perf_counter()
         self.vocab_size = int(vocab_size)
         self.canonical = bool(canonical)
         self.coord_format = coord_format
         self.field_order = field_order
+        # x2 >= x1, y2 >= y1 holds for xyxy boxes only: in a centre format the third and fourth
+        # numbers are sizes, free of the first two
+        self.box_order = bbox_format == "xyxy"
         self.stop_ids = [int(s) for s in stop_token_ids]
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
                                                        stop_token_ids=self.stop_ids)
@@ -229,8 +232,8 @@ class CoordJsonGuide:
 
     # ------------------------------------------------------------------ box order
     def inversion_possible(self, q: int, acc: _Acc) -> bool:
-        """Cheap pre-check: is q writing x2 or y2 of a bbox_2d (which must not be below x1 / y1)?"""
-        return self.dfa.geom[q] == "bbox_2d" and len(acc.vals) in (2, 3)
+        """Cheap pre-check: is q writing x2 or y2 of an xyxy bbox_2d (which must not be below x1 / y1)?"""
+        return self.box_order and self.dfa.geom[q] == "bbox_2d" and len(acc.vals) in (2, 3)
 
     def inversion_bans(self, q: int, acc: _Acc, ids: np.ndarray, left: int) -> np.ndarray:
         """Which of `ids` (allowed from q, `left` tokens left with this one) would write an inverted
@@ -332,11 +335,12 @@ _GUIDES: dict[tuple, CoordJsonGuide] = {}
 def get_guide(processor, prompt: PromptSpec, vocab_size: int, canonical: bool = True) -> CoordJsonGuide:
     """The (cached) guide for this processor's tokenizer, vocabulary size and prompt format
     (`canonical=False`: the skeleton in any tokenization, as before jump-forward; measurements only)."""
-    key = (id(processor.tokenizer), int(vocab_size), prompt.coord_format, prompt.field_order, bool(canonical))
+    key = (id(processor.tokenizer), int(vocab_size), prompt.coord_format, prompt.field_order, bool(canonical),
+           prompt.bbox_format)
     guide = _GUIDES.get(key)
     if guide is None or guide._tokenizer_ref is not processor.tokenizer:
         guide = CoordJsonGuide(processor.tokenizer, vocab_size, prompt.coord_format, prompt.field_order,
-                               processor.stop_token_ids, canonical=canonical)
+                               processor.stop_token_ids, canonical=canonical, bbox_format=prompt.bbox_format)
         guide._tokenizer_ref = processor.tokenizer  # keeps id() unique while cached
         _GUIDES[key] = guide
     return guide

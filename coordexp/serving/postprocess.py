@@ -20,33 +20,35 @@ from coordexp.serving.common import (RequestError, TritonRequestView, bytes_arra
 from coordexp.wire import OUTPUT_IDS, PREDS_JSON, SEQUENCE_LENGTH, TEXT_OUTPUT
 
 
-def preds_payload(text: str, coord_mode: str = "norm1000") -> dict[str, Any]:
-    """What `preds_json` carries for one model text."""
+def preds_payload(text: str, coord_mode: str = "norm1000", bbox_format: str = "xyxy") -> dict[str, Any]:
+    """What `preds_json` carries for one model text (`bbox_format`: the served prompt's)."""
     from coordexp.parser import parse_model_output
 
-    parsed = parse_model_output(text, coord_mode=coord_mode)
+    parsed = parse_model_output(text, coord_mode=coord_mode, bbox_format=bbox_format)
     return {
         "preds": [p.to_dict() for p in parsed.preds],
         "error": str(parsed.error) if parsed.error is not None else None,
         "error_message": parsed.error_message,
         "repairs": list(parsed.repairs),
+        "bbox_format": bbox_format,
     }
 
 
 class Postprocessor:
-    def __init__(self, processor: Any, coord_mode: str = "norm1000"):
+    def __init__(self, processor: Any, coord_mode: str = "norm1000", bbox_format: str = "xyxy"):
         self.processor = processor
         self.coord_mode = coord_mode
+        self.bbox_format = bbox_format
 
     @classmethod
-    def from_dir(cls, processor_dir: str, coord_mode: str = "norm1000") -> "Postprocessor":
+    def from_dir(cls, processor_dir: str, coord_mode: str = "norm1000", bbox_format: str = "xyxy") -> "Postprocessor":
         from coordexp.processor import CoordExpProcessor
 
-        return cls(CoordExpProcessor.from_pretrained(processor_dir), coord_mode)
+        return cls(CoordExpProcessor.from_pretrained(processor_dir), coord_mode, bbox_format)
 
     def process(self, sequences: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
         texts = [self.processor.decode(list(s)) for s in sequences]
-        payloads = [json.dumps(preds_payload(t, self.coord_mode), ensure_ascii=False) for t in texts]
+        payloads = [json.dumps(preds_payload(t, self.coord_mode, self.bbox_format), ensure_ascii=False) for t in texts]
         return {TEXT_OUTPUT: bytes_array(texts), PREDS_JSON: bytes_array(payloads)}
 
     def process_request(self, view: TritonRequestView) -> dict[str, np.ndarray]:
@@ -69,7 +71,7 @@ class TritonPythonModel:
         params = config_parameters(args["model_config"])
         root = repository_root(args)
         self.post = Postprocessor.from_dir(resolve(root, params["processor_dir"]),
-                                           params.get("coord_mode") or "norm1000")
+                                           params.get("coord_mode") or "norm1000", params.get("bbox_format") or "xyxy")
 
     def execute(self, requests: list[Any]) -> list[Any]:
         out = []

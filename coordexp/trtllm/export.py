@@ -84,8 +84,10 @@ def plan_lines(plan: TrtllmPlan, dry_run: bool) -> list[str]:
 
 
 def export_trtllm(ckpt: str, name: str, repo: str, options: TrtllmOptions, onnx_dir: str | None = None,
-                  dry_run: bool = True) -> dict[str, Any]:
-    """The TensorRT-LLM repository for `ckpt`. Returns {repo, plan, manifest, lines, dry_run}.
+                  dry_run: bool = True, prompt: Any = None, decoding: Any = None,
+                  prompt_source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The TensorRT-LLM repository for `ckpt`, serving `prompt` (the training record's, from
+    build_engine; default the built-in one). Returns {repo, plan, manifest, lines, dry_run}.
 
     Raises TrtllmUnavailable (a NotImplementedError: build_engine exits 2) when not a dry run and
     tensorrt_llm is not importable, or for options / checkpoints the plan cannot take."""
@@ -99,13 +101,14 @@ def export_trtllm(ckpt: str, name: str, repo: str, options: TrtllmOptions, onnx_
             f"container - {PINNED['trtllm_image']}, or docker/Dockerfile.gpu which starts from it - or review "
             "everything first with --dry-run, which needs neither TensorRT-LLM nor a GPU.")
     try:
-        plan = make_plan(ckpt, name, repo, options, PromptSpec(), onnx_dir)
+        plan = make_plan(ckpt, name, repo, options, prompt or PromptSpec(), onnx_dir)
     except (PlanError, UnsupportedFamily) as e:
         raise TrtllmUnavailable(str(e)) from e  # build_engine maps it to exit 2
     if not dry_run:
         run_commands(plan)
-    manifest = write_trtllm_repository(plan, PromptSpec(), options=ServingOptions(streaming=options.streaming),
-                                       dry_run=dry_run, copy_checkpoint=not dry_run)
+    manifest = write_trtllm_repository(plan, prompt or PromptSpec(), decoding=decoding,
+                                       options=ServingOptions(streaming=options.streaming), dry_run=dry_run,
+                                       copy_checkpoint=not dry_run, prompt_source=prompt_source)
     return {"repo": plan.repo, "dry_run": dry_run, "plan": plan.to_dict(), "manifest": manifest,
             "lines": plan_lines(plan, dry_run)}
 

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordexp.generation import SERVED_MAX_NEW_TOKENS
 from coordexp.families import FAMILIES, FamilySpec, family_spec
 
 # ---------------------------------------------------------------------------- pinned versions
@@ -109,7 +110,7 @@ class TrtllmOptions:
     dtype: str = "bf16"
     max_batch_size: int = 8
     max_input_len: int | None = None  # None: the prompt + the largest image + 256 spare tokens
-    max_new_tokens: int = 256
+    max_new_tokens: int = SERVED_MAX_NEW_TOKENS
     kv_cache_fraction: float = 0.8
     tp_size: int = 1
     vision: str = "trtllm"

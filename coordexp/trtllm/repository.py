@@ -165,7 +165,8 @@ def build_configs(plan: TrtllmPlan, prompt, decoding, options, pad_id: int, stop
              "max_pixels": str(options.max_pixels or "")}),
         wire.POSTPROCESS: R.python_model_config(
             wire.POSTPROCESS, mbs, options.postprocess_instances,
-            {"processor_dir": C.PROCESSOR_SUBDIR, "coord_mode": manifest["coord_mode"]}),
+            {"processor_dir": C.PROCESSOR_SUBDIR, "coord_mode": manifest["coord_mode"],
+             "bbox_format": prompt.bbox_format}),
     }
     configs[wire.LLM] = llm = _llm_config(plan, prompt, decoding, options, pad_id, stop_ids)
     if plan.options.vision == "tensorrt":
@@ -183,7 +184,8 @@ def build_configs(plan: TrtllmPlan, prompt, decoding, options, pad_id: int, stop
 
 
 # ---------------------------------------------------------------------------- the writer
-def trtllm_manifest(plan: TrtllmPlan, prompt, decoding, options, copied: list[str], dry_run: bool) -> dict[str, Any]:
+def trtllm_manifest(plan: TrtllmPlan, prompt, decoding, options, copied: list[str], dry_run: bool,
+                    prompt_source: dict[str, Any] | None = None) -> dict[str, Any]:
     """manifest.json of a TensorRT-LLM repository (the ONNX manifest's keys + `trtllm`: the plan)."""
     from coordexp.export import repository as R
     from coordexp.serving import common as C
@@ -200,7 +202,7 @@ def trtllm_manifest(plan: TrtllmPlan, prompt, decoding, options, copied: list[st
         "max_batch_size": plan.options.max_batch_size,
         "max_new_tokens": plan.options.max_new_tokens,
         "decoding_defaults": decoding.to_dict(),
-        "prompt": prompt.to_dict(),
+        **R.prompt_entries(prompt, prompt_source),
         "coord_mode": "norm1000",
         "models": {"ensemble": plan.name,
                    "steps": [s[0] for s in wire.ENSEMBLE_STEPS
@@ -253,14 +255,13 @@ def _copy_built(root: str, plan: TrtllmPlan, dry_run: bool, copy_checkpoint: boo
 
 
 def write_trtllm_repository(plan: TrtllmPlan, prompt=None, decoding=None, options=None, dry_run: bool = True,
-                            copy_checkpoint: bool = False) -> dict[str, Any]:
+                            copy_checkpoint: bool = False, prompt_source: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the repository `plan.repo` (replacing it). Returns the manifest.
 
     The checkpoint copy and the vision engine are the real run's (`copy_checkpoint`, the trtexec
     command); a dry run writes everything else."""
     from coordexp.export import repository as R
     from coordexp.generation import GenerationParams
-    from coordexp.processor import CoordExpProcessor
     from coordexp.prompt import PromptSpec
     from coordexp.serving import common as C
 
@@ -272,11 +273,9 @@ def write_trtllm_repository(plan: TrtllmPlan, prompt=None, decoding=None, option
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(plan.repo)}.tmp-", dir=parent)
     os.chmod(tmp, 0o755)
     try:
-        proc_dst = os.path.join(tmp, C.PROCESSOR_SUBDIR)
-        copied = R.copy_processor_files(plan.facts.path, proc_dst)
-        processor = CoordExpProcessor.from_pretrained(proc_dst)
-        processor.prompt_text(prompt)
-        manifest = trtllm_manifest(plan, prompt, decoding, options, copied, dry_run)
+        processor, copied = R.served_processor(plan.facts.path, os.path.join(tmp, C.PROCESSOR_SUBDIR), prompt,
+                                               prompt_source)
+        manifest = trtllm_manifest(plan, prompt, decoding, options, copied, dry_run, prompt_source)
         if options.streaming != plan.options.streaming:
             raise ValueError("the plan's and the repository's streaming settings differ (KV-cache split)")
         configs = build_configs(plan, prompt, decoding, options, int(processor.pad_token_id),

@@ -110,7 +110,7 @@ class InferService:
                 img = data if getattr(engine, "takes_encoded", False) else _pil(data)
                 gen = engine.generate_batch([img], GenerationParams(max_new_tokens=self.opts.max_new_tokens))[0]
             t_gen = time.perf_counter()
-            preds, error = _parse(gen.text, w, h)
+            preds, error = _parse(gen.text, w, h, engine.prompt.bbox_format)
         except Exception as e:  # noqa: BLE001 - the job records the failure; the page shows it
             reg.update_run(run_id, status="failed", error=f"{type(e).__name__}: {e}", completed_at=time.time())
             raise UploadRejected(502, f"inference failed: {type(e).__name__}: {e}") from None
@@ -140,12 +140,12 @@ def _pil(data: bytes):
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def _parse(text: str, w: int, h: int) -> tuple[list[dict[str, Any]], str | None]:
+def _parse(text: str, w: int, h: int, bbox_format: str = "xyxy") -> tuple[list[dict[str, Any]], str | None]:
     from coordexp.eval.io import points_to_pixels
     from coordexp.grid import bbox_of
     from coordexp.parser import parse_model_output
 
-    res = parse_model_output(text)
+    res = parse_model_output(text, width=w, height=h, bbox_format=bbox_format)
     preds = []
     for k, o in enumerate(res.preds):
         px = points_to_pixels(list(o.points), w, h, "norm1000")
