@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser demo test test-fast bench clean
+.PHONY: setup browser demo test test-fast bench bench-tools clean
 
 setup: $(STAMP) browser
 
@@ -42,5 +42,11 @@ test-fast: setup
 bench: setup
 	$(PY) bench/bench_serving.py
 
+# External benchmark clients in their own virtualenv (their pins differ from ours): aiperf, NVIDIA's
+# OpenAI-API benchmark client, for bench/bench_openai.py.
+bench-tools:
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install -q "aiperf>=0.13,<0.14"
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) .venv-bench runs build *.egg-info

@@ -27,7 +27,8 @@ import os
 import sys
 from typing import Any
 
-from coordexp.client.options import add_decoding_args, add_local_engine_args, add_prompt_args, params_from_args
+from coordexp.client.options import (add_decoding_args, add_local_engine_args, add_openai_args, add_prompt_args,
+                                     params_from_args)
 from coordexp.dataset import DEFAULT_MAX_PIXELS
 
 QUIT = {"quit", "exit", "q", ":q"}
@@ -52,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
     s.add_argument("--retries", type=int, default=2)
     add_local_engine_args(p)
+    add_openai_args(p)
     add_decoding_args(p)
     add_prompt_args(p)
     p.set_defaults(func=run)
@@ -73,20 +75,21 @@ class RemoteSource:
         model = stream_ensemble_name(args.model) if getattr(args, "stream", False) else args.model
         self.engine = TritonEngine.connect([args.url], ClientOptions(
             model=model, timeout=args.timeout, retries=args.retries, wait_for_server=min(10.0, args.timeout)))
-        self.explicit_max_new_tokens = args.max_new_tokens is not None
-        params = self.engine.fit_params(params, self.explicit_max_new_tokens)
+        self.explicit = (args.max_new_tokens is not None, args.repetition_penalty is not None)
+        params = self.engine.fit_params(params, *self.explicit)
         problems = request_problems(self.engine.iface, self.engine.manifest, params, args.user_text,
                                     prompt_overrides(args))
         if problems:
             self.close()
             raise PreflightError("; ".join(problems))
         self.default_text = self.engine.prompt.user_text
+        self.bbox_format = self.engine.prompt.bbox_format  # how the served model writes boxes
 
     def generate(self, image_bytes: bytes, image, params, user_text: str | None):
         from coordexp.engines.triton import AllServersDown
         from coordexp.generation import GenerationResult
 
-        params = self.engine.fit_params(params, self.explicit_max_new_tokens)
+        params = self.engine.fit_params(params, *self.explicit)
 
         shown = [""]
 
@@ -111,17 +114,60 @@ class RemoteSource:
         self.engine.close()
 
 
+class OpenAISource:
+    """An OpenAI-compatible server (`--openai-url`: ours, or a peer's with --run-config)."""
+
+    def __init__(self, args: argparse.Namespace, params):
+        from coordexp.client.options import openai_engine
+
+        self.engine = openai_engine(argparse.Namespace(**{**vars(args), "user_text": None, "concurrency": 1}))
+        self.stream = bool(args.stream)
+        self.explicit = (args.max_new_tokens is not None, args.repetition_penalty is not None)
+        problems = self.engine.problems(self.engine.fit_params(params, *self.explicit))
+        if problems:
+            self.close()
+            from coordexp.engines.openai_client import OpenAIServerError
+
+            raise OpenAIServerError("; ".join(problems))
+        self.default_text = self.engine.prompt.user_text
+        self.bbox_format = self.engine.prompt.bbox_format
+
+    def generate(self, image_bytes: bytes, image, params, user_text: str | None):
+        from coordexp.generation import RequestPrompt
+
+        params = self.engine.fit_params(params, *self.explicit)
+        shown = [""]
+
+        def show(partial) -> None:
+            if partial.text.startswith(shown[0]):
+                sys.stderr.write(partial.text[len(shown[0]):])
+                sys.stderr.flush()
+                shown[0] = partial.text
+
+        parts = RequestPrompt(user_text or self.engine.parts.user_text, self.engine.parts.system_text,
+                              self.engine.parts.layout)
+        try:
+            gen, _ = self.engine.run(self.engine.pool.generate(image_bytes, params, parts, stream=self.stream,
+                                                               on_partial=show if self.stream else None))
+        finally:
+            if self.stream and shown[0]:
+                sys.stderr.write("\n")
+        return gen
+
+    def close(self) -> None:
+        self.engine.close()
+
+
 class LocalSource:
     """An in-process engine (coordexp.engines.load_engine), loaded once."""
 
     def __init__(self, args: argparse.Namespace, params):
-        from coordexp.client.options import prompt_from_args
-        from coordexp.engines import load_engine
+        from coordexp.client.options import local_engine
 
-        self.base = prompt_from_args(argparse.Namespace(**{**vars(args), "user_text": None}))
-        self.engine = load_engine(args.engine, args.local, prompt=self.base, device=args.device,
-                                  threads=args.threads)
+        self.engine = local_engine(argparse.Namespace(**{**vars(args), "user_text": None}))
+        self.base = self.engine.prompt
         self.default_text = self.base.user_text
+        self.bbox_format = self.base.bbox_format
 
     def generate(self, image_bytes: bytes, image, params, user_text: str | None):
         import dataclasses
@@ -181,13 +227,14 @@ def answer(source, path: str, prompt: str | None, params, max_pixels: int) -> tu
     if gen.error:
         raise TurnError(f"generation_failed: {gen.error}")
     item = DatasetItem(index=0, line_no=1, images=[path], width=w, height=h, image_path=path)
-    rec = prediction_from_generation(item, gen).to_dict()
+    rec = prediction_from_generation(item, gen, bbox_format=source.bbox_format).to_dict()
     for p in rec["preds"]:
         px = to_pixels(p["points"], w, h, rec["coord_mode"])
         p["pixel_points"] = [round(v, 2) for v in px]
         p["pixel_box"] = [round(v, 2) for v in bbox_of(px)]
     out = {"image": path, "width": w, "height": h, "prompt": prompt if prompt is not None else source.default_text,
-           "coord_mode": rec["coord_mode"], "raw_output": rec["raw_output"], "preds": rec["preds"],
+           "coord_mode": rec["coord_mode"], "bbox_format": rec["bbox_format"], "raw_output": rec["raw_output"],
+           "preds": rec["preds"],
            "num_tokens": rec.get("num_tokens"), "finish_reason": rec.get("finish_reason")}
     for key in ("guided", "guided_closed_early"):  # what guided decoding did, as on prediction lines
         if key in rec:
@@ -313,14 +360,14 @@ def _interactive(source, args, params) -> int:
 def run(args: argparse.Namespace) -> int:
     from coordexp.engines.triton.pool import PreflightError
 
-    if bool(args.url) == bool(args.local):
-        print("error: give either --url HOST:PORT or --local CKPT (one of them)", file=sys.stderr)
+    if sum(map(bool, (args.url, args.local, args.openai_url))) != 1:
+        print("error: give one of --url HOST:PORT, --openai-url URL or --local CKPT", file=sys.stderr)
         return 2
     if not args.interactive and not args.image:
         print("error: --image is required (or use --interactive)", file=sys.stderr)
         return 2
-    if args.stream and not args.url:
-        print("error: --stream needs --url (a server's streaming ensemble)", file=sys.stderr)
+    if args.stream and not (args.url or args.openai_url):
+        print("error: --stream needs --url or --openai-url (a server that streams)", file=sys.stderr)
         return 2
     if args.user_text == "-":
         if args.interactive:
@@ -332,9 +379,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from coordexp.engines.openai_client import OpenAIServerError
+
     try:
-        source = RemoteSource(args, params) if args.url else LocalSource(args, params)
-    except PreflightError as e:
+        source = (RemoteSource(args, params) if args.url else OpenAISource(args, params) if args.openai_url
+                  else LocalSource(args, params))
+    except (PreflightError, OpenAIServerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, OSError, ValueError) as e:

@@ -30,8 +30,10 @@ import asyncio
 import json
 import os
 import sys
+import time
 
-from coordexp.client.options import add_decoding_args, add_prompt_args, params_from_args, prompt_overrides
+from coordexp.client.options import (add_decoding_args, add_openai_args, add_prompt_args, add_prompt_source_args,
+                                     openai_prompt, params_from_args, prompt_overrides)
 
 STREAMING_NOTE = ("time_to_first_token and inter_token_latency are null: unary requests get one response each, "
                   "so there is no first token to time; pass --stream to bench the streaming ensemble")
@@ -46,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic shapes images (coordexp.demo.synthetic)")
     p.add_argument("--size", type=int, default=128, help="synthetic image size in pixels (default 128)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images")
-    p.add_argument("--url", action="append", required=True, help="HOST:PORT of a Triton gRPC endpoint; repeatable")
+    p.add_argument("--url", action="append", default=[], help="HOST:PORT of a Triton gRPC endpoint; repeatable")
     p.add_argument("--model", default="coordexp", help="served model (ensemble) name")
     p.add_argument("--stream", action="store_true",
                    help="bench the streaming ensemble (<model>_stream) over the gRPC stream API and measure "
@@ -63,10 +65,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the baseline engine")
     p.add_argument("--out", default=None,
                    help="folder for bench.json and bench.png (default: runs/bench/<UTC date and time>)")
+    add_openai_args(p)
+    add_prompt_source_args(p.add_argument_group("prompt source (--openai-url to a server that is not ours)"))
     add_decoding_args(p)
     p.set_defaults(max_new_tokens=64)  # a short fixed budget keeps sweeps quick
     add_prompt_args(p)
     p.set_defaults(func=run)
+
+
+def _out_dir(args: argparse.Namespace) -> str:
+    """--out, made (default: runs/bench/<UTC date and time>: never an earlier bench's folder)."""
+    if args.out is None:
+        import datetime as _dt
+
+        args.out = os.path.join("runs", "bench", _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(args.out, exist_ok=True)
+    return args.out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +97,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.baseline and not args.ckpt:
         print("error: --baseline needs --ckpt", file=sys.stderr)
+        return 2
+    if bool(args.url) == bool(args.openai_url):
+        print("error: give --url HOST:PORT (Triton, repeatable) or --openai-url URL (one of them)", file=sys.stderr)
+        return 2
+    try:
+        full_prompt, parts = openai_prompt(args) if args.openai_url else (None, None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.data:
         if not os.path.isfile(args.data):
@@ -101,13 +123,27 @@ def run(args: argparse.Namespace) -> int:
         return 2
     opts = B.SweepOptions(urls=tuple(args.url), levels=tuple(levels), model=args.model, stream=args.stream,
                           requests=args.requests, warmup=args.warmup, timeout=args.timeout, retries=args.retries,
-                          user_text=args.user_text, prompt_overrides=prompt_overrides(args),
-                          explicit_max_new_tokens=args.max_new_tokens is not None)
+                          user_text=args.user_text if parts is None else parts, prompt_overrides=prompt_overrides(args),
+                          explicit_max_new_tokens=args.max_new_tokens is not None,
+                          explicit_repetition_penalty=args.repetition_penalty is not None,
+                          openai_url=args.openai_url, openai_model=args.openai_model, api_key=args.api_key,
+                          openai_prompt=full_prompt)
+    done: list = []
+    started = time.perf_counter()
     try:
-        served = asyncio.run(B.sweep(opts, params, inputs))
+        served = asyncio.run(B.sweep(opts, params, inputs, done=done))
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the levels that finished, said to be a partial sweep
+        out = _out_dir(args)
+        path = os.path.join(out, "bench.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"schema_version": "coordexp.bench.v1", "interrupted": True, "params": params.to_dict(),
+                       "seconds_until_interrupt": round(time.perf_counter() - started, 3), "levels": done,
+                       "inputs": source}, f, indent=2)
+        print(f"interrupted: {len(done)} of {len(levels)} levels finished; they are in {path}", file=sys.stderr)
+        return 130
     notes = [] if args.stream else [STREAMING_NOTE]
     report = B.bench_report(served, source, params, opts, notes)
     if args.baseline:
@@ -125,11 +161,7 @@ def run(args: argparse.Namespace) -> int:
         B.add_baseline(report, served, base, args.baseline, os.path.abspath(args.ckpt))
         print("served / in-process throughput: " + ", ".join(
             f"c={r['concurrency']}: x{r['request_throughput_ratio']}" for r in report["ratios"]))
-    if args.out is None:  # never overwrite an earlier bench: one folder per run
-        import datetime as _dt
-
-        args.out = os.path.join("runs", "bench", _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(args.out, exist_ok=True)
+    _out_dir(args)
     jpath = os.path.join(args.out, "bench.json")
     with open(jpath, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)

@@ -10,6 +10,11 @@ from typing import Any, Protocol, Sequence
 from coordexp.prompt import PromptSpec
 
 
+# The served token limit an export gets unless told otherwise: CoordExp's own inference runs with
+# 2,048-3,084 new tokens for up to 60 objects (about 20 tokens each); a smaller limit cuts dense scenes.
+SERVED_MAX_NEW_TOKENS = 2048
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Decoding parameters, identical in meaning for every engine."""
@@ -55,6 +60,40 @@ class GenerationResult:
     # (preds_json) and the request's latency.
     served_preds: dict[str, Any] | None = None
     latency_s: float | None = None
+    # generated tokens when the ids are not at hand (an OpenAI-compatible server reports only the count)
+    completion_tokens: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_tokens) if self.completion_tokens is not None else len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class RequestPrompt:
+    """The parts of the prompt one request sets; None keeps the engine's (the served export's) own.
+    `layout`: where the image stands in the user turn ("image_first" | "text_first")."""
+
+    user_text: str | None = None
+    system_text: str | None = None
+    layout: str | None = None
+
+    @classmethod
+    def of(cls, value: "RequestPrompt | str | None") -> "RequestPrompt":
+        """A RequestPrompt from itself, a user text, or None (nothing set)."""
+        if isinstance(value, RequestPrompt):
+            return value
+        return cls(user_text=value)
+
+    @property
+    def empty(self) -> bool:
+        return self.user_text is None and self.system_text is None and self.layout is None
+
+    def apply(self, spec: PromptSpec) -> PromptSpec:
+        import dataclasses
+
+        changes = {k: v for k, v in (("user_text", self.user_text), ("system_text", self.system_text),
+                                     ("layout", self.layout)) if v is not None}
+        return dataclasses.replace(spec, **changes) if changes else spec
 
 
 class Engine(Protocol):

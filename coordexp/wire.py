@@ -32,6 +32,8 @@ def stream_ensemble_name(name: str) -> str:
 # ---------------------------------------------------------------------------- tensor names
 IMAGE_BYTES_INPUT = "image_bytes_input"  # the encoded image file (never a path)
 TEXT_INPUT = "text_input"  # optional: user prompt replacing PromptSpec.user_text
+SYSTEM_TEXT_INPUT = "system_text_input"  # optional: system prompt replacing the served one
+MESSAGE_LAYOUT_INPUT = "message_layout"  # optional: "image_first" | "text_first" (the image's place in the user turn)
 MAX_TOKENS = "max_tokens"  # -> llm request_output_len
 TEMPERATURE = "temperature"  # 0 = greedy
 RUNTIME_TOP_P = "runtime_top_p"
@@ -55,6 +57,7 @@ SEQUENCE_LENGTH = "sequence_length"  # number of generated ids
 TEXT_OUTPUT = "text_output"  # the decoded model text (coord tokens kept)
 PREDS_JSON = "preds_json"  # {"preds", "error", "error_message", "repairs"}
 GUIDED_CLOSED_EARLY = "guided_closed_early"  # guided decoding closed the answer early (budget)
+PROMPT_TOKENS = "prompt_tokens"  # tokens of the rendered prompt, image placeholders included (usage)
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,17 @@ def decoding_inputs() -> dict[str, str]:
     return {t.name: llm_name(t.name) for t in DECODING_TENSORS}
 
 
+# The per-request prompt: each replaces one part of the served prompt (coordexp.prompt.PromptSpec)
+PROMPT_TENSORS = (
+    Tensor(TEXT_INPUT, "STRING", (1,), optional=True),
+    Tensor(SYSTEM_TEXT_INPUT, "STRING", (1,), optional=True),
+    Tensor(MESSAGE_LAYOUT_INPUT, "STRING", (1,), optional=True),
+)
+PROMPT_INPUTS = tuple(t.name for t in PROMPT_TENSORS)
+
 ENSEMBLE_INPUTS = (
     Tensor(IMAGE_BYTES_INPUT, "STRING", (1,), client_required=True),
-    Tensor(TEXT_INPUT, "STRING", (1,), optional=True),
+    *PROMPT_TENSORS,
     *DECODING_TENSORS,
 )
 STREAM_TENSOR = Tensor(STREAM, "BOOL", (1,), optional=True)  # streaming ensemble and llm_stream only
@@ -117,6 +128,7 @@ ENSEMBLE_OUTPUTS = (
     Tensor(OUTPUT_IDS, "INT32", (-1,)),
     Tensor(SEQUENCE_LENGTH, "INT32", (1,)),
     Tensor(GUIDED_CLOSED_EARLY, "BOOL", (1,)),
+    Tensor(PROMPT_TOKENS, "INT32", (1,)),
 )
 
 # Each step model's (inputs, outputs).
@@ -127,10 +139,10 @@ _LLM_INPUTS = (
     *(Tensor(llm_name(t.name), t.dtype, t.dims, optional=True) for t in DECODING_TENSORS),
 )
 _LLM_OUTPUTS = (Tensor(OUTPUT_IDS, "INT32", (-1,)), Tensor(SEQUENCE_LENGTH, "INT32", (1,)),
-                Tensor(GUIDED_CLOSED_EARLY, "BOOL", (1,)))
+                Tensor(GUIDED_CLOSED_EARLY, "BOOL", (1,)), Tensor(PROMPT_TOKENS, "INT32", (1,)))
 MODEL_TENSORS: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
     PREPROCESS: (
-        (Tensor(IMAGE_BYTES_INPUT, "STRING", (1,)), Tensor(TEXT_INPUT, "STRING", (1,), optional=True)),
+        (Tensor(IMAGE_BYTES_INPUT, "STRING", (1,)), *PROMPT_TENSORS),
         (Tensor(INPUT_IDS, "INT32", (-1,)), Tensor(ATTENTION_MASK, "INT32", (-1,)), Tensor(INPUT_LENGTHS, "INT32", (1,)),
          Tensor(PIXEL_VALUES, "FP32", (-1, -1)), Tensor(IMAGE_GRID_THW, "INT64", (3,))),
     ),
@@ -159,12 +171,12 @@ def _same(*names: str) -> dict[str, str]:
 # The ensemble's wiring, in one place: step -> (input_map {step tensor: ensemble tensor},
 # output_map {step tensor: ensemble tensor}). Internal ensemble tensors keep the step tensors' names.
 ENSEMBLE_STEPS: tuple[tuple[str, dict[str, str], dict[str, str]], ...] = (
-    (PREPROCESS, _same(IMAGE_BYTES_INPUT, TEXT_INPUT),
+    (PREPROCESS, _same(IMAGE_BYTES_INPUT, *PROMPT_INPUTS),
      _same(INPUT_IDS, ATTENTION_MASK, INPUT_LENGTHS, PIXEL_VALUES, IMAGE_GRID_THW)),
     (VISION_ENCODER, _same(PIXEL_VALUES, IMAGE_GRID_THW), _same(IMAGE_EMBEDS, DEEPSTACK_EMBEDS)),
     (LLM, {**_same(INPUT_IDS, ATTENTION_MASK, INPUT_LENGTHS, IMAGE_GRID_THW, IMAGE_EMBEDS, DEEPSTACK_EMBEDS),
            **{llm: ens for ens, llm in decoding_inputs().items()}},
-     _same(OUTPUT_IDS, SEQUENCE_LENGTH, GUIDED_CLOSED_EARLY)),
+     _same(OUTPUT_IDS, SEQUENCE_LENGTH, GUIDED_CLOSED_EARLY, PROMPT_TOKENS)),
     (POSTPROCESS, _same(OUTPUT_IDS, SEQUENCE_LENGTH), _same(TEXT_OUTPUT, PREDS_JSON)),
 )
 

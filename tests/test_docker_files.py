@@ -97,10 +97,14 @@ def test_images_copy_the_whole_package_and_serve_on_the_documented_ports(name):
     pkg_dirs = set(pp["tool"]["setuptools"]["package-dir"].values())
     assert {f"!{s}/" if s in pkg_dirs else f"!{s}" for s in sources} <= set(ignore)
     cmd = exec_form(args_of(ins, "CMD")[-1])
-    assert cmd[0] == "tritonserver" and "--model-repository=/models" in cmd
-    ports = {a.split("=")[0]: a.split("=")[1] for a in cmd if a.endswith(("8000", "8001", "8002"))}
-    assert ports == {"--http-port": "8000", "--grpc-port": "8001", "--metrics-port": "8002"}
-    assert args_of(ins, "EXPOSE") == ["8000 8001 8002"]
+    # coordexp-server: tritonserver (on PATH in the image) and the OpenAI API, its flags its parser's
+    from coordexp.serving.server import build_parser
+
+    assert cmd[0] == "coordexp-server"
+    args = build_parser().parse_args(cmd[1:])
+    assert (args.repo, args.host, args.http_port, args.grpc_port, args.metrics_port, args.openai_port, args.openai) \
+        == ("/models", "0.0.0.0", 8000, 8001, 8002, 9000, True)
+    assert args_of(ins, "EXPOSE") == ["8000 8001 8002 9000"]
     health = args_of(ins, "HEALTHCHECK")[-1]
     assert "http://127.0.0.1:8000/v2/health/ready" in health
     assert any(a.startswith("PIP_BREAK_SYSTEM_PACKAGES=1") for a in args_of(ins, "ENV"))  # Ubuntu 24.04's PEP 668
@@ -117,7 +121,9 @@ def test_gpu_image_is_the_pinned_trtllm_container_and_keeps_two_transformers_apa
     run = " ".join(args_of(ins, "RUN"))
     assert f'--no-deps --target "${{{SITE_ENV}}}" .' in run
     # every requirement the GPU image pins that pyproject also declares uses pyproject's own range
-    declared = {re.split(r"[<>=!~\[; ]", d, 1)[0].lower(): d for d in pyproject()["project"]["dependencies"]}
+    project = pyproject()["project"]
+    declared = {re.split(r"[<>=!~\[; ]", d, 1)[0].lower(): d
+                for d in project["dependencies"] + project["optional-dependencies"]["server"]}
     pinned = re.findall(r'"([A-Za-z0-9_.\-]+(?:\[[^\]]+\])?[<>=!~][^"]*)"', run)
     assert pinned
     for req in pinned:
@@ -127,10 +133,18 @@ def test_gpu_image_is_the_pinned_trtllm_container_and_keeps_two_transformers_apa
 
 
 def test_gpu_image_serves_like_the_dry_run_says():
+    """coordexp-server starts tritonserver with the flags the dry run prints for the repository."""
+    from coordexp.serving.server import TritonServer
     from coordexp.trtllm.plan import SERVE_FLAGS
 
-    cmd = exec_form(args_of(instructions(os.path.join(DOCKER, "Dockerfile.gpu")), "CMD")[-1])
-    assert cmd == ["tritonserver", "--model-repository=/models", *SERVE_FLAGS]
+    run = " ".join(args_of(instructions(os.path.join(DOCKER, "Dockerfile.gpu")), "RUN"))
+    assert "/usr/local/bin/coordexp-server" in run and "coordexp.serving.server" in run
+    cmd = TritonServer.__new__(TritonServer)
+    cmd.__dict__.update(repo="/models", host="0.0.0.0", grpc_port=8001, http_port=8000, metrics_port=8002,
+                        verbose=False, extra_args=[], install=type("I", (), {"binary": "tritonserver"})())
+    argv = cmd.command()
+    for flag in ("--exit-timeout-secs=30", "--strict-readiness=true"):
+        assert flag in argv and flag in SERVE_FLAGS
 
 
 def test_dockerfiles_pass_hadolint():
@@ -169,6 +183,8 @@ def test_compose_services_are_loopback_read_only_and_health_checked(compose):
         assert 8001 in ports, name
         mounts = [v for v in svc["volumes"] if v["target"] == "/models"]
         assert len(mounts) == 1 and mounts[0]["read_only"] is True and mounts[0]["type"] == "bind"
+        assert 9000 in ports, name  # the OpenAI API, with its key from the environment
+        assert "COORDEXP_API_KEY" in svc["environment"], name
         test = svc["healthcheck"]["test"]
         assert test[0] == "CMD" and "http://127.0.0.1:8000/v2/health/ready" in " ".join(test)  # Triton's HTTP port
         build = svc["build"]

@@ -95,16 +95,18 @@ def test_tensor_names_and_optional_inputs(repo):
     configs = load_configs(repo)
     ens = configs[wire.ENSEMBLE]
     inputs = {t.name: t for t in ens.input}
-    assert list(inputs) == ["image_bytes_input", "text_input", "max_tokens", "temperature", "runtime_top_p",
-                            "repetition_penalty", "random_seed", "guided", "ignore_eos"]
+    assert list(inputs) == ["image_bytes_input", "text_input", "system_text_input", "message_layout", "max_tokens",
+                            "temperature", "runtime_top_p", "repetition_penalty", "random_seed", "guided",
+                            "ignore_eos"]
     assert not inputs["image_bytes_input"].optional
     assert all(inputs[n].optional for n in list(inputs)[1:])
     dtype = {t.name: model_dtype(t.data_type) for t in ens.input}
-    assert dtype == {"image_bytes_input": "TYPE_STRING", "text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32",
+    assert dtype == {"image_bytes_input": "TYPE_STRING", "text_input": "TYPE_STRING", "system_text_input": "TYPE_STRING",
+                     "message_layout": "TYPE_STRING", "max_tokens": "TYPE_INT32",
                      "temperature": "TYPE_FP32", "runtime_top_p": "TYPE_FP32", "repetition_penalty": "TYPE_FP32",
                      "random_seed": "TYPE_UINT64", "guided": "TYPE_BOOL", "ignore_eos": "TYPE_BOOL"}
     assert [t.name for t in ens.output] == ["text_output", "preds_json", "output_ids", "sequence_length",
-                                           "guided_closed_early"]
+                                           "guided_closed_early", "prompt_tokens"]
     llm = configs[wire.LLM]
     assert llm.dynamic_batching.max_queue_delay_microseconds == ServingOptions().llm_queue_delay_us
     assert {t.name for t in llm.input if t.allow_ragged_batch} == {"input_ids", "attention_mask", "image_embeds",

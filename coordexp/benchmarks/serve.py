@@ -33,6 +33,13 @@ class SweepOptions:
     user_text: str | None = None
     prompt_overrides: dict[str, Any] = field(default_factory=dict)
     explicit_max_new_tokens: bool = True
+    explicit_repetition_penalty: bool = True
+    # an OpenAI-compatible server instead of Triton (ours or a peer's): its base URL, model, key, and the
+    # whole prompt to send a server that is not ours (coordexp.engines.openai_client)
+    openai_url: str | None = None
+    openai_model: str | None = None
+    api_key: str | None = None
+    openai_prompt: Any = None
 
 
 def synthetic_inputs(n: int, size: int, seed: int = 0) -> list[bytes]:
@@ -145,7 +152,7 @@ async def drive(pool, inputs: Sequence[bytes], concurrency: int, n: int, params,
                 errors += 1
                 continue
             lat.append(dt)
-            toks.append(len(gen.token_ids))
+            toks.append(gen.num_tokens)
             if timing is not None and timing.first_token_s is not None:
                 ttft.append(timing.first_token_s)
                 if timing.inter_token_s is not None:
@@ -162,13 +169,63 @@ async def drive(pool, inputs: Sequence[bytes], concurrency: int, n: int, params,
             "first_token": ttft if stream else None, "inter_token": itl if stream else None}
 
 
-async def sweep(opts: SweepOptions, params, inputs: list[bytes], log=print) -> dict[str, Any]:
-    """Every level of `opts` against the served model; raises PreflightError before any work."""
+async def _levels(pool: Any, opts: SweepOptions, params, inputs: list[bytes], log,
+                  done: list | None = None) -> tuple[list, dict[int, str]]:
+    """Every level of `opts` on a connected pool (a Triton ServerPool or an OpenAIPool); each finished
+    level is also appended to `done` (what an interrupted sweep still reports)."""
+    results = done if done is not None else []
+    texts: dict[int, str] = {}
+    log(HEADER)
+    for c in opts.levels:
+        n = opts.requests or max(len(inputs), 2 * c)
+        warm = opts.warmup if opts.warmup is not None else max(2, c)
+        if warm:
+            await drive(pool, inputs, c, warm, params, opts.user_text, stream=opts.stream, desc=f"c={c} warm-up")
+        d = await drive(pool, inputs, c, n, params, opts.user_text, texts, stream=opts.stream, desc=f"c={c}")
+        m = level_metrics(c, d["latencies"], d["tokens"], d["errors"], d["wall"], d["first_token"], d["inter_token"])
+        results.append(m)
+        log(level_row(m))
+    return results, texts
+
+
+async def sweep_openai(opts: SweepOptions, params, inputs: list[bytes], log=print,
+                       done: list | None = None) -> dict[str, Any]:
+    """The same sweep against an OpenAI-compatible server (`--openai-url`); streamed levels time the
+    server-sent events. Raises OpenAIServerError (as PreflightError) before any work."""
+    from coordexp.engines.openai_client import OpenAIEngine, OpenAIPool, OpenAIServerError
+    from coordexp.engines.triton.pool import PreflightError
+
+    try:
+        pool = await OpenAIPool.connect(opts.openai_url, opts.openai_model, opts.api_key, opts.timeout,
+                                        opts.openai_prompt)
+    except OpenAIServerError as e:
+        raise PreflightError(str(e)) from None
+    try:
+        facts = OpenAIEngine(pool, None)
+        params = facts.fit_params(params, opts.explicit_max_new_tokens, opts.explicit_repetition_penalty)
+        problems = facts.problems(params)
+        if problems:
+            raise PreflightError("; ".join(problems))
+        results, texts = await _levels(pool, opts, params, inputs, log, done)
+        manifest = pool.ext or None
+        return {"levels": results, "texts": texts, "manifest": manifest, "servers": pool.stats(), "retries": 0,
+                "server": {"openai_url": pool.base_url, "model": pool.model, "coordexp_server": pool.ours,
+                           "manifest": manifest},
+                "prompt_variant": facts.prompt.variant}
+    finally:
+        await pool.close()
+
+
+async def sweep(opts: SweepOptions, params, inputs: list[bytes], log=print, done: list | None = None) -> dict[str, Any]:
+    """Every level of `opts` against the served model; raises PreflightError before any work. `done`:
+    a list the finished levels are appended to as they finish (an interrupted sweep reports them)."""
     from coordexp.engines.triton.interface import (fit_params_to_server, manifest_summary, prompt_variant,
                                                    request_problems)
     from coordexp.engines.triton.pool import PreflightError, ServerPool, normalise_url
     from coordexp.wire import stream_ensemble_name
 
+    if opts.openai_url:
+        return await sweep_openai(opts, params, inputs, log, done)
     user_text = opts.user_text
     model = stream_ensemble_name(opts.model) if opts.stream else opts.model
     try:
@@ -181,23 +238,11 @@ async def sweep(opts: SweepOptions, params, inputs: list[bytes], log=print) -> d
                                  "--no-stream)") from None
         raise
     try:
-        params = fit_params_to_server(params, manifest, opts.explicit_max_new_tokens)
+        params = fit_params_to_server(params, manifest, opts.explicit_max_new_tokens, opts.explicit_repetition_penalty)
         problems = request_problems(pool.iface, manifest, params, user_text, opts.prompt_overrides)
         if problems:
             raise PreflightError("; ".join(problems))
-        results = []
-        texts: dict[int, str] = {}
-        log(HEADER)
-        for c in opts.levels:
-            n = opts.requests or max(len(inputs), 2 * c)
-            warm = opts.warmup if opts.warmup is not None else max(2, c)
-            if warm:
-                await drive(pool, inputs, c, warm, params, user_text, stream=opts.stream, desc=f"c={c} warm-up")
-            d = await drive(pool, inputs, c, n, params, user_text, texts, stream=opts.stream, desc=f"c={c}")
-            m = level_metrics(c, d["latencies"], d["tokens"], d["errors"], d["wall"], d["first_token"],
-                              d["inter_token"])
-            results.append(m)
-            log(level_row(m))
+        results, texts = await _levels(pool, opts, params, inputs, log, done)
         return {"levels": results, "texts": texts, "manifest": manifest, "iface": pool.iface,
                 "servers": pool.stats(), "retries": pool.total_retries,
                 "server": {"urls": [s.url for s in pool.servers], "model": model,

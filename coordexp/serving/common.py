@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from coordexp.generation import GenerationParams
-from coordexp.wire import GUIDED_CLOSED_EARLY, OUTPUT_IDS, SEQUENCE_LENGTH, STREAM
+from coordexp.wire import GUIDED_CLOSED_EARLY, OUTPUT_IDS, PROMPT_TOKENS, SEQUENCE_LENGTH, STREAM
 
 # ---------------------------------------------------------------------------- folder layout
 # Paths relative to the repository root. The ONNX graphs (vision.onnx, embed.onnx, decoder.onnx,
@@ -235,15 +235,23 @@ class Generated(list):
         return g
 
 
-def outputs_of(generated: Sequence[list[int]], pad_token_id: int) -> dict[str, np.ndarray]:
-    """One request's rows -> output_ids [B, S] (pad-filled), sequence_length [B, 1], guided_closed_early."""
+def prompt_lengths(items: Sequence[LlmItem]) -> list[int]:
+    return [int(len(it.ids)) for it in items]
+
+
+def outputs_of(generated: Sequence[list[int]], pad_token_id: int,
+               prompt_tokens: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """One request's rows -> output_ids [B, S] (pad-filled), sequence_length [B, 1], guided_closed_early,
+    prompt_tokens [B, 1] (each row's prompt length; 0 where not given)."""
     longest = max(1, max(len(g) for g in generated))
     ids = np.full((len(generated), longest), int(pad_token_id), dtype=np.int32)
     for i, g in enumerate(generated):
         ids[i, :len(g)] = g
     lengths = np.asarray([[len(g)] for g in generated], dtype=np.int32)
     closed = np.asarray([[bool(getattr(g, "closed_early", False))] for g in generated], dtype=np.bool_)
-    return {OUTPUT_IDS: ids, SEQUENCE_LENGTH: lengths, GUIDED_CLOSED_EARLY: closed}
+    prompt = np.asarray([[int(n)] for n in (prompt_tokens or [0] * len(generated))], dtype=np.int32)
+    return {OUTPUT_IDS: ids, SEQUENCE_LENGTH: lengths, GUIDED_CLOSED_EARLY: closed,
+            PROMPT_TOKENS: prompt.reshape(len(generated), 1)}
 
 
 def wants_stream(view: "TritonRequestView") -> bool:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from coordexp.generation import GenerationParams
-from coordexp.serving.common import Generated, LlmItem, RequestError, outputs_of, pad_stack
+from coordexp.serving.common import Generated, LlmItem, RequestError, outputs_of, pad_stack, prompt_lengths
 
 CANCEL_CHECK_S = 0.25  # how often running rows' requests are asked whether the client cancelled them
 # send(outputs_or_error, final): one request's response sender
@@ -173,6 +173,7 @@ class _Request:
     remaining: int
     cancelled: Callable[[], bool] | None = None
     done: bool = False
+    prompt_tokens: list[int] | None = None  # each row's prompt length (usage)
 
 
 @dataclass(eq=False)
@@ -216,7 +217,7 @@ class InflightScheduler:
         if not items:
             send(outputs_of([], self.pad_token_id), True)
             return
-        req = _Request(send, bool(stream), [[] for _ in items], len(items), cancelled)
+        req = _Request(send, bool(stream), [[] for _ in items], len(items), cancelled, prompt_tokens=prompt_lengths(items))
         new = []
         try:
             for k, it in enumerate(items):
@@ -399,7 +400,7 @@ class InflightScheduler:
         if final:
             req.done = True
         try:
-            req.send(outputs_of(req.rows, self.pad_token_id), final)
+            req.send(outputs_of(req.rows, self.pad_token_id, req.prompt_tokens), final)
         except Exception as e:  # the client went away: nothing more to send it
             req.done = True
             self.log(f"llm_stream: sending a response failed: {type(e).__name__}: {e}")

@@ -42,7 +42,8 @@ from coordexp.generation import GenerationParams
 from coordexp import wire
 from coordexp.serving.common import (ONNX_SUBDIR, Generated, LlmItem, RequestError, TritonRequestView,
                                      decoupled_sender, error_response, int_param, model_args, open_quiet_sessions,
-                                     outputs_of, pad_stack, request_view, resolve, response, rows, wants_stream)
+                                     outputs_of, pad_stack, prompt_lengths, request_view, resolve, response, rows,
+                                     wants_stream)
 from coordexp.wire import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, IGNORE_EOS, IMAGE_EMBEDS, IMAGE_GRID_THW,
                            INPUT_IDS, INPUT_LENGTHS, RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P,
                            TEMPERATURE)
@@ -149,7 +150,8 @@ def run_unary(generator: Generator, views: Sequence[TritonRequestView]) -> list[
         mine = generated[pos:pos + len(items)]
         pos += len(items)
         err = next((g for g in mine if isinstance(g, Exception)), None)
-        results.append(err if err is not None else outputs_of(mine, generator.pad_token_id))  # type: ignore[arg-type]
+        results.append(err if err is not None
+                       else outputs_of(mine, generator.pad_token_id, prompt_lengths(items)))  # type: ignore[arg-type]
     return results
 
 
@@ -292,6 +294,8 @@ class DecoupledRun:
             owner.extend([r] * len(items))
         if not flat:
             return
+        lengths = prompt_lengths(flat)
+        prompt_of = (lambda r: lengths[first[r]:first[r] + count[r]])  # noqa: E731
         partial: list[list[int]] = [[] for _ in flat]
         remaining = dict(count)
         done: set[int] = set()  # requests whose final response went out
@@ -307,8 +311,8 @@ class DecoupledRun:
                     continue
                 final = remaining[r] == 0
                 if final or streams[r]:
-                    self.send(r, outputs_of(partial[first[r]:first[r] + count[r]], self.generator.pad_token_id),
-                              final)
+                    self.send(r, outputs_of(partial[first[r]:first[r] + count[r]], self.generator.pad_token_id,
+                                            prompt_of(r)), final)
                     if final:
                         done.add(r)
 
@@ -318,7 +322,8 @@ class DecoupledRun:
                 continue
             mine = results[first[r]:first[r] + count[r]]
             err = next((g for g in mine if isinstance(g, Exception)), None)
-            self.send(r, err if err is not None else outputs_of(mine, self.generator.pad_token_id),  # type: ignore[arg-type]
+            self.send(r, err if err is not None
+                      else outputs_of(mine, self.generator.pad_token_id, prompt_of(r)),  # type: ignore[arg-type]
                       True)
             done.add(r)
 

@@ -1,7 +1,8 @@
 """The `preprocess` model: image bytes (+ optional user prompt) -> token ids and pixel patches.
 
 Per request (rows = the request's batch dimension, usually 1):
-  image_bytes_input BYTES [B, 1], text_input BYTES [B, 1] (optional)
+  image_bytes_input BYTES [B, 1], text_input BYTES [B, 1] (optional), system_text_input BYTES [B, 1]
+  (optional), message_layout BYTES [B, 1] (optional: image_first | text_first)
   -> input_ids INT32 [B, T] (left padded), attention_mask INT32 [B, T], input_lengths INT32 [B, 1],
      pixel_values FP32 [B, P, D] (zero padded to the request's largest image), image_grid_thw INT64 [B, 3]
 
@@ -21,13 +22,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coordexp.prompt import PromptSpec
+from coordexp.prompt import MESSAGE_LAYOUTS, PromptSpec
 from coordexp import wire
 from coordexp.serving.common import (RequestError, TritonRequestView, as_bytes, as_str, config_parameters,
                                      error_response, int_param, pad_stack, repository_root, request_view, resolve,
                                      response, rows)
 from coordexp.wire import (ATTENTION_MASK, IMAGE_BYTES_INPUT, IMAGE_GRID_THW, INPUT_IDS, INPUT_LENGTHS,
-                           PIXEL_VALUES, TEXT_INPUT)
+                           MESSAGE_LAYOUT_INPUT, PIXEL_VALUES, SYSTEM_TEXT_INPUT, TEXT_INPUT)
 
 MAX_IMAGE_BYTES = 32 << 20  # one encoded image per request: a 4032x3024 JPEG is ~5 MB
 
@@ -52,11 +53,19 @@ class Preprocessor:
 
         return cls(CoordExpProcessor.from_pretrained(processor_dir), prompt, max_pixels, fast_decode=fast_decode)
 
-    def spec_for(self, text: str | None) -> PromptSpec:
-        """The prompt for one row: the repository's, with the user text replaced when given."""
-        if text is None or not text.strip():
-            return self.prompt
-        return replace(self.prompt, user_text=text)
+    def spec_for(self, text: str | None, system: str | None = None, layout: str | None = None) -> PromptSpec:
+        """The prompt for one row: the repository's, with the user text, the system text and the place
+        of the image replaced where given (an empty text: the repository's)."""
+        changes: dict[str, str] = {}
+        if text is not None and text.strip():
+            changes["user_text"] = text
+        if system is not None and system.strip():
+            changes["system_text"] = system
+        if layout is not None and layout.strip():
+            if layout not in MESSAGE_LAYOUTS:
+                raise RequestError(f"{MESSAGE_LAYOUT_INPUT}: {layout!r}; expected one of {', '.join(MESSAGE_LAYOUTS)}")
+            changes["layout"] = layout
+        return replace(self.prompt, **changes) if changes else self.prompt
 
     def load_image(self, data: bytes, where: str):
         from coordexp.dataset import check_image_bytes
@@ -74,15 +83,19 @@ class Preprocessor:
         except Exception as e:  # verified header, broken body
             raise RequestError(f"image_load_failed: {where}: cannot decode image ({e})") from None
 
-    def encode(self, images: Sequence[bytes], texts: Sequence[str | None] | None = None) -> dict[str, np.ndarray]:
-        """Encoded image files (+ optional user texts) -> the step's output tensors."""
+    def encode(self, images: Sequence[bytes], texts: Sequence[str | None] | None = None,
+               systems: Sequence[str | None] | None = None,
+               layouts: Sequence[str | None] | None = None) -> dict[str, np.ndarray]:
+        """Encoded image files (+ optional user texts, system texts, layouts) -> the step's output tensors."""
         n = len(images)
         if n == 0:
             raise RequestError(f"{IMAGE_BYTES_INPUT}: empty batch")
         texts = list(texts) if texts is not None else [None] * n
+        systems = list(systems) if systems is not None else [None] * n
+        layouts = list(layouts) if layouts is not None else [None] * n
+        specs = [self.spec_for(t, s, lay) for t, s, lay in zip(texts, systems, layouts)]
         where = (lambda i: IMAGE_BYTES_INPUT) if n == 1 else (lambda i: f"{IMAGE_BYTES_INPUT}[{i}]")
         pil = [self.load_image(data, where(i)) for i, data in enumerate(images)]
-        specs = [self.spec_for(t) for t in texts]
         enc = self.processor.encode(pil, specs, return_tensors="np")
         grid = np.asarray(enc["image_grid_thw"], dtype=np.int64).reshape(n, 3)
         patches = np.asarray(enc["pixel_values"], dtype=np.float32)
@@ -103,11 +116,13 @@ class Preprocessor:
         raw = view.need(IMAGE_BYTES_INPUT)
         batch = int(raw.shape[0]) if raw.ndim else 1
         images = [as_bytes(v) for v in rows(raw, batch, IMAGE_BYTES_INPUT)]
-        try:
-            texts = [None if v is None else as_str(v) for v in rows(view.get(TEXT_INPUT), batch, TEXT_INPUT)]
-        except UnicodeDecodeError:
-            raise RequestError(f"{TEXT_INPUT}: not valid UTF-8") from None
-        return self.encode(images, texts)
+        texts = {}
+        for name in (TEXT_INPUT, SYSTEM_TEXT_INPUT, MESSAGE_LAYOUT_INPUT):
+            try:
+                texts[name] = [None if v is None else as_str(v) for v in rows(view.get(name), batch, name)]
+            except UnicodeDecodeError:
+                raise RequestError(f"{name}: not valid UTF-8") from None
+        return self.encode(images, texts[TEXT_INPUT], texts[SYSTEM_TEXT_INPUT], texts[MESSAGE_LAYOUT_INPUT])
 
 
 class TritonPythonModel:

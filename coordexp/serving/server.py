@@ -385,9 +385,10 @@ def _raise_stop(signum: int, frame: Any) -> None:
     raise StopRequested(signum)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="coordexp-server", description="Serve a CoordExp model repository with "
-                                "Triton Inference Server on loopback until Ctrl-C / SIGTERM / SIGHUP.")
+                                "Triton Inference Server (gRPC, HTTP) and an OpenAI-compatible API, on loopback "
+                                "until Ctrl-C / SIGTERM / SIGHUP.")
     p.add_argument("--repo", required=True, help="Triton model repository (from export/build_engine.py)")
     p.add_argument("--grpc-port", type=int, default=8001, help="0: a free port")
     p.add_argument("--http-port", type=int, default=8000, help="0: a free port")
@@ -396,36 +397,105 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", default=None, help="write Triton's log here")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--ready-timeout", type=float, default=300.0)
-    args = p.parse_args(argv)
+    o = p.add_argument_group("OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models)")
+    o.add_argument("--openai-port", type=int, default=9000, help="its port (default 9000; 0: a free port)")
+    o.add_argument("--no-openai", dest="openai", action="store_false", help="do not serve the OpenAI API")
+    o.add_argument("--openai-host", default=None, help="its bind address (default: --host); any other than "
+                   "loopback needs --api-key")
+    o.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
+                   help="another name the model answers to (repeatable; e.g. the checkpoint path a CoordExp "
+                        "config sends as `model`); the ensemble's own name always works")
+    o.add_argument("--api-key", default=os.environ.get("COORDEXP_API_KEY"),
+                   help="require Authorization: Bearer KEY (default: $COORDEXP_API_KEY; none on loopback)")
+    o.add_argument("--allow-image-host", action="append", default=[], metavar="HOST",
+                   help="image_url hosts the API may fetch http(s) images from (default none: data: URLs only)")
+    o.add_argument("--max-request-mb", type=int, default=48, help="largest request body (default 48 MiB)")
+    return p
+
+
+def _api_options(args: argparse.Namespace, server: "TritonServer") -> Any:
+    from coordexp.dataset import DEFAULT_MAX_PIXELS
+    from coordexp.serving.common import PROCESSOR_SUBDIR, read_manifest
+    from coordexp.serving.openai_api.app import ApiOptions
+    from coordexp.serving.openai_api.messages import ImageLimits
+    from coordexp.serving.preprocess import MAX_IMAGE_BYTES
+
+    try:
+        manifest = read_manifest(server.repo)
+    except (OSError, ValueError):
+        return None  # not a CoordExp repository (no manifest): nothing for the API to serve
+    ensemble = (manifest.get("models") or {}).get("ensemble") or "coordexp"
+    if ensemble not in server.models:
+        return None
+    proc = os.path.join(server.repo, (manifest.get("layout") or {}).get("processor_dir") or PROCESSOR_SUBDIR)
+    return ApiOptions(grpc_url=server.grpc_url, ensemble=ensemble, aliases=tuple(args.served_model_name),
+                      api_key=args.api_key or None, processor_dir=proc if os.path.isdir(proc) else None,
+                      max_request_bytes=args.max_request_mb << 20,
+                      image=ImageLimits(max_bytes=MAX_IMAGE_BYTES, max_pixels=DEFAULT_MAX_PIXELS,
+                                        allowed_hosts=tuple(h.lower() for h in args.allow_image_host)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from coordexp.serving.openai_api.runner import LOOPBACK, ApiServer, ApiServerError
+
+    args = build_parser().parse_args(argv)
+    api_host = args.openai_host or args.host
+    if args.openai:
+        if api_host not in LOOPBACK and not args.api_key:
+            print(f"error: the OpenAI API would bind {api_host} (not loopback) without a key: pass --api-key KEY "
+                  "(or set COORDEXP_API_KEY), or --no-openai", file=sys.stderr)
+            return 2
+        if args.openai_port == 0:
+            args.openai_port = free_port(api_host)
+        elif port_in_use(api_host, args.openai_port):
+            print(f"error: port {args.openai_port} (--openai-port) already in use on {api_host} (another server?): "
+                  "pass a free port with that flag, 0 for any free one, or --no-openai", file=sys.stderr)
+            return 2
     # Handlers first: a stop signal during start-up (model loading can take minutes) must stop
     # tritonserver too, not leave it running with its ports.
     for sig in STOP_SIGNALS:
         signal.signal(sig, _raise_stop)
-    server = None
+    server = api = None
     try:
         server = TritonServer(args.repo, args.grpc_port, args.http_port, args.metrics_port, host=args.host,
                               log_path=args.log, verbose=args.verbose, ready_timeout=args.ready_timeout)
         print(f"starting tritonserver ({server.install.source}) on {args.host} ...", file=sys.stderr)
         server.start()
-        print(f"ready: grpc {server.grpc_url}  http {server.http_url}  models {', '.join(server.models)}  "
+        openai = ""
+        api_opts = _api_options(args, server) if args.openai else None
+        if api_opts is not None:
+            api = ApiServer(api_opts, api_host, args.openai_port).start()
+            openai = f"  openai {api.url}"
+        elif args.openai:
+            print(f"note: {server.repo} has no CoordExp ensemble (manifest.json): the OpenAI API is off",
+                  file=sys.stderr)
+        print(f"ready: grpc {server.grpc_url}  http {server.http_url}{openai}  models {', '.join(server.models)}  "
               f"log {server.log_path}", file=sys.stderr)
         while server.proc.poll() is None:
             time.sleep(0.5)
         print(f"error: tritonserver exited with code {server.proc.returncode}: {server.exit_reason()} "
               f"(log: {server.log_path})", file=sys.stderr)
-        server.stop()
+        _stop(api, server)
         return 1
-    except TritonError as e:
+    except (TritonError, ApiServerError) as e:
         print(f"error: {e}", file=sys.stderr)
+        _stop(api, server)
         return 2
     except StopRequested as e:
         ready = bool(server and server.models)
         for sig in STOP_SIGNALS:  # a second signal must not interrupt the shutdown
             signal.signal(sig, signal.SIG_IGN)
         print(f"{e}: stopping tritonserver ...", file=sys.stderr)
-        rc = server.stop() if server is not None else None
+        rc = _stop(api, server)
         print(f"stopped (exit code {rc})", file=sys.stderr)
         return 0 if ready else 128 + e.signum
+
+
+def _stop(api: Any, server: "TritonServer | None") -> int | None:
+    """The API first (no request reaches a stopping Triton), then Triton."""
+    if api is not None:
+        api.stop()
+    return server.stop() if server is not None else None
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from coordexp.engines.triton.interface import (ModelInterface, manifest_summary, request_problems, served_prompt,
                                                fit_params_to_server)
 from coordexp.engines.triton.pool import AllServersDown, ServerPool, normalise_url
-from coordexp.generation import GenerationParams, GenerationResult
+from coordexp.generation import GenerationParams, GenerationResult, RequestPrompt
 from coordexp.prompt import PromptSpec
 
 
@@ -51,9 +51,27 @@ class _LoopThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="coordexp-triton", daemon=True)
         self._thread.start()
+        self._pending: set[Any] = set()
+        self._lock = threading.Lock()
 
     def run(self, coro: Any, timeout: float | None = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        with self._lock:
+            self._pending.add(fut)
+        try:
+            return fut.result(timeout)
+        finally:
+            with self._lock:
+                self._pending.discard(fut)
+
+    def cancel_all(self) -> int:
+        """Cancel every coroutine a caller is waiting on (its `run` raises CancelledError at once): an
+        interrupted run must not wait for requests in flight, which may be retrying for minutes."""
+        with self._lock:
+            pending = list(self._pending)
+        for fut in pending:
+            fut.cancel()
+        return len(pending)
 
     def stop(self) -> None:
         if self.loop.is_running():
@@ -80,7 +98,7 @@ class TritonEngine:
     concurrent = True  # generate_batch may run in several threads at once
 
     def __init__(self, pool: ServerPool, manifest: dict[str, Any] | None, loop: _LoopThread,
-                 user_text: str | None = None, max_in_flight: int | None = None):
+                 user_text: RequestPrompt | str | None = None, max_in_flight: int | None = None):
         self.pool = pool
         self.max_in_flight = max_in_flight
         self.manifest = manifest
@@ -90,7 +108,7 @@ class TritonEngine:
 
     @classmethod
     def connect(cls, urls: Sequence[str], options: ClientOptions = ClientOptions(),
-                user_text: str | None = None) -> "TritonEngine":
+                user_text: RequestPrompt | str | None = None) -> "TritonEngine":
         """Pre-flight every URL (PreflightError with one clear sentence on the first problem)."""
         loop = _LoopThread()
         try:
@@ -106,8 +124,9 @@ class TritonEngine:
     def iface(self) -> ModelInterface:
         return self.pool.iface
 
-    def fit_params(self, params: GenerationParams, explicit_max_new_tokens: bool) -> GenerationParams:
-        return fit_params_to_server(params, self.manifest, explicit_max_new_tokens)
+    def fit_params(self, params: GenerationParams, explicit_max_new_tokens: bool,
+                   explicit_repetition_penalty: bool = False) -> GenerationParams:
+        return fit_params_to_server(params, self.manifest, explicit_max_new_tokens, explicit_repetition_penalty)
 
     def problems(self, params: GenerationParams, prompt_overrides: dict[str, Any] | None = None) -> list[str]:
         """What was asked that the served model cannot do (empty: fine)."""
@@ -144,6 +163,10 @@ class TritonEngine:
 
     def checkpoint_sha256(self) -> str | None:
         return manifest_summary(self.manifest)["hash"]
+
+    def cancel(self) -> None:
+        """Stop waiting for the requests in flight (an interrupted run): their batches fail at once."""
+        self._loop.cancel_all()
 
     def run_facts(self) -> dict[str, Any]:
         """Facts for summary.json at the end of a run."""

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from coordexp import wire
-from coordexp.generation import GenerationParams, GenerationResult
+from coordexp.generation import GenerationParams, GenerationResult, RequestPrompt
 
 @dataclass
 class ModelInterface:
@@ -82,21 +82,33 @@ class ModelInterface:
 
 
 def fit_params_to_server(params: GenerationParams, manifest: dict[str, Any] | None,
-                         explicit_max_new_tokens: bool) -> GenerationParams:
-    """Without an explicit max_new_tokens, use the served export's own default."""
+                         explicit_max_new_tokens: bool, explicit_repetition_penalty: bool = False) -> GenerationParams:
+    """The served export's own defaults for what the caller did not set explicitly: max_new_tokens and
+    the repetition penalty (a served default of 1.0 leaves the request's as it is)."""
     import dataclasses
 
-    served = ((manifest or {}).get("decoding_defaults") or {}).get("max_new_tokens") or \
-        manifest_summary(manifest)["max_new_tokens"]
+    defaults = (manifest or {}).get("decoding_defaults") or {}
+    served = defaults.get("max_new_tokens") or manifest_summary(manifest)["max_new_tokens"]
     if not explicit_max_new_tokens and isinstance(served, int):
-        return dataclasses.replace(params, max_new_tokens=served)
+        params = dataclasses.replace(params, max_new_tokens=served)
+    penalty = defaults.get("repetition_penalty")
+    if not explicit_repetition_penalty and isinstance(penalty, (int, float)) and penalty != 1.0:
+        params = dataclasses.replace(params, repetition_penalty=float(penalty))
     return params
 
 
 def request_problems(iface: ModelInterface, manifest: dict[str, Any] | None, params: GenerationParams,
-                     user_text: str | None = None, prompt_overrides: dict[str, Any] | None = None) -> list[str]:
-    """What was asked that the served model cannot do (checked before any work)."""
+                     user_text: RequestPrompt | str | None = None,
+                     prompt_overrides: dict[str, Any] | None = None) -> list[str]:
+    """What was asked that the served model cannot do (checked before any work). `user_text`: the
+    request's prompt parts (a RequestPrompt, or the user text alone)."""
     out = []
+    asked = RequestPrompt.of(user_text)
+    for value, name, what in ((asked.system_text, wire.SYSTEM_TEXT_INPUT, "a system text"),
+                              (asked.layout, wire.MESSAGE_LAYOUT_INPUT, "a message layout")):
+        if value is not None and name not in iface.inputs:
+            out.append(f"{what}: the served model has no {name!r} input (exported before it existed: export again)")
+    user_text = asked.user_text
     if params.guided and wire.GUIDED not in iface.inputs:
         out.append(f"--guided: the served model has no {wire.GUIDED!r} input")
     if params.ignore_eos and wire.IGNORE_EOS not in iface.inputs:
@@ -111,20 +123,24 @@ def request_problems(iface: ModelInterface, manifest: dict[str, Any] | None, par
     return out
 
 
-def request_values(params: GenerationParams, image_bytes: bytes, user_text: str | None,
+def request_values(params: GenerationParams, image_bytes: bytes, prompt: RequestPrompt | str | None,
                    stream: bool = False) -> dict[str, Any]:
-    """Input name -> scalar value of one request (before shaping), from the wire table."""
+    """Input name -> scalar value of one request (before shaping), from the wire table. `prompt`: the
+    request's prompt parts (a RequestPrompt, or the user text alone)."""
     vals: dict[str, Any] = {wire.IMAGE_BYTES_INPUT: bytes(image_bytes), wire.STREAM: stream}
     for t in wire.ENSEMBLE_INPUTS:
         if t.param is not None:
             vals[t.name] = getattr(params, t.param)
-    if user_text is not None:
-        vals[wire.TEXT_INPUT] = user_text.encode("utf-8")
+    p = RequestPrompt.of(prompt)
+    for name, value in ((wire.TEXT_INPUT, p.user_text), (wire.SYSTEM_TEXT_INPUT, p.system_text),
+                        (wire.MESSAGE_LAYOUT_INPUT, p.layout)):
+        if value is not None:
+            vals[name] = value.encode("utf-8")
     return vals
 
 
 def build_arrays(iface: ModelInterface, params: GenerationParams, image_bytes: bytes,
-                 user_text: str | None = None, stream: bool = False) -> dict[str, np.ndarray]:
+                 user_text: RequestPrompt | str | None = None, stream: bool = False) -> dict[str, np.ndarray]:
     """The request tensors as numpy arrays, shaped for `iface` (optional inputs the model does
     not declare are left out)."""
     arrays = {}
@@ -137,7 +153,7 @@ def build_arrays(iface: ModelInterface, params: GenerationParams, image_bytes: b
 
 
 def build_inputs(iface: ModelInterface, params: GenerationParams, image_bytes: bytes,
-                 user_text: str | None = None, stream: bool = False) -> list:
+                 user_text: RequestPrompt | str | None = None, stream: bool = False) -> list:
     import tritonclient.grpc as grpcclient
 
     inputs = []
@@ -179,7 +195,9 @@ def generation_from_arrays(out: dict[str, np.ndarray | None], params: Generation
         extra = {"guided": True, **({"guided_closed_early": bool(closed)} if closed is not None else {})}
     served = first_value(out.get(wire.PREDS_JSON))
     served_preds = json.loads(served) if isinstance(served, (bytes, bytearray, str)) and served else None
-    return GenerationResult(text=text, token_ids=ids, finish_reason=finish, extra=extra, served_preds=served_preds)
+    prompt_tokens = first_value(out.get(wire.PROMPT_TOKENS))
+    return GenerationResult(text=text, token_ids=ids, finish_reason=finish, extra=extra, served_preds=served_preds,
+                            prompt_tokens=int(prompt_tokens) if prompt_tokens is not None else 0)
 
 
 def generation_from_result(result, iface: ModelInterface, params: GenerationParams) -> GenerationResult:
@@ -220,11 +238,9 @@ def manifest_summary(manifest: dict[str, Any] | None) -> dict[str, Any]:
             "max_new_tokens": m.get("max_new_tokens")}
 
 
-def served_prompt(manifest: dict[str, Any] | None, user_text: str | None = None):
+def served_prompt(manifest: dict[str, Any] | None, user_text: RequestPrompt | str | None = None):
     """The PromptSpec the served model uses (the manifest's `prompt`; the default without one)
-    with the user text applied."""
-    import dataclasses
-
+    with the request's prompt parts applied."""
     from coordexp.prompt import PromptSpec
 
     spec = PromptSpec()
@@ -234,25 +250,28 @@ def served_prompt(manifest: dict[str, Any] | None, user_text: str | None = None)
             spec = PromptSpec.from_dict(p)
         except (TypeError, ValueError):
             pass
-    if user_text is not None:
-        spec = dataclasses.replace(spec, user_text=user_text)
-    return spec
+    return RequestPrompt.of(user_text).apply(spec)
 
 
-def prompt_variant(manifest: dict[str, Any] | None, user_text: str | None) -> str:
+def prompt_variant(manifest: dict[str, Any] | None, user_text: RequestPrompt | str | None) -> str:
     """The variant recorded on every line ("+custom" when the user text is not the default)."""
     return served_prompt(manifest, user_text).variant
 
 
 def fixed_prompt_conflicts(manifest: dict[str, Any] | None, coord_format: str | None = None,
                            field_order: str | None = None, object_order: str | None = None,
-                           system_prompt: str | None = None) -> list[str]:
+                           system_prompt: str | None = None, bbox_format: str | None = None,
+                           layout: str | None = None) -> list[str]:
     """Prompt options that cannot be honoured remotely (the prompt is fixed at export)."""
+    from coordexp.prompt import PROMPT_OPTIONS
+
     spec = served_prompt(manifest, None)
     out = []
-    for key, want in (("coord_format", coord_format), ("field_order", field_order), ("object_order", object_order)):
+    for key, want in (("coord_format", coord_format), ("field_order", field_order), ("object_order", object_order),
+                      ("bbox_format", bbox_format), ("layout", layout)):
         if want is not None and want != getattr(spec, key):
-            out.append(f"--{key.replace('_', '-')} {want}: the served model was exported with {getattr(spec, key)}")
+            flag = next(o.flag for o in PROMPT_OPTIONS if o.field == key)
+            out.append(f"{flag} {want}: the served model was exported with {getattr(spec, key)}")
     if system_prompt is not None:
         out.append("--system-prompt: the served model's system prompt is fixed at export")
     return out

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from coordexp import wire
 from coordexp.engines.triton.interface import (ModelInterface, fetch_manifest, first_value, generation_from_result,
                                                manifest_summary, requested_outputs, build_inputs)
-from coordexp.generation import EngineUnavailable, GenerationParams, GenerationResult
+from coordexp.generation import EngineUnavailable, GenerationParams, GenerationResult, RequestPrompt
 
 # gRPC status codes as tritonclient reports them (InferenceServerException.status()).
 ST_UNAVAILABLE = "StatusCode.UNAVAILABLE"
@@ -408,7 +408,7 @@ class ServerPool:
         return last, timing
 
     async def generate(self, image_bytes: bytes, params: GenerationParams,
-                       user_text: str | None = None, stream: bool = False,
+                       user_text: RequestPrompt | str | None = None, stream: bool = False,
                        on_partial: Any = None) -> tuple[GenerationResult, dict[str, Any]]:
         """One request with retries. Returns (result, facts); a server-side error for this request
         comes back as a result with `error` set. Raises AllServersDown. `stream`: over the gRPC
