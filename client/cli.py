@@ -51,11 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from coordexp.runner import stop_on_sigterm
+
     try:
-        return int(args.func(args) or 0)
+        with stop_on_sigterm():  # SIGTERM stops a command as Ctrl-C does: prefixes written, summaries honest
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `coordexp-client runs list | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

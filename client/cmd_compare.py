@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="an image is right when its F1@0.5 (full) reaches this (default 1.0: all found, nothing extra)")
     p.add_argument("--topk", type=int, default=10, help="top improved / degraded classes and images to list")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of markdown")
+    p.add_argument("--all", dest="all_metrics", action="store_true",
+                   help="every metric in the table (default: the headline ones: F1, P, R @0.5 full, image accuracy, "
+                        "AP, AP50)")
     p.add_argument("--md", metavar="FILE", help="also write the markdown report to FILE")
     add_registry_arg(p)
     p.set_defaults(func=run)
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    md = compare_markdown(rep)
+    md = compare_markdown(rep, all_metrics=args.all_metrics)
     if args.md:
         with open(args.md, "w", encoding="utf-8") as f:
             f.write(md + "\n")

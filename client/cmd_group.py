@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"prompt profile: a packaged name ({', '.join(available_profiles())}) or a YAML file")
     p.add_argument("--legacy-keys", action="store_true", help="write 图片_N keys and a timestamp (the older shape)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (either shape)")
+    p.add_argument("--force", action="store_true", help="replace the records of an earlier run in --output-dir")
     p.add_argument("--pass-groups", type=int, default=None, help="sample at most N pass groups per mission")
     p.add_argument("--fail-groups", type=int, default=None, help="sample at most N fail groups per mission")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42, as the upstream tool)")
@@ -76,6 +77,7 @@ def _options(args: argparse.Namespace) -> Any:
 
     return GroupRunOptions(input_dir=args.input_dir, output_dir=args.output_dir, mission=args.mission,
                            task=args.task, profile=args.profile, legacy_keys=args.legacy_keys, resume=args.resume,
+                           force=args.force,
                            pass_groups=args.pass_groups, fail_groups=args.fail_groups, seed=args.seed,
                            progress=False if args.no_progress else None, prompt_layout=args.prompt_layout)
 
@@ -135,7 +137,7 @@ def _run(opts: Any, backend: Any) -> int:
 
     try:
         result = run_group_missions(opts, backend)
-    except (FileNotFoundError, ProfileError, RecordError) as e:
+    except (FileNotFoundError, FileExistsError, ProfileError, RecordError) as e:
         return _fail(str(e))
     missions = result["missions"]
     for name, m in missions.items():
@@ -146,6 +148,10 @@ def _run(opts: Any, backend: Any) -> int:
         for path in m["unknown_paths"]:
             print(f"note: skipped {path} (not a label folder, group folder or image)", file=sys.stderr)
     print(f"summary: {result['summary_path']}", file=sys.stderr)
+    if any(m["status"] == "interrupted" for m in missions.values()):
+        print("interrupted: the records so far are written; run the same command with --resume to continue",
+              file=sys.stderr)
+        return 130
     if any(m["status"] != "complete" for m in missions.values()):
         failure = next(m["failure"] for m in missions.values() if m["status"] != "complete")
         print(f"error: {failure}; run the same command with --resume to continue", file=sys.stderr)

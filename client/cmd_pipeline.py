@@ -91,7 +91,8 @@ def _infer_local(cfg, out_path: str) -> dict[str, Any]:
         kwargs.update(device=eng.device, dtype=eng.dtype)
     engine = load_engine(eng.kind, eng.checkpoint, prompt_flags=cfg.prompt_flags(), **kwargs)
     summary = run_dataset(cfg.data, out_path, engine, cfg.generation_params(), batch_size=cfg.infer.batch_size,
-                          resume=cfg.infer.resume, max_pixels=cfg.infer.max_pixels, progress=cfg.infer.progress)
+                          resume=cfg.infer.resume, max_pixels=cfg.infer.max_pixels, progress=cfg.infer.progress,
+                          force=cfg.infer.force)
     return {"rc": 0, "summary": summary.to_dict()}
 
 
@@ -103,7 +104,8 @@ def _infer_triton(cfg, out_path: str) -> dict[str, Any]:
     rc = infer_remote(list(eng.urls), cfg.data, out_path, cfg.generation_params(),
                       ClientOptions(model=eng.model, timeout=eng.timeout_s, retries=eng.retries,
                                     wait_for_server=eng.wait_for_server_s),
-                      concurrency=eng.concurrency, resume=cfg.infer.resume, max_pixels=cfg.infer.max_pixels,
+                      concurrency=eng.concurrency, resume=cfg.infer.resume, force=cfg.infer.force,
+                      max_pixels=cfg.infer.max_pixels,
                       progress=False if cfg.infer.progress is False else None, user_text=pr.user_text,
                       prompt_overrides={"coord_format": pr.coord_format, "field_order": pr.field_order,
                                         "object_order": pr.object_order, "system_prompt": pr.system_text,

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls = rs.add_parser("list", help="registered runs, newest first")
     ls.add_argument("--kind", choices=["test", "infer"])
     ls.add_argument("--status", choices=["pending", "running", "completed", "failed"])
-    ls.add_argument("--checkpoint", help="substring of the checkpoint path or a digest prefix")
+    ls.add_argument("--checkpoint", help="the checkpoint's name, a substring of its path, or a digest prefix")
     ls.add_argument("--dataset", help="substring of the dataset path or a digest prefix")
     ls.add_argument("--limit", type=int, default=50)
     ls.add_argument("--json", action="store_true")
@@ -94,6 +94,11 @@ def _list(reg, args) -> int:
 def _show(reg, args) -> int:
     r = reg.get_run(args.run_id)
     r.pop("per_class", None)
+    for key in ("created_at", "started_at", "completed_at"):  # readable times (the epoch stays in --json)
+        if isinstance(r.get(key), (int, float)):
+            r[key] = dt.datetime.fromtimestamp(r[key]).astimezone().isoformat(timespec="seconds")
+    r["history"] = [{**h, "changed_at": dt.datetime.fromtimestamp(h["changed_at"]).astimezone()
+                     .isoformat(timespec="seconds")} for h in reg.history(args.run_id)]
     print(json.dumps(r, indent=1, ensure_ascii=False))
     return 0
 

@@ -152,6 +152,7 @@ class InferConfig(_Model):
     batch_size: int = Field(1, ge=1)  # local engines: images per generate call
     max_pixels: int = Field(64_000_000, ge=1)  # refuse larger images before decoding
     resume: bool = False  # continue an interrupted run's predictions.jsonl
+    force: bool = False  # replace an earlier run's predictions in run_dir (its evaluation is archived)
     progress: Optional[bool] = None  # progress bar (null: when stderr is a terminal)
     decoding: DecodingConfig = Field(default_factory=DecodingConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)

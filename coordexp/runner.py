@@ -6,13 +6,14 @@ all run through `run_dataset`; results may arrive out of order, `PredictionWrite
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from coordexp.dataset import DatasetItem, count_records, iter_dataset
 from coordexp.generation import EngineUnavailable, GenerationParams, GenerationResult
@@ -55,6 +56,74 @@ RUN_FAILURE_CODES = {str(c) for c in (ErrorCode.INVALID_INPUT, ErrorCode.IMAGE_L
                                       ErrorCode.GENERATION_FAILED)}
 
 
+class stop_on_sigterm:
+    """SIGTERM stops a run the way Ctrl-C does (KeyboardInterrupt in the main thread: the prefix is
+    written, the summary says `interrupted`), instead of killing it mid-line; restored afterwards."""
+
+    def __enter__(self) -> "stop_on_sigterm":
+        import signal
+        import threading
+
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+class deferred_interrupts:
+    """While a run writes its lines, Ctrl-C and SIGTERM raise KeyboardInterrupt only between lines: a
+    signal inside `critical()` (one line written and counted) is held until the line is done, so the
+    summary always counts exactly the lines on disk. Main thread only; elsewhere nothing changes."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "deferred_interrupts":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.depth:
+            self.pending = signum
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        """A stretch no interrupt may split (a held one is raised right after it)."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise KeyboardInterrupt(f"signal {signum}")
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run: the lines so far are a valid prefix and `summary` was written."""
 
@@ -77,12 +146,51 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return d if isinstance(d, dict) else None
 
 
-def check_output_folder(out_path: str) -> None:
-    """Refuse an output whose folder holds another run's summary.json (it would be overwritten)."""
+class OutputExists(ValueError):
+    """The output already holds a run: continue it (--resume) or replace it on purpose (--force)."""
+
+
+def eval_dirs(run_dir: str) -> list[str]:
+    """The evaluation folders of a run folder (each holds a metrics.json)."""
+    import glob
+
+    cands = [os.path.join(run_dir, "eval"), run_dir, *sorted(glob.glob(os.path.join(glob.escape(run_dir), "eval*")))]
+    return [c for c in dict.fromkeys(os.path.normpath(c) for c in cands)
+            if os.path.isfile(os.path.join(c, "metrics.json")) and ".replaced-" not in c]
+
+
+def check_output_folder(out_path: str, resume: bool = False, force: bool = False) -> list[str]:
+    """Refuse an output whose folder holds another run's summary.json (it would be overwritten), and
+    an output that already holds prediction lines unless the run continues it (`resume`) or replaces
+    it (`force`: its evaluations are archived as `<eval>.replaced-<UTC time>`, so no metrics are left
+    beside predictions they were not computed from). Returns the archived folders."""
     other = (_read_json(summary_path(out_path)) or {}).get("out")
     if isinstance(other, str) and os.path.abspath(other) != os.path.abspath(out_path):
         raise ValueError(f"{summary_path(out_path)} belongs to another run ({other}); writing {out_path} would "
                          "overwrite it: give each run its own folder")
+    if resume or not os.path.isfile(out_path) or os.path.getsize(out_path) == 0:
+        return []
+    run_dir = os.path.dirname(os.path.abspath(out_path))
+    evals = eval_dirs(run_dir)
+    if not force:
+        with open(out_path, "rb") as f:
+            n = sum(1 for _ in f)
+        what = f" and its evaluation ({', '.join(os.path.relpath(e, run_dir) for e in evals)})" if evals else ""
+        raise OutputExists(f"{out_path} already holds {n} prediction lines of an earlier run{what}: continue it "
+                           "with --resume, pass --force to replace it (its evaluation is archived), or give this "
+                           "run its own --out")
+    import datetime as _dt
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    archived = []
+    for e in evals:
+        if os.path.abspath(e) == run_dir:  # metrics.json beside the predictions: archive the file itself
+            os.replace(os.path.join(e, "metrics.json"), os.path.join(e, f"metrics.json.replaced-{stamp}"))
+            archived.append(os.path.join(e, f"metrics.json.replaced-{stamp}"))
+        else:
+            os.replace(e, f"{e}.replaced-{stamp}")
+            archived.append(f"{e}.replaced-{stamp}")
+    return archived
 
 
 def _images_of(value: Any) -> list[str]:
@@ -145,6 +253,15 @@ def _existing_lines(out_path: str) -> tuple[list[dict], int]:
     return rows, size
 
 
+def finish_of(line: dict[str, Any]) -> str:
+    """How a prediction line's answer ended: "stop" (the model closed it), "length" (the token limit
+    cut it) or "error" (no answer: an input or engine failure)."""
+    if line.get("error") in RUN_FAILURE_CODES:
+        return "error"
+    reason = line.get("finish_reason")
+    return reason if reason in ("stop", "length") else "stop"
+
+
 class OutputWriteError(RuntimeError):
     """The predictions file cannot take another line (disk full, file size limit, I/O error); the lines
     written so far are kept, complete, for a resumed run."""
@@ -162,9 +279,11 @@ class PredictionWriter:
         self.out_path = out_path
         os.makedirs(os.path.dirname(os.path.abspath(out_path)) or ".", exist_ok=True)
         self.errors: Counter[str] = Counter()
+        self.finish: Counter[str] = Counter()  # finish_reason of every line: stop | length | error
         self.written = 0
         self.tokens = 0
         self.resumed_from = 0
+        self.generated = 0  # lines of this session that reached the model (throughput counts these only)
         if resume and os.path.exists(out_path):
             rows, size = _existing_lines(out_path)
             problems = check_resume(rows) if check_resume is not None else []
@@ -176,6 +295,7 @@ class PredictionWriter:
             for r in rows:
                 if r.get("error"):
                     self.errors[r["error"]] += 1
+                self.finish[finish_of(r)] += 1
                 self.tokens += int(r.get("num_tokens") or 0)
             self.written = self.resumed_from = len(rows)
             self._f = open(out_path, "ab", buffering=0)  # unbuffered: nothing half-written hides in a buffer
@@ -184,6 +304,7 @@ class PredictionWriter:
             self._f = open(out_path, "wb", buffering=0)
             self._size = 0  # bytes of complete lines on disk: a failed write is cut back to it
         self._pending: dict[int, PredictionRecord] = {}
+        self.guard: Any = contextlib.nullcontext  # () -> a context no interrupt splits (deferred_interrupts)
 
     @property
     def next_index(self) -> int:
@@ -197,13 +318,17 @@ class PredictionWriter:
         n = 0
         while self.written in self._pending:
             r = self._pending[self.written]
-            self._write_line((r.to_json() + "\n").encode("utf-8"))
-            del self._pending[self.written]
-            if r.error:
-                self.errors[str(r.error)] += 1
-            self.tokens += int(r.extra.get("num_tokens") or 0)
-            self.written += 1
-            n += 1
+            with self.guard():  # a line is written and counted, or neither
+                self._write_line((r.to_json() + "\n").encode("utf-8"))
+                del self._pending[self.written]
+                if r.error:
+                    self.errors[str(r.error)] += 1
+                self.finish[finish_of(r.to_dict())] += 1
+                if str(r.error) not in RUN_FAILURE_CODES:
+                    self.generated += 1
+                self.tokens += int(r.extra.get("num_tokens") or 0)
+                self.written += 1
+                n += 1
         return n
 
     def _write_line(self, data: bytes) -> None:
@@ -265,6 +390,12 @@ class RunSummary:
         d.update(self.extra)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunSummary":
+        names = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        return cls(**{k: v for k, v in d.items() if k in names},
+                   extra={k: v for k, v in d.items() if k not in names and k != "schema_version"})
+
     def write(self, out_path: str) -> str:
         path = summary_path(out_path)
         with open(path, "w", encoding="utf-8") as f:
@@ -272,13 +403,17 @@ class RunSummary:
         return path
 
 
-def finish_summary(writer: PredictionWriter, started: float, processed: int, **fields: Any) -> RunSummary:
-    """Summary for a run; rates count this session's work only (not resumed lines)."""
-    secs = time.perf_counter() - started
+def finish_summary(writer: PredictionWriter, started: float, ended: float | None = None, **fields: Any) -> RunSummary:
+    """Summary for a run; rates count this session's work only (not resumed lines), and images only
+    where the model answered (a line that failed to load is not throughput). `ended`: when the run
+    stopped (an interrupt's moment, not the clean-up after it)."""
+    secs = (ended or time.perf_counter()) - started
     s = RunSummary(records_read=writer.written, records_written=writer.written, resumed_from=writer.resumed_from,
                    errors=dict(sorted(writer.errors.items())), seconds=round(secs, 3),
                    generated_tokens=writer.tokens, **fields)
-    s.images_per_s = round(processed / secs, 3) if secs > 0 else 0.0
+    s.extra["finish_reasons"] = {k: writer.finish.get(k, 0) for k in ("stop", "length", "error")}
+    s.extra["images_generated"] = writer.generated
+    s.images_per_s = round(writer.generated / secs, 3) if secs > 0 else 0.0
     s.tokens_per_s = round(s.extra.pop("session_tokens", writer.tokens) / secs, 3) if secs > 0 else 0.0
     return s
 
@@ -351,6 +486,7 @@ class _Loop:
     line_extra: dict[str, Any]
     in_flight: dict[Any, list[DatasetItem]] = field(default_factory=dict)
     failure: EngineUnavailable | None = None
+    interrupted_at: float | None = None  # perf_counter() when Ctrl-C / SIGTERM arrived
 
     def write(self, batch: list[DatasetItem], results: dict[int, GenerationResult]) -> None:
         n = 0
@@ -400,6 +536,12 @@ def _drive(loop: _Loop, items: Iterable[DatasetItem], batch_size: int, concurren
             loop.reap(block=False)
         while loop.in_flight and loop.failure is None:
             loop.reap(block=True)
+    except BaseException:
+        # Ctrl-C / SIGTERM: the batches in flight may wait minutes for a server (timeouts, retries);
+        # the engine gives them up at once, so the run stops within seconds with its prefix written
+        loop.interrupted_at = time.perf_counter()
+        getattr(loop.engine, "cancel", lambda: None)()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         while loop.in_flight:  # let finished batches land: the prefix on disk is as long as it can be
@@ -408,7 +550,7 @@ def _drive(loop: _Loop, items: Iterable[DatasetItem], batch_size: int, concurren
 
 def run_dataset(data_path: str, out_path: str, engine: Any, params: GenerationParams, batch_size: int = 1,
                 resume: bool = False, max_pixels: int | None = None, progress: bool | None = None,
-                concurrency: int = 1, image_root: str | None = None) -> RunSummary:
+                concurrency: int = 1, image_root: str | None = None, force: bool = False) -> RunSummary:
     """Run any engine over an input JSONL; returns (and writes) the summary.
 
     `concurrency` batches are in flight at once for engines that allow it (`engine.concurrent`, the
@@ -416,19 +558,31 @@ def run_dataset(data_path: str, out_path: str, engine: Any, params: GenerationPa
     start (default: the JSONL's folder). When the engine raises `EngineUnavailable` the run stops
     there (`status: incomplete`, `failure`); Ctrl-C raises `RunInterrupted` (`status: interrupted`);
     either way summary.json is written and the lines so far are a valid prefix for `resume=True`,
-    which refuses lines of another dataset, engine, prompt, checkpoint or decoding parameters.
+    which refuses lines of another dataset, engine, prompt, checkpoint or decoding parameters; a
+    resumed run that was complete already changes nothing (its summary is returned as it was).
+    An `out_path` holding lines of an earlier run is refused (OutputExists) unless `resume` or `force`.
     `failed_share` in the summary: the share of lines with an input or engine error."""
     from coordexp.dataset import DEFAULT_MAX_PIXELS
 
     if batch_size < 1 or concurrency < 1:
         raise ValueError(f"batch_size and concurrency must be >= 1 (got {batch_size}, {concurrency})")
     concurrency = concurrency if getattr(engine, "concurrent", False) else 1
-    check_output_folder(out_path)
+    archived = check_output_folder(out_path, resume, force)
+    for a in archived:
+        print(f"note: --force: the earlier evaluation is archived as {a}", file=sys.stderr)
     total = count_records(data_path)
     started = time.perf_counter()
     status = "complete"
     check = lambda rows: resume_problems(out_path, rows, data_path, engine, params)  # noqa: E731
-    with PredictionWriter(out_path, resume=resume, check_resume=check) as writer:
+    with deferred_interrupts() as interrupts, \
+            PredictionWriter(out_path, resume=resume, check_resume=check) as writer:
+        writer.guard = interrupts.critical
+        before = _read_json(summary_path(out_path)) or {}
+        if resume and writer.written == total and before.get("status") == "complete" \
+                and os.path.abspath(str(before.get("out", ""))) == os.path.abspath(out_path):
+            s = RunSummary.from_dict(before)  # nothing to do: the finished run's summary stays as it was
+            s.extra["unchanged"] = True
+            return s
         tokens_before = writer.tokens
         name = getattr(engine, "progress_name", lambda: engine.name)()
         bar = progress_bar(total, writer.written, desc=f"infer[{name}]",
@@ -455,7 +609,6 @@ def run_dataset(data_path: str, out_path: str, engine: Any, params: GenerationPa
 def _summary(writer: PredictionWriter, loop: _Loop, started: float, tokens_before: int, status: str, total: int,
              concurrency: int, data_path: str, out_path: str) -> RunSummary:
     engine = loop.engine
-    processed = writer.written - writer.resumed_from
     failed = sum(n for code, n in writer.errors.items() if code in RUN_FAILURE_CODES)
     extra = {"session_tokens": writer.tokens - tokens_before, "data": os.path.abspath(data_path),
              "out": os.path.abspath(out_path), "status": status, "records_total": total,
@@ -464,5 +617,7 @@ def _summary(writer: PredictionWriter, loop: _Loop, started: float, tokens_befor
              **getattr(engine, "run_facts", dict)()}
     if loop.failure is not None:
         extra["failure"] = str(loop.failure)
-    return finish_summary(writer, started, processed, engine=engine.describe(), params=loop.params.to_dict(),
-                          prompt=engine.prompt.to_dict(), extra=extra)
+    if status == "interrupted":
+        extra["interrupted"] = True
+    return finish_summary(writer, started, loop.interrupted_at, engine=engine.describe(),
+                          params=loop.params.to_dict(), prompt=engine.prompt.to_dict(), extra=extra)

@@ -26,6 +26,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--bbox-format", choices=["xyxy", "cxcywh", "cxcy_logw_logh"], default=None,
                    help="how the model wrote bbox_2d, for prediction lines that do not say (ours carry bbox_format, "
                         "their points already decoded; a line that says otherwise is an error)")
+    p.add_argument("--complete-only", action="store_true",
+                   help="leave out images whose answer the token limit cut (finish_reason length); by default they "
+                        "count, with a warning saying how many")
     p.add_argument("--iou-thrs", default="0.3,0.5", help="F1-ish IoU thresholds, comma separated (0.5 is primary)")
     p.add_argument("--desc-match", choices=["exact", "semantic"], default=None,
                    help="how a matched desc counts as right in the headline 'full' F1 and how pred descs map to "
@@ -68,7 +71,7 @@ def run(args) -> int:
                      semantic=not args.no_semantic, semantic_thr=args.semantic_thr,
                      coco_backend=args.coco_backend, gt_coord_mode=args.gt_coord_mode, plots=not args.no_plots,
                      compat=args.compat, desc_match=args.desc_match, allow_partial=args.allow_partial,
-                     bbox_format=args.bbox_format)
+                     bbox_format=args.bbox_format, complete_only=args.complete_only)
     except (OSError, ValueError, ContractError, RuntimeError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 2

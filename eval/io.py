@@ -92,6 +92,7 @@ class ImagePair:
     size_mismatch: bool = False  # prediction line's width/height disagree with the GT's
     metadata: dict = field(default_factory=dict)  # the GT record's `metadata` (LVIS federated lists)
     raw_output: str | None = None  # the model text, kept for error lines only (the gallery shows it)
+    truncated: bool = False  # the answer was cut by the token limit (finish_reason "length")
 
     @property
     def coco_id(self) -> int:
@@ -104,6 +105,7 @@ class GroundTruth:
     categories: list[str]  # exact GT desc strings, first-seen order (COCO json: categories list)
     source_format: str  # "jsonl" | "coco"
     invalid: dict[int, str] = field(default_factory=dict)  # image_id -> why the GT line was skipped
+    root: str = "."  # where the GT's relative image paths start (its file's folder)
 
 
 def _num(v: Any, where: str) -> float:
@@ -153,7 +155,9 @@ def load_gt(gt_path: str, coord_mode: str | None = None) -> GroundTruth:
         except json.JSONDecodeError:
             data = None  # e.g. JSONL saved as .json: read it line by line below
         if isinstance(data, dict) and "annotations" in data and "images" in data:
-            return _load_coco_gt(data)
+            gt = _load_coco_gt(data)
+            gt.root = os.path.dirname(os.path.abspath(gt_path))
+            return gt
     images: list[ImagePair] = []
     invalid: dict[int, str] = {}
     cats: dict[str, None] = {}
@@ -181,7 +185,8 @@ def load_gt(gt_path: str, coord_mode: str | None = None) -> GroundTruth:
         md = d.get("metadata")
         images.append(ImagePair(image_id=image_id, images=list(rec.images), width=rec.width,
                                 height=rec.height, gts=objs, metadata=md if isinstance(md, dict) else {}))
-    return GroundTruth(images=images, categories=list(cats), source_format="jsonl", invalid=invalid)
+    return GroundTruth(images=images, categories=list(cats), source_format="jsonl", invalid=invalid,
+                       root=os.path.dirname(os.path.abspath(gt_path)))
 
 
 def _load_coco_gt(data: dict) -> GroundTruth:
@@ -268,6 +273,34 @@ def _line_bbox_format(d: dict, given: str | None, where: str) -> tuple[str, bool
     return fmt, fmt != "xyxy"
 
 
+def same_images(a: list[str], a_root: str, b: list[str], b_root: str) -> bool:
+    """Whether two records name the same image files: by spelling, or by the files their paths reach
+    (each relative to its own root), never by spelling alone (an absolute and a relative path agree)."""
+    if a == b:
+        return True
+    if len(a) != len(b):
+        return False
+
+    def where(p: str, root: str) -> str:
+        return os.path.realpath(p if os.path.isabs(p) else os.path.join(root, p))
+
+    return all(where(x, a_root) == where(y, b_root) for x, y in zip(a, b))
+
+
+def _pred_image_root(pred_path: str) -> str:
+    """Where a prediction file's relative image paths start: the dataset its run read (summary.json
+    `data`), else the file's own folder."""
+    folder = os.path.dirname(os.path.abspath(pred_path))
+    try:
+        with open(os.path.join(folder, "summary.json"), encoding="utf-8") as f:
+            data = json.load(f).get("data")
+        if isinstance(data, str) and data:
+            return os.path.dirname(os.path.abspath(data))
+    except (OSError, ValueError, AttributeError):
+        pass
+    return folder
+
+
 def attach_predictions(gt: GroundTruth, pred_path: str, reparse: bool = False,
                        bbox_format: str | None = None) -> dict[str, Any]:
     """Fill `pair.preds` from the prediction artifact; returns line-level counts.
@@ -279,11 +312,12 @@ def attach_predictions(gt: GroundTruth, pred_path: str, reparse: bool = False,
     """
     bbox_format = check_bbox_format(bbox_format) if bbox_format is not None else None
     formats: Counter = Counter()
+    pred_root, gt_root = _pred_image_root(pred_path), gt.root
     by_id = {p.image_id: p for p in gt.images}
     seen: set[int] = set()
     errors: Counter = Counter()
     listed: Counter = Counter()
-    counts = Counter()
+    counts = Counter(truncated_lines=0)
     for line_no, d in read_jsonl(pred_path):
         counts["pred_lines"] += 1
         if isinstance(d, Exception) or not isinstance(d, dict):
@@ -308,9 +342,12 @@ def attach_predictions(gt: GroundTruth, pred_path: str, reparse: bool = False,
         imgs = d.get("images")
         if isinstance(imgs, str):
             imgs = [imgs]
-        if imgs and list(imgs) != list(pair.images):
-            raise ValueError(f"{pred_path} line {line_no}: image_id {iid} images {imgs!r} disagree with "
-                             f"the GT's {pair.images!r}")
+        if imgs and not same_images(list(imgs), pred_root, list(pair.images), gt_root):
+            raise ValueError(f"{pred_path} line {line_no}: image_id {iid} images {imgs!r} disagree with the GT's "
+                             f"{pair.images!r}: other files (resolved from {pred_root} and {gt_root})")
+        if d.get("finish_reason") == "length":
+            pair.truncated = True
+            counts["truncated_lines"] += 1
         w, h = d.get("width"), d.get("height")
         if w is not None and h is not None and (w, h) != (pair.width, pair.height):
             pair.size_mismatch = True

@@ -7,6 +7,8 @@ import time
 from collections import Counter
 from typing import Any, Sequence
 
+from coordexp.checkpoint import sha256_file
+
 from .coco import STAT_NAMES, CocoResult, build_coco_dets, build_coco_gt, run_cocoeval
 from .io import ImagePair
 from .matching import DESC_MATCH_CHOICES, MatchResult, aggregate, check_desc_match, iou_matrix, match_image
@@ -172,7 +174,7 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
              semantic_thr: float = DEFAULT_THRESHOLD, embedder=None, coco_backend: str = "faster-coco-eval",
              gt_coord_mode: str | None = None, plots: bool = True, verbose: bool = False,
              compat: str = "ours", desc_match: str | None = None, allow_partial: bool = False,
-             bbox_format: str | None = None) -> dict[str, Any]:
+             bbox_format: str | None = None, complete_only: bool = False) -> dict[str, Any]:
     """Evaluate a prediction artifact against GT; write the artifacts into `out_dir` (None: none).
 
     - `gt_path=None`: `pred_path` is a gt_vs_pred.jsonl (ours or CoordExp's) with the GT inside.
@@ -188,6 +190,8 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
     - `compat="coordexp"`: CoordExp's evaluator conventions (eval/compat.py); default ours.
     - `bbox_format`: how the model wrote bbox_2d, for prediction lines that do not say (ours do;
       a line that says otherwise is an error).
+    - `complete_only`: leave out the images whose answer the token limit cut (finish_reason
+      "length"); by default they count, and how many there were is reported (`truncated`).
     Returns the metrics dict (the content of metrics.json).
     """
     from .compat import COMPAT_CHOICES, compat_info
@@ -209,6 +213,13 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
     from .upstream import flat_metrics
 
     gt, line_info, pairs, categories, changes = _load(pred_path, gt_path, reparse, gt_coord_mode, compat, bbox_format)
+    truncated = {"answers": sum(p.truncated for p in pairs), "left_out": bool(complete_only)}
+    if complete_only:
+        pairs = [p for p in pairs if not p.truncated]
+    elif truncated["answers"]:
+        print(f"warning: {truncated['answers']} of {len(pairs)} answers were cut at the token limit (finish_reason "
+              "length): their missing objects count as misses; raise the run's --max-new-tokens, or evaluate the "
+              "complete answers only with --complete-only", file=sys.stderr)
     timings["load_s"] = time.perf_counter() - t0
     scorer = SemanticScorer(embedder=embedder, threshold=semantic_thr, enabled=semantic)
     pred_descs = Counter(o.desc for p in pairs for o in p.preds)
@@ -225,7 +236,9 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
                    "gt_format": gt.source_format, "metrics": metrics, "reparse": bool(reparse),
                    "iou_thrs": [float(x) for x in iou_thrs], "primary_iou_thr": primary, "compat": compat,
                    "desc_match": desc_match, "bbox_format": bbox_format,
-                   "bbox_formats": line_info.get("bbox_formats", {})},
+                   "bbox_formats": line_info.get("bbox_formats", {}), "pred_sha256": sha256_file(pred_path),
+                   "complete_only": bool(complete_only)},
+        "truncated": truncated,
         "desc_match": desc_match,
         "counts": counts,
         "errors": line_info["errors"],

@@ -262,6 +262,11 @@ def format_summary(m: dict[str, Any]) -> str:
     lines.append(f"images {c.get('images', 0)}  gt objects {c.get('gt_objects', 0)}  preds {c.get('pred_objects', 0)}"
                  f"  categories {c.get('categories', 0)}  error lines {c.get('pred_lines_with_error', 0)}"
                  f"  missing lines {c.get('pred_lines_missing', 0)}")
+    tr = m.get("truncated") or {}
+    if tr.get("answers"):
+        lines.append(f"TRUNCATED: {tr['answers']} answers were cut at the token limit"
+                     + (" and are left out (--complete-only)" if tr.get("left_out") else
+                        " (counted; --complete-only leaves them out)"))
     pa = m.get("partial")
     if pa:
         lines.append(f"PARTIAL RUN: {pa['predicted_images']} of {pa['gt_images']} GT images predicted; the "

@@ -133,7 +133,18 @@ def test_the_compare_command_writes_json_and_markdown(tmp_path, capsys):
     assert rep["options"] == {"bootstrap": 200, "seed": 0, "right_f1": 1.0, "topk": 10}
     text = md.read_text()
     assert "| image_accuracy | 1.0000 | 0.8000 | -0.2000 |" in text and "| worse |" in text
-    assert f"| | 40 | 10 | 0 | 0 | {2 / 1024:.4g} |" in text
+    assert f"| images (50) | 40 | 10 | 0 | 0 | {2 / 1024:.4g} |" in text  # every McNemar row names what it counts
+    # the default table is the headline metrics; --all every one; counts are per-image sums with intervals
+    shown = [ln.split(" | ")[0].lstrip("| ") for ln in text.splitlines() if ln.startswith("| f1ish") or
+             ln.startswith("| image_accuracy") or ln.startswith("| bbox_")]
+    assert shown == ["f1ish@0.50_f1_full_micro", "f1ish@0.50_precision_full_micro", "f1ish@0.50_recall_full_micro",
+                     "image_accuracy", "bbox_AP", "bbox_AP50"]
+    fn = next(m for m in rep["comparisons"][0]["metrics"] if m["metric"] == "f1ish@0.50_fn_full")
+    assert fn["ci95"] is not None and fn["delta"] > 0 and fn["verdict"] == "worse"  # more misses: worse
+    loose = next(m for m in rep["comparisons"][0]["metrics"] if m["metric"].startswith("f1ish@0.30"))
+    assert loose["verdict"] == "no interval (per-image counts are kept at IoU 0.50 only)"
+    assert main(["compare", str(a), str(b), "--registry", reg.path, "--bootstrap", "200", "--all"]) == 0
+    assert len([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| f1ish")]) > 10
     assert main(["compare", str(a), "999", "--registry", reg.path]) == 2
     assert "no run with id 999" in capsys.readouterr().err
     assert not math.isnan(rep["comparisons"][0]["metrics"][0]["ci95"][0])

@@ -212,9 +212,12 @@ def test_eval_registers_a_test_run_replacing_the_inference_job(tmp_path, capsys)
     argv = ["eval", "--pred", pred, "--gt", DEMO_GT, "--out", os.path.join(run_dir, "eval"), "--no-semantic",
             "--no-plots", "--registry", reg]
     assert main(argv) == 0
-    assert "registered test run 2 (50 images)" in capsys.readouterr().err  # the GT has 50: 42 missing
+    assert "registered test run 1 (50 images)" in capsys.readouterr().err  # the GT has 50: 42 missing
     with Registry(reg) as r:
-        assert [(x["id"], x["kind"]) for x in r.list_runs()] == [(2, "test")]  # the folder's job became a test run
+        # the folder's job became a test run, its id kept, the change in its history
+        assert [(x["id"], x["kind"]) for x in r.list_runs()] == [(1, "test")]
+        (change,) = r.history(1)
+        assert change["before"]["kind"] == "infer" and change["after"]["kind"] == "test"
     assert main(argv[:-2] + ["--no-register", "--quiet"]) == 0
     with Registry(reg) as r:
         assert len(r.list_runs()) == 1

@@ -39,6 +39,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
                    help=f"downscale panels to this longer side (default {DEFAULT_MAX_SIZE})")
     p.add_argument("--title", default=None, help="gallery title")
+    from coordexp.client.cmd_runs import add_register_args
+
+    add_register_args(p)  # the run's registry entry notes where its gallery is
     p.set_defaults(func=run)
     return p
 
@@ -60,6 +63,10 @@ def run(args) -> int:
     print(f"vis: {c['rendered']} of {c['images']} images rendered "
           f"({c['images_with_fp_or_fn']} with FP/FN, {c['images_with_errors']} with errors); "
           f"gallery: {args.out.rstrip('/')}/index.html")
+    from coordexp.client.cmd_runs import register_options
+    from coordexp.runs.register import record_vis
+
+    record_vis(args.pred, args.out, register_options(args))
     return 0
 
 

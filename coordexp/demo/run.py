@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # 3. infer over gRPC
         t = stages.start(f"coordexp-client infer over gRPC on {os.path.relpath(args.data, ROOT)}")
-        _run(_cli("infer", "--url", server.grpc_url, "--model", name, "--data", args.data, "--out", preds,
+        _run(_cli("infer", "--url", server.grpc_url, "--model", name, "--data", args.data, "--out", preds, "--force",
                   "--concurrency", str(args.concurrency), "--max-new-tokens", str(args.max_new_tokens)))
         stages.done(t)
 

@@ -36,6 +36,7 @@ class GroupRunOptions:
     profile: str = DEFAULT_PROFILE  # a packaged profile name or a profile file
     legacy_keys: bool = False  # write 图片_N keys + timestamp (the older shape)
     resume: bool = False
+    force: bool = False  # replace an earlier run's records in output_dir (refused without it, or --resume)
     pass_groups: int | None = None
     fail_groups: int | None = None
     seed: int = 42
@@ -245,7 +246,7 @@ def run_mission(m: Mission, backend: Any, prompt: MissionPrompt, opts: GroupRunO
         main_f, errors_f = open(main, "w", encoding="utf-8"), open(errors, "w", encoding="utf-8")
         done, legacy, kept_main, kept_err = [], opts.legacy_keys, 0, 0
     pending = _pending(groups, done)
-    started, status, failure = time.perf_counter(), "complete", None
+    started, status, failure, ended = time.perf_counter(), "complete", None, None
     total_images = sum(len(g.images) for g in pending)
     bar = _progress(total_images, m.name, opts)
     with main_f, errors_f:
@@ -267,11 +268,16 @@ def run_mission(m: Mission, backend: Any, prompt: MissionPrompt, opts: GroupRunO
             backend.run(_jobs(pending), how, on_done)
         except EngineUnavailable as e:
             status, failure = "incomplete", f"{type(e).__name__}: {e}"
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: give the requests in flight up, keep what is written
+            ended = time.perf_counter()
+            getattr(getattr(backend, "engine", None), "cancel", lambda: None)()
+            status, failure = "interrupted", "interrupted (Ctrl-C / SIGTERM)"
         finally:
             bar.close()
-    seconds = time.perf_counter() - started
+    seconds = (ended or time.perf_counter()) - started
     summary = {
-        "status": status, "failure": failure, "files": {"main": main, "errors": errors},
+        "status": status, "failure": failure, "interrupted": status == "interrupted",
+        "files": {"main": main, "errors": errors},
         "task": opts.task, "profile": prompt.profile, "prompt": used, "shape": "legacy" if legacy else "current",
         **_account(groups, main, errors),
         "written": writer.counts_total("written"), "errors": writer.counts_total("errors"),
@@ -313,6 +319,12 @@ def run_group_missions(opts: GroupRunOptions, backend: Any) -> dict[str, Any]:
     that breaks the rules)."""
     profile = load_profile(opts.profile)
     missions = discover(opts.input_dir, opts.mission)
+    if not opts.resume and not opts.force:
+        held = [p for m in missions for p in output_paths(opts.output_dir, m.name)
+                if os.path.isfile(p) and os.path.getsize(p) > 0]
+        if held:
+            raise FileExistsError(f"{opts.output_dir} already holds an earlier run's records ({', '.join(held[:3])}): "
+                                  "continue it with --resume, replace it with --force, or pick another --output-dir")
     os.makedirs(opts.output_dir, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
     for m in missions:

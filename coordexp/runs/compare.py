@@ -140,8 +140,9 @@ def _run_metric_deltas(run_a, run_b, intervals) -> list[dict[str, Any]]:
             continue
         va, vb = run_a["metrics"][name], run_b["metrics"][name]
         if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
-            out.append({"metric": name, "a": va, "b": vb, "delta": vb - va, "ci95": None,
-                        "verdict": "no interval (not a per-image sum)"})
+            why = ("no interval (per-image counts are kept at IoU 0.50 only)" if name.startswith("f1ish@")
+                   else "no interval (not a per-image sum)")
+            out.append({"metric": name, "a": va, "b": vb, "delta": vb - va, "ci95": None, "verdict": why})
     return out
 
 
@@ -150,7 +151,7 @@ def compare_pair(run_a, run_b, ims_a, ims_b, opts: CompareOptions) -> dict[str, 
     ones = np.ones((1, len(a["tp"])))
     iv = paired_bootstrap(a, b, STATISTICS, n_boot=opts.bootstrap, seed=opts.seed)
     metrics = [{"metric": k, "a": float(f(ones, a)[0]), "b": float(f(ones, b)[0]), "delta": iv[k].delta,
-                "ci95": [iv[k].lo, iv[k].hi], "verdict": iv[k].verdict} for k, f in STATISTICS.items()]
+                "ci95": [iv[k].lo, iv[k].hi], "verdict": iv[k].verdict_of(k)} for k, f in STATISTICS.items()]
     idx = [im["idx"] for im in ims_a]
     return {"a": run_a["id"], "b": run_b["id"], "metrics": metrics + _run_metric_deltas(run_a, run_b, iv),
             "image_flips": _flips(a["right"] > 0, b["right"] > 0, [im["path"] for im in ims_a], idx),

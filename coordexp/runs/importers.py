@@ -9,11 +9,11 @@ normalised-string label equality.
 from __future__ import annotations
 
 import csv
-import glob
-import hashlib
 import json
 import os
 from typing import Any, Iterable
+
+from coordexp.checkpoint import sha256_file
 
 from .registry import ImageRow, RunRecord
 
@@ -23,14 +23,6 @@ COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", 
 
 class ImportError_(ValueError):
     """A run folder that cannot be imported; the message names the file and the problem."""
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: str) -> Any:
@@ -165,7 +157,12 @@ def _latency_stats(lat: dict[int, float]) -> tuple[float | None, float | None]:
 
 def _summary_fields(run: RunRecord, s: dict[str, Any]) -> None:
     eng = s.get("engine") or {}
-    run.checkpoint_path = eng.get("checkpoint") or s.get("checkpoint")
+    # a served run names its checkpoint through the export manifest (Triton), or the server's model card
+    # (OpenAI API); a local one directly
+    manifest = eng.get("manifest") or (eng.get("server_model") or {}).get("coordexp") or {}
+    served_ckpt = (manifest.get("checkpoint") or {}).get("path") if isinstance(manifest.get("checkpoint"), dict) \
+        else manifest.get("checkpoint")
+    run.checkpoint_path = eng.get("checkpoint") or s.get("checkpoint") or served_ckpt
     run.checkpoint_sha256 = s.get("checkpoint_sha256")
     run.engine = eng.get("engine") or eng.get("name")
     run.backend = eng.get("backend") or run.engine
@@ -176,13 +173,30 @@ def _summary_fields(run: RunRecord, s: dict[str, Any]) -> None:
     run.prompt_variant = (s.get("prompt") or {}).get("variant")
     run.images_per_s = s.get("images_per_s")
     run.status = "completed" if s.get("status", "complete") == "complete" else "failed"
-    run.error = s.get("failure")
+    run.error = s.get("failure") or ("interrupted" if s.get("interrupted") else None)
+    if isinstance(s.get("finish_reasons"), dict):
+        run.finish = {k: int(v) for k, v in s["finish_reasons"].items()}
 
 
 def find_eval_dir(run_dir: str) -> str | None:
-    for cand in [os.path.join(run_dir, "eval"), run_dir, *sorted(glob.glob(os.path.join(run_dir, "eval*")))]:
-        if os.path.isfile(os.path.join(cand, "metrics.json")):
-            return cand
+    """The run folder's evaluation (`eval/` first), not an archived one (`coordexp.runner.eval_dirs`)."""
+    from coordexp.runner import eval_dirs
+
+    return next(iter(eval_dirs(run_dir)), None)
+
+
+def _stale_eval(eval_dir: str, m: dict[str, Any], pred: str, pred_sha: str) -> str | None:
+    """Why the evaluation in `eval_dir` is not of these predictions (None: it is): it names another
+    digest, or (an evaluation older than digests) the predictions changed after it was written."""
+    where = os.path.join(eval_dir, "metrics.json")
+    had = (m.get("inputs") or {}).get("pred_sha256")
+    if had:
+        if had != pred_sha:
+            return (f"{where} was computed from other predictions (sha256 {had[:12]}, {os.path.basename(pred)} is now "
+                    f"{pred_sha[:12]}): left out; run eval again")
+        return None
+    if os.path.getmtime(pred) > os.path.getmtime(where):
+        return f"{pred} changed after {where} was written: its metrics are left out; run eval again"
     return None
 
 
@@ -196,10 +210,20 @@ def import_our_dir(run_dir: str, gt_path: str | None = None, name: str | None = 
     s = _read_json(summary_path) if os.path.isfile(summary_path) else {}
     eval_dir = eval_dir or find_eval_dir(run_dir)
     m = _read_json(os.path.join(eval_dir, "metrics.json")) if eval_dir else {}
+    pred_sha = sha256_file(pred)
+    stale = _stale_eval(eval_dir, m, pred, pred_sha) if eval_dir else None
+    if stale:  # metrics of other predictions never stand beside these
+        eval_dir, m = None, {}
     gt_path = gt_path or (m.get("inputs") or {}).get("gt") or s.get("data")
     run = RunRecord(kind="test" if eval_dir else "infer", name=name or os.path.basename(os.path.abspath(run_dir)),
-                    run_dir=os.path.abspath(run_dir))
+                    run_dir=os.path.abspath(run_dir), pred_sha256=pred_sha, note=stale)
     _summary_fields(run, s)
+    if not run.finish:
+        from coordexp.runner import finish_of
+
+        run.finish = {"stop": 0, "length": 0, "error": 0}
+        for _n, d in _jsonl(pred):
+            run.finish[finish_of(d)] += 1
     vis = os.path.join(run_dir, "vis")
     run.vis_dir = os.path.abspath(vis) if os.path.isdir(vis) else None
     lat = {d["image_id"]: float(d["latency_ms"]) for _n, d in _jsonl(pred)

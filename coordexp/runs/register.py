@@ -19,6 +19,24 @@ class RegisterOptions:
     name: str | None = None
 
 
+def record_vis(pred_path: str, vis_dir: str, opts: RegisterOptions) -> int | None:
+    """Note a run's visualisation folder on its registry entry (the entry of the folder holding
+    `pred_path`; none: nothing to note). Returns the run id or None; never fails the `vis` it follows."""
+    if not opts.enabled:
+        return None
+    run_dir = os.path.dirname(os.path.abspath(pred_path))
+    try:
+        with Registry(opts.registry) as reg:
+            row = reg.db.execute("SELECT id FROM runs WHERE run_dir = ? ORDER BY id LIMIT 1", (run_dir,)).fetchone()
+            if row is None:
+                return None
+            reg.update_run(int(row[0]), vis_dir=os.path.abspath(vis_dir))
+            return int(row[0])
+    except Exception as e:  # noqa: BLE001 - as register_run
+        print(f"warning: the registry entry was not updated: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
 def register_run(pred_path: str, opts: RegisterOptions, gt_path: str | None = None,
                  eval_dir: str | None = None, quiet: bool = False, failed: str | None = None) -> int | None:
     """Register the run folder holding `pred_path` (replacing an earlier entry of that folder);

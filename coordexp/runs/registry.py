@@ -74,6 +74,21 @@ MIGRATIONS: list[str] = [
     DROP INDEX images_f1;
     CREATE INDEX images_outcome ON images(run_id, f1, idx, tp, fp, fn);
     """,
+    # 4: runs tied to their predictions (the digest the metrics were computed from), how the answers
+    #    ended (stop / length / error), a note (e.g. a stale evaluation left out), one entry per run
+    #    folder, and the history of an entry's changes (re-registration keeps the id)
+    """
+    ALTER TABLE runs ADD COLUMN pred_sha256 TEXT;
+    ALTER TABLE runs ADD COLUMN finish_json TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE runs ADD COLUMN note TEXT;
+    CREATE INDEX runs_dir ON runs(run_dir);
+    CREATE TABLE run_history (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        changed_at REAL NOT NULL,
+        change_json TEXT NOT NULL
+    );
+    CREATE INDEX run_history_run ON run_history(run_id, changed_at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -81,9 +96,11 @@ RUN_COLUMNS = ("kind", "name", "status", "error", "checkpoint_path", "checkpoint
                "dataset_sha256", "backend", "engine", "served_model", "server", "params_json", "prompt_variant",
                "primary_metric_name", "primary_metric", "metrics_json", "per_class_json", "images_per_s", "p50_ms",
                "p95_ms", "created_at", "started_at", "completed_at", "run_dir", "num_images", "vis_dir",
-               "timings_json")
+               "timings_json", "pred_sha256", "finish_json", "note")
 JSON_FIELDS = {"params_json": "params", "metrics_json": "metrics", "per_class_json": "per_class",
-               "timings_json": "timings"}
+               "timings_json": "timings", "finish_json": "finish"}
+# what a history entry records of the entry before and after a change
+HISTORY_FIELDS = ("kind", "status", "pred_sha256", "primary_metric_name", "primary_metric", "num_images", "name")
 
 
 class RegistryError(ValueError):
@@ -131,6 +148,9 @@ class RunRecord:
     run_dir: str | None = None
     vis_dir: str | None = None
     num_images: int = 0
+    pred_sha256: str | None = None  # the predictions file this entry describes (its metrics were computed from it)
+    finish: dict[str, int] = field(default_factory=dict)  # how the answers ended: stop / length / error
+    note: str | None = None
 
     def row(self) -> dict[str, Any]:
         if self.kind not in KINDS:
@@ -241,21 +261,47 @@ class Registry:
 
     # ---- writing
     def add_run(self, run: RunRecord, images: Sequence[ImageRow] = (), replace: bool = False) -> int:
-        """Register a run and its images in one transaction; returns the run id. `replace`: first
-        drop the runs registered from the same run folder (an `infer` job that `eval` then scored)."""
+        """Register a run and its images in one transaction; returns the run id. `replace`: a run
+        folder has one entry: registering the folder again (an `infer` job that `eval` then scored, a
+        rerun, a resume) updates that entry in place, its id kept and the change in its history."""
         row = run.row()
         if images:
             row["num_images"] = len(images)
 
         def tx(db: sqlite3.Connection) -> int:
+            old = None
             if replace and run.run_dir:
-                db.execute("DELETE FROM runs WHERE run_dir = ?", (run.run_dir,))
-            cols = ", ".join(row)
-            cur = db.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
-            run_id = int(cur.lastrowid)
+                rows = db.execute("SELECT * FROM runs WHERE run_dir = ? ORDER BY id", (run.run_dir,)).fetchall()
+                if rows:
+                    old = rows[0]
+                    for extra in rows[1:]:  # entries of this folder from before ids were kept
+                        db.execute("DELETE FROM runs WHERE id = ?", (extra["id"],))
+            if old is None:
+                cols = ", ".join(row)
+                cur = db.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+                run_id = int(cur.lastrowid)
+            else:
+                run_id = int(old["id"])
+                new = {k: v for k, v in row.items() if k != "created_at"}
+                if new.get("vis_dir") is None and old["vis_dir"] and os.path.isdir(old["vis_dir"]):
+                    new["vis_dir"] = old["vis_dir"]  # `vis` noted its gallery; re-registering keeps it
+                db.execute(f"UPDATE runs SET {', '.join(f'{c} = ?' for c in new)} WHERE id = ?", [*new.values(), run_id])
+                db.execute("DELETE FROM images WHERE run_id = ?", (run_id,))
+                db.execute("DELETE FROM image_classes WHERE run_id = ?", (run_id,))
+                before = {k: old[k] for k in HISTORY_FIELDS}
+                after = {k: row.get(k) for k in HISTORY_FIELDS}
+                if before != after:
+                    db.execute("INSERT INTO run_history (run_id, changed_at, change_json) VALUES (?, ?, ?)",
+                               (run_id, time.time(), json.dumps({"before": before, "after": after})))
             _insert_images(db, run_id, images)
             return run_id
         return self._write(tx)
+
+    def history(self, run_id: int) -> list[dict[str, Any]]:
+        """An entry's changes, oldest first: {changed_at, before, after}."""
+        return [{"changed_at": r["changed_at"], **json.loads(r["change_json"])}
+                for r in self.db.execute("SELECT * FROM run_history WHERE run_id = ? ORDER BY changed_at",
+                                         (int(run_id),))]
 
     def update_run(self, run_id: int, **fields: Any) -> None:
         sets = {}

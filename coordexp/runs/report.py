@@ -23,7 +23,10 @@ def _md_cell(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def compare_markdown(rep: dict[str, Any]) -> str:
+def compare_markdown(rep: dict[str, Any], all_metrics: bool = False) -> str:
+    """The report as markdown: the headline metrics (`coordexp.runs.stats.HEADLINE`), or every one."""
+    from .stats import HEADLINE
+
     runs = {r["id"]: r for r in rep["runs"]}
     out = [f"# Compare: reference run {rep['reference']} ({_md_cell(runs[rep['reference']]['name'])})", "",
            f"Dataset `{_md_cell(rep['dataset_path'])}` (sha256 {str(rep['dataset_sha256'])[:12]}…), "
@@ -32,17 +35,20 @@ def compare_markdown(rep: dict[str, Any]) -> str:
     for c in rep["comparisons"]:
         out += [f"## Run {c['b']} ({_md_cell(runs[c['b']]['name'])}) vs run {c['a']}", "",
                 "| metric | A | B | B - A | 95 % CI | verdict |", "| --- | ---: | ---: | ---: | --- | --- |"]
-        for m in c["metrics"]:
+        shown = c["metrics"] if all_metrics else sorted(
+            (m for m in c["metrics"] if m["metric"] in HEADLINE), key=lambda m: HEADLINE.index(m["metric"]))
+        for m in shown:
             ci = "-" if m["ci95"] is None else f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
             out.append(f"| {m['metric']} | {_f(m['a'])} | {_f(m['b'])} | {m['delta']:+.4f} | {ci} | {m['verdict']} |")
+        if not all_metrics and len(shown) < len(c["metrics"]):
+            out.append(f"({len(c['metrics']) - len(shown)} more metrics: --all)")
         fl, ob = c["image_flips"], c["object_flips"]
-        out += ["", "| images | both right | only A | only B | both wrong | exact McNemar p |",
+        out += ["", "| flips | both right / found | only A | only B | both wrong / missed | exact McNemar p |",
                 "| --- | ---: | ---: | ---: | ---: | ---: |",
-                f"| | {fl['both_right']} | {fl['only_a']} | {fl['only_b']} | {fl['both_wrong']} | {fl['mcnemar_p']:.4g} |",
-                "", "| GT objects | both found | only A | only B | both missed | exact McNemar p |",
-                "| --- | ---: | ---: | ---: | ---: | ---: |",
-                f"| | {ob['both_found']} | {ob['only_a']} | {ob['only_b']} | {ob['both_missed']} | {ob['mcnemar_p']:.4g} |",
-                ""]
+                f"| images ({rep['num_images']}) | {fl['both_right']} | {fl['only_a']} | {fl['only_b']} | "
+                f"{fl['both_wrong']} | {fl['mcnemar_p']:.4g} |",
+                f"| GT objects | {ob['both_found']} | {ob['only_a']} | {ob['only_b']} | {ob['both_missed']} | "
+                f"{ob['mcnemar_p']:.4g} |", ""]
         cl = c["classes"]
         key = cl["ranked_by"]
         for title, rows in (("improved", cl["top_improved"]), ("degraded", cl["top_degraded"])):

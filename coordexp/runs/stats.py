@@ -30,6 +30,13 @@ class Interval:
             return "worse"
         return "within noise"
 
+    def verdict_of(self, name: str) -> str:
+        """The verdict for metric `name` (fewer false positives / negatives is better)."""
+        v = self.verdict
+        if name in LOWER_IS_BETTER and v != "within noise":
+            return "worse" if v == "better" else "better"
+        return v
+
 
 def _micro(key: str) -> Statistic:
     def f(w: np.ndarray, a: Arrays) -> np.ndarray:
@@ -49,6 +56,10 @@ def _mean(key: str) -> Statistic:
     return lambda w, a: (w @ a[key]) / w.sum(axis=1)
 
 
+def _total(key: str) -> Statistic:
+    return lambda w, a: w @ a[key]
+
+
 # name -> statistic; the names are the flat metric names of metrics.json (CoordExp's too)
 STATISTICS: dict[str, Statistic] = {
     "f1ish@0.50_precision_full_micro": _micro("precision"),
@@ -58,7 +69,15 @@ STATISTICS: dict[str, Statistic] = {
     "f1ish@0.50_recall_full_macro": _mean("recall"),
     "f1ish@0.50_f1_full_macro": _mean("f1"),
     "image_accuracy": _mean("right"),
+    # counts are per-image sums too (over the resampled images)
+    "f1ish@0.50_tp_full": _total("tp"),
+    "f1ish@0.50_fp_full": _total("fp"),
+    "f1ish@0.50_fn_full": _total("fn"),
 }
+LOWER_IS_BETTER = frozenset({"f1ish@0.50_fp_full", "f1ish@0.50_fn_full"})
+# the short table `compare` shows by default (--all: every metric)
+HEADLINE = ("f1ish@0.50_f1_full_micro", "f1ish@0.50_precision_full_micro", "f1ish@0.50_recall_full_micro",
+            "image_accuracy", "bbox_AP", "bbox_AP50")
 
 
 def paired_bootstrap(a: Arrays, b: Arrays, stats: Mapping[str, Statistic], n_boot: int = 1000, seed: int = 0,
