@@ -62,6 +62,34 @@ def server(exported):
     assert rc == 0, f"tritonserver exited with {rc}; see {srv.log_path}"
 
 
+DEMO_MAX_NEW = 96  # the longest demo_val answer is 78 tokens: nothing is cut
+
+
+@pytest.fixture(scope="session")
+def demo_repo(tmp_path_factory) -> str:
+    """The demo checkpoint through the user's path (`build_engine`: ONNX export validated against
+    PyTorch, the training record's prompt), once per session: tests share it and its ONNX graphs."""
+    from coordexp.export.build_engine import main as build_engine
+
+    repo = str(tmp_path_factory.mktemp("demo_repo") / "model_repository")
+    assert build_engine(["--ckpt", DEMO_CKPT, "--repo", repo, "--max-new-tokens", str(DEMO_MAX_NEW),
+                         "--threads", "2"]) == 0
+    return repo
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_repo):
+    """(repository, server): the demo repository on a real Triton server, once per session."""
+    from coordexp.serving.server import start_server
+
+    srv = start_server(demo_repo)
+    try:
+        yield demo_repo, srv
+    finally:
+        rc = srv.stop()
+    assert rc == 0, f"tritonserver exited with {rc}; see {srv.log_path}"
+
+
 @pytest.fixture(scope="session")
 def sample_data() -> str:
     return os.path.join(SAMPLE_DIR, "sample.jsonl")
