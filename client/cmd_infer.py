@@ -43,7 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     add_local_engine_args(p)
     s = p.add_argument_group("Triton servers")
-    s.add_argument("--url", action="append", default=[], help="HOST:PORT of a Triton gRPC endpoint; repeat for several")
+    s.add_argument("--url", action="append", default=[],
+                   help="HOST:PORT of a Triton gRPC endpoint; repeat for several; dns:///NAME:PORT: every address "
+                        "behind the name (a Kubernetes headless Service), resolved again every --resolve-interval s")
+    s.add_argument("--resolve-interval", type=float, default=30.0,
+                   help="seconds between resolutions of dns:/// URLs (new replicas join, removed ones leave)")
     s.add_argument("--model", default="coordexp", help="served model (ensemble) name")
     s.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     s.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
@@ -103,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_PREFLIGHT
         return infer_remote(args.url, args.data, args.out, params,
                             ClientOptions(model=args.model, timeout=args.timeout, retries=args.retries,
-                                          wait_for_server=args.wait_for_server),
+                                          wait_for_server=args.wait_for_server,
+                                          resolve_interval=args.resolve_interval),
                             concurrency=args.concurrency, resume=args.resume, max_pixels=args.max_pixels,
                             image_root=args.image_root,
                             progress=False if args.no_progress else None, user_text=args.user_text,

@@ -335,7 +335,7 @@ def served_check(opts: BuildOptions) -> list[str]:
     servers = live_servers(repo) if os.path.isdir(repo) else []
     if servers and not opts.force:
         raise BuildError(str(RepositoryServed(repo, servers)), 2)
-    # Triton runs without model control (--model-control-mode none): it never reloads from disk
+    # Triton loads every model once, at start (explicit model control, nothing polled): it never reloads from disk
     return [f"coordexp-server {describe_server(m)} serves {repo}: it keeps answering with the model it loaded "
             "until you restart it (Ctrl-C it, then run the command below)" for m in servers]
 

@@ -233,7 +233,7 @@ def test_a_serving_marker_names_the_server_triton_ignores_it_and_a_dead_one_is_i
         [live] = live_servers(repo)
         assert live["pid"] == proc.pid and live["tritonserver_pid"] in _tritons(repo)
         assert (live["grpc_port"], live["http_port"], live["repo"]) == (grpc, http, repo)
-        assert live["model_control_mode"] == "none" and live["started"]
+        assert live["model_control_mode"] == "explicit" and live["started"]
         assert len(_markers(repo)) == 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0

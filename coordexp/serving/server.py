@@ -215,12 +215,16 @@ class TritonServer:
         return f"{self.host}:{self.http_port}"
 
     def command(self) -> list[str]:
+        # Explicit model control with every model loaded at start: the same models as Triton's default
+        # mode, and the ensembles can be unloaded alone, which is how `drain` lets in-flight requests finish
+        control = [] if any(a.startswith("--model-control-mode") for a in self.extra_args) else \
+            ["--model-control-mode=explicit", "--load-model=*"]
         cmd = [self.install.binary, f"--model-repository={self.repo}",
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                f"--http-address={self.host}", f"--http-port={self.http_port}",
                *([f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}"] if self.metrics_port
                  else ["--allow-metrics=false"]),
-               "--exit-timeout-secs=30", "--strict-readiness=true"]
+               "--exit-timeout-secs=30", "--strict-readiness=true", *control]
         if self.verbose:
             cmd.append("--log-verbose=1")
         return cmd + self.extra_args
@@ -324,8 +328,8 @@ class TritonServer:
         marker = {"pid": os.getpid(), "tritonserver_pid": self.proc.pid, "repo": self.repo, "host": self.host,
                   "grpc_port": self.grpc_port, "http_port": self.http_port, "metrics_port": self.metrics_port or None,
                   "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  # Triton's default "none": models never reload from disk while it runs
-                  "model_control_mode": next((a.split("=", 1)[1] for a in self.extra_args
+                  # models never reload from disk: explicit control loads them once, at start
+                  "model_control_mode": next((a.split("=", 1)[1] for a in self.command()
                                               if a.startswith("--model-control-mode=")), "none")}
         try:
             with open(_marker_path(self.repo, self.proc.pid), "w", encoding="utf-8") as f:
@@ -338,6 +342,49 @@ class TritonServer:
             os.remove(_marker_path(self.repo, self.proc.pid))
         except OSError:
             pass
+
+    def drain(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Stop taking requests and let the ones in flight finish (up to `timeout` s): the ensembles are
+        unloaded; Triton refuses new requests to them at once (NOT_FOUND: a client retries another
+        replica) and completes the unload when their in-flight requests are done. (A plain SIGTERM
+        fails them: an ensemble's in-flight request needs new step requests, which a stopping server
+        refuses.) Returns {"ensembles", "seconds", "drained"}."""
+        import asyncio
+
+        t0 = time.monotonic()
+        if self.proc is None or self.proc.poll() is not None:
+            return {"ensembles": [], "seconds": 0.0, "drained": True}
+        return asyncio.run(self._drain(timeout, t0))
+
+    async def _drain(self, timeout: float, t0: float) -> dict[str, Any]:
+        import asyncio
+
+        from coordexp.engines.triton.pool import new_client
+
+        client = new_client(self.grpc_url)
+        try:
+            index = (await client.get_model_repository_index(as_json=True, client_timeout=5)).get("models", [])
+            ensembles = []
+            for m in index:
+                if m.get("state") != "READY":
+                    continue
+                cfg = (await client.get_model_config(m["name"], as_json=True, client_timeout=5)).get("config", {})
+                if cfg.get("platform") == "ensemble":
+                    ensembles.append(m["name"])
+            for name in ensembles:
+                await client.unload_model(name, client_timeout=5)
+            while time.monotonic() - t0 < timeout:
+                index = (await client.get_model_repository_index(as_json=True, client_timeout=5)).get("models", [])
+                busy = [m["name"] for m in index if m["name"] in ensembles and m.get("state") != "UNAVAILABLE"]
+                if not busy:
+                    return {"ensembles": ensembles, "seconds": round(time.monotonic() - t0, 3), "drained": True}
+                await asyncio.sleep(0.1)
+            return {"ensembles": ensembles, "seconds": round(time.monotonic() - t0, 3), "drained": False}
+        except Exception as e:  # noqa: BLE001 - a server that cannot be drained is stopped anyway
+            return {"ensembles": [], "seconds": round(time.monotonic() - t0, 3), "drained": False,
+                    "error": f"{type(e).__name__}: {e}"}
+        finally:
+            await client.close()
 
     def stop(self, timeout: float = 40.0) -> int | None:
         """SIGTERM, wait, then SIGKILL the whole process group (model stubs included)."""
@@ -410,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--allow-image-host", action="append", default=[], metavar="HOST",
                    help="image_url hosts the API may fetch http(s) images from (default none: data: URLs only)")
     o.add_argument("--max-request-mb", type=int, default=48, help="largest request body (default 48 MiB)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT: seconds the requests in flight may take to finish while new ones are "
+                        "refused (Kubernetes: keep terminationGracePeriodSeconds above it); 0: stop at once")
     return p
 
 
@@ -485,14 +535,26 @@ def main(argv: list[str] | None = None) -> int:
         ready = bool(server and server.models)
         for sig in STOP_SIGNALS:  # a second signal must not interrupt the shutdown
             signal.signal(sig, signal.SIG_IGN)
-        print(f"{e}: stopping tritonserver ...", file=sys.stderr)
-        rc = _stop(api, server)
+        if ready and args.drain_timeout > 0:
+            print(f"{e}: draining (new requests refused, in-flight ones finish, up to {args.drain_timeout:g} s) ...",
+                  file=sys.stderr)
+        else:
+            print(f"{e}: stopping tritonserver ...", file=sys.stderr)
+        rc = _stop(api, server, args.drain_timeout if ready else 0.0)
         print(f"stopped (exit code {rc})", file=sys.stderr)
         return 0 if ready else 128 + e.signum
 
 
-def _stop(api: Any, server: "TritonServer | None") -> int | None:
-    """The API first (no request reaches a stopping Triton), then Triton."""
+def _stop(api: Any, server: "TritonServer | None", drain_timeout: float = 0.0) -> int | None:
+    """Drain (the API stops taking connections while Triton lets in-flight requests finish), then
+    stop the API, then Triton."""
+    if api is not None:
+        api.begin_drain()
+    if server is not None and drain_timeout > 0:
+        d = server.drain(drain_timeout)
+        if d["ensembles"]:
+            print(f"drained {', '.join(d['ensembles'])} in {d['seconds']:.1f} s"
+                  + ("" if d["drained"] else " (timed out: requests still in flight fail)"), file=sys.stderr)
     if api is not None:
         api.stop()
     return server.stop() if server is not None else None

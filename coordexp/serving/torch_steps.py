@@ -35,6 +35,9 @@ class TorchLlmModel:
     """Triton Python-backend model `llm` / `llm_stream` of a torch repository."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        from coordexp.serving.common import die_with_parent
+
+        die_with_parent()  # no stub outlives its server
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
@@ -56,6 +59,9 @@ class TorchVisionModel:
     """Triton Python-backend model `vision_encoder` of a torch repository."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        from coordexp.serving.common import die_with_parent
+
+        die_with_parent()  # no stub outlives its server
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils

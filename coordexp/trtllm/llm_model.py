@@ -249,6 +249,9 @@ class TritonPythonModel:
     """Triton Python-backend model `llm` (and `llm_stream`, decoupled) of a TensorRT-LLM repository."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        from coordexp.serving.common import die_with_parent
+
+        die_with_parent()  # no stub outlives its server
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils

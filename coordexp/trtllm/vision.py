@@ -106,6 +106,9 @@ class TrtVisionEncoderModel:
     (vision_encoder/1/model.plan) with the ONNX step's batching and splitting (VisionEncoder)."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        from coordexp.serving.common import die_with_parent
+
+        die_with_parent()  # no stub outlives its server
         import triton_python_backend_utils as pb_utils
 
         from coordexp.serving.vision_encoder import VisionEncoder

@@ -33,6 +33,9 @@ class ClientOptions:
     backoff_base: float = 0.25
     backoff_cap: float = 8.0
     max_in_flight: int | None = None  # requests one generate_batch call keeps in flight (None: all of them)
+    # dns:///NAME:PORT URLs: how names resolve (None: the system's) and how often again (seconds)
+    resolver: Any = None
+    resolve_interval: float = 30.0
 
     def pool_kwargs(self) -> dict[str, Any]:
         return {"timeout": self.timeout, "retries": self.retries, "wait_for_server": self.wait_for_server,
@@ -114,6 +117,8 @@ class TritonEngine:
         try:
             pool, manifest = loop.run(ServerPool.connect([normalise_url(u) for u in urls], options.model,
                                                          preflight_timeout=options.preflight_s,
+                                                         resolver=options.resolver,
+                                                         resolve_interval=options.resolve_interval,
                                                          **options.pool_kwargs()))
         except BaseException:
             loop.stop()

@@ -52,7 +52,7 @@ def pick_server(servers: Sequence["ServerState"]) -> int | None:
     far, then the order given); None when none is healthy."""
     best = None
     for i, s in enumerate(servers):
-        if not s.healthy:
+        if not s.healthy or s.retired:
             continue
         key = (s.outstanding, s.requests)
         if best is None or key < best[0]:
@@ -248,11 +248,13 @@ class ServerState:
     went_away: int = 0  # times it was taken out
     came_back: int = 0
     last_error: str = ""
+    from_dns: bool = False  # found by resolving a dns:/// URL (coordexp.engines.triton.discovery)
+    retired: bool = False  # its name no longer resolves to it: no new requests
 
     def stats(self) -> dict[str, Any]:
         return {"requests": self.requests, "succeeded": self.succeeded, "failed": self.failed,
                 "retried": self.retried, "went_away": self.went_away, "came_back": self.came_back,
-                "healthy": self.healthy}
+                "healthy": self.healthy, "retired": self.retired}
 
 
 class ServerPool:
@@ -275,17 +277,30 @@ class ServerPool:
         self._prober: asyncio.Task | None = None
         self._old_clients: list[Any] = []
         self._rng = random.Random(0)
+        self._discovery: asyncio.Task | None = None
 
     @classmethod
     async def connect(cls, urls: Sequence[str], model: str, preflight_timeout: float = 10.0,
+                      resolver: Any = None, resolve_interval: float = 30.0,
                       **kwargs: Any) -> tuple["ServerPool", dict[str, Any] | None]:
-        """Pre-flight every URL (PreflightError on the first problem); returns (pool, manifest)."""
+        """Pre-flight every URL (PreflightError on the first problem); returns (pool, manifest).
+        A `dns:///NAME:PORT` URL stands for every address behind the name, resolved again every
+        `resolve_interval` s (`resolver`: coordexp.engines.triton.discovery)."""
+        from coordexp.engines.triton import discovery
+
+        try:
+            addresses, targets = discovery.expand(urls, resolver)
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
+        if not addresses:
+            raise PreflightError(f"{', '.join(urls)}: resolved to no address")
+        dns_found = set(addresses) - set(urls)
         states: list[ServerState] = []
         iface = manifest = None
         try:
-            for url in urls:
+            for url in addresses:
                 client, i, m = await preflight(url, model, preflight_timeout)
-                states.append(ServerState(url=url, client=client))
+                states.append(ServerState(url=url, client=client, from_dns=url in dns_found))
                 model = i.name or model  # the ensemble picked when the default name was not there
                 if iface is None:
                     iface, manifest = i, m
@@ -297,7 +312,25 @@ class ServerPool:
             for s in states:
                 await s.client.close()
             raise
-        return cls(model, iface, states, **kwargs), manifest
+        pool = cls(model, iface, states, **kwargs)
+        if targets:
+            pool._discovery = asyncio.get_running_loop().create_task(
+                discovery.watch(pool, targets, resolver, resolve_interval, preflight_timeout))
+        return pool, manifest
+
+    def changed(self) -> None:
+        """A server became usable again: wake requests waiting for one."""
+        self._changed.set()
+
+    def add_server(self, state: ServerState) -> None:
+        self.servers.append(state)
+        self.changed()
+
+    def retire(self, url: str) -> None:
+        """No new requests to `url` (its name no longer resolves to it); the ones in flight go on."""
+        for s in self.servers:
+            if s.url == url:
+                s.retired = True
 
     def _pick(self) -> ServerState | None:
         i = pick_server(self.servers)
@@ -340,9 +373,9 @@ class ServerPool:
             self._prober = asyncio.get_running_loop().create_task(self._probe_loop())
 
     async def _probe_loop(self) -> None:
-        while any(not s.healthy for s in self.servers):
+        while any(not s.healthy and not s.retired for s in self.servers):
             for s in self.servers:
-                if s.healthy:
+                if s.healthy or s.retired:
                     continue
                 client = new_client(s.url)  # a fresh channel: the old one may be in a long reconnect backoff
                 ok = False
@@ -459,6 +492,12 @@ class ServerPool:
         return {s.url: s.stats() for s in self.servers}
 
     async def close(self) -> None:
+        if self._discovery is not None:
+            self._discovery.cancel()
+            try:
+                await self._discovery
+            except (asyncio.CancelledError, Exception):
+                pass
         if self._prober is not None:
             self._prober.cancel()
             try:

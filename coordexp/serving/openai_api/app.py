@@ -74,8 +74,12 @@ def build_app(opts: ApiOptions) -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return _error(OpenAIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where))
 
+    app.state.draining = False
+
     @app.get("/health")
     async def health():
+        if app.state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok", "model": service.model.ensemble if service.model else None}
 
     @app.get("/v1/models")

@@ -64,6 +64,12 @@ class ApiServer:
         except Exception:  # noqa: BLE001 - not up yet
             return False
 
+    def begin_drain(self) -> None:
+        """Draining: /health answers 503 (a load balancer stops sending), requests already in flight go on."""
+        app = getattr(getattr(self.server, "config", None), "app", None)
+        if app is not None and hasattr(app, "state"):
+            app.state.draining = True
+
     def stop(self, timeout: float = 10.0) -> None:
         if self.server is not None:
             self.server.should_exit = True
