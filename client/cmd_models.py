@@ -27,44 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-async def server_models(url: str, timeout: float = 10.0) -> dict[str, Any]:
-    """{"url", "server": {name, version}, "models": [...]} for one server; raises on no server."""
-    from coordexp.engines.triton.interface import ModelInterface, fetch_manifest, manifest_summary
-    from coordexp.engines.triton.pool import error_message, new_client
-
-    client = new_client(url)
-    try:
-        try:
-            meta = await client.get_server_metadata(as_json=True, client_timeout=timeout)
-        except Exception as e:
-            raise ConnectionError(f"cannot reach a Triton gRPC server at {url}: {error_message(e)}") from None
-        index = await client.get_model_repository_index(as_json=True, client_timeout=timeout)
-        rows = []
-        for m in sorted(index.get("models", []), key=lambda m: (m.get("name", ""), m.get("version", ""))):
-            row: dict[str, Any] = {"name": m.get("name", ""), "version": m.get("version", ""),
-                                   "state": m.get("state", "UNKNOWN") or "UNKNOWN", "reason": m.get("reason", "")}
-            if row["state"] == "READY":
-                try:
-                    config = (await client.get_model_config(row["name"], as_json=True,
-                                                            client_timeout=timeout)).get("config", {})
-                    mmeta = await client.get_model_metadata(row["name"], as_json=True, client_timeout=timeout)
-                    iface = ModelInterface.from_metadata(mmeta, config)
-                    row["platform"] = config.get("platform") or config.get("backend") or ""
-                    row["max_batch_size"] = iface.max_batch_size
-                    row["decoupled"] = iface.decoupled
-                    row["streams"] = iface.streams  # answers over the gRPC stream API (bench/ask --stream)
-                    manifest = await fetch_manifest(client, row["name"], config)
-                    row["coordexp"] = manifest is not None and not iface.problems()
-                    if manifest is not None:
-                        row["manifest"] = manifest_summary(manifest)
-                except Exception as e:
-                    row["reason"] = row["reason"] or f"cannot read config: {error_message(e)}"
-            rows.append(row)
-        return {"url": url, "server": {"name": meta.get("name"), "version": meta.get("version")}, "models": rows}
-    finally:
-        await client.close()
-
-
 def _short(v: Any, n: int) -> str:
     s = "" if v is None else str(v)
     return s if len(s) <= n else s[: n - 1] + "…"
@@ -106,6 +68,7 @@ def format_server(info: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from coordexp.engines.triton.inventory import server_models
     from coordexp.engines.triton.pool import normalise_url
 
     async def collect():

@@ -36,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--max-upload-bytes", type=int, default=20 * 1024 * 1024)
     g.add_argument("--max-upload-pixels", type=int, default=40_000_000)
+    j = p.add_argument_group("jobs started from the pages (test runs, batch inference)")
+    j.add_argument("--data-root", default=None, metavar="DIR",
+                   help="the folder datasets may come from (its *.jsonl; nothing outside it)")
+    j.add_argument("--max-jobs", type=int, default=1, help="jobs running at once; the others wait (default 1)")
     p.set_defaults(func=run)
 
 
@@ -57,7 +61,16 @@ def run(args: argparse.Namespace) -> int:
     infer = InferOptions(urls=tuple(args.url), model=args.model, local=args.local, engine=args.engine,
                          max_new_tokens=args.max_new_tokens, max_bytes=args.max_upload_bytes,
                          max_pixels=args.max_upload_pixels)
-    app = create_app(UiOptions(registry=args.registry, token=args.token, infer=infer))
+    if args.max_jobs < 1:
+        print("error: --max-jobs must be >= 1", file=sys.stderr)
+        return 2
+    if args.data_root and not os.path.isdir(args.data_root):
+        print(f"error: --data-root {args.data_root}: no such folder", file=sys.stderr)
+        return 2
+    from coordexp.ui.jobs import JobOptions
+
+    jobs = JobOptions(data_root=os.path.abspath(args.data_root) if args.data_root else None, max_running=args.max_jobs)
+    app = create_app(UiOptions(registry=args.registry, token=args.token, infer=infer, jobs=jobs))
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"CoordExp runs viewer on http://{shown}:{args.port}/" + (f"?token={args.token}" if args.token else ""),
           file=sys.stderr)

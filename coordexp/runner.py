@@ -487,6 +487,8 @@ class _Loop:
     in_flight: dict[Any, list[DatasetItem]] = field(default_factory=dict)
     failure: EngineUnavailable | None = None
     interrupted_at: float | None = None  # perf_counter() when Ctrl-C / SIGTERM arrived
+    on_progress: Any = None  # (lines written, errors so far) after every write (the viewer's jobs)
+    stop: Any = None  # a threading.Event: set -> the run stops as on Ctrl-C (a cancelled job)
 
     def write(self, batch: list[DatasetItem], results: dict[int, GenerationResult]) -> None:
         n = 0
@@ -498,13 +500,23 @@ class _Loop:
             self.bar.update(n)
             facts = getattr(self.engine, "progress_facts", dict)()
             self.bar.set_postfix(errors=sum(self.writer.errors.values()), **facts, refresh=False)
+            if self.on_progress is not None:
+                self.on_progress(self.writer.written, dict(self.writer.errors))
+
+    def stopped(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise KeyboardInterrupt("stopped")
 
     def reap(self, block: bool) -> None:
-        """Write the batches that finished (wait for one first when `block`)."""
+        """Write the batches that finished (wait for one first when `block`; a stop request ends the wait)."""
         if not self.in_flight:
             return
-        done, _ = concurrent.futures.wait(list(self.in_flight), timeout=None if block else 0,
-                                          return_when=concurrent.futures.FIRST_COMPLETED)
+        while True:
+            done, _ = concurrent.futures.wait(list(self.in_flight), timeout=(0.2 if block else 0),
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            if done or not block:
+                break
+            self.stopped()
         for fut in done:
             batch = self.in_flight.pop(fut)
             try:
@@ -522,6 +534,7 @@ def _drive(loop: _Loop, items: Iterable[DatasetItem], batch_size: int, concurren
     try:
         next_index = loop.writer.written
         for batch in _batches(items, batch_size):
+            loop.stopped()
             while loop.in_flight and (len(loop.in_flight) >= concurrency
                                       or next_index - loop.writer.written >= window):
                 loop.reap(block=True)
@@ -536,6 +549,7 @@ def _drive(loop: _Loop, items: Iterable[DatasetItem], batch_size: int, concurren
             loop.reap(block=False)
         while loop.in_flight and loop.failure is None:
             loop.reap(block=True)
+            loop.stopped()
     except BaseException:
         # Ctrl-C / SIGTERM: the batches in flight may wait minutes for a server (timeouts, retries);
         # the engine gives them up at once, so the run stops within seconds with its prefix written
@@ -550,7 +564,8 @@ def _drive(loop: _Loop, items: Iterable[DatasetItem], batch_size: int, concurren
 
 def run_dataset(data_path: str, out_path: str, engine: Any, params: GenerationParams, batch_size: int = 1,
                 resume: bool = False, max_pixels: int | None = None, progress: bool | None = None,
-                concurrency: int = 1, image_root: str | None = None, force: bool = False) -> RunSummary:
+                concurrency: int = 1, image_root: str | None = None, force: bool = False,
+                on_progress: Any = None, stop: Any = None) -> RunSummary:
     """Run any engine over an input JSONL; returns (and writes) the summary.
 
     `concurrency` batches are in flight at once for engines that allow it (`engine.concurrent`, the
@@ -561,6 +576,8 @@ def run_dataset(data_path: str, out_path: str, engine: Any, params: GenerationPa
     which refuses lines of another dataset, engine, prompt, checkpoint or decoding parameters; a
     resumed run that was complete already changes nothing (its summary is returned as it was).
     An `out_path` holding lines of an earlier run is refused (OutputExists) unless `resume` or `force`.
+    `on_progress(lines written, errors)` is called after every write; setting the `stop` event ends
+    the run as Ctrl-C does (`status: interrupted`, RunInterrupted).
     `failed_share` in the summary: the share of lines with an input or engine error."""
     from coordexp.dataset import DEFAULT_MAX_PIXELS
 
@@ -587,7 +604,8 @@ def run_dataset(data_path: str, out_path: str, engine: Any, params: GenerationPa
         name = getattr(engine, "progress_name", lambda: engine.name)()
         bar = progress_bar(total, writer.written, desc=f"infer[{name}]",
                            disable=None if progress is None else not progress)
-        loop = _Loop(engine, params, writer, bar, {"prompt_variant": engine.prompt.variant, "engine": engine.name})
+        loop = _Loop(engine, params, writer, bar, {"prompt_variant": engine.prompt.variant, "engine": engine.name},
+                     on_progress=on_progress, stop=stop)
         try:
             _drive(loop, iter_dataset(data_path, max_pixels or DEFAULT_MAX_PIXELS, skip=writer.written,
                                       image_root=image_root), batch_size, concurrency)

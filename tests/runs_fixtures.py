@@ -107,7 +107,13 @@ def request(url: str, method: str = "GET", data: bytes | None = None, headers: d
 
 
 def multipart(field: str, filename: str, data: bytes, ctype: str = "application/octet-stream") -> tuple[bytes, dict]:
+    return multipart_files([(field, filename, data)], ctype)
+
+
+def multipart_files(parts: list[tuple[str, str, bytes]], ctype: str = "application/octet-stream"
+                    ) -> tuple[bytes, dict]:
+    """A multipart/form-data body of several (field, filename, data) files."""
     b = "----coordexptest" + os.urandom(6).hex()
-    body = (f"--{b}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-            f"Content-Type: {ctype}\r\n\r\n").encode() + data + f"\r\n--{b}--\r\n".encode()
-    return body, {"Content-Type": f"multipart/form-data; boundary={b}"}
+    body = b"".join((f"--{b}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+                     f"Content-Type: {ctype}\r\n\r\n").encode() + data + b"\r\n" for field, filename, data in parts)
+    return body + f"--{b}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={b}"}

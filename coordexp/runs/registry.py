@@ -89,6 +89,20 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX run_history_run ON run_history(run_id, changed_at);
     """,
+    # 5: the viewer's jobs (test runs and batch inference started from the web pages): what was asked,
+    #    how far it got, the run it registered
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL CHECK (kind IN ('test', 'batch')),
+        status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'completed', 'failed', 'cancelled')),
+        spec_json TEXT NOT NULL DEFAULT '{}',
+        progress_json TEXT NOT NULL DEFAULT '{}',
+        run_id INTEGER, error TEXT, job_dir TEXT,
+        created_at REAL NOT NULL, started_at REAL, ended_at REAL
+    );
+    CREATE INDEX jobs_created ON jobs(created_at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -297,6 +311,34 @@ class Registry:
             return run_id
         return self._write(tx)
 
+    # ---- the viewer's jobs
+    def add_job(self, kind: str, spec: dict[str, Any]) -> int:
+        return self._write(lambda db: int(db.execute(
+            "INSERT INTO jobs (kind, status, spec_json, created_at) VALUES (?, 'pending', ?, ?)",
+            (kind, json.dumps(spec, ensure_ascii=False), time.time())).lastrowid))
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        cols = {"status", "progress", "run_id", "error", "job_dir", "started_at", "ended_at"}
+        bad = set(fields) - cols
+        if bad:
+            raise RegistryError(f"job {job_id}: unknown field(s) {sorted(bad)}")
+        sets = {("progress_json" if k == "progress" else k): (json.dumps(v) if k == "progress" else v)
+                for k, v in fields.items()}
+        self._write(lambda db: db.execute(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in sets)} WHERE id = ?",
+                                          [*sets.values(), int(job_id)]))
+
+    def get_job(self, job_id: int) -> dict[str, Any]:
+        r = self.db.execute("SELECT * FROM jobs WHERE id = ?", (int(job_id),)).fetchone()
+        if r is None:
+            raise RegistryError(f"no job with id {job_id} in {self.path}")
+        return _job_dict(r)
+
+    def list_jobs(self, status: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM jobs", []
+        if status:
+            sql, args = sql + " WHERE status = ?", [status]
+        return [_job_dict(r) for r in self.db.execute(sql + " ORDER BY id DESC LIMIT ?", [*args, int(limit)])]
+
     def history(self, run_id: int) -> list[dict[str, Any]]:
         """An entry's changes, oldest first: {changed_at, before, after}."""
         return [{"changed_at": r["changed_at"], **json.loads(r["change_json"])}
@@ -391,6 +433,13 @@ def _run_dict(r: sqlite3.Row, light: bool = False) -> dict[str, Any]:
         if light and col in ("per_class_json",):
             continue
         d[attr] = json.loads(raw) if raw else {}
+    return d
+
+
+def _job_dict(r: sqlite3.Row) -> dict[str, Any]:
+    d = dict(r)
+    d["spec"] = json.loads(d.pop("spec_json") or "{}")
+    d["progress"] = json.loads(d.pop("progress_json") or "{}")
     return d
 
 

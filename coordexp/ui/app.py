@@ -16,14 +16,17 @@ from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 
 from coordexp.runs.query import ImageQuery, error_codes, page_images
 from coordexp.runs.registry import Registry, RegistryError, SCHEMA_VERSION
 
 from .infer import InferOptions, InferService, UploadRejected, annotated_png
+from .jobs import JobManager, JobOptions, JobRejected, check_dataset, list_datasets, list_image_folders, resolve_dataset
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-PAGES = {"/": "runs.html", "/run": "run.html", "/compare": "compare.html", "/infer": "infer.html"}
+PAGES = {"/": "runs.html", "/run": "run.html", "/compare": "compare.html", "/infer": "infer.html",
+         "/jobs": "jobs.html"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class UiOptions:
     registry: str | None = None
     token: str | None = None
     infer: InferOptions = field(default_factory=InferOptions)
+    jobs: JobOptions = field(default_factory=JobOptions)
     compare_bootstrap: int = 1000
 
 
@@ -51,6 +55,7 @@ def create_app(opts: UiOptions) -> FastAPI:
     path = Registry(opts.registry).path  # create / migrate once, up front
     regs = _Registries(path)
     service = InferService(opts.infer, path)
+    jobs = JobManager(path, service, opts.jobs)
     app = FastAPI(title="CoordExp runs", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
 
     @app.middleware("http")
@@ -72,12 +77,18 @@ def create_app(opts: UiOptions) -> FastAPI:
     async def not_found(_request: Request, exc: RegistryError):
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
+    @app.exception_handler(JobRejected)
+    @app.exception_handler(UploadRejected)
+    async def rejected(_request: Request, exc: JobRejected | UploadRejected):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
     for route, page in PAGES.items():
         app.add_api_route(route, _page(page), methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _api_runs(app, regs)
     _api_images(app, regs)
     _api_compare_infer(app, regs, service, opts)
+    _api_jobs(app, regs, service, jobs, opts)
     return app
 
 
@@ -172,6 +183,19 @@ def _api_compare_infer(app: FastAPI, regs: _Registries, service: InferService, o
     def infer_info() -> dict[str, Any]:
         return {**service.describe(), "max_bytes": opts.infer.max_bytes, "max_pixels": opts.infer.max_pixels}
 
+    @app.get("/api/model")
+    def model(name: str | None = None) -> dict[str, Any]:
+        """A model (default: the viewer's) as a table: name, backend, where, checkpoint digest, limits."""
+        try:
+            return service.model_facts(service.resolve_model(name))
+        except UploadRejected as e:
+            raise HTTPException(e.status, str(e)) from None
+
+    @app.get("/api/models")
+    def models() -> dict[str, Any]:
+        """The models a job may pick: the served CoordExp ensembles, or the local checkpoint."""
+        return {"items": service.models(), "default": service.models()[0] if service.opts.configured else None}
+
     @app.post("/api/infer")
     async def infer(file: UploadFile = File(...)) -> dict[str, Any]:
         data = await file.read(opts.infer.max_bytes + 1)  # never more than the limit + 1 byte in memory
@@ -197,3 +221,78 @@ def _api_compare_infer(app: FastAPI, regs: _Registries, service: InferService, o
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> RedirectResponse:
         return RedirectResponse("/static/favicon.svg")
+
+
+class TestJob(BaseModel):
+    """POST /api/jobs: a test run of a dataset under the data root."""
+
+    dataset: str
+    limit: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    guided: bool = False
+    model: str | None = None  # one of /api/models; default: the viewer's
+
+
+class FolderJob(BaseModel):
+    """POST /api/jobs/folder: batch inference of the images in a folder under the data root."""
+
+    folder: str
+    max_new_tokens: int | None = Field(None, ge=1)
+    model: str | None = None
+
+
+def _api_jobs(app: FastAPI, regs: _Registries, service: InferService, jobs: JobManager, opts: UiOptions) -> None:
+    @app.get("/api/datasets")
+    def datasets() -> dict[str, Any]:
+        return {"root": opts.jobs.data_root, "items": list_datasets(opts.jobs.data_root),
+                "folders": list_image_folders(opts.jobs.data_root)}
+
+    @app.get("/api/datasets/check")
+    def dataset_check(path: str, limit: int | None = Query(None, ge=1)) -> dict[str, Any]:
+        return {"dataset": path, **check_dataset(resolve_dataset(opts.jobs.data_root, path), limit)}
+
+    @app.get("/api/jobs")
+    def job_list(status: str | None = None) -> dict[str, Any]:
+        return {"items": [_public(j) for j in regs.get().list_jobs(status=status)],
+                "max_running": opts.jobs.max_running}
+
+    @app.get("/api/jobs/{job_id}")
+    def job(job_id: int) -> dict[str, Any]:
+        return _public(regs.get().get_job(job_id))
+
+    @app.post("/api/jobs")
+    def start_test(body: TestJob) -> dict[str, Any]:
+        return _public(jobs.submit_test(body.dataset, body.limit, body.max_new_tokens, body.guided, body.model))
+
+    @app.post("/api/jobs/folder")
+    def start_folder(body: FolderJob) -> dict[str, Any]:
+        return _public(jobs.submit_folder(body.folder, body.max_new_tokens, body.model))
+
+    @app.post("/api/jobs/batch")
+    async def start_batch(files: list[UploadFile] = File(...), max_new_tokens: int | None = Query(None, ge=1),
+                          model: str | None = None) -> dict[str, Any]:
+        import anyio
+
+        got = []
+        for f in files:
+            data = await f.read(opts.infer.max_bytes + 1)  # never more than the limit + 1 byte in memory
+            got.append((f.filename or "upload", data))
+        return _public(await anyio.to_thread.run_sync(lambda: jobs.submit_batch(got, max_new_tokens, model)))
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    def cancel(job_id: int) -> dict[str, Any]:
+        return _public(jobs.cancel(job_id))
+
+    @app.get("/api/jobs/{job_id}/download/{what}")
+    def download(job_id: int, what: str) -> Response:
+        content, media, name = jobs.download(regs.get(), job_id, what)
+        headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+        if what == "predictions.jsonl":
+            return FileResponse(content, media_type=media, headers=headers)
+        return Response(content, media_type=media, headers=headers)
+
+
+def _public(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as the pages see it: the dataset by its name under the data root (its resolved path left out)."""
+    spec = {k: v for k, v in job["spec"].items() if k != "dataset_path"}
+    return {**{k: v for k, v in job.items() if k not in ("spec", "job_dir")}, "spec": spec}

@@ -49,27 +49,101 @@ class InferService:
     def __init__(self, opts: InferOptions, registry_path: str):
         self.opts = opts
         self.upload_dir = os.path.abspath(opts.upload_dir or os.path.join(os.path.dirname(registry_path), "uploads"))
-        self._engine: Any = None
+        self._engines: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._served: tuple[float, list[str]] | None = None
 
-    def describe(self) -> dict[str, Any]:
+    def models(self) -> list[str]:
+        """The models a job may pick: the ready CoordExp ensembles of the first reachable server (the
+        viewer's --model first), or the --local checkpoint's name."""
+        if self.opts.local and not self.opts.urls:
+            return [os.path.basename(os.path.abspath(self.opts.local))]
+        if not self.opts.urls:
+            return []
+        if self._served is None or time.monotonic() - self._served[0] > 15:
+            import asyncio
+
+            from coordexp.engines.triton.inventory import coordexp_models, server_models
+            from coordexp.engines.triton.pool import normalise_url
+
+            names: list[str] = []
+            for url in self.opts.urls:
+                try:
+                    names = coordexp_models(asyncio.run(server_models(normalise_url(url), timeout=5.0)))
+                    break
+                except ConnectionError:
+                    continue
+            self._served = (time.monotonic(), names)
+        names = self._served[1]
+        return [self.opts.model] + [n for n in names if n != self.opts.model]
+
+    def resolve_model(self, model: str | None) -> str:
+        """The model a request names (None: the viewer's own); UploadRejected(400) for one not offered."""
+        default = self.models()[0] if self.opts.local and not self.opts.urls else self.opts.model
+        if model in (None, "", default):
+            return default
+        offered = self.models()
+        if model not in offered:
+            raise UploadRejected(400, f"model {model!r} is not offered here ({', '.join(offered) or 'none'})")
+        return model
+
+    def describe(self, model: str | None = None) -> dict[str, Any]:
         if self.opts.urls:
-            return {"backend": "triton", "urls": list(self.opts.urls), "model": self.opts.model}
+            return {"backend": "triton", "urls": list(self.opts.urls), "model": model or self.opts.model}
         if self.opts.local:
             return {"backend": self.opts.engine, "checkpoint": os.path.abspath(self.opts.local)}
         return {"backend": None}
 
-    def _load(self):
-        if self._engine is None:
+    def model_facts(self, model: str | None = None) -> dict[str, Any]:
+        """The model as the pages show it (a table, not a blob): name, backend, where, checkpoint
+        digest, token limit, prompt; the model is loaded (connected) to say so."""
+        d = self.describe(model)
+        if d["backend"] is None:
+            return {"configured": False}
+        facts: dict[str, Any] = {"configured": True, "backend": d["backend"],
+                                 "where": ", ".join(d["urls"]) if "urls" in d else d.get("checkpoint"),
+                                 "name": d["model"] if self.opts.urls else os.path.basename(d["checkpoint"]),
+                                 "max_new_tokens": self.opts.max_new_tokens}
+        try:
+            engine = self.engine(model)
+        except Exception as e:  # noqa: BLE001 - the page says the model is not reachable
+            return {**facts, "error": f"{type(e).__name__}: {e}"}
+        facts["checkpoint_sha256"] = getattr(engine, "checkpoint_sha256", lambda: None)()
+        facts["prompt_variant"] = engine.prompt.variant
+        manifest = getattr(engine, "manifest", None) or {}
+        if manifest.get("max_new_tokens"):
+            facts["served_limit"] = manifest["max_new_tokens"]
+            facts["max_new_tokens"] = min(self.opts.max_new_tokens, manifest["max_new_tokens"])
+        if (manifest.get("checkpoint") or {}).get("path"):
+            facts["checkpoint"] = manifest["checkpoint"]["path"]
+        elif not self.opts.urls:
+            facts["checkpoint"] = d.get("checkpoint")  # a local engine is its checkpoint
+        return facts
+
+    def engine(self, model: str | None = None):
+        """The engine of `model` (default: the viewer's), loaded (connected) once."""
+        name = self.resolve_model(model)
+        with self._lock:
+            return self._load(name)
+
+    def exclusive(self, engine: Any):
+        """Hold the model for a whole job when it runs one call at a time (a local engine); a served
+        one takes concurrent calls and is not held."""
+        import contextlib
+
+        return contextlib.nullcontext() if getattr(engine, "concurrent", False) else self._lock
+
+    def _load(self, name: str):
+        if name not in self._engines:
             if self.opts.urls:
                 from coordexp.engines.triton import ClientOptions, TritonEngine
 
-                self._engine = TritonEngine.connect(list(self.opts.urls), ClientOptions(model=self.opts.model))
+                self._engines[name] = TritonEngine.connect(list(self.opts.urls), ClientOptions(model=name))
             else:
                 from coordexp.engines import load_engine
 
-                self._engine = load_engine(self.opts.engine, self.opts.local)
-        return self._engine
+                self._engines[name] = load_engine(self.opts.engine, self.opts.local)
+        return self._engines[name]
 
     def check_upload(self, data: bytes, filename: str) -> tuple[int, int, str]:
         from coordexp.dataset import check_image_bytes
@@ -103,7 +177,7 @@ class InferService:
         run_id = reg.add_run(run)
         try:
             with self._lock:
-                engine = self._load()
+                engine = self._load(self.resolve_model(None))
                 t_load = time.perf_counter()
                 from coordexp.generation import GenerationParams
 

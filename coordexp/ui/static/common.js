@@ -89,8 +89,17 @@ function legend() {
 }
 
 function header(active) {
-  const links = [["/", "Runs"], ["/infer", "Inference"]];
+  const links = [["/", "Runs"], ["/jobs", "Jobs"], ["/infer", "Inference"]];
   document.body.prepend(el("header", {}, el("b", {}, "CoordExp runs"),
     ...links.map(([h, t]) => el("a", { href: withToken(h), class: active === h ? "active" : "" }, t))));
+}
+// The viewer's model (/api/model) as a small table, not a JSON blob.
+function modelTable(m) {
+  if (!m.configured) return el("p", { class: "muted" }, "No model configured: start the viewer with --url HOST:PORT or --local CKPT.");
+  const rows = [["name", m.name], ["backend", m.backend], ["where", m.where], ["checkpoint", m.checkpoint || "-"],
+    ["checkpoint sha256", m.checkpoint_sha256 ? m.checkpoint_sha256.slice(0, 16) + "…" : "-"],
+    ["prompt", m.prompt_variant || "-"], ["max new tokens", m.max_new_tokens + (m.served_limit ? " (served limit " + m.served_limit + ")" : "")]];
+  if (m.error) rows.push(["error", m.error]);
+  return table(["model", ""], rows, { id: "model-table" });
 }
 function showError(where, e) { where.replaceChildren(el("p", { class: "err" }, String(e.message || e))); }
