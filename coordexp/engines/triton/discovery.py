@@ -59,10 +59,8 @@ def expand(urls: Sequence[str], resolver: Resolver | None = None) -> tuple[list[
 
 async def watch(pool: Any, targets: Sequence[tuple[str, int]], resolver: Resolver | None, interval: float,
                 preflight_timeout: float = 10.0) -> None:
-    """Every `interval` s: resolve `targets`; addresses that appeared join `pool` after their pre-flight,
-    addresses that vanished retire (no new requests)."""
-    from coordexp.engines.triton.pool import PreflightError, ServerState, preflight
-
+    """Every `interval` s: resolve `targets`; addresses that appeared join `pool` after their pre-flight
+    (`pool.admit`), addresses that vanished retire (no new requests)."""
     resolver = resolver or system_resolver
     while True:
         await asyncio.sleep(interval)
@@ -77,13 +75,6 @@ async def watch(pool: Any, targets: Sequence[tuple[str, int]], resolver: Resolve
                     known.retired = False
                     pool.changed()
                 continue
-            try:
-                client, iface, _m = await preflight(url, pool.model, preflight_timeout)
-            except (PreflightError, Exception):  # not ready yet: next round
-                continue
-            if set(iface.inputs) != set(pool.iface.inputs):
-                await client.close()
-                continue
-            pool.add_server(ServerState(url=url, client=client, from_dns=True))
+            await pool.admit(url, preflight_timeout)  # not ready yet: the next round tries again
         for url in dns_urls - set(now):
             pool.retire(url)

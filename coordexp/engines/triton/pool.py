@@ -326,6 +326,18 @@ class ServerPool:
         self.servers.append(state)
         self.changed()
 
+    async def admit(self, url: str, preflight_timeout: float = 10.0) -> bool:
+        """A newly resolved address joins after its pre-flight (same model interface); False: not yet."""
+        try:
+            client, iface, _m = await preflight(url, self.model, preflight_timeout)
+        except Exception:  # noqa: BLE001 - not ready yet (PreflightError or a transport error): next round
+            return False
+        if set(iface.inputs) != set(self.iface.inputs):
+            await client.close()
+            return False
+        self.add_server(ServerState(url=url, client=client, from_dns=True))
+        return True
+
     def retire(self, url: str) -> None:
         """No new requests to `url` (its name no longer resolves to it); the ones in flight go on."""
         for s in self.servers:
