@@ -17,6 +17,20 @@ compared; torch samples with its own RNG and cannot match.
 
 All engines use the repository's prompt variant (from its manifest). Exit status: 0 every pair
 matches, 1 a mismatch (or a failed request), 2 bad arguments / nothing to compare.
+
+Accuracy parity (engines that are not bit-identical: bf16, quantized, another server):
+
+    coordexp-client parity --accuracy --data labelled.jsonl [--ckpt CKPT | --reference SPEC]
+        [--repo REPO | --url HOST:PORT | --candidate SPEC ...] [--margin 0.02] [--json OUT.json]
+
+runs the reference (default: the torch checkpoint, fp32) and each candidate (default: the ONNX
+export in --repo, or the server at --url) on the labelled records, scores each with our evaluator
+and reports per pair the deltas of F1 @ 0.5 (full, exact labels), AP50 and AP with paired bootstrap
+95 % intervals, image flips (exact McNemar), token and prediction agreement, and a verdict:
+equivalent / different / inconclusive (coordexp/runs/equivalence.py). Specs: a prediction .jsonl,
+torch:CKPT[,dtype=bf16][,device=cuda], onnx:PATH, triton:HOST:PORT[,model=M], openai:URL[,model=M]
+(coordexp/benchmarks/accuracy.py). Exit status: 0 equivalent, 1 different, 3 inconclusive, 2 bad
+arguments.
 """
 from __future__ import annotations
 
@@ -27,12 +41,13 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("parity", help="torch vs onnx vs served: token-exact comparison",
+    p = sub.add_parser("parity", help="torch vs onnx vs served: token-exact comparison, or accuracy parity",
                        description="Run the torch reference, in-process ONNX Runtime and the served Triton ensemble "
-                                   "on the same records and compare generated token ids and parsed predictions.")
-    p.add_argument("--ckpt", required=True, help="the Hugging Face checkpoint (torch reference)")
-    p.add_argument("--repo", required=True, help="the Triton model repository exported from it")
-    p.add_argument("--data", required=True, help="input JSONL (CoordExp format)")
+                                   "on the same records and compare generated token ids and parsed predictions; "
+                                   "with --accuracy, compare their metrics with intervals instead.")
+    p.add_argument("--ckpt", default=None, help="the Hugging Face checkpoint (torch reference)")
+    p.add_argument("--repo", default=None, help="the Triton model repository exported from it")
+    p.add_argument("--data", required=True, help="input JSONL (CoordExp format; labelled for --accuracy)")
     p.add_argument("--url", default=None, help="HOST:PORT of a running Triton (gRPC) serving --repo; default: start "
                                                "one from --repo on free loopback ports")
     p.add_argument("--model", default=None, help="served ensemble name (default: the repository's)")
@@ -46,6 +61,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the local engines")
     p.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON here")
+    a = p.add_argument_group("accuracy parity (--accuracy)")
+    a.add_argument("--accuracy", action="store_true",
+                   help="compare metrics with intervals (for engines that are not bit-identical) instead of tokens")
+    a.add_argument("--reference", default=None, metavar="SPEC", help="the reference engine (default torch:--ckpt)")
+    a.add_argument("--candidate", action="append", default=[], metavar="SPEC",
+                   help="a candidate engine; repeat for several (default onnx:--repo, or triton:--url)")
+    a.add_argument("--margin", type=float, default=0.02,
+                   help="equivalent when every primary delta's 95%% interval lies inside +-margin (default 0.02)")
+    a.add_argument("--max-diff-rate", type=float, default=0.25,
+                   help="and the 95%% upper bound on the rate of images whose predictions differ is at most this "
+                        "(default 0.25: 11 identical images at least)")
+    a.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default 1000)")
+    a.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0; compare uses the same)")
+    a.add_argument("--out", default=None, help="folder for the engines' predictions (default: a new temporary one)")
     p.set_defaults(func=run)
 
 
@@ -89,6 +118,11 @@ def _params(args: argparse.Namespace, manifest: dict):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.accuracy:
+        return run_accuracy(args)
+    if not args.ckpt or not args.repo:
+        print("error: token parity needs --ckpt and --repo (or use --accuracy with engine specs)", file=sys.stderr)
+        return 2
     from coordexp.dataset import iter_dataset
     from coordexp.prompt import PromptSpec
     from coordexp.serving.common import read_manifest
@@ -170,3 +204,81 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json_out, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
     return 0 if ok else 1
+
+
+def run_accuracy(args: argparse.Namespace) -> int:
+    """`parity --accuracy`: a thin adapter over coordexp.benchmarks.accuracy + coordexp.runs.equivalence."""
+    import tempfile
+
+    from coordexp.benchmarks.accuracy import EngineSpec, SpecError, run_spec
+    from coordexp.dataset import check_dataset, copy_records
+    from coordexp.runs.equivalence import ParityOptions, compare_accuracy, exit_code, format_report, score_run
+
+    if not os.path.isfile(args.data):
+        print(f"error: input dataset not found: {args.data}", file=sys.stderr)
+        return 2
+    if not 0 < args.margin < 1 or not 0 < args.max_diff_rate < 1 or args.bootstrap < 100:
+        print("error: --margin and --max-diff-rate must lie in (0, 1), --bootstrap >= 100", file=sys.stderr)
+        return 2
+    try:
+        ref_text = args.reference or (f"torch:{args.ckpt}" if args.ckpt else None)
+        cand_texts = args.candidate or ([f"onnx:{args.repo}"] if args.repo else []) + \
+            ([f"triton:{args.url}" + (f",model={args.model}" if args.model else "")] if args.url else [])
+        if not ref_text or not cand_texts:
+            raise SpecError("give a reference (--ckpt or --reference SPEC) and a candidate (--repo, --url or "
+                            "--candidate SPEC)")
+        ref = EngineSpec.parse(ref_text)
+        cands = [EngineSpec.parse(t) for t in cand_texts]
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or tempfile.mkdtemp(prefix="coordexp-parity-")
+    os.makedirs(out, exist_ok=True)
+    data = os.path.join(out, "data.jsonl")
+    copy_records(args.data, data, args.limit)
+    check = check_dataset(data)
+    if not check["labelled"]:
+        print(f"error: {args.data} has no labelled record (accuracy parity needs GT objects)", file=sys.stderr)
+        return 2
+    print(f"accuracy parity: {check['valid']} records ({check['labelled']} labelled) into {out}", file=sys.stderr)
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    names: list[str] = []
+    scored = []
+    try:
+        for k, spec in enumerate([ref] + cands):
+            name = spec.name if spec.name not in names else f"{spec.name}#{k}"
+            names.append(name)
+            pred = run_spec(spec, data, os.path.join(out, f"{k}_{spec.kind}"), args.max_new_tokens, log=log)
+            scored.append(score_run(name, pred, data))
+    except (SpecError, OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tokenize = _tokenizer(args.ckpt or (ref.target if ref.kind == "torch" else None))
+    opts = ParityOptions(margin=args.margin, max_diff_rate=args.max_diff_rate, bootstrap=args.bootstrap,
+                         seed=args.seed)
+    pairs = [compare_accuracy(scored[0], c, opts, tokenize) for c in scored[1:]]
+    print(format_report(pairs))
+    code = exit_code(pairs)
+    if args.json_out:
+        report = {"schema_version": "coordexp.accuracy_parity.v1", "data": os.path.abspath(args.data),
+                  "records": check["valid"], "out": os.path.abspath(out), "options": opts.__dict__,
+                  "engines": [{"name": s.name, "predictions": os.path.abspath(s.pred_path), "metrics":
+                               {k: s.metrics.get(k) for k in ("f1ish@0.50_f1_full_micro", "bbox_AP50", "bbox_AP")}}
+                              for s in scored],
+                  "pairs": pairs, "exit_code": code}
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return code
+
+
+def _tokenizer(ckpt: str | None):
+    """The checkpoint's tokenizer as text -> ids (first divergence in tokens), or None (in characters)."""
+    if not ckpt or not os.path.isdir(ckpt):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(ckpt)
+    except (OSError, ValueError):
+        return None
+    return lambda text: tok.encode(text, add_special_tokens=False)

@@ -150,3 +150,58 @@ def count_records(path: str) -> int:
     """Number of input lines that become output lines (for progress bars)."""
     with open(path, "rb") as f:
         return sum(1 for _ in f)
+
+
+def copy_records(src: str, dst: str, limit: int | None = None) -> int:
+    """The first `limit` lines of a dataset into `dst`, each relative image path made absolute (the
+    copy lives elsewhere). Lines that are not JSON are copied as they are (the run reports them).
+    Returns the lines written."""
+    import json
+
+    root = os.path.dirname(os.path.abspath(src))
+    n = 0
+    with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as out:
+        for line in f:
+            if limit is not None and n >= limit:
+                break
+            n += 1
+            try:
+                d = json.loads(line)
+            except ValueError:
+                out.write(line if line.endswith("\n") else line + "\n")
+                continue
+            imgs = d.get("images") if isinstance(d, dict) else None
+            if isinstance(imgs, list):
+                d["images"] = [p if not isinstance(p, str) or os.path.isabs(p) else os.path.join(root, p) for p in imgs]
+            out.write(json.dumps(d, ensure_ascii=False) + "\n")
+    return n
+
+
+def check_dataset(path: str, limit: int | None = None) -> dict[str, Any]:
+    """What a dataset holds before a run starts: lines, valid records, images found, labelled records;
+    the first problems (line and why)."""
+    root = os.path.dirname(path)
+    counts = {"lines": 0, "valid": 0, "images_found": 0, "labelled": 0, "objects": 0}
+    problems: list[str] = []
+    for line_no, value in read_jsonl(path):
+        if limit is not None and counts["lines"] >= limit:
+            break
+        counts["lines"] += 1
+        try:
+            if isinstance(value, Exception):
+                raise value
+            rec = InputRecord.from_dict(value, line_no)
+        except (ContractError, ValueError) as e:
+            if len(problems) < 5:
+                problems.append(str(getattr(e, "message", e)))
+            continue
+        counts["valid"] += 1
+        img, why = resolve_image(rec.images[0], root)
+        if why is None and os.path.isfile(img):
+            counts["images_found"] += 1
+        elif len(problems) < 5:
+            problems.append(f"line {line_no}: image {rec.images[0]!r} not found ({why or img})")
+        if rec.objects:
+            counts["labelled"] += 1
+            counts["objects"] += len(rec.objects)
+    return {**counts, "problems": problems, "ok": counts["valid"] > 0 and counts["images_found"] == counts["valid"]}

@@ -174,7 +174,8 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
              semantic_thr: float = DEFAULT_THRESHOLD, embedder=None, coco_backend: str = "faster-coco-eval",
              gt_coord_mode: str | None = None, plots: bool = True, verbose: bool = False,
              compat: str = "ours", desc_match: str | None = None, allow_partial: bool = False,
-             bbox_format: str | None = None, complete_only: bool = False) -> dict[str, Any]:
+             bbox_format: str | None = None, complete_only: bool = False,
+             details: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a prediction artifact against GT; write the artifacts into `out_dir` (None: none).
 
     - `gt_path=None`: `pred_path` is a gt_vs_pred.jsonl (ours or CoordExp's) with the GT inside.
@@ -192,6 +193,8 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
       a line that says otherwise is an error).
     - `complete_only`: leave out the images whose answer the token limit cut (finish_reason
       "length"); by default they count, and how many there were is reported (`truncated`).
+    - `details`: a dict filled with what the numbers came from, for per-image statistics
+      (`pairs`, `f1_pairs`, `f1_results` per threshold, `coco_gt`, `coco_dets`).
     Returns the metrics dict (the content of metrics.json).
     """
     from .compat import COMPAT_CHOICES, compat_info
@@ -281,6 +284,8 @@ def evaluate(pred_path: str, gt_path: str | None, out_dir: str | None, metrics: 
                                       "fell back to exact/normalised string matching")
     timings["total_s"] = time.perf_counter() - t0
     result["timings"] = timings
+    if details is not None:
+        details.update(pairs=pairs, f1_pairs=f1_pairs, f1_results=f1_results, coco_gt=coco_gt, coco_dets=coco_dets)
     if out_dir is not None:
         write_artifacts(out_dir, result, f1_pairs, categories, category_of, coco_gt, coco_dets, coco_res,
                         f1_results, primary, plots=plots)

@@ -19,7 +19,11 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any
 
+from coordexp.dataset import check_dataset
 from coordexp.runs.registry import Registry
+
+__all__ = ["JobManager", "JobOptions", "JobRejected", "check_dataset", "list_datasets", "list_image_folders",
+           "resolve_dataset", "resolve_folder"]
 
 MAX_DATASETS_LISTED = 200
 MAX_BATCH_FILES = 200
@@ -128,39 +132,6 @@ def folder_images(folder: str, max_pixels: int) -> list[tuple[str, int, int]]:
     if not out:
         raise JobRejected(400, "no image (" + ", ".join(IMAGE_SUFFIXES) + ") directly in the folder")
     return out
-
-
-def check_dataset(path: str, limit: int | None = None) -> dict[str, Any]:
-    """What a dataset holds before a run starts: lines, valid records, images found, labelled records;
-    the first problems (line and why)."""
-    from coordexp.dataset import resolve_image
-    from coordexp.schema import ContractError, InputRecord, read_jsonl
-
-    root = os.path.dirname(path)
-    counts = {"lines": 0, "valid": 0, "images_found": 0, "labelled": 0, "objects": 0}
-    problems: list[str] = []
-    for line_no, value in read_jsonl(path):
-        if limit is not None and counts["lines"] >= limit:
-            break
-        counts["lines"] += 1
-        try:
-            if isinstance(value, Exception):
-                raise value
-            rec = InputRecord.from_dict(value, line_no)
-        except (ContractError, ValueError) as e:
-            if len(problems) < 5:
-                problems.append(str(getattr(e, "message", e)))
-            continue
-        counts["valid"] += 1
-        img, why = resolve_image(rec.images[0], root)
-        if why is None and os.path.isfile(img):
-            counts["images_found"] += 1
-        elif len(problems) < 5:
-            problems.append(f"line {line_no}: image {rec.images[0]!r} not found ({why or img})")
-        if rec.objects:
-            counts["labelled"] += 1
-            counts["objects"] += len(rec.objects)
-    return {**counts, "problems": problems, "ok": counts["valid"] > 0 and counts["images_found"] == counts["valid"]}
 
 
 class JobManager:
@@ -333,13 +304,14 @@ class JobManager:
         return pred
 
     def _test(self, reg: Registry, job: dict[str, Any], stop: threading.Event) -> int:
+        from coordexp.dataset import copy_records
         from coordexp.eval import evaluate
         from coordexp.runs.register import RegisterOptions, register_run
 
         spec, job_dir = job["spec"], job["job_dir"]
         os.makedirs(job_dir, exist_ok=True)
         data = os.path.join(job_dir, "data.jsonl")  # the records run, image paths made absolute
-        _copy_records(spec["dataset_path"], data, spec.get("limit"))
+        copy_records(spec["dataset_path"], data, spec.get("limit"))
         pred = self._infer(reg, job, data, stop)
         evaluate(pred, data, os.path.join(job_dir, "eval"), metrics="both", semantic=False, plots=True)
         run_id = register_run(pred, RegisterOptions(registry=self.registry_path, name=f"job {job['id']}: "
@@ -376,24 +348,6 @@ class JobManager:
         if what == "annotated.zip":
             return annotated_zip(reg, job["run_id"]), "application/zip", f"job{job_id}_annotated.zip"
         raise JobRejected(404, f"no result {what!r} (predictions.jsonl, coco.json, annotated.zip)")
-
-
-def _copy_records(src: str, dst: str, limit: int | None) -> None:
-    """The first `limit` lines of a dataset, each image path made absolute (the job's folder is elsewhere)."""
-    root = os.path.dirname(src)
-    with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as out:
-        for k, line in enumerate(f):
-            if limit is not None and k >= limit:
-                break
-            try:
-                d = json.loads(line)
-            except ValueError:
-                out.write(line)
-                continue
-            imgs = d.get("images") if isinstance(d, dict) else None
-            if isinstance(imgs, list):
-                d["images"] = [p if not isinstance(p, str) or os.path.isabs(p) else os.path.join(root, p) for p in imgs]
-            out.write(json.dumps(d, ensure_ascii=False) + "\n")
 
 
 def annotated_zip(reg: Registry, run_id: int) -> bytes:
