@@ -113,6 +113,8 @@ class OnnxOptions:
     llm_batching: str | None = None
     prefix_cache: bool | None = None
     jump_forward: bool | None = None
+    weights: str = "fp32"  # fp32 | int8 | int4 (the decoder's MatMul weights; export/onnx_quantize.py)
+    validate_data: str | None = None  # labelled JSONL: accuracy parity (how a non-fp32 export is validated)
 
 
 @dataclass(frozen=True)
@@ -165,18 +167,35 @@ def export_onnx_format(opts: BuildOptions) -> dict[str, Any]:
             raise BuildError(f"cannot export {opts.ckpt}: {e}", 2) from e
         except Exception as e:  # noqa: BLE001 - exporter failures are reported, not dumped
             raise BuildError(f"ONNX export failed: {type(e).__name__}: {e}", 1) from e
+        from coordexp.export.onnx_quantize import quantize_export
+
+        if opts.onnx.weights != "fp32":
+            _log(f"quantizing the decoder's weights to {opts.onnx.weights} (ONNX Runtime MatMulNBits)")
+        quantization = quantize_export(onnx_dir, opts.onnx.weights, log=_log)
         validation = None if opts.onnx.skip_validation else _validate(opts, onnx_dir)
     except BaseException:
         if temporary:
             shutil.rmtree(onnx_dir, ignore_errors=True)
         raise
     return {"onnx_dir": onnx_dir, "meta": meta, "validation": validation, "temporary": temporary,
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "quantization": quantization, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _validate(opts: BuildOptions, onnx_dir: str) -> dict[str, Any]:
-    from coordexp.export.validate import ExportValidationError, validate_export
+    """fp32: token parity on probes; reduced weights: accuracy parity on --validate-data."""
+    from coordexp.export.validate import ExportValidationError, validate_accuracy, validate_export
 
+    if opts.onnx.weights != "fp32":
+        _log(f"validating by accuracy parity against the torch checkpoint on {opts.onnx.validate_data} "
+             f"({opts.onnx.weights} weights are not bit-identical, so tokens are not compared)")
+        try:
+            report = validate_accuracy(onnx_dir, opts.ckpt, opts.onnx.validate_data, prompt=opts.prompt,
+                                       max_new_tokens=opts.max_new_tokens, threads=opts.threads, log=_log)
+        except ExportValidationError as e:
+            raise BuildError(f"validation failed: {e}", 1) from e
+        if report["verdict"] != "equivalent":
+            _log(f"warning: accuracy parity is {report['verdict']}: {report['why']}")
+        return report
     _log("validating against the torch checkpoint")
     try:
         return validate_export(onnx_dir, opts.ckpt, steps=opts.onnx.validation_steps, threads=opts.threads,
@@ -262,7 +281,14 @@ def summary_lines(opts: BuildOptions, result: dict[str, Any], written: dict[str,
         if f.endswith((".onnx", ".data", ".json", ".pbtxt")):
             lines.append(f"  {f:<48} {_human(s):>10}")
     v = result.get("validation")
-    if v:
+    if v and v.get("kind") == "accuracy":
+        lines.append(f"validation : accuracy parity on {v['records']} records of {v['data']}: {v['verdict'].upper()} "
+                     f"(margin {v['margin']}), identical answers {v['token_agreement']['exact_answers']}/"
+                     f"{v['records']}, {v['seconds']} s")
+        for m in v["metrics"]:
+            lines.append(f"  {m['name']:<26} {m['a']:.4f} -> {m['b']:.4f}  delta {m['delta']:+.4f} "
+                         f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]")
+    elif v:
         lines.append(f"validation : greedy tokens identical ({v['tokens_compared']} compared over "
                      f"{len(v['probes'])} probes), {v['seconds']} s")
         for k, d in v["max_abs_diff"].items():
@@ -297,7 +323,9 @@ def build_onnx(opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
         plan = {"ckpt": opts.ckpt, "family": opts.family, "backend": opts.backend, "name": opts.name,
                 "repo": os.path.abspath(opts.repo), "onnx_dir": opts.onnx_dir, "opset": opts.onnx.opset,
                 "max_batch_size": opts.max_batch_size, "max_new_tokens": opts.max_new_tokens,
-                "prompt": opts.prompt.variant, "validation": not opts.onnx.skip_validation}
+                "prompt": opts.prompt.variant, "weights": opts.onnx.weights,
+                "validation": ("skipped" if opts.onnx.skip_validation else "token parity" if opts.onnx.weights == "fp32"
+                               else f"accuracy parity on {opts.onnx.validate_data}")}
         return plan, [f"{k:<15}: {v}" for k, v in plan.items()]
     result = export_onnx_format(opts)
     keep = result["onnx_dir"] if opts.onnx_dir and result["temporary"] is False else None
@@ -319,6 +347,7 @@ def current_check(opts: BuildOptions) -> tuple[bool, str]:
                         prompt_source=prompt_source(opts))
     if opts.onnx is not None:
         want["onnx.opset"] = opts.onnx.opset
+        want["onnx.weights"] = opts.onnx.weights
         if opts.onnx_dir and not os.path.isfile(os.path.join(opts.onnx_dir, "onnx_meta.json")):
             return False, f"--onnx-dir {opts.onnx_dir} holds no export"
     skip_validation = (opts.onnx or opts.torch).skip_validation
@@ -409,7 +438,8 @@ FORMATS: tuple[ExportFormat, ...] = (
                  "Python models, validated against the torch checkpoint",
                  "CPU (ONNX Runtime; CUDA where its CUDA provider is installed)",
                  COMMON_FLAGS + PROMPT_FLAGS + DECODING_FLAGS + ("--force", "--opset", "--skip-validation",
-                                                                 "--validation-steps"), build_onnx),
+                                                                 "--validation-steps", "--weights",
+                                                                 "--validate-data"), build_onnx),
     ExportFormat("PyTorch", "torch",
                  "Triton repository whose vision_encoder / llm steps run the checkpoint (copied to llm/1/hf) in "
                  "PyTorch, validated against HF generate",
@@ -483,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not compare with the torch checkpoint")
     o.add_argument("--validation-steps", type=int, default=None,
                    help=f"greedy steps compared during validation (default {DEFAULT_VALIDATION_STEPS})")
+    o.add_argument("--weights", choices=("fp32", "int8", "int4"), default=None,
+                   help="the decoder's MatMul weights: fp32 (default; validated token for token) or int8 / int4 "
+                        "(ONNX Runtime's weight-only MatMulNBits; validated by accuracy parity on --validate-data)")
+    o.add_argument("--validate-data", default=None, metavar="JSONL",
+                   help="labelled records for accuracy parity (required with --weights int8|int4)")
     from coordexp.export.repository import ServingOptions
 
     d = ServingOptions()
@@ -604,7 +639,14 @@ def resolve_options(args: argparse.Namespace, fmt: ExportFormat) -> BuildOptions
         onnx = OnnxOptions(opset=args.opset or DEFAULT_OPSET, skip_validation=bool(args.skip_validation),
                            validation_steps=args.validation_steps or DEFAULT_VALIDATION_STEPS,
                            llm_batching=args.llm_batching, prefix_cache=args.prefix_cache,
-                           jump_forward=args.jump_forward)
+                           jump_forward=args.jump_forward, weights=args.weights or "fp32",
+                           validate_data=args.validate_data)
+        if onnx.weights != "fp32" and not (onnx.validate_data or onnx.skip_validation):
+            raise BuildError(f"--weights {onnx.weights}: the answers are not bit-identical to the checkpoint's, so the "
+                             "export is validated by accuracy parity: give --validate-data LABELLED.jsonl (e.g. "
+                             "data/demo_val/val.jsonl for the demo), or --skip-validation", 2)
+        if onnx.validate_data and not os.path.isfile(onnx.validate_data):
+            raise BuildError(f"--validate-data {onnx.validate_data}: no such file", 2)
     elif fmt.backend == "torch":
         torch = _torch_options(args)
     else:

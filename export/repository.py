@@ -578,7 +578,8 @@ def _assemble(root: str, name: str, onnx_dir: str | None, ckpt: str, meta: dict[
         "layout": {("hf_dir" if torch else "onnx_dir"): HF_SUBDIR if torch else C.ONNX_SUBDIR,
                    "processor_dir": C.PROCESSOR_SUBDIR, "processor_files": copied},
         ("torch" if torch else "onnx"): rec["torch"] if torch else {
-            k: meta.get(k) for k in ("format", "family", "architecture", "opset", "dtype", "versions") if k in meta},
+            k: meta.get(k) for k in ("format", "family", "architecture", "opset", "dtype", "weights", "quantization",
+                                   "versions") if k in meta},
         "serving": rec["serving"],
         "validation": validation,
     }

@@ -272,3 +272,55 @@ def validate_export(onnx_dir: str | os.PathLike, ckpt: str | os.PathLike | None 
         raise ExportValidationError(report["error"], report)
     report["ok"] = True
     return report
+
+
+def validate_accuracy(onnx_dir: str, ckpt: str, data: str, *, prompt: Any, max_new_tokens: int,
+                      threads: int | None = None, limit: int | None = None, log=None) -> dict[str, Any]:
+    """Accuracy parity of a reduced-precision export: the torch checkpoint (float32) and the exported
+    graphs answer the labelled records of `data` with the served prompt; both are scored and judged
+    by `coordexp.runs.equivalence` (a verdict, not token identity). Raises ExportValidationError when
+    the export is *different*; an *inconclusive* verdict is returned (the caller says so)."""
+    import shutil
+    import tempfile
+
+    from coordexp.dataset import check_dataset, copy_records
+    from coordexp.engines import load_engine
+    from coordexp.generation import GenerationParams
+    from coordexp.runner import run_dataset
+    from coordexp.runs.equivalence import compare_accuracy, score_run
+
+    log = log or (lambda s: None)
+    work = tempfile.mkdtemp(prefix="coordexp-validate-")
+    try:
+        records = os.path.join(work, "data.jsonl")
+        copy_records(data, records, limit)
+        check = check_dataset(records)
+        if not check["labelled"] or not check["ok"]:
+            raise ExportValidationError(f"--validate-data {data}: {check['labelled']} labelled of {check['lines']} "
+                                        "records, images found " f"{check['images_found']}: accuracy parity needs "
+                                        "labelled records whose images exist")
+        params = GenerationParams(max_new_tokens=max_new_tokens)
+        scored = []
+        t0 = time.perf_counter()
+        for kind, path, name in (("torch", ckpt, "torch fp32"), ("onnx", onnx_dir, "onnx export")):
+            engine = load_engine(kind, path, prompt=prompt, threads=threads)
+            pred = os.path.join(work, kind, "predictions.jsonl")
+            os.makedirs(os.path.dirname(pred))
+            run_dataset(records, pred, engine, params, progress=False, force=True)
+            del engine
+            scored.append(score_run(name, pred, records))
+        pair = compare_accuracy(scored[0], scored[1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = {"kind": "accuracy", "data": os.path.abspath(data), "records": check["valid"],
+              "verdict": pair["verdict"], "why": pair["why"], "images_needed": pair["images_needed"],
+              "margin": pair["margin"], "metrics": pair["metrics"], "token_agreement": pair["token_agreement"],
+              "prediction_agreement": pair["prediction_agreement"], "image_flips": pair["image_flips"],
+              "seconds": round(time.perf_counter() - t0, 2)}
+    for m in pair["metrics"]:
+        log(f"  {m['name']:26} torch {m['a']:.4f}  export {m['b']:.4f}  delta {m['delta']:+.4f} "
+            f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]")
+    log(f"  identical answers {pair['token_agreement']['exact_answers']}/{pair['images']}: {pair['verdict']}")
+    if pair["verdict"] == "different":
+        raise ExportValidationError(f"accuracy parity on {data}: {pair['why']}", report)
+    return report

@@ -181,3 +181,6 @@ def test_gpu_check_script_runs_on_cpu(torch_server, tiny_ckpt, tmp_path):
     assert set(b["served"]) == {"concurrency_1", "concurrency_2"}
     assert all(v["errors"] == 0 and v["requests_per_s"] > 0 for v in b["served"].values())
     assert "| served concurrency |" in (out / "gpu_check.md").read_text()
+    c = report["c"]  # run C: accuracy parity; the same dtype on the same device is token-identical
+    assert c["token_agreement"]["exact_answer_rate"] == 1.0 and c["verdict"] == "inconclusive"  # 3 images
+    assert "run C:" in (out / "gpu_check.md").read_text()

@@ -206,3 +206,23 @@ def run_b_served(url: str, opts: CheckOptions, log=print) -> dict[str, Any]:
     return {f"concurrency_{m['concurrency']}": {"requests_per_s": m["request_throughput"]["avg"],
                                                 "p50_ms": m["request_latency"]["p50"], "errors": m["errors"]}
             for m in res["levels"]}
+
+
+def run_c(ckpt: str, device: str, dtype: str, data_jsonl: str, n: int, out_dir: str, max_new: int,
+          log=print) -> dict[str, Any]:
+    """Run C: accuracy parity of `dtype` on `device` against the CPU fp32 reference on labelled images
+    (the torch engine in process, through the one dataset loop; `coordexp.runs.equivalence`)."""
+    from coordexp.benchmarks.accuracy import EngineSpec, run_spec
+    from coordexp.dataset import copy_records
+    from coordexp.runs.equivalence import compare_accuracy, score_run
+
+    os.makedirs(out_dir, exist_ok=True)
+    data = os.path.join(out_dir, "data.jsonl")
+    copy_records(data_jsonl, data, n)
+    ref = run_spec(EngineSpec.parse(f"torch:{ckpt}"), data, os.path.join(out_dir, "cpu_fp32"), max_new, log=log)
+    cand = run_spec(EngineSpec.parse(f"torch:{ckpt},dtype={dtype},device={device}"), data,
+                    os.path.join(out_dir, f"{device}_{dtype}"), max_new, log=log)
+    pair = compare_accuracy(score_run("cpu fp32", ref, data), score_run(f"{device} {dtype}", cand, data))
+    log(f"run C: {device} {dtype} vs CPU fp32: {pair['verdict']} ({pair['why']})")
+    return {k: pair[k] for k in ("candidate", "reference", "images", "verdict", "why", "images_needed", "metrics",
+                                 "token_agreement", "prediction_agreement", "image_flips")}

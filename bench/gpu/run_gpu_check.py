@@ -1,7 +1,7 @@
-"""The GPU check of `--backend torch`, one command: run A (correctness) then run B (speed).
+"""The GPU check of `--backend torch`, one command: run A (correctness), run B (speed), run C (accuracy parity).
 
     python bench/gpu/run_gpu_check.py --out runs/gpu_check [--device cuda] [--dtype bf16]
-        [--runs a,b] [--images 50] [--new-tokens 64] [--concurrency 1,8,32]
+        [--runs a,b,c] [--images 50] [--new-tokens 64] [--concurrency 1,8,32]
         [--url-a HOST:PORT] [--url-b HOST:PORT]      (use a running server instead of starting one)
         [--small]                                    (CPU test sizes: tiny model, few images)
         [--compile]                                  (run B: + static cache with torch.compile)
@@ -12,7 +12,10 @@ images must be token-identical to the CPU fp32 HF-generate reference.
 Run B: a random-weight checkpoint with Qwen3-VL-2B's dimensions (`--small`: tiny), `--dtype`:
 vision ms per image, TTFT and ms per output token at batch 1 and 8 for the dynamic and the static
 KV cache, HF `generate` on the same device side by side, and requests/s at each concurrency
-through the served model. Writes OUT/gpu_check.json and OUT/gpu_check.md (the table); exit 1 when
+through the served model.
+Run C: the demo checkpoint in `--dtype` on `--device` against the CPU fp32 reference on the labelled
+demo val images: accuracy parity (metric deltas with 95 % intervals, a verdict), for engines that are
+not bit-identical. Writes OUT/gpu_check.json and OUT/gpu_check.md (the table); exit 1 when
 run A finds a difference. See bench/gpu/README.md for setting up a GPU machine without internet.
 """
 from __future__ import annotations
@@ -65,6 +68,14 @@ def table(report: dict[str, Any]) -> str:
         lines += ["| run A (fp32 vs CPU fp32 reference) | identical answers |", "| --- | --- |"]
         lines += [f"| {m} | {v['identical']}/{v['of']} |" for m, v in a["modes"].items()]
         lines.append("")
+    c = report.get("c")
+    if c:
+        lines += [f"run C: {c['candidate']} vs {c['reference']} on {c['images']} labelled images: "
+                  f"**{c['verdict']}** ({c['why']}); identical answers {c['token_agreement']['exact_answers']}/"
+                  f"{c['images']}", "", "| metric | CPU fp32 | candidate | delta | 95 % CI |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {m['name']} | {m['a']:.4f} | {m['b']:.4f} | {m['delta']:+.4f} | "
+                  f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}] |" for m in c["metrics"]]
+        lines.append("")
     b = report.get("b")
     if b:
         lines += [f"vision: {b['vision_ms_per_image']} ms per image ({b['image_tokens']} image tokens)", "",
@@ -87,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="run B's dtype")
-    p.add_argument("--runs", default="a,b")
+    p.add_argument("--runs", default="a,b,c")
     p.add_argument("--small", action="store_true", help="CPU test sizes (tiny model, 3 images, short answers)")
     p.add_argument("--ckpt-a", default=DEMO_CKPT)
     p.add_argument("--images", type=int, default=None)
@@ -123,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         with served(ckpt, os.path.join(args.out, "repo_b"), args.url_b, opts.device, opts.dtype, opts.new_tokens,
                     False) as url:
             report["b"]["served"] = measure.run_b_served(url, opts)
+    if "c" in runs:
+        report["c"] = measure.run_c(args.ckpt_a, opts.device, opts.dtype, DEMO_VAL, opts.images,
+                                    os.path.join(args.out, "run_c"), 8 if small else 96)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     with open(os.path.join(args.out, "gpu_check.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, default=str)
