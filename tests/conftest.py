@@ -140,3 +140,21 @@ def served_answers(url, images, params, concurrency=4, model=None, text=None):
     opts = ClientOptions(model=model or wire.ENSEMBLE, timeout=300.0, retries=0, max_in_flight=concurrency)
     with TritonEngine.connect([url], opts, user_text=text) as engine:
         return engine.generate_batch(list(images), params)
+
+
+def live_processes(match) -> list[int]:
+    """Pids of live (not zombie) processes whose argv (a list of bytes) `match` accepts, from /proc."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and cmd and cmd[0] and match(cmd):
+            out.append(int(pid))
+    return out

@@ -117,3 +117,17 @@ def multipart_files(parts: list[tuple[str, str, bytes]], ctype: str = "applicati
     body = b"".join((f"--{b}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
                      f"Content-Type: {ctype}\r\n\r\n").encode() + data + b"\r\n" for field, filename, data in parts)
     return body + f"--{b}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={b}"}
+
+
+def chromium_driver(chromium: str, driver: str):
+    """A headless Chromium (Debian's, with its chromedriver) driven by Selenium."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    o = webdriver.ChromeOptions()
+    o.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        o.add_argument(a)
+    d = webdriver.Chrome(service=Service(driver), options=o)
+    d.set_script_timeout(30)
+    return d

@@ -62,18 +62,10 @@ def _server(repo: str, *extra: str) -> subprocess.Popen:
 
 def _tritons(repo: str) -> list[int]:
     """Pids of tritonserver processes serving `repo` (read from /proc)."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0].endswith(b"tritonserver") and f"--model-repository={repo}".encode() in cmd:
-            out.append(int(pid))
-    return out
+    from conftest import live_processes
+
+    return live_processes(lambda cmd: cmd[0].endswith(b"tritonserver")
+                          and f"--model-repository={repo}".encode() in cmd)
 
 
 def _wait(cond, timeout: float, what: str):

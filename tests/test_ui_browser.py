@@ -58,15 +58,9 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from runs_fixtures import chromium_driver
 
-    o = webdriver.ChromeOptions()
-    o.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        o.add_argument(a)
-    d = webdriver.Chrome(service=Service(DRIVER), options=o)
-    d.set_script_timeout(30)
+    d = chromium_driver(CHROMIUM, DRIVER)
     yield d
     d.quit()
 

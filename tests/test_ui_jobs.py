@@ -183,8 +183,7 @@ def test_a_link_out_of_the_data_root_is_refused(tmp_path):
 def _browser():
     import shutil
 
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from runs_fixtures import chromium_driver
 
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -192,13 +191,7 @@ def _browser():
         if os.environ.get("COORDEXP_REQUIRE_BROWSER"):
             raise RuntimeError("COORDEXP_REQUIRE_BROWSER is set but chromium / chromedriver are missing")
         pytest.skip("chromium + chromium-driver not installed (make browser)")
-    o = webdriver.ChromeOptions()
-    o.binary_location = chromium
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        o.add_argument(a)
-    d = webdriver.Chrome(service=Service(driver), options=o)
-    d.set_script_timeout(30)
-    return d
+    return chromium_driver(chromium, driver)
 
 
 def _shot(d, name: str) -> None:

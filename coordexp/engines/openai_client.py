@@ -19,9 +19,9 @@ import base64
 import io
 import json
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
+from coordexp.engines.triton.engine import PoolOnLoop
 from coordexp.generation import GenerationParams, GenerationResult, RequestPrompt
 from coordexp.prompt import PromptSpec
 
@@ -74,25 +74,6 @@ def request_body(model: str, messages: list[dict[str, Any]], params: GenerationP
     if params.guided and ours:
         body["guided"] = True
     return body
-
-
-@dataclass
-class _Timing:
-    """A streamed request's arrival times, as the Triton pool's StreamTiming reports them."""
-
-    token_times: list[tuple[float, int]]
-    end_s: float | None = None
-
-    @property
-    def first_token_s(self) -> float | None:
-        return self.token_times[0][0] if self.token_times else None
-
-    @property
-    def inter_token_s(self) -> float | None:
-        if not self.token_times:
-            return None
-        (t0, n0), (t1, n1) = self.token_times[0], self.token_times[-1]
-        return (t1 - t0) / (n1 - n0) if n1 > n0 else None
 
 
 class OpenAIPool:
@@ -216,7 +197,9 @@ class OpenAIPool:
                     if on_partial is not None:
                         on_partial(GenerationResult(text=text))
                 finish = ch.get("finish_reason") or finish
-        timing = _Timing(times, time.perf_counter() - t0)
+        from coordexp.engines.triton.pool import StreamTiming  # one timing record for both transports
+
+        timing = StreamTiming(responses=pieces, token_times=times, end_s=time.perf_counter() - t0)
         n = usage.get("completion_tokens")
         if n and times:  # deltas are not tokens: scale the arrivals to the token count the server reports
             timing.token_times = [(t, max(1, round(k * n / pieces))) for t, k in times]
@@ -232,7 +215,7 @@ class OpenAIPool:
         await self.session.close()
 
 
-class OpenAIEngine:
+class OpenAIEngine(PoolOnLoop):
     """The `generate_batch` engine over an OpenAI-compatible server (one request per image, all in flight)."""
 
     name = "openai"
@@ -286,9 +269,6 @@ class OpenAIEngine:
             out.append("--guided: the server is not a CoordExp server (no guided CoordJSON decoding there)")
         return out
 
-    def run(self, coro: Any) -> Any:
-        return self._loop.run(coro)
-
     async def _generate_all(self, images: Sequence[Any], params: GenerationParams) -> list[GenerationResult]:
         from coordexp.engines.triton.engine import _encoded
 
@@ -323,14 +303,3 @@ class OpenAIEngine:
     def progress_name(self) -> str:
         return "openai"
 
-    def close(self) -> None:
-        try:
-            self._loop.run(self.pool.close(), timeout=30)
-        finally:
-            self._loop.stop()
-
-    def __enter__(self) -> "OpenAIEngine":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

@@ -34,31 +34,46 @@ ONNX_META = "onnx_meta.json"
 _WATCHING_PARENT = False
 
 
-def die_with_parent(interval_s: float = 1.0) -> None:
-    """In a Python-backend stub process: SIGKILL this process once its parent (tritonserver) is gone.
+WATCHDOG_NAME = "coordexp-watchdog"
+# every half second: while the server is alive and the stub too, wait; else SIGKILL the stub
+_WATCHDOG = 'while kill -0 "$1" 2>/dev/null && kill -0 "$2" 2>/dev/null; do sleep 0.5; done; kill -9 "$2" 2>/dev/null'
+
+
+def die_with_parent() -> None:
+    """In a Python-backend stub process: SIGKILL this process once its server (tritonserver) is gone.
 
     A stub whose server was killed (SIGKILL, the OOM killer, a process-group kill that missed it)
-    is re-parented and could live on holding its memory (seen: a `preprocess` stub 73 minutes after
-    its server, holding 450 MB; on a GPU it would hold device memory). A daemon thread compares
-    the parent pid every `interval_s`; the models call this first thing in `initialize`, so a server
-    killed while its models load leaves nothing behind either. Once per process."""
+    is re-parented and can live on holding its memory (seen: a `preprocess` stub 73 minutes after its
+    server, holding 450 MB; on a GPU it would hold device memory): Triton's own stub notices the dead
+    parent but its interpreter teardown can hang. So the watcher is a separate tiny process (`sh`,
+    named `coordexp-watchdog` in its command line), not a thread that needs this interpreter: it
+    polls the server's pid (from the stub's own command line, so a server already dead is seen too)
+    and the stub's, and kills the stub when the server is gone; it ends by itself when the stub does.
+    The models call this first thing in `initialize`. A stub whose server dies before it reaches
+    `initialize` runs none of our code: the process-group kill of whoever started tritonserver
+    (`TritonServer.stop`, coordexp-server on its server's exit) reaps it. Once per process."""
     global _WATCHING_PARENT
-    import signal
-    import threading
-    import time
+    import subprocess
 
     if _WATCHING_PARENT:
         return
     _WATCHING_PARENT = True
-    parent = os.getppid()
+    parent = _server_pid() or os.getppid()
+    subprocess.Popen(["/bin/sh", "-c", _WATCHDOG, WATCHDOG_NAME, str(parent), str(os.getpid())],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     close_fds=True)
 
-    def watch() -> None:
-        while True:
-            time.sleep(interval_s)
-            if os.getppid() != parent:
-                os.kill(os.getpid(), signal.SIGKILL)
 
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+def _server_pid() -> int | None:
+    """The tritonserver pid a Python-backend stub was started with (its 6th argument), else None."""
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return None
+    if len(argv) > 5 and argv[0].endswith(b"triton_python_backend_stub") and argv[5].isdigit():
+        return int(argv[5])
+    return None
 
 
 class RequestError(ValueError):

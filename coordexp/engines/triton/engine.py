@@ -93,7 +93,31 @@ def _encoded(image: Any) -> bytes:
     return buf.getvalue()
 
 
-class TritonEngine:
+class PoolOnLoop:
+    """An engine whose request pool lives on a `_LoopThread` (`self.pool`, `self._loop`): closing it
+    closes both; usable as a context manager."""
+
+    pool: Any
+    _loop: _LoopThread
+
+    def run(self, coro: Any) -> Any:
+        """Run a coroutine (e.g. of `self.pool`) on the engine's loop and wait for it."""
+        return self._loop.run(coro)
+
+    def close(self) -> None:
+        try:
+            self._loop.run(self.pool.close(), timeout=30)
+        finally:
+            self._loop.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class TritonEngine(PoolOnLoop):
     """Served CoordExp ensembles on one or more Triton servers (see `ServerPool`)."""
 
     name = "triton"
@@ -136,10 +160,6 @@ class TritonEngine:
     def problems(self, params: GenerationParams, prompt_overrides: dict[str, Any] | None = None) -> list[str]:
         """What was asked that the served model cannot do (empty: fine)."""
         return request_problems(self.iface, self.manifest, params, self.user_text, prompt_overrides)
-
-    def run(self, coro: Any) -> Any:
-        """Run a coroutine (e.g. of `self.pool`) on the engine's loop and wait for it."""
-        return self._loop.run(coro)
 
     async def _generate_all(self, images: Sequence[Any], params: GenerationParams) -> list[GenerationResult]:
         gate = asyncio.Semaphore(self.max_in_flight or max(1, len(images)))
@@ -185,15 +205,4 @@ class TritonEngine:
     def progress_name(self) -> str:
         return f"triton x{len(self.pool.servers)}"
 
-    def close(self) -> None:
-        try:
-            self._loop.run(self.pool.close(), timeout=30)
-        finally:
-            self._loop.stop()
-
-    def __enter__(self) -> "TritonEngine":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
