@@ -81,13 +81,18 @@ class stop_on_sigterm:
 
 
 class deferred_interrupts:
-    """While a run writes its lines, Ctrl-C and SIGTERM raise KeyboardInterrupt only between lines: a
-    signal inside `critical()` (one line written and counted) is held until the line is done, so the
-    summary always counts exactly the lines on disk. Main thread only; elsewhere nothing changes."""
+    """While a run writes its lines, the first Ctrl-C or SIGTERM is only recorded: the run loop stops at
+    its next check (`raise_pending`, at most a poll interval later), never where the signal landed. An
+    exception raised at an arbitrary bytecode can leave a lock taken: `concurrent.futures.wait` takes
+    its futures' locks one by one, and a worker then blocks forever on one the interrupted main thread
+    still holds, so the run hung in its clean-up. A second signal raises at once (the user insists),
+    though never inside `critical()` (one line written and counted), so the summary always counts
+    exactly the lines on disk. Main thread only; elsewhere nothing changes."""
 
     def __init__(self) -> None:
         self.depth = 0
         self.pending: int | None = None
+        self.signals = 0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "deferred_interrupts":
@@ -106,22 +111,26 @@ class deferred_interrupts:
             signal.signal(sig, old)
 
     def _handler(self, signum: int, frame: Any) -> None:
-        if self.depth:
-            self.pending = signum
-            return
-        raise KeyboardInterrupt(f"signal {signum}")
+        self.signals += 1
+        self.pending = signum
+        if self.signals > 1 and not self.depth:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    def raise_pending(self) -> None:
+        """Raise KeyboardInterrupt if a signal came (called where stopping is safe)."""
+        if self.pending is not None:
+            raise KeyboardInterrupt(f"signal {self.pending}")
 
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:
-        """A stretch no interrupt may split (a held one is raised right after it)."""
+        """A stretch no second signal may split (it is raised right after)."""
         self.depth += 1
         try:
             yield
         finally:
             self.depth -= 1
-        if self.depth == 0 and self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise KeyboardInterrupt(f"signal {signum}")
+        if self.depth == 0 and self.signals > 1:
+            raise KeyboardInterrupt(f"signal {self.pending}")
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -489,6 +498,7 @@ class _Loop:
     interrupted_at: float | None = None  # perf_counter() when Ctrl-C / SIGTERM arrived
     on_progress: Any = None  # (lines written, errors so far) after every write (the viewer's jobs)
     stop: Any = None  # a threading.Event: set -> the run stops as on Ctrl-C (a cancelled job)
+    signals: deferred_interrupts | None = None  # Ctrl-C / SIGTERM, recorded by the handler, acted on here
 
     def write(self, batch: list[DatasetItem], results: dict[int, GenerationResult]) -> None:
         n = 0
@@ -504,6 +514,9 @@ class _Loop:
                 self.on_progress(self.writer.written, dict(self.writer.errors))
 
     def stopped(self) -> None:
+        """Raise KeyboardInterrupt when the run was asked to stop (a signal, a cancelled job)."""
+        if self.signals is not None:
+            self.signals.raise_pending()
         if self.stop is not None and self.stop.is_set():
             raise KeyboardInterrupt("stopped")
 
@@ -512,10 +525,12 @@ class _Loop:
         if not self.in_flight:
             return
         while True:
-            done, _ = concurrent.futures.wait(list(self.in_flight), timeout=(0.2 if block else 0),
-                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            # done(), not wait()'s answer: wait() never reports a future cancelled before it started
+            # (the pool's shutdown cancels those), and the clean-up after an interrupt waited forever
+            done = [f for f in self.in_flight if f.done()]
             if done or not block:
                 break
+            concurrent.futures.wait(list(self.in_flight), timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED)
             self.stopped()
         for fut in done:
             batch = self.in_flight.pop(fut)
@@ -605,7 +620,7 @@ def run_dataset(data_path: str, out_path: str, engine: Any, params: GenerationPa
         bar = progress_bar(total, writer.written, desc=f"infer[{name}]",
                            disable=None if progress is None else not progress)
         loop = _Loop(engine, params, writer, bar, {"prompt_variant": engine.prompt.variant, "engine": engine.name},
-                     on_progress=on_progress, stop=stop)
+                     on_progress=on_progress, stop=stop, signals=interrupts)
         try:
             _drive(loop, iter_dataset(data_path, max_pixels or DEFAULT_MAX_PIXELS, skip=writer.written,
                                       image_root=image_root), batch_size, concurrency)
