@@ -445,7 +445,8 @@ FORMATS: tuple[ExportFormat, ...] = (
                  "PyTorch, validated against HF generate",
                  "NVIDIA GPU (--device cuda, default) or CPU",
                  COMMON_FLAGS + PROMPT_FLAGS + ("--force", "--device", "--dtype", "--kv-cache", "--compile",
-                                                "--skip-validation", "--validation-steps"), build_torch),
+                                                "--skip-validation", "--validation-steps", "--llm-batching",
+                                                "--jump-forward"), build_torch),
     ExportFormat("TensorRT-LLM", "trtllm",
                  "Triton repository for TensorRT-LLM's LLM API (llm/1/model.yaml, the checkpoint copy; "
                  "--trtllm-vision tensorrt: a TensorRT vision engine)",
@@ -522,13 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = ServingOptions()
     o.add_argument("--llm-batching", choices=("inflight", "static"), default=None,
-                   help=f"llm_stream's scheduler: inflight (iteration-level) or static batches (default {d.llm_batching})")
+                   help="the llm steps' scheduler: inflight (iteration-level) or static batches (default "
+                        f"{d.llm_batching}; onnx and torch, where torch's static KV cache / --compile run static "
+                        "batches only: rows cannot join fixed shapes)")
     o.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="compute the shared prompt prefix's KV once per loaded model (default "
-                        f"{'on' if d.prefix_cache else 'off'})")
+                        f"{'on' if d.prefix_cache else 'off'}; onnx only)")
     o.add_argument("--jump-forward", action=argparse.BooleanOptionalAction, default=None,
                    help="guided decoding appends grammar-forced tokens without a sampling step (default "
-                        f"{'on' if d.jump_forward else 'off'})")
+                        f"{'on' if d.jump_forward else 'off'}; onnx and torch, not with --compile: its step is "
+                        "compiled for one new position)")
     pt = p.add_argument_group("PyTorch (--backend torch)")
     pt.add_argument("--device", default=None, help="cuda (default) or cpu")
     pt.add_argument("--kv-cache", choices=("dynamic", "static"), default=None,
@@ -612,8 +616,16 @@ def _torch_options(args: argparse.Namespace) -> Any:
 
         if not torch.cuda.is_available():
             raise BuildError("--device cuda: no CUDA device is visible to torch here (use --device cpu)", 2)
+    fixed = parts.cache == "static"  # fixed shapes per batch bucket: rows cannot join, no chunks under compile
+    if fixed and args.llm_batching == "inflight":
+        raise BuildError("--llm-batching inflight needs the dynamic KV cache: with --kv-cache static or --compile "
+                         "the batch has fixed shapes that rows cannot join (use --llm-batching static)", 2)
+    if parts.compile and args.jump_forward:
+        raise BuildError("--jump-forward does not work with --compile: the compiled step takes one new position", 2)
     return TorchExportOptions(parts=parts, skip_validation=bool(args.skip_validation),
-                              validation_steps=args.validation_steps or DEFAULT_VALIDATION_STEPS)
+                              validation_steps=args.validation_steps or DEFAULT_VALIDATION_STEPS,
+                              llm_batching=args.llm_batching or ("static" if fixed else "inflight"),
+                              jump_forward=(not parts.compile) if args.jump_forward is None else args.jump_forward)
 
 
 def resolve_options(args: argparse.Namespace, fmt: ExportFormat) -> BuildOptions:

@@ -496,8 +496,8 @@ def _step_configs(name: str, max_batch_size: int, max_new_tokens: int, prompt: P
     """Every model's ModelConfig ({name: config}) and the ensembles among them."""
     if options.llm_batching not in ("inflight", "static"):
         raise ValueError(f"llm_batching must be 'inflight' or 'static', got {options.llm_batching!r}")
-    # `batching`: the ONNX llm steps (unary and decoupled) schedule in flight or in static batches;
-    # the torch steps batch statically whatever it says
+    # `batching`: the llm steps (unary and decoupled, ONNX Runtime or torch) schedule in flight or in
+    # static batches
     llm_params = {"onnx_dir": C.ONNX_SUBDIR, "intra_op_threads": str(options.llm_threads), "batching": options.llm_batching,
                   "max_new_tokens": str(max_new_tokens), "decoding_defaults": decoding.to_dict(),
                   "pad_token_id": str(pad_id), "merge_size": str(merge), "prompt_json": prompt.to_dict(),

@@ -135,9 +135,20 @@ def test_the_decoding_flags_default_to_serving_options_and_belong_to_onnx(tiny_c
                               "--no-stream"])
     s = serving_options(resolve_options(args, check_flags(args, parser)))
     assert (s.prefix_cache, s.jump_forward, s.llm_batching, s.streaming) == (False, True, "static", False)
-    for flag in ("--jump-forward", "--no-prefix-cache"):
-        assert main(["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu", flag, "--dry-run"]) == 2
-        assert capsys.readouterr().err == f"error: {flag.replace('--no-', '--')} applies to --backend onnx only\n"
+    assert main(["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu", "--no-prefix-cache", "--dry-run"]) == 2
+    assert capsys.readouterr().err == "error: --prefix-cache applies to --backend onnx only\n"
+    # torch: in flight with jump-forward by default (no prefix cache); fixed shapes refuse joining rows
+    args = parser.parse_args(["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu"])
+    s = resolve_options(args, check_flags(args, parser)).torch.serving(True)
+    assert (s.llm_batching, s.jump_forward, s.prefix_cache) == ("inflight", True, False)
+    args = parser.parse_args(["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu", "--compile"])
+    s = resolve_options(args, check_flags(args, parser)).torch.serving(True)
+    assert (s.llm_batching, s.jump_forward) == ("static", False)
+    for extra, needle in ((["--compile", "--llm-batching", "inflight"], "--llm-batching inflight needs the dynamic"),
+                          (["--kv-cache", "static", "--llm-batching", "inflight"], "rows cannot join"),
+                          (["--compile", "--jump-forward"], "--jump-forward does not work with --compile")):
+        assert main(["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu", *extra, "--dry-run"]) == 2
+        assert needle in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -119,13 +119,94 @@ def test_static_cache_with_buckets_equals_the_reference(tiny_ckpt, reference, im
     assert got == reference.generate_ids(pil, params)[0]
 
 
+def test_inflight_validation_path_equals_the_reference(tiny_ckpt, reference, images):
+    """The export's own check of an in-flight repository: the rows of a probe join one running batch."""
+    from PIL import Image
+
+    from coordexp.export.torch_export import _step_outputs
+    from coordexp.serving.torch_parts import TorchOptions
+
+    params = GenerationParams(max_new_tokens=MAX_NEW)
+    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    got = _step_outputs(tiny_ckpt, TorchOptions(device="cpu", dtype="fp32"), [pil], params, batching="inflight")[0]
+    assert got == reference.generate_ids(pil, params)[0]
+
+
+def test_torch_rows_joining_mid_decode_equal_each_row_decoded_alone(tiny_ckpt):
+    """TorchRows under the in-flight scheduler: rows with their own params (ignore_eos, guided with
+    jump-forward, a short limit, repetition penalty, sampling) join while another decodes and leave
+    when done; each answer equals `TorchParts.generate` on that row alone, step by step."""
+    import threading
+    from dataclasses import replace
+
+    import numpy as np
+
+    from coordexp.export.validate import probe_images
+    from coordexp.processor import CoordExpProcessor
+    from coordexp.serving.inflight import InflightScheduler
+    from coordexp.serving.llm import LlmItem, guided_hook_factory
+    from coordexp.serving.torch_parts import TorchOptions, TorchParts, TorchRows
+
+    parts = TorchParts(tiny_ckpt, TorchOptions(device="cpu", dtype="fp32"))
+    proc = CoordExpProcessor.from_pretrained(tiny_ckpt)
+    hooks = guided_hook_factory(parts, None)
+    p = GenerationParams(max_new_tokens=20)
+    params = [replace(p, ignore_eos=True), replace(p, guided=True), replace(p, max_new_tokens=3, ignore_eos=True), p,
+              replace(p, repetition_penalty=1.3), replace(p, temperature=0.8, seed=7)]
+    items = []
+    for im, pp in zip(probe_images(SIZES * 2, seed=5), params):
+        enc = proc.encode([im], None, return_tensors="np")
+        e, d = parts.encode_images(enc["pixel_values"], enc["image_grid_thw"])
+        items.append(LlmItem(enc["input_ids"][0].astype(np.int64), enc["image_grid_thw"][0].astype(np.int64), e, d, pp))
+
+    def alone(it):
+        ids = it.ids[None]
+        return parts.generate(ids, np.ones_like(ids), it.grid[None], it.embeds, it.deepstack, it.params,
+                              logits_hook=hooks(it.params, 1) if it.params.guided else None)[0]
+
+    ref = [alone(it) for it in items]  # jump-forward off: step by step
+    parts.jump_forward = True
+    sched = InflightScheduler(TorchRows(parts, parts.pad_token_id), parts.stop_ids, parts.pad_token_id,
+                              max_batch_size=4, guided_hook=hooks)
+    answers, done = {}, threading.Event()
+
+    def sender(k, then=None):
+        def send(res, final):
+            if final:
+                answers[k] = res
+                if len(answers) == len(items):
+                    done.set()
+            elif then is not None and int(res[wire.SEQUENCE_LENGTH][0, 0]) == 3:  # row 0 is mid-decode
+                then()
+        return send
+
+    def join_the_rest():
+        for k in range(1, len(items)):
+            sched.submit([items[k]], sender(k), stream=False)
+
+    try:
+        sched.submit([items[0]], sender(0, join_the_rest), stream=True)
+        assert done.wait(120), sorted(answers)
+    finally:
+        sched.close()
+    for k, res in sorted(answers.items()):
+        assert not isinstance(res, BaseException), (k, res)
+        assert list(res[wire.OUTPUT_IDS][0][:int(res[wire.SEQUENCE_LENGTH][0, 0])]) == ref[k], (k, params[k])
+    assert sched.stats["max_running"] == 4 and sched.stats["prefills"] >= 2 and len(sched.rows) == 0
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("guided", [False, True])
-def test_served_unary_equals_the_torch_reference(torch_server, reference, images, guided):
+def test_served_in_flight_at_concurrency_4_equals_the_torch_reference(torch_server, torch_repo, reference, images,
+                                                                       guided):
+    from coordexp.export.repository import load_configs
+
+    llm = load_configs(torch_repo)[wire.LLM].parameters
+    assert llm["batching"].string_value == "inflight" and llm["jump_forward"].string_value == "true"
     params = GenerationParams(max_new_tokens=MAX_NEW, guided=guided)
-    served = served_answers(torch_server.grpc_url, images, params, concurrency=3)
+    served = served_answers(torch_server.grpc_url, images * 2, params, concurrency=4)
     assert all(r.error is None for r in served), [r.error for r in served]
-    assert [r.token_ids for r in served] == _reference_ids(reference, images, params)
+    assert [r.token_ids for r in served] == _reference_ids(reference, images, params) * 2
     if guided:
         assert all("guided_closed_early" in (r.extra or {}) or r.token_ids for r in served)
 

@@ -4,19 +4,13 @@
 (`coordexp.serving`); `OnnxEngine` wraps it with the processor into the same `generate_batch`
 interface as the torch reference engine.
 
-Decoding semantics follow transformers' `generate` as `TorchEngine` calls it:
+Decoding semantics follow transformers' `generate` as `TorchEngine` calls it (the token choice is
+`coordexp.decoding.sampling`, shared by every decode loop):
 
-- greedy (`temperature == 0`): argmax, ties to the lowest token id (like `torch.argmax`); greedy
-  output equals the torch reference token for token (the export is validated on exactly that);
-- `repetition_penalty` (HF semantics: every id already in the row, prompt and padding included,
-  has its logit divided by the penalty when positive, multiplied when negative), applied in greedy
-  mode too;
-- sampling: temperature, then top-p (HF `TopPLogitsWarper`: smallest set whose probability mass
-  exceeds `top_p`, at least one token), then a draw from the softmax. The draws come from a numpy
-  `Generator` seeded with `params.seed`, one per row, so a row's output depends only on its own
-  inputs and the seed (not on batch composition). This can NOT reproduce torch's RNG stream:
+- greedy output equals the torch reference token for token (the export is validated on exactly that);
+- sampled draws come from a numpy `Generator` per row: they can NOT reproduce torch's RNG stream, so
   sampled text differs from the torch engine at the same seed; the promise is "same seed -> same
-  output" within ONNX Runtime;
+  output" within our engines;
 - a row stops at its first stop token (not returned) or after `max_new_tokens`;
   `ignore_eos` suppresses the stop tokens instead (like `min_new_tokens = max_new_tokens`), so
   exactly `max_new_tokens` tokens come back;
@@ -34,6 +28,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from coordexp.decoding.blocks import chunk_block
+from coordexp.decoding.sampling import choose_tokens
 from coordexp.engines.base import append_tokens, results_from_ids
 from coordexp.generation import GenerationParams, GenerationResult
 from coordexp.prompt import PromptSpec
@@ -68,41 +64,6 @@ def find_onnx_dir(path: str | os.PathLike, max_depth: int = 3) -> Path:
         raise FileNotFoundError(f"{path} is a Hugging Face checkpoint, not an ONNX export; make one with "
                                 f"`python export/build_engine.py --ckpt {path}`")
     raise FileNotFoundError(f"no {META_NAME} in {path} or its subfolders: not an ONNX export / model repository")
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = np.max(x, axis=-1, keepdims=True)
-    e = np.exp(x - m)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def apply_repetition_penalty(logits: np.ndarray, seqs: Sequence[np.ndarray], penalty: float) -> np.ndarray:
-    """HF `RepetitionPenaltyLogitsProcessor` on each row (in place on a copy)."""
-    if penalty == 1.0:
-        return logits
-    out = logits.copy()
-    for i, seq in enumerate(seqs):
-        ids = np.unique(np.asarray(seq, dtype=np.int64))
-        ids = ids[(ids >= 0) & (ids < out.shape[1])]
-        s = out[i, ids]
-        out[i, ids] = np.where(s < 0, s * np.float32(penalty), s / np.float32(penalty))
-    return out
-
-
-def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
-    """HF `TopPLogitsWarper` (min_tokens_to_keep=1): remove tokens whose ascending cumulative
-    probability is <= 1 - top_p."""
-    if top_p >= 1.0:
-        return logits
-    out = logits.copy()
-    for i in range(out.shape[0]):
-        order = np.argsort(out[i], kind="stable")  # ascending
-        probs = _softmax(out[i, order][None])[0]
-        remove = np.cumsum(probs) <= (1 - top_p)
-        remove[-1] = False
-        out[i, order[remove]] = -np.inf
-    return out
 
 
 def encode_image_groups(session: Any, feeds_of: Callable[[np.ndarray, np.ndarray], tuple[dict, Any]],
@@ -304,22 +265,6 @@ class OnnxParts:
         feeds, _ = self.prefill_feeds(input_ids, attention_mask, image_grid_thw, image_embeds, deepstack)
         return self.decoder_step(feeds)[0]
 
-    def _choose(self, logits: np.ndarray, seqs: list[np.ndarray], params: GenerationParams,
-                rngs: list[np.random.Generator]) -> np.ndarray:
-        if params.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, seqs, params.repetition_penalty)
-        if params.greedy:
-            return np.argmax(logits, axis=-1).astype(np.int64)
-        scores = logits / np.float32(params.temperature)
-        scores = top_p_filter(scores, params.top_p)
-        probs = _softmax(scores)
-        out = np.empty(len(probs), dtype=np.int64)
-        for i, p in enumerate(probs):
-            cdf = np.cumsum(p)
-            u = rngs[i].random() * cdf[-1]
-            out[i] = min(int(np.searchsorted(cdf, u, side="right")), len(p) - 1)
-        return out
-
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw: np.ndarray,
                  image_embeds: np.ndarray, deepstack: np.ndarray, params: GenerationParams,
                  logits_hook: LogitsHook | None = None,
@@ -376,7 +321,7 @@ class OnnxParts:
                     full = logits_hook(step, generated, full)
                 logits = np.asarray(full, dtype=np.float32)[active]
             row_seqs = [np.asarray(seqs[b]) for b in active] if seqs is not None else []
-            tokens = self._choose(logits, row_seqs, params, [rngs[b] for b in active])
+            tokens = choose_tokens(logits, row_seqs, params, [rngs[b] for b in active])
             finished, keep = append_tokens(active.tolist(), tokens.tolist(), generated, seqs, stop, params)
             chunks = [[int(tokens[k])] for k in keep]
             if forced_of is not None:
@@ -423,17 +368,11 @@ class OnnxParts:
                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Decoder inputs for one step: each row's new ids (1 without jump-forward), right-aligned in
         a block of the longest chunk's width, the front padding masked out; (feeds, extended mask)."""
-        n, width = len(active), max(len(c) for c in chunks)
-        ids = np.full((n, width), self.pad_token_id, dtype=np.int64)
-        new_mask = np.zeros((n, width), dtype=np.int64)
-        pos = np.zeros((n, width), dtype=np.int64)
-        for i, (b, chunk) in enumerate(zip(active.tolist(), chunks)):
-            pad = width - len(chunk)
-            ids[i, pad:] = chunk
-            new_mask[i, pad:] = 1
-            # generated index of the chunk's first id, as position after the prompt (pads: the same)
-            first = prompt_len[b] + deltas[b, 0] + len(generated[b]) - len(chunk)
-            pos[i] = first + np.maximum(np.arange(width) - pad, 0)
+        rows = active.tolist()
+        # generated index of each chunk's first id, as position after the prompt
+        first = np.asarray([prompt_len[b] + deltas[b, 0] + len(generated[b]) - len(c) for b, c in zip(rows, chunks)],
+                           dtype=np.int64)
+        ids, new_mask, pos = chunk_block(chunks, first, self.pad_token_id)
         return self.step_feeds(ids, new_mask, pos, mask, presents)
 
     def step_feeds(self, ids: np.ndarray, new_mask: np.ndarray, pos: np.ndarray, mask: np.ndarray,

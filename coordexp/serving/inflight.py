@@ -28,7 +28,9 @@ requests running in it (nothing else can be blamed). `close()` (the model's `fin
 thread and fails every queued or running request with a clear error.
 
 The decode loop depends only on the small `DecodeRows` interface ("admit these rows, feed one
-token per row, keep these rows"); `OnnxRows` implements it on `OnnxParts`.
+token per row, keep these rows"): `OnnxRows` implements it on `OnnxParts`, and
+`coordexp.serving.torch_parts.TorchRows` on the checkpoint in PyTorch (`--backend torch`); the token
+choice is `coordexp.decoding.sampling`, as in the static loops.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from coordexp.decoding.blocks import chunk_block, left_pad
+from coordexp.decoding.sampling import choose_tokens
 from coordexp.generation import GenerationParams
 from coordexp.serving.common import Generated, LlmItem, RequestError, outputs_of, pad_stack, prompt_lengths
 
@@ -70,10 +74,23 @@ class DecodeRows(Protocol):
         """Keep only the rows at these batch positions (ascending), dropping the others' caches."""
         ...
 
-    def choose(self, logits: np.ndarray, seqs: list[np.ndarray], params: GenerationParams,
-               rngs: list[np.random.Generator]) -> np.ndarray:
-        """The next token of each of these rows (all sharing `params`) from their logits."""
-        ...
+
+def prompt_batch(items: Sequence[LlmItem], pad_token_id: int) -> tuple[np.ndarray, ...]:
+    """Rows joining the batch as one LEFT padded prefill: (input_ids, attention_mask, image_grid_thw,
+    image_embeds, deepstack)."""
+    input_ids = pad_stack([it.ids for it in items], value=pad_token_id, left=True)
+    prompt_mask = pad_stack([np.ones_like(it.ids) for it in items], value=0, left=True)
+    grid = np.stack([it.grid for it in items]).astype(np.int64)
+    embeds = np.concatenate([it.embeds for it in items], axis=0)
+    deep = np.concatenate([it.deepstack for it in items], axis=1)
+    return input_ids, prompt_mask, grid, embeds, deep
+
+
+def trimmed_start(mask: np.ndarray) -> int:
+    """The first cache column a row still uses (after the longest rows left, the columns before it
+    are padding every row has)."""
+    used = np.flatnonzero(mask.any(axis=0))
+    return int(used[0]) if len(used) else mask.shape[1]
 
 
 class OnnxRows:
@@ -91,32 +108,18 @@ class OnnxRows:
     def __len__(self) -> int:
         return int(self.mask.shape[0])
 
-    @staticmethod
-    def _left_pad(a: np.ndarray, length: int, axis: int) -> np.ndarray:
-        extra = length - a.shape[axis]
-        if extra <= 0:
-            return a
-        width = [(0, 0)] * a.ndim
-        width[axis] = (extra, 0)
-        return np.pad(a, width)
-
     def admit(self, items: Sequence[LlmItem]) -> np.ndarray:
-        p = self.parts
-        input_ids = pad_stack([it.ids for it in items], value=self.pad_token_id, left=True)
-        prompt_mask = pad_stack([np.ones_like(it.ids) for it in items], value=0, left=True)
-        grid = np.stack([it.grid for it in items]).astype(np.int64)
-        embeds = np.concatenate([it.embeds for it in items], axis=0)
-        deep = np.concatenate([it.deepstack for it in items], axis=1)
-        logits, presents, mask, deltas = p.prefill(input_ids, prompt_mask, grid, embeds, deep)
+        input_ids, prompt_mask, grid, embeds, deep = prompt_batch(items, self.pad_token_id)
+        logits, presents, mask, deltas = self.parts.prefill(input_ids, prompt_mask, grid, embeds, deep)
         mask = np.asarray(mask, dtype=np.int64)
         base = prompt_mask.sum(-1).astype(np.int64) + np.asarray(deltas, dtype=np.int64).reshape(-1)
         if not len(self):
             self.presents, self.mask = list(presents), mask
         else:
             length = max(self.mask.shape[1], mask.shape[1])
-            self.presents = [np.concatenate([self._left_pad(old, length, 2), self._left_pad(new, length, 2)], axis=0)
+            self.presents = [np.concatenate([left_pad(old, length, 2), left_pad(new, length, 2)], axis=0)
                              for old, new in zip(self.presents, presents)]
-            self.mask = np.concatenate([self._left_pad(self.mask, length, 1), self._left_pad(mask, length, 1)], axis=0)
+            self.mask = np.concatenate([left_pad(self.mask, length, 1), left_pad(mask, length, 1)], axis=0)
         self.base = np.concatenate([self.base, base])
         self.steps = np.concatenate([self.steps, np.zeros(len(items), dtype=np.int64)])
         return np.asarray(logits, dtype=np.float32)
@@ -126,23 +129,9 @@ class OnnxRows:
         return bool(getattr(self.parts, "jump_forward", False))
 
     def step(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
-        p = self.parts
-        n = len(self)
-        width = max(len(c) for c in chunks)
-        pos = (self.base + self.steps)[:, None] + np.arange(width)[None, :]
-        if width == 1:
-            ids = np.asarray(chunks, dtype=np.int64).reshape(n, 1)
-            new_mask = np.ones((n, 1), dtype=np.int64)
-        else:  # jump-forward chunks: right-aligned, the front padding masked out (as OnnxParts.generate)
-            ids = np.full((n, width), self.pad_token_id, dtype=np.int64)
-            new_mask = np.zeros((n, width), dtype=np.int64)
-            for i, c in enumerate(chunks):
-                pad = width - len(c)
-                ids[i, pad:] = c
-                new_mask[i, pad:] = 1
-                pos[i] = self.base[i] + self.steps[i] + np.maximum(np.arange(width) - pad, 0)
-        feeds, mask = p.step_feeds(ids, new_mask, pos, self.mask, self.presents)
-        logits, presents = p.decoder_step(feeds)
+        ids, new_mask, pos = chunk_block(chunks, self.base + self.steps, self.pad_token_id)
+        feeds, mask = self.parts.step_feeds(ids, new_mask, pos, self.mask, self.presents)
+        logits, presents = self.parts.decoder_step(feeds)
         self.presents, self.mask = list(presents), mask
         self.steps = self.steps + np.asarray([len(c) for c in chunks], dtype=np.int64)
         return logits
@@ -152,18 +141,12 @@ class OnnxRows:
         if len(sel) == len(self):
             return
         self.mask, self.base, self.steps = self.mask[sel], self.base[sel], self.steps[sel]
-        # the padding columns no remaining row needs (the longest rows left): cut them
-        used = np.flatnonzero(self.mask.any(axis=0))
-        start = int(used[0]) if len(used) else self.mask.shape[1]
+        start = trimmed_start(self.mask)  # the padding columns no remaining row needs: cut them
         if start:
             self.mask = np.ascontiguousarray(self.mask[:, start:])
             self.presents = [np.ascontiguousarray(t[sel][:, :, start:]) for t in self.presents]
         else:
             self.presents = [t[sel] for t in self.presents]
-
-    def choose(self, logits, seqs, params, rngs) -> np.ndarray:
-        return self.parts._choose(logits, seqs, params, rngs)
-
 
 @dataclass(eq=False)  # identity: requests are dict keys
 class _Request:
@@ -361,7 +344,7 @@ class InflightScheduler:
         if row.hook is not None:
             logits = np.asarray(row.hook(len(row.generated), [row.generated], logits), dtype=np.float32)
         seqs = [np.asarray(row.seq)] if row.seq is not None else []
-        return int(self.rows.choose(logits, seqs, p, [row.rng])[0])
+        return int(choose_tokens(logits, seqs, p, [row.rng])[0])
 
     def _jump(self, row: _Row, chunk: list[int], failed: dict[int, BaseException], b: int) -> bool:
         """Jump-forward (guided rows, `DecodeRows.jump_forward`): append the run the grammar forces
@@ -476,3 +459,12 @@ def submit_requests(pb_utils: Any, scheduler: InflightScheduler, parser: Any, re
             send(e, True)
             continue
         scheduler.submit(items, send, stream, getattr(sender, "is_cancelled", None))
+
+
+def scheduler_for(rows: DecodeRows, stop_ids: Sequence[int], batcher: Any, config: dict[str, Any]
+                  ) -> InflightScheduler:
+    """The llm / llm_stream model's scheduler (either backend): the batcher's pad id and guided hooks,
+    at most the model config's max_batch_size rows running (8 when unset)."""
+    return InflightScheduler(rows, stop_ids, batcher.pad_token_id,
+                             max_batch_size=int(config.get("max_batch_size") or 0) or 8,
+                             guided_hook=batcher.guided_hook)

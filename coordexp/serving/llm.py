@@ -384,12 +384,10 @@ class TritonPythonModel:
         # in-flight batching (coordexp.serving.inflight): the decoupled llm_stream, and the unary llm
         # too when its config asks (its requests then get their one response through the sender)
         if params.get("batching") == "inflight":
-            from coordexp.serving.inflight import InflightScheduler, OnnxRows
+            from coordexp.serving.inflight import OnnxRows, scheduler_for
 
-            self.scheduler = InflightScheduler(OnnxRows(parts, self.batcher.pad_token_id), parts.stop_ids,
-                                               self.batcher.pad_token_id,
-                                               max_batch_size=int(config.get("max_batch_size") or 0) or 8,
-                                               guided_hook=self.batcher.guided_hook)
+            self.scheduler = scheduler_for(OnnxRows(parts, self.batcher.pad_token_id), parts.stop_ids, self.batcher,
+                                           config)
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
         if self.scheduler is not None:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from coordexp.decoding.sampling import choose_tokens
 from coordexp.engines.base import append_tokens
 from coordexp.generation import GenerationParams
 
@@ -71,14 +72,6 @@ class TorchOptions:
     def bucket(self, n: int) -> int:
         """The padded batch size for n rows (n itself past the largest bucket)."""
         return next((b for b in self.buckets if b >= n), n)
-
-
-def _choose(logits: np.ndarray, seqs: list[np.ndarray], params: GenerationParams,
-            rngs: list[np.random.Generator]) -> np.ndarray:
-    """OnnxParts' token choice (the same helpers), so both back ends decode alike."""
-    from coordexp.engines.onnx_engine import OnnxParts
-
-    return OnnxParts._choose(None, logits, seqs, params, rngs)  # it reads nothing of self
 
 
 class TorchParts:
@@ -247,7 +240,7 @@ class TorchParts:
                     else:
                         full = logits_hook(step, generated, full)
                     lg = np.asarray(full, dtype=np.float32)
-                tokens = _choose(lg[rows], [np.asarray(seqs[b]) for b in rows] if seqs else [], params,
+                tokens = choose_tokens(lg[rows], [np.asarray(seqs[b]) for b in rows] if seqs else [], params,
                                  [rngs[b] for b in rows])
                 finished, keep = append_tokens(rows, tokens.tolist(), generated, seqs, stop, params)
                 chunks = [[int(tokens[k])] for k in keep]
@@ -279,3 +272,93 @@ class TorchParts:
 
     def describe(self) -> dict[str, Any]:
         return {"hf_dir": str(self.hf_dir), "family": self.family, **self.opts.to_params()}
+
+
+class TorchRows:
+    """`DecodeRows` (the in-flight scheduler, `coordexp.serving.inflight`) on `TorchParts`: one HF
+    `DynamicCache` for the running batch, LEFT padded to the longest past as `OnnxRows` pads its
+    cache (attention_mask 0 on the padding, positions per row), trimmed when the longest rows leave.
+    A row's logits are those of its own prompt and tokens, so greedy answers equal `generate`'s.
+    Dynamic cache only: a static cache (and `--compile`) has fixed shapes that rows cannot join."""
+
+    def __init__(self, parts: TorchParts, pad_token_id: int):
+        if parts.opts.cache != "dynamic":
+            raise ValueError("in-flight batching needs the dynamic KV cache (rows join and leave the batch); "
+                             "the static cache / --compile run static batches (--llm-batching static)")
+        self.parts = parts
+        self.pad_token_id = int(pad_token_id)
+        self.cache: Any = None  # DynamicCache of the running rows, [B, kv_heads, P, head_dim] per layer
+        self.mask = np.zeros((0, 0), dtype=np.int64)  # [B, P]
+        self.base = np.zeros(0, dtype=np.int64)  # prompt_len + M-RoPE delta per row
+        self.steps = np.zeros(0, dtype=np.int64)  # tokens fed per row since its prefill
+
+    def __len__(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def jump_forward(self) -> bool:
+        return self.parts.jump_forward
+
+    def _tensor(self, a: np.ndarray) -> Any:
+        return self.parts.torch.as_tensor(np.ascontiguousarray(a), device=self.parts.opts.device)
+
+    def admit(self, items: Sequence[Any]) -> np.ndarray:
+        from transformers import DynamicCache
+
+        from coordexp import mrope
+        from coordexp.decoding.blocks import left_pad
+        from coordexp.serving.inflight import prompt_batch
+
+        p, torch = self.parts, self.parts.torch
+        ids, mask, grid, embeds, deep = prompt_batch(items, self.pad_token_id)
+        pos, deltas = mrope.get_rope_index(ids, grid, mask, spatial_merge_size=p.merge, image_token_id=p.image_token_id,
+                                           video_token_id=p.video_token_id)
+        base = mask.sum(-1).astype(np.int64) + np.asarray(deltas, dtype=np.int64).reshape(-1)
+        with torch.inference_mode():
+            cache = DynamicCache(config=p.model.config.get_text_config())
+            p.decoder_calls += 1
+            logits = p._forward(self._tensor(ids), self._tensor(mask), self._tensor(pos), cache,
+                                p._image_outputs(embeds, deep))
+            if len(self):  # join the running rows: both caches left padded to the longer past
+                length = max(self.mask.shape[1], mask.shape[1])
+                merged = [(torch.cat([left_pad(old.keys, length, 2), left_pad(new.keys, length, 2)]),
+                           torch.cat([left_pad(old.values, length, 2), left_pad(new.values, length, 2)]))
+                          for old, new in zip(self.cache.layers, cache.layers)]
+                for layer, (k, v) in zip(self.cache.layers, merged):
+                    layer.keys, layer.values = k, v
+                mask = np.concatenate([left_pad(self.mask, length, 1), left_pad(mask, length, 1)], axis=0)
+            else:
+                self.cache = cache
+        self.mask = mask
+        self.base = np.concatenate([self.base, base])
+        self.steps = np.concatenate([self.steps, np.zeros(len(items), dtype=np.int64)])
+        return logits.cpu().numpy()
+
+    def step(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        from coordexp.decoding.blocks import chunk_block
+
+        torch = self.parts.torch
+        ids, new_mask, pos = chunk_block(chunks, self.base + self.steps, self.pad_token_id)
+        mask = np.concatenate([self.mask, new_mask], axis=1)
+        with torch.inference_mode():
+            self.parts.decoder_calls += 1
+            logits = self.parts._forward(self._tensor(ids), self._tensor(mask),
+                                         self._tensor(np.broadcast_to(pos[None], (3,) + pos.shape)), self.cache)
+        self.mask = mask
+        self.steps = self.steps + np.asarray([len(c) for c in chunks], dtype=np.int64)
+        return logits.cpu().numpy()
+
+    def keep(self, positions: Sequence[int]) -> None:
+        from coordexp.serving.inflight import trimmed_start
+
+        sel = np.asarray(positions, dtype=np.int64)
+        if len(sel) == len(self):
+            return
+        self.mask, self.base, self.steps = self.mask[sel], self.base[sel], self.steps[sel]
+        start = trimmed_start(self.mask)  # the padding columns no remaining row needs: cut them
+        self.mask = np.ascontiguousarray(self.mask[:, start:])
+        index = self._tensor(sel)
+        with self.parts.torch.inference_mode():
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[index][:, :, start:]
+                layer.values = layer.values[index][:, :, start:]

@@ -1,8 +1,9 @@
 """The Triton Python models of `--backend torch`: the ONNX step logic over `TorchParts`.
 
     vision_encoder: VisionEncoder(TorchParts(vision_only=True))     (TorchVisionModel)
-    llm, llm_stream: LlmBatcher(TorchParts) as the `Generator`,     (TorchLlmModel)
-                     run_unary / DecoupledRun as for ONNX Runtime
+    llm, llm_stream: the in-flight scheduler over TorchRows(TorchParts) (config `batching` =
+                     "inflight"), or LlmBatcher(TorchParts) as the `Generator` of static
+                     batches (run_unary / DecoupledRun), as for ONNX Runtime
 
 Both read the checkpoint copy `hf_dir` and the `TorchOptions` (device, dtype, cache, compile,
 buckets) from their config parameters. Nothing here decodes: see coordexp.serving.torch_parts.
@@ -16,7 +17,8 @@ from coordexp.serving.common import (decoupled_sender, error_response, int_param
                                      response)
 from coordexp.serving.llm import LLM_INPUTS, DecoupledRun, LlmBatcher, defaults_from_params, guided_hook_factory, \
     run_unary
-from coordexp.serving.torch_parts import TorchOptions, TorchParts
+from coordexp.serving.inflight import scheduler_for, submit_requests
+from coordexp.serving.torch_parts import TorchOptions, TorchParts, TorchRows
 from coordexp.serving.vision_encoder import VisionEncoder
 
 HF_SUBDIR = "llm/1/hf"  # the checkpoint copy (weights included), relative to the repository root
@@ -45,14 +47,25 @@ class TorchLlmModel:
         parts = TorchParts(resolve(root, params.get("hf_dir") or HF_SUBDIR), TorchOptions.from_params(params),
                            jump_forward=params.get("jump_forward") == "true")
         self.batcher = torch_batcher(parts, params, int(config.get("max_batch_size") or 0) or None)
+        self.scheduler = None
+        if params.get("batching") == "inflight":  # the iteration-level scheduler, as for ONNX Runtime
+            self.scheduler = scheduler_for(TorchRows(parts, self.batcher.pad_token_id), parts.stop_ids, self.batcher,
+                                           config)
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
+        if self.scheduler is not None:
+            submit_requests(self.pb, self.scheduler, self.batcher, requests, LLM_INPUTS)
+            return None
         views = [request_view(self.pb, r, LLM_INPUTS) for r in requests]
         if self.decoupled:
             DecoupledRun(self.batcher, decoupled_sender(self.pb, requests)).run(views)
             return None
         return [error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res)
                 for res in run_unary(self.batcher, views)]
+
+    def finalize(self) -> None:
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.close()
 
 
 class TorchVisionModel:
