@@ -95,7 +95,8 @@ class Collect:
 
 
 def _scheduler(onnx, max_batch_size=4, guided=True):
-    from coordexp.serving.inflight import InflightScheduler, OnnxRows
+    from coordexp.engines.onnx_engine import OnnxRows
+    from coordexp.serving.inflight import InflightScheduler
     from coordexp.serving.llm import guided_hook_factory
 
     hooks = guided_hook_factory(onnx.parts, None) if guided else None

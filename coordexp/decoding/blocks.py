@@ -41,3 +41,10 @@ def chunk_block(chunks: Sequence[Sequence[int]], first: np.ndarray, pad_token_id
         new_mask[i, pad:] = 1
         pos[i] = first[i] + np.maximum(np.arange(width) - pad, 0)
     return ids, new_mask, pos
+
+
+def trimmed_start(mask: np.ndarray) -> int:
+    """The first cache column a row still uses (after the longest rows left, the columns before it
+    are padding every row has)."""
+    used = np.flatnonzero(mask.any(axis=0))
+    return int(used[0]) if len(used) else mask.shape[1]

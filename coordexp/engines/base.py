@@ -15,23 +15,3 @@ def results_from_ids(processor: Any, rows: Sequence[list[int]], prompt_len: int,
                              finish_reason="length" if len(ids) >= params.max_new_tokens else "stop",
                              extra=dict(extra))
             for ids, extra in zip(rows, extras)]
-
-
-def append_tokens(rows: Sequence[int], tokens: Sequence[int], generated: list[list[int]],
-                  seqs: list[list[int]] | None, stop: Any, params: GenerationParams) -> tuple[list[int], list[int]]:
-    """One decoding step's bookkeeping for the rows still running: a stop token ends its row (unless
-    `ignore_eos`), any other is appended (to `seqs` too, the repetition-penalty history) and the row
-    ends at `max_new_tokens`. Returns (rows that finished, positions in `rows` that go on)."""
-    finished, keep = [], []
-    for k, (b, tok) in enumerate(zip(rows, tokens)):
-        if tok in stop and not params.ignore_eos:
-            finished.append(b)
-            continue
-        generated[b].append(int(tok))
-        if seqs is not None:
-            seqs[b].append(int(tok))
-        if len(generated[b]) < params.max_new_tokens:
-            keep.append(k)
-        else:
-            finished.append(b)
-    return finished, keep

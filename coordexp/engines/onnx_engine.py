@@ -28,9 +28,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from coordexp.decoding.blocks import chunk_block
-from coordexp.decoding.sampling import choose_tokens
-from coordexp.engines.base import append_tokens, results_from_ids
+from coordexp.decoding.blocks import chunk_block, left_pad, trimmed_start
+from coordexp.engines.base import results_from_ids
 from coordexp.generation import GenerationParams, GenerationResult
 from coordexp.prompt import PromptSpec
 
@@ -294,86 +293,10 @@ class OnnxParts:
         led to them; stop / length / `ignore_eos` / repetition-penalty semantics are unchanged (a
         forced run ends at the length limit, and one that only allows stop tokens ends the row).
         """
-        input_ids = np.asarray(input_ids, dtype=np.int64)
-        attention_mask = np.asarray(attention_mask, dtype=np.int64)
-        if input_ids.shape != attention_mask.shape:
-            raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} differ")
-        bsz = input_ids.shape[0]
-        logits, presents, mask, deltas = self.prefill(input_ids, attention_mask, image_grid_thw, image_embeds,
-                                                     deepstack)
-        prompt_len = attention_mask.sum(-1).astype(np.int64)
-        generated: list[list[int]] = [[] for _ in range(bsz)]
-        seqs = [list(r) for r in input_ids.tolist()] if params.repetition_penalty != 1.0 else None
-        rngs = [np.random.default_rng(int(params.seed)) for _ in range(bsz)]
-        active = np.arange(bsz)
-        stop = set(self.stop_ids)
-        forced_of = getattr(logits_hook, "forced_tokens", None) if self.jump_forward else None
-        for step in range(params.max_new_tokens):
-            if params.ignore_eos:
-                logits = logits.copy()
-                logits[:, [s for s in self.stop_ids if s < logits.shape[1]]] = -np.inf
-            if logits_hook is not None:
-                full = np.zeros((bsz, logits.shape[1]), dtype=np.float32)
-                full[active] = logits
-                if forced_of is not None:
-                    full = logits_hook(step, generated, full, active=active.tolist())
-                else:
-                    full = logits_hook(step, generated, full)
-                logits = np.asarray(full, dtype=np.float32)[active]
-            row_seqs = [np.asarray(seqs[b]) for b in active] if seqs is not None else []
-            tokens = choose_tokens(logits, row_seqs, params, [rngs[b] for b in active])
-            finished, keep = append_tokens(active.tolist(), tokens.tolist(), generated, seqs, stop, params)
-            chunks = [[int(tokens[k])] for k in keep]
-            if forced_of is not None:
-                keep, chunks = self._jump(keep, chunks, active, forced_of, generated, seqs, stop, params, finished)
-            if on_step is not None:
-                on_step(generated, finished)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                sel = np.asarray(keep)
-                active, mask, presents = active[sel], mask[sel], [p[sel] for p in presents]
-            feeds, mask = self._chunk_feeds(chunks, active, mask, presents, generated, prompt_len, deltas)
-            logits, presents = self.decoder_step(feeds)
-        return generated
+        from coordexp.decoding.loop import decode_batch
 
-    @staticmethod
-    def _jump(keep: list[int], chunks: list[list[int]], active: np.ndarray, forced_of: Callable,
-              generated: list[list[int]], seqs: list[list[int]] | None, stop: set, params: GenerationParams,
-              finished: list[int]) -> tuple[list[int], list[list[int]]]:
-        """Append each going-on row's forced run (the same bookkeeping as a chosen token); the rows
-        that still go on and their chunks. Rows that end inside their run join `finished`."""
-        out_keep, out_chunks = [], []
-        for k, chunk in zip(keep, chunks):
-            b = int(active[k])
-            ended = False
-            for tok in forced_of(b, generated[b], params.max_new_tokens - len(generated[b])):
-                done, _ = append_tokens([b], [tok], generated, seqs, stop, params)
-                if tok in stop and not params.ignore_eos:
-                    ended = True
-                    break
-                chunk.append(int(tok))
-                if done:
-                    ended = True
-                    break
-            if ended:
-                finished.append(b)
-            else:
-                out_keep.append(k)
-                out_chunks.append(chunk)
-        return out_keep, out_chunks
-
-    def _chunk_feeds(self, chunks: list[list[int]], active: np.ndarray, mask: np.ndarray, presents: list[np.ndarray],
-                     generated: list[list[int]], prompt_len: np.ndarray, deltas: np.ndarray
-                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Decoder inputs for one step: each row's new ids (1 without jump-forward), right-aligned in
-        a block of the longest chunk's width, the front padding masked out; (feeds, extended mask)."""
-        rows = active.tolist()
-        # generated index of each chunk's first id, as position after the prompt
-        first = np.asarray([prompt_len[b] + deltas[b, 0] + len(generated[b]) - len(c) for b, c in zip(rows, chunks)],
-                           dtype=np.int64)
-        ids, new_mask, pos = chunk_block(chunks, first, self.pad_token_id)
-        return self.step_feeds(ids, new_mask, pos, mask, presents)
+        return decode_batch(OnnxRows(self, self.pad_token_id, trim=False), self.stop_ids, input_ids, attention_mask,
+                            image_grid_thw, image_embeds, deepstack, params, logits_hook, on_step)
 
     def step_feeds(self, ids: np.ndarray, new_mask: np.ndarray, pos: np.ndarray, mask: np.ndarray,
                    presents: list[np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -399,6 +322,67 @@ class OnnxParts:
         return {"onnx_dir": str(self.onnx_dir.resolve()), "checkpoint": m.get("checkpoint"),
                 "checkpoint_sha256": m.get("checkpoint_sha256"), "opset": m.get("opset"), "dtype": m.get("dtype"),
                 "providers": self.providers, "exported_with": m.get("versions")}
+
+
+class OnnxRows:
+    """`DecodeRows` (`coordexp.decoding.loop`) on `OnnxParts`: one left-padded KV cache for the batch
+    (past lengths differ per row; the padding has attention_mask 0). `trim`: cut the padding columns
+    no row needs once the longest rows left (in flight); a static batch keeps its columns, so its
+    attention shapes are those of the batch as it started."""
+
+    def __init__(self, parts: "OnnxParts", pad_token_id: int, trim: bool = True):
+        self.parts = parts
+        self.pad_token_id = int(pad_token_id)
+        self.trim = trim
+        self.presents: list[np.ndarray] = []  # [k0, v0, k1, v1, ...], each [B, kv_heads, P, head_dim]
+        self.mask = np.zeros((0, 0), dtype=np.int64)  # [B, P]
+        self.base = np.zeros(0, dtype=np.int64)  # prompt_len + M-RoPE delta per row
+        self.steps = np.zeros(0, dtype=np.int64)  # tokens fed per row since its prefill
+
+    def __len__(self) -> int:
+        return int(self.mask.shape[0])
+
+    def admit(self, input_ids: np.ndarray, prompt_mask: np.ndarray, grid: np.ndarray, embeds: np.ndarray,
+              deep: np.ndarray) -> np.ndarray:
+        prompt_mask = np.asarray(prompt_mask, dtype=np.int64)
+        logits, presents, mask, deltas = self.parts.prefill(input_ids, prompt_mask, grid, embeds, deep)
+        mask = np.asarray(mask, dtype=np.int64)
+        base = prompt_mask.sum(-1).astype(np.int64) + np.asarray(deltas, dtype=np.int64).reshape(-1)
+        if not len(self):
+            self.presents, self.mask = list(presents), mask
+        else:
+            length = max(self.mask.shape[1], mask.shape[1])
+            self.presents = [np.concatenate([left_pad(old, length, 2), left_pad(new, length, 2)], axis=0)
+                             for old, new in zip(self.presents, presents)]
+            self.mask = np.concatenate([left_pad(self.mask, length, 1), left_pad(mask, length, 1)], axis=0)
+        self.base = np.concatenate([self.base, base])
+        self.steps = np.concatenate([self.steps, np.zeros(len(base), dtype=np.int64)])
+        return np.asarray(logits, dtype=np.float32)
+
+    @property
+    def jump_forward(self) -> bool:
+        return bool(getattr(self.parts, "jump_forward", False))
+
+    def step(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        ids, new_mask, pos = chunk_block(chunks, self.base + self.steps, self.pad_token_id)
+        feeds, mask = self.parts.step_feeds(ids, new_mask, pos, self.mask, self.presents)
+        logits, presents = self.parts.decoder_step(feeds)
+        self.presents, self.mask = list(presents), mask
+        self.steps = self.steps + np.asarray([len(c) for c in chunks], dtype=np.int64)
+        return logits
+
+    def keep(self, positions: Sequence[int]) -> None:
+        sel = np.asarray(positions, dtype=np.int64)
+        if len(sel) == len(self):
+            return
+        self.mask, self.base, self.steps = self.mask[sel], self.base[sel], self.steps[sel]
+        start = trimmed_start(self.mask) if self.trim else 0  # padding columns no remaining row needs
+        if start:
+            self.mask = np.ascontiguousarray(self.mask[:, start:])
+            self.presents = [np.ascontiguousarray(t[sel][:, :, start:]) for t in self.presents]
+        else:
+            self.presents = [t[sel] for t in self.presents]
+
 
 
 class OnnxEngine:

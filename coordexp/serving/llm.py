@@ -384,7 +384,8 @@ class TritonPythonModel:
         # in-flight batching (coordexp.serving.inflight): the decoupled llm_stream, and the unary llm
         # too when its config asks (its requests then get their one response through the sender)
         if params.get("batching") == "inflight":
-            from coordexp.serving.inflight import OnnxRows, scheduler_for
+            from coordexp.engines.onnx_engine import OnnxRows
+            from coordexp.serving.inflight import scheduler_for
 
             self.scheduler = scheduler_for(OnnxRows(parts, self.batcher.pad_token_id), parts.stop_ids, self.batcher,
                                            config)

@@ -23,8 +23,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from coordexp.decoding.sampling import choose_tokens
-from coordexp.engines.base import append_tokens
 from coordexp.generation import GenerationParams
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -198,77 +196,13 @@ class TorchParts:
                  image_embeds: np.ndarray, deepstack: np.ndarray, params: GenerationParams,
                  logits_hook: LogitsHook | None = None,
                  on_step: Callable[[list[list[int]], list[int]], None] | None = None) -> list[list[int]]:
-        """`OnnxParts.generate`, in PyTorch: generated ids per row (stop excluded) of a LEFT padded batch.
-        Jump-forward as there (`self.jump_forward`, a hook with `forced_tokens`, not with compile):
-        each row's [token, forced...] right-aligned in one block, front padding masked out."""
-        from coordexp import mrope
-        from coordexp.engines.onnx_engine import OnnxParts
+        """`OnnxParts.generate` in PyTorch, the same loop (`coordexp.decoding.loop.decode_batch`):
+        generated ids per row (stop excluded) of a LEFT padded batch, over `TorchFixedRows`."""
+        from coordexp.decoding.loop import decode_batch
 
-        torch = self.torch
-        bsz = int(np.asarray(input_ids).shape[0])
-        ids, mask, grid, embeds, deep = self._padded(np.asarray(input_ids, np.int64),
-                                                     np.asarray(attention_mask, np.int64),
-                                                     np.asarray(image_grid_thw, np.int64), image_embeds, deepstack)
-        pos, deltas = mrope.get_rope_index(ids, grid, mask, spatial_merge_size=self.merge,
-                                           image_token_id=self.image_token_id, video_token_id=self.video_token_id)
-        dev = self.opts.device
-        t_mask = torch.as_tensor(mask, device=dev)
-        prompt_len = mask.sum(-1)
-        generated: list[list[int]] = [[] for _ in range(bsz)]
-        seqs = [list(r) for r in ids[:bsz].tolist()] if params.repetition_penalty != 1.0 else None
-        rngs = [np.random.default_rng(int(params.seed)) for _ in range(bsz)]
-        active = set(range(bsz))
-        stop = set(self.stop_ids)
-        jump = self.jump_forward and not self.opts.compile
-        forced_of = getattr(logits_hook, "forced_tokens", None) if jump else None
-        filled = ids.shape[1]  # cache positions written so far
-        with torch.inference_mode():  # the static cache's tensors are inference tensors: reset them in here
-            cache = self._cache(ids.shape[0], ids.shape[1] + params.max_new_tokens)
-            self.decoder_calls += 1
-            logits = self._forward(torch.as_tensor(ids, device=dev), t_mask, torch.as_tensor(pos, device=dev), cache,
-                                   self._image_outputs(embeds, deep))
-            for step in range(params.max_new_tokens):
-                rows = sorted(active)
-                lg = logits[:bsz].cpu().numpy()
-                if params.ignore_eos:
-                    lg[:, [s for s in self.stop_ids if s < lg.shape[1]]] = -np.inf
-                if logits_hook is not None:
-                    full = lg.copy()
-                    full[[b for b in range(bsz) if b not in active]] = 0.0
-                    if forced_of is not None:
-                        full = logits_hook(step, generated, full, active=rows)
-                    else:
-                        full = logits_hook(step, generated, full)
-                    lg = np.asarray(full, dtype=np.float32)
-                tokens = choose_tokens(lg[rows], [np.asarray(seqs[b]) for b in rows] if seqs else [], params,
-                                 [rngs[b] for b in rows])
-                finished, keep = append_tokens(rows, tokens.tolist(), generated, seqs, stop, params)
-                chunks = [[int(tokens[k])] for k in keep]
-                if forced_of is not None:
-                    keep, chunks = OnnxParts._jump(keep, chunks, np.asarray(rows), forced_of, generated, seqs, stop,
-                                                   params, finished)
-                active.difference_update(finished)
-                if on_step is not None:
-                    on_step(generated, finished)
-                if not active:
-                    break
-                # finished and padding rows keep decoding (their tokens are dropped): fixed shapes
-                width = max(len(c) for c in chunks)
-                nxt = np.full((ids.shape[0], width), self.pad_token_id, np.int64)
-                block = np.zeros((ids.shape[0], width), np.int64) if width > 1 else np.ones((ids.shape[0], 1), np.int64)
-                p = np.repeat((prompt_len + deltas[:, 0] + step).astype(np.int64)[:, None], width, 1)
-                for k, chunk in zip(keep, chunks):
-                    b, pad = rows[k], width - len(chunk)
-                    nxt[b, pad:] = chunk
-                    block[b, pad:] = 1
-                    first = prompt_len[b] + deltas[b, 0] + len(generated[b]) - len(chunk)
-                    p[b] = first + np.maximum(np.arange(width) - pad, 0)
-                t_mask = self._grow(t_mask, filled, cache, torch.as_tensor(block, device=dev, dtype=t_mask.dtype))
-                filled += width
-                t_pos = torch.as_tensor(np.ascontiguousarray(np.broadcast_to(p[None], (3,) + p.shape)), device=dev)
-                self.decoder_calls += 1
-                logits = self._step(torch.as_tensor(nxt, device=dev), t_mask, t_pos, cache)
-        return generated
+        rows = TorchFixedRows(self, self.pad_token_id, params.max_new_tokens)
+        return decode_batch(rows, self.stop_ids, input_ids, attention_mask, image_grid_thw, image_embeds, deepstack,
+                            params, logits_hook, on_step)
 
     def describe(self) -> dict[str, Any]:
         return {"hf_dir": str(self.hf_dir), "family": self.family, **self.opts.to_params()}
@@ -302,15 +236,15 @@ class TorchRows:
     def _tensor(self, a: np.ndarray) -> Any:
         return self.parts.torch.as_tensor(np.ascontiguousarray(a), device=self.parts.opts.device)
 
-    def admit(self, items: Sequence[Any]) -> np.ndarray:
+    def admit(self, ids: np.ndarray, mask: np.ndarray, grid: np.ndarray, embeds: np.ndarray,
+              deep: np.ndarray) -> np.ndarray:
         from transformers import DynamicCache
 
         from coordexp import mrope
         from coordexp.decoding.blocks import left_pad
-        from coordexp.serving.inflight import prompt_batch
 
         p, torch = self.parts, self.parts.torch
-        ids, mask, grid, embeds, deep = prompt_batch(items, self.pad_token_id)
+        ids, mask, grid = (np.asarray(a, dtype=np.int64) for a in (ids, mask, grid))
         pos, deltas = mrope.get_rope_index(ids, grid, mask, spatial_merge_size=p.merge, image_token_id=p.image_token_id,
                                            video_token_id=p.video_token_id)
         base = mask.sum(-1).astype(np.int64) + np.asarray(deltas, dtype=np.int64).reshape(-1)
@@ -331,7 +265,7 @@ class TorchRows:
                 self.cache = cache
         self.mask = mask
         self.base = np.concatenate([self.base, base])
-        self.steps = np.concatenate([self.steps, np.zeros(len(items), dtype=np.int64)])
+        self.steps = np.concatenate([self.steps, np.zeros(len(base), dtype=np.int64)])
         return logits.cpu().numpy()
 
     def step(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
@@ -349,7 +283,7 @@ class TorchRows:
         return logits.cpu().numpy()
 
     def keep(self, positions: Sequence[int]) -> None:
-        from coordexp.serving.inflight import trimmed_start
+        from coordexp.decoding.blocks import trimmed_start
 
         sel = np.asarray(positions, dtype=np.int64)
         if len(sel) == len(self):
@@ -362,3 +296,82 @@ class TorchRows:
             for layer in self.cache.layers:
                 layer.keys = layer.keys[index][:, :, start:]
                 layer.values = layer.values[index][:, :, start:]
+
+
+class TorchFixedRows:
+    """`DecodeRows` of one static batch on `TorchParts`, with fixed shapes: the batch is padded up to
+    its bucket (static cache / compile: row 0 repeated, its outputs dropped) and no row ever leaves
+    the tensors; rows that ended keep decoding pad ids (their tokens are dropped), as transformers'
+    `generate` keeps them, so every step has the batch's shape (a compiled step is reused, and the
+    batch is computed as the reference computes it). One admission only."""
+
+    def __init__(self, parts: TorchParts, pad_token_id: int, max_new_tokens: int):
+        self.parts = parts
+        self.pad_token_id = int(pad_token_id)
+        self.max_new_tokens = int(max_new_tokens)
+        self.live: list[int] = []  # tensor row of each running row, batch order
+        self.cache: Any = None
+        self.t_mask: Any = None
+        self.filled = 0  # cache positions written so far
+        self.calls = 0  # decode steps so far
+        self.base = np.zeros(0, dtype=np.int64)  # prompt_len + M-RoPE delta per tensor row
+        self.fed = np.zeros(0, dtype=np.int64)  # tokens fed per tensor row since the prefill
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    @property
+    def jump_forward(self) -> bool:  # not under compile: its step is compiled for one new position
+        return self.parts.jump_forward and not self.parts.opts.compile
+
+    def admit(self, input_ids: np.ndarray, attention_mask: np.ndarray, grid: np.ndarray, embeds: np.ndarray,
+              deep: np.ndarray) -> np.ndarray:
+        from coordexp import mrope
+
+        if self.cache is not None:
+            raise RuntimeError("a static batch admits its rows once")
+        p, torch = self.parts, self.parts.torch
+        bsz = int(np.asarray(input_ids).shape[0])
+        ids, mask, grid, embeds, deep = p._padded(np.asarray(input_ids, np.int64), np.asarray(attention_mask, np.int64),
+                                                  np.asarray(grid, np.int64), embeds, deep)
+        pos, deltas = mrope.get_rope_index(ids, grid, mask, spatial_merge_size=p.merge, image_token_id=p.image_token_id,
+                                           video_token_id=p.video_token_id)
+        dev = p.opts.device
+        with torch.inference_mode():  # the static cache's tensors are inference tensors: reset them in here
+            self.cache = p._cache(ids.shape[0], ids.shape[1] + self.max_new_tokens)
+            self.t_mask = torch.as_tensor(mask, device=dev)
+            p.decoder_calls += 1
+            logits = p._forward(torch.as_tensor(ids, device=dev), self.t_mask, torch.as_tensor(pos, device=dev),
+                                self.cache, p._image_outputs(embeds, deep))
+        self.filled = ids.shape[1]
+        self.base = (mask.sum(-1) + deltas[:, 0]).astype(np.int64)
+        self.fed = np.zeros(ids.shape[0], dtype=np.int64)
+        self.live = list(range(bsz))
+        return logits[:bsz].cpu().numpy()
+
+    def step(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        p, torch = self.parts, self.parts.torch
+        n, dev = len(self.base), p.opts.device
+        width = max(len(c) for c in chunks)
+        nxt = np.full((n, width), self.pad_token_id, np.int64)
+        # rows that ended: pad ids at the positions a step would give them, attending (width 1) or not
+        block = np.zeros((n, width), np.int64) if width > 1 else np.ones((n, 1), np.int64)
+        pos = np.repeat((self.base + self.calls)[:, None], width, 1)
+        for b, chunk in zip(self.live, chunks):
+            pad = width - len(chunk)
+            nxt[b, pad:] = chunk
+            block[b, pad:] = 1
+            pos[b] = self.base[b] + self.fed[b] + np.maximum(np.arange(width) - pad, 0)
+            self.fed[b] += len(chunk)
+        with torch.inference_mode():
+            self.t_mask = p._grow(self.t_mask, self.filled, self.cache,
+                                  torch.as_tensor(block, device=dev, dtype=self.t_mask.dtype))
+            self.filled += width
+            t_pos = torch.as_tensor(np.ascontiguousarray(np.broadcast_to(pos[None], (3,) + pos.shape)), device=dev)
+            p.decoder_calls += 1
+            logits = p._step(torch.as_tensor(nxt, device=dev), self.t_mask, t_pos, self.cache)
+        self.calls += 1
+        return logits[self.live].cpu().numpy()
+
+    def keep(self, positions: Sequence[int]) -> None:
+        self.live = [self.live[k] for k in positions]
