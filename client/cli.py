@@ -17,8 +17,8 @@ COMMANDS = [
     ("models", "coordexp.client.cmd_models"),  # what a server holds
     ("bench", "coordexp.client.cmd_bench"),  # throughput / latency sweep
     ("parity", "coordexp.client.cmd_parity"),  # torch vs onnx vs served
-    ("eval", "coordexp.eval.cli"),  # COCO + F1-ish metrics from the artifact
-    ("vis", "coordexp.vis.cli"),  # GT vs pred overlays + gallery
+    ("eval", "coordexp.client.cmd_eval"),  # COCO + F1-ish metrics from the artifact
+    ("vis", "coordexp.client.cmd_vis"),  # GT vs pred overlays + gallery
     ("pipeline", "coordexp.client.cmd_pipeline"),  # infer -> eval + vis from one YAML
     ("group", "coordexp.client.cmd_group"),  # Stage-A: one record per image group of mission folders
     ("make-data", "coordexp.demo.synthetic"),  # synthetic shapes dataset

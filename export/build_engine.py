@@ -205,10 +205,10 @@ def _validate(opts: BuildOptions, onnx_dir: str) -> dict[str, Any]:
 
 
 def export_trtllm_format(opts: BuildOptions) -> dict[str, Any]:
-    """TensorRT-LLM repository (LLM API, PyTorch backend): `coordexp.trtllm.export.export_trtllm`.
+    """TensorRT-LLM repository (LLM API, PyTorch backend): `coordexp.export.trtllm_export.export_trtllm`.
     With --dry-run it needs no TensorRT-LLM; without, it raises NotImplementedError (exit 2) when
     tensorrt_llm is not importable."""
-    from coordexp.trtllm.export import export_trtllm
+    from coordexp.export.trtllm_export import export_trtllm
 
     return export_trtllm(opts.ckpt, opts.name, opts.repo, opts.trtllm, onnx_dir=opts.onnx_dir, dry_run=opts.dry_run,
                          prompt=opts.prompt, decoding=decoding_defaults(opts), prompt_source=prompt_source(opts))

@@ -42,6 +42,7 @@ from typing import Any, Mapping
 
 from coordexp.generation import SERVED_MAX_NEW_TOKENS, GenerationParams
 from coordexp.checkpoint import checkpoint_digest
+from coordexp.layout import HF_SUBDIR
 from coordexp.prompt import PromptSpec
 from coordexp import wire
 from coordexp.serving import common as C
@@ -244,7 +245,6 @@ def model_shim(module: str, cls: str | None = None) -> str:
 TORCH_MODULES = {wire.VISION_ENCODER: ("coordexp.serving.torch_steps", "TorchVisionModel"),
                  wire.LLM: ("coordexp.serving.torch_steps", "TorchLlmModel"),
                  wire.LLM_STREAM: ("coordexp.serving.torch_steps", "TorchLlmModel")}
-HF_SUBDIR = "llm/1/hf"  # --backend torch: the checkpoint copy the torch steps load
 
 
 def copy_processor_files(ckpt: str, dst: str) -> list[str]:

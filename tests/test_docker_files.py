@@ -112,7 +112,7 @@ def test_images_copy_the_whole_package_and_serve_on_the_documented_ports(name):
 
 def test_gpu_image_is_the_pinned_trtllm_container_and_keeps_two_transformers_apart():
     from coordexp.trtllm.plan import PINNED
-    from coordexp.trtllm.repository import SITE_DEFAULT, SITE_ENV
+    from coordexp.export.trtllm_repository import SITE_DEFAULT, SITE_ENV
 
     ins = instructions(os.path.join(DOCKER, "Dockerfile.gpu"))
     assert arg_default(ins, "TRITON_TRTLLM_IMAGE") == PINNED["trtllm_image"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from coordexp.eval import evaluate, load_pairs
-from coordexp.eval import cli as eval_cli
+from coordexp.client import cmd_eval as eval_cli
 from coordexp.eval.coco import STAT_NAMES, build_coco_dets, build_coco_gt, run_cocoeval
 from coordexp.schema import PredObject
 

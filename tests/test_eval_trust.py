@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordexp.eval import cli as eval_cli
+from coordexp.client import cmd_eval as eval_cli
 from coordexp.eval import evaluate
 
 # Cosines as MiniLM gives them for the demo's confusions (issue 19: 0.749, 0.638): above 0.6.

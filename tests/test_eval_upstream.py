@@ -10,7 +10,7 @@ import pytest
 
 from coordexp.client.cmd_pipeline import write_gt_vs_pred
 from coordexp.eval import evaluate
-from coordexp.eval import cli as eval_cli
+from coordexp.client import cmd_eval as eval_cli
 from coordexp.eval.upstream import SCORE_SOURCE, is_gt_vs_pred
 
 DATA = Path(__file__).resolve().parent / "data" / "eval"

@@ -79,6 +79,54 @@ def test_the_core_imports_nothing_of_the_project_and_there_are_no_import_cycles(
             visit(m)
 
 
+def test_there_are_no_package_cycles():
+    """Packages (coordexp.X, the core modules counting as `coordexp`) import each other without a
+    cycle of any length: a command lives in client/, a library never reaches back into it."""
+    modules = _modules()
+    packages = {m for m, p in modules.items() if p.endswith("__init__.py") and m.count(".") == 1}
+
+    def package(m: str) -> str:
+        top = ".".join(m.split(".")[:2])
+        return top if top in packages else "coordexp"
+
+    edges: dict[str, dict[str, tuple[str, str]]] = {}
+    for m, p in modules.items():
+        for d in _imports(m, p, modules):
+            a, b = package(m), package(d)
+            if a != b:
+                edges.setdefault(a, {}).setdefault(b, (m, d))
+    # Tarjan's strongly connected components: any component of two or more packages is a cycle
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(edges.get(v, {})):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(packages | {"coordexp"}):
+        if v not in index:
+            visit(v)
+    why = [{a: edges[a][b] for a in comp for b in comp if b in edges.get(a, {})} for comp in cycles]
+    assert not cycles, f"package cycles {cycles}; through {why}"
+
+
 def test_the_wire_table_drives_configs_and_client(monkeypatch):
     """Rename one ensemble input in the table: the generated ensemble config and the client's request
     both use the new name, and the client refuses a model that still has the old one."""

@@ -202,7 +202,7 @@ def parse_shapes(value: str) -> dict[str, tuple[int, ...]]:
 
 def test_commands_are_well_formed_for_the_pinned_clis(repos):
     from coordexp.families import family_spec
-    from coordexp.trtllm.export import build_parser
+    from coordexp.export.trtllm_export import build_parser
 
     plan = repos["plan_trt"]
     cmds = {c["step"]: c for c in plan["commands"]}
@@ -210,7 +210,7 @@ def test_commands_are_well_formed_for_the_pinned_clis(repos):
     for c in plan["commands"]:
         assert shlex.split(c["shell"]) == c["argv"]
     onnx_cmd = cmds["vision-onnx"]["argv"]
-    assert onnx_cmd[:3] == ["python", "-m", "coordexp.trtllm"]
+    assert onnx_cmd[:3] == ["python", "-m", "coordexp.export.trtllm_export"]
     a = build_parser().parse_args(onnx_cmd[3:])
     assert a.cmd == "onnx" and os.path.isabs(a.out)
 
@@ -472,7 +472,7 @@ def test_vision_onnx_inputs_match_the_exporter(qwen25_ckpt, tmp_path):
     import onnx
 
     from coordexp.families import family_spec
-    from coordexp.trtllm.export import export_vision_onnx
+    from coordexp.export.trtllm_export import export_vision_onnx
 
     meta = export_vision_onnx(qwen25_ckpt, str(tmp_path / "onnx"))
     assert meta["graphs"]["vision"]["inputs"] == family_spec("qwen2_5_vl").vision_input_names
@@ -529,7 +529,7 @@ def test_tensorrt_vision_uses_the_family_feeds_and_the_onnx_grouping(tmp_path):
 def test_repository_carries_transformers4_readable_config_and_tokenizer(repos, tiny_ckpt, qwen25_ckpt, tmp_path):
     """TensorRT-LLM <= 1.2 reads the checkpoint with transformers 4.x: the written copies follow its
     rules (no `extra_special_tokens` list, `rope_scaling` of type mrope instead of `rope_parameters`)."""
-    from coordexp.trtllm.compat import TRANSFORMERS4_SUBDIR, transformers4_problems, write_transformers4_copies
+    from coordexp.export.trtllm_compat import TRANSFORMERS4_SUBDIR, transformers4_problems, write_transformers4_copies
 
     for ckpt in (tiny_ckpt, qwen25_ckpt):
         orig_cfg = json.load(open(os.path.join(ckpt, "config.json")))

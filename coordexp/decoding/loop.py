@@ -101,11 +101,15 @@ class DecodeLoop:
         self.iterations = 0
         self._chunks: dict[int, list[int]] = {}  # id(row) -> ids to feed (after decide)
         self._ended: set[int] = set()  # id(row) of rows that ended or failed (after decide)
+        self._sharing: dict[int, list[DecodeRow]] = {}  # id(hook) -> every row admitted with it
 
     def admit(self, new: Sequence[DecodeRow], batch: Sequence[np.ndarray]) -> None:
         """Prefill `batch` (input_ids, attention_mask, image_grid_thw, image_embeds, deepstack: one
         LEFT padded row per `new` row) and let the rows join; on an exception nothing changes."""
         logits = np.asarray(self.rows.admit(*batch), dtype=np.float32)
+        for r in new:
+            if r.hook is not None:
+                self._sharing.setdefault(id(r.hook), []).append(r)
         self.running.extend(new)
         self.logits = logits if self.logits is None else np.concatenate([self.logits, logits], axis=0)
 
@@ -174,22 +178,26 @@ class DecodeLoop:
         for b, r in enumerate(self.running):
             if r.hook is not None:
                 groups.setdefault(id(r.hook), []).append(b)
+        for key in [k for k in self._sharing if k not in groups]:  # every row of that hook has left
+            del self._sharing[key]
         if not groups:
             return logits
         logits = logits.copy()
-        for positions in groups.values():
+        for key, positions in groups.items():
             hook = self.running[positions[0]].hook
-            size = max(int(getattr(getattr(hook, "state", None), "batch", 0) or 0),
-                       max(self.running[b].slot for b in positions) + 1)
-            full = np.zeros((size, logits.shape[1]), dtype=np.float32)
+            size = max(r.slot for r in self._sharing[key]) + 1
+            full = np.zeros((size, logits.shape[1]), dtype=np.float32)  # rows that ended: zeros
             generated: list[list[int]] = [[] for _ in range(size)]
+            for r in self._sharing[key]:
+                generated[r.slot] = r.generated
             for b in positions:
-                row = self.running[b]
-                full[row.slot] = logits[b]
-                generated[row.slot] = row.generated
+                full[self.running[b].slot] = logits[b]
+            # `active` only for hooks that jump forward (their rows may add several ids a step); the
+            # plain hook API is (step, generated, logits), a row running when it holds `step` ids
+            kw = ({"active": [self.running[b].slot for b in positions]}
+                  if getattr(hook, "forced_tokens", None) is not None else {})
             try:
-                masked = np.asarray(hook(self.iterations, generated, full,
-                                         active=[self.running[b].slot for b in positions]), dtype=np.float32)
+                masked = np.asarray(hook(self.iterations, generated, full, **kw), dtype=np.float32)
             except Exception as e:
                 for b in positions:
                     self._fail(self.running[b], e, out)

@@ -10,7 +10,7 @@ from coordexp.prompt import PromptSpec
 
 def _repository_manifest(path: str) -> dict[str, Any] | None:
     """The manifest of the Triton repository `path` is, or whose ONNX folder (llm/1/onnx) it is."""
-    from coordexp.serving.common import MANIFEST, ONNX_SUBDIR
+    from coordexp.layout import MANIFEST, ONNX_SUBDIR
 
     path = os.path.abspath(path)
     depth = len(ONNX_SUBDIR.split("/"))

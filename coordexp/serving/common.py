@@ -17,18 +17,8 @@ import numpy as np
 from coordexp.generation import GenerationParams
 from coordexp.wire import GUIDED_CLOSED_EARLY, OUTPUT_IDS, PROMPT_TOKENS, SEQUENCE_LENGTH, STREAM
 
-# ---------------------------------------------------------------------------- folder layout
-# Paths relative to the repository root. The ONNX graphs (vision.onnx, embed.onnx, decoder.onnx,
-# onnx_meta.json) live once, inside the llm model's version folder; vision_encoder reads the
-# same folder through its `onnx_dir` parameter. The processor files (tokenizer, chat template,
-# image processor config; no weights) live once in preprocess/1/processor, which postprocess
-# reads through its `processor_dir` parameter. Triton ignores non-numeric folders inside a
-# model's version folder, and a folder at the repository root that is not a model would make
-# the server fail to start, so nothing else sits at the root except manifest.json.
-ONNX_SUBDIR = "llm/1/onnx"
-PROCESSOR_SUBDIR = "preprocess/1/processor"
-MANIFEST = "manifest.json"
-ONNX_META = "onnx_meta.json"
+# the repository's folder layout (coordexp.layout), for the models and the writer
+from coordexp.layout import HF_SUBDIR, MANIFEST, ONNX_META, ONNX_SUBDIR, PROCESSOR_SUBDIR  # noqa: E402,F401
 
 
 _WATCHING_PARENT = False

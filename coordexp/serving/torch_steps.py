@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from coordexp import wire
+from coordexp.layout import HF_SUBDIR
 from coordexp.serving.common import (decoupled_sender, error_response, int_param, model_args, request_view, resolve,
                                      response)
 from coordexp.serving.llm import LLM_INPUTS, DecoupledRun, LlmBatcher, defaults_from_params, guided_hook_factory, \
@@ -21,7 +22,6 @@ from coordexp.serving.inflight import scheduler_for, submit_requests
 from coordexp.serving.torch_parts import TorchOptions, TorchParts, TorchRows
 from coordexp.serving.vision_encoder import VisionEncoder
 
-HF_SUBDIR = "llm/1/hf"  # the checkpoint copy (weights included), relative to the repository root
 
 
 def torch_batcher(parts: TorchParts, params: dict[str, str], max_batch_size: int | None) -> LlmBatcher:

@@ -8,7 +8,7 @@ Triton image `25.12-trtllm-python-py3`, refuses `Qwen3VLForConditionalGeneration
 Triton image with 1.2.x is published: docker/Dockerfile.gpu builds one with tensorrtllm_backend's
 `dockerfile/Dockerfile.triton.trt_llm_backend` (it takes the TensorRT-LLM tag; base
 `tritonserver:25.12-py3-min`). 1.2.1 runs transformers 4.57.3, so the repository carries
-transformers-4-readable copies of config.json / tokenizer_config.json (coordexp.trtllm.compat).
+transformers-4-readable copies of config.json / tokenizer_config.json (coordexp.export.trtllm_compat).
 Nothing here imports TensorRT-LLM or TensorRT: they exist only inside that container.
 
 What serves what:
@@ -86,8 +86,8 @@ BIAS_WARN_BYTES = 1 << 30
 # tritonserver flags after --model-repository (docker/Dockerfile.gpu's CMD uses the same)
 SERVE_FLAGS = ("--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", "--exit-timeout-secs=30",
                "--strict-readiness=true")
-# the command of the vision ONNX export step (`coordexp.trtllm.export.main`)
-VISION_ONNX_STEP = ("python", "-m", "coordexp.trtllm", "onnx")
+# the command of the vision ONNX export step (`coordexp.export.trtllm_export.main`)
+VISION_ONNX_STEP = ("python", "-m", "coordexp.export.trtllm_export", "onnx")
 
 # ---------------------------------------------------------------------------- repository layout
 CHECKPOINT_SUBDIR = "llm/1/checkpoint"

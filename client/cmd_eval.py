@@ -1,4 +1,5 @@
-"""`coordexp-client eval`: COCO + F1-ish metrics from the prediction artifact."""
+"""`coordexp-client eval`: COCO + F1-ish metrics from the prediction artifact (a thin adapter over
+`coordexp.eval.pipeline.evaluate`)."""
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from coordexp.schema import ContractError
 
-    from .pipeline import evaluate, parse_thresholds
-    from .report import format_summary
+    from coordexp.eval.pipeline import evaluate, parse_thresholds
+    from coordexp.eval.report import format_summary
 
     try:
         thrs = parse_thresholds(args.iou_thrs)

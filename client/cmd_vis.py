@@ -1,10 +1,11 @@
-"""`coordexp-client vis`: GT vs prediction overlays and an HTML gallery from the prediction artifact."""
+"""`coordexp-client vis`: GT vs prediction overlays and an HTML gallery from the prediction artifact (a thin
+adapter over `coordexp.vis.render.visualize`)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .render import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
+from coordexp.vis.render import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from coordexp.schema import ContractError
 
-    from .render import visualize
+    from coordexp.vis.render import visualize
 
     try:
         index = visualize(args.pred, args.gt, args.out, iou=args.iou, matches_path=args.matches, limit=args.limit,

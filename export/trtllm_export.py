@@ -1,8 +1,8 @@
 """The TensorRT-LLM export: plan, build steps, repository; and the steps' own command line.
 
     export_trtllm(ckpt, name, repo, TrtllmOptions(...), dry_run=True) -> {repo, plan, manifest, lines, dry_run}
-    python -m coordexp.trtllm onnx --ckpt CKPT --out DIR      (the vision ONNX export step)
-    python -m coordexp.trtllm versions                        (the pinned versions, JSON)
+    python -m coordexp.export.trtllm_export onnx --ckpt CKPT --out DIR      (the vision ONNX export step)
+    python -m coordexp.export.trtllm_export versions                        (the pinned versions, JSON)
 
 `build_engine --backend trtllm` calls `export_trtllm`. `dry_run=True` needs neither TensorRT-LLM
 nor TensorRT: it writes the whole repository (every config.pbtxt, the LLM API's model.yaml, the
@@ -93,7 +93,7 @@ def export_trtllm(ckpt: str, name: str, repo: str, options: TrtllmOptions, onnx_
     tensorrt_llm is not importable, or for options / checkpoints the plan cannot take."""
     from coordexp.export.repository import ServingOptions
     from coordexp.prompt import PromptSpec
-    from coordexp.trtllm.repository import write_trtllm_repository
+    from coordexp.export.trtllm_repository import write_trtllm_repository
 
     if not dry_run and tensorrt_llm_version() is None:
         raise TrtllmUnavailable(
@@ -134,7 +134,7 @@ def export_vision_onnx(ckpt: str, out: str) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m coordexp.trtllm",
+    p = argparse.ArgumentParser(prog="python -m coordexp.export.trtllm_export",
                                 description="Steps of the TensorRT-LLM export "
                                             "(build_engine --backend trtllm runs them).")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -20,7 +20,7 @@ from coordexp import wire
 from coordexp.checkpoint import checkpoint_digest
 from coordexp.trtllm.plan import CHECKPOINT_SUBDIR, MODEL_YAML, PINNED, VISION_META, VISION_PLAN, TrtllmPlan
 
-WRITER = "coordexp.trtllm.repository"
+WRITER = "coordexp.export.trtllm_repository"
 SITE_ENV = "COORDEXP_SITE"  # docker/Dockerfile.gpu installs coordexp + transformers 5 there
 SITE_DEFAULT = "/opt/coordexp/site"
 LLM_MODEL = "coordexp.trtllm.llm_model"
@@ -241,7 +241,7 @@ def _copy_built(root: str, plan: TrtllmPlan, dry_run: bool, copy_checkpoint: boo
     shows them), then the real run's artifacts: the checkpoint copy (with those two files in place
     of the transformers-5 ones: TensorRT-LLM 1.2 reads it with transformers 4.57), trtexec's
     engine and the vision graph's meta."""
-    from coordexp.trtllm.compat import TRANSFORMERS4_SUBDIR, write_transformers4_copies
+    from coordexp.export.trtllm_compat import TRANSFORMERS4_SUBDIR, write_transformers4_copies
 
     t4 = os.path.join(root, TRANSFORMERS4_SUBDIR)
     written = write_transformers4_copies(plan.facts.path, t4)
