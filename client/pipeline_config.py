@@ -409,7 +409,7 @@ def _rules(cfg: PipelineConfig) -> list[str]:
                 if not eng.checkpoint and "checkpoint" not in eng.model_fields_set:
                     err("infer.engine.checkpoint", f"required for kind {eng.kind!r}")
                 elif eng.checkpoint and eng.kind == "torch" and os.path.exists(eng.checkpoint):
-                    from coordexp.engines.torch_engine import checkpoint_error
+                    from coordexp.checkpoint import checkpoint_error
 
                     if problem := checkpoint_error(eng.checkpoint):
                         err("infer.engine.checkpoint", problem)

@@ -18,6 +18,15 @@ from typing import Any
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+def checkpoint_error(ckpt: str | os.PathLike) -> str | None:
+    """A clear sentence when `ckpt` is not a loadable checkpoint folder, else None."""
+    if not os.path.isdir(ckpt):
+        return f"checkpoint folder not found: {ckpt}"
+    if not os.path.exists(os.path.join(ckpt, "config.json")):
+        return f"{ckpt} is not a Hugging Face checkpoint (no config.json)"
+    return None
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     """sha256 of a file, read in chunks (weights can be GBs)."""
     h = hashlib.sha256()

@@ -43,7 +43,6 @@ unsupported model / a repository that a running server serves.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import re
@@ -238,29 +237,15 @@ def prompt_source(opts: BuildOptions) -> dict[str, Any] | None:
 
 
 def write_repo(opts: BuildOptions, result: dict[str, Any]) -> dict[str, Any]:
-    """Hand the export to the repository writer; without one, keep the ONNX folder at the repo path."""
-    try:
-        from coordexp.export.repository import write_repository
-    except ImportError as e:
-        dst = os.path.join(os.path.abspath(opts.repo), f"{opts.name}_onnx")
-        if result["temporary"]:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            if os.path.exists(dst):
-                shutil.rmtree(dst)
-            shutil.move(result["onnx_dir"], dst)
-            result["onnx_dir"] = dst
-        _log(f"note: no Triton repository writer ({e}); the ONNX folder is at {result['onnx_dir']}")
-        return {"repo": None, "onnx_dir": result["onnx_dir"]}
-    from coordexp.export.repository import RepositoryServed
+    """Hand the ONNX export to the repository writer (a temporary ONNX folder is moved, not copied)."""
+    from coordexp.export.repository import RepositoryServed, write_repository
 
-    kwargs: dict[str, Any] = dict(max_batch_size=opts.max_batch_size, max_new_tokens=opts.max_new_tokens,
-                                  prompt=opts.prompt, backend=opts.backend, validation=result.get("validation"),
-                                  options=serving_options(opts), replace_served=opts.force,
-                                  decoding=decoding_defaults(opts), prompt_source=prompt_source(opts))
-    if "move_onnx" in inspect.signature(write_repository).parameters:
-        kwargs["move_onnx"] = bool(result["temporary"])
     try:
-        repo = write_repository(opts.repo, opts.name, result["onnx_dir"], opts.ckpt, **kwargs)
+        repo = write_repository(opts.repo, opts.name, result["onnx_dir"], opts.ckpt, max_batch_size=opts.max_batch_size,
+                                max_new_tokens=opts.max_new_tokens, prompt=opts.prompt, backend=opts.backend,
+                                validation=result.get("validation"), options=serving_options(opts),
+                                replace_served=opts.force, decoding=decoding_defaults(opts),
+                                prompt_source=prompt_source(opts), move_onnx=bool(result["temporary"]))
     except RepositoryServed as e:  # a server started on it during the export
         raise BuildError(str(e), 2) from e
     finally:
@@ -272,7 +257,7 @@ def write_repo(opts: BuildOptions, result: dict[str, Any]) -> dict[str, Any]:
 def summary_lines(opts: BuildOptions, result: dict[str, Any], written: dict[str, Any], seconds: float) -> list[str]:
     lines = [f"checkpoint : {opts.ckpt}", f"backend    : {opts.backend} (opset {opts.onnx.opset})",
              f"name       : {opts.name}", *prompt_lines(opts)]
-    root = written.get("repo") or written.get("onnx_dir")
+    root = written["repo"]
     lines.append(f"written    : {root}")
     files = _files(root) if root else []
     total = sum(s for _, s in files)
@@ -630,7 +615,7 @@ def _torch_options(args: argparse.Namespace) -> Any:
 
 def resolve_options(args: argparse.Namespace, fmt: ExportFormat) -> BuildOptions:
     """argv (checked by `check_flags`) -> BuildOptions; BuildError (exit 2) for a bad checkpoint or value."""
-    from coordexp.engines.torch_engine import checkpoint_error
+    from coordexp.checkpoint import checkpoint_error
 
     err = checkpoint_error(args.ckpt)
     if err:

@@ -427,7 +427,7 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int 
     """
     import torch
 
-    from coordexp.engines.torch_engine import checkpoint_error
+    from coordexp.checkpoint import checkpoint_error
     from coordexp.processor import CoordExpProcessor
 
     log = log or (lambda s: None)

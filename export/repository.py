@@ -330,7 +330,7 @@ def write_repository(repo_dir: str, name: str = wire.ENSEMBLE, onnx_dir: str | N
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     if ckpt is None or (onnx_dir is None and backend == "onnx"):
         raise ValueError("write_repository needs ckpt (and onnx_dir for backend 'onnx')")
-    from coordexp.engines.torch_engine import checkpoint_error
+    from coordexp.checkpoint import checkpoint_error
 
     err = checkpoint_error(ckpt)
     if err:

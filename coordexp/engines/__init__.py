@@ -52,7 +52,7 @@ def load_engine(kind: str, path: str, prompt: PromptSpec | None = None, *, promp
     or the repository's), with `prompt_flags` (argparse dests of coordexp.prompt.PROMPT_OPTIONS) on top."""
     budget = None
     if kind == "torch":  # a missing folder is said as such, before any prompt is looked for
-        from coordexp.engines.torch_engine import checkpoint_error
+        from coordexp.checkpoint import checkpoint_error
 
         err = checkpoint_error(path)
         if err:

@@ -6,16 +6,8 @@ from typing import Any, Sequence
 
 from coordexp.engines.base import results_from_ids
 from coordexp.generation import GenerationParams, GenerationResult
+from coordexp.checkpoint import checkpoint_error
 from coordexp.prompt import PromptSpec
-
-
-def checkpoint_error(ckpt: str) -> str | None:
-    """A clear sentence when `ckpt` is not a loadable checkpoint folder, else None."""
-    if not os.path.isdir(ckpt):
-        return f"checkpoint folder not found: {ckpt}"
-    if not os.path.exists(os.path.join(ckpt, "config.json")):
-        return f"{ckpt} is not a Hugging Face checkpoint (no config.json)"
-    return None
 
 
 class TorchEngine:
