@@ -170,13 +170,10 @@ class LocalSource:
         self.bbox_format = self.base.bbox_format
 
     def generate(self, image_bytes: bytes, image, params, user_text: str | None):
-        import dataclasses
+        from coordexp.generation import GenerationResult, RequestPrompt
 
-        from coordexp.generation import GenerationResult
-
-        self.engine.prompt = dataclasses.replace(self.base, user_text=user_text or self.base.user_text)
         try:
-            return self.engine.generate_batch([image], params)[0]
+            return self.engine.generate_batch([image], params, RequestPrompt(user_text=user_text or None))[0]
         except Exception as e:
             return GenerationResult(text="", error=f"{type(e).__name__}: {e}")
 

@@ -88,6 +88,13 @@ class RequestPrompt:
     def empty(self) -> bool:
         return self.user_text is None and self.system_text is None and self.layout is None
 
+    def over(self, base: "RequestPrompt | str | None") -> "RequestPrompt":
+        """These parts set on top of `base` (the engine's own per-request parts): set ones win."""
+        b = RequestPrompt.of(base)
+        return RequestPrompt(user_text=self.user_text if self.user_text is not None else b.user_text,
+                             system_text=self.system_text if self.system_text is not None else b.system_text,
+                             layout=self.layout if self.layout is not None else b.layout)
+
     def apply(self, spec: PromptSpec) -> PromptSpec:
         import dataclasses
 
@@ -97,11 +104,24 @@ class RequestPrompt:
 
 
 class Engine(Protocol):
+    """What the dataset runner, `group`, `ask`, `parity` and the viewer call, whatever runs the model.
+
+    `prompt`: the prompt the engine serves (a served engine: its export's). A request may set its
+    own parts on top (`generate_batch(..., prompt=RequestPrompt(...))`); nobody assigns `prompt`.
+
+    Optional capabilities (absent means the default in brackets), read by the runner:
+    `concurrent` (False: one batch at a time), `takes_encoded` (False: PIL images, else encoded
+    bytes), `checkpoint_sha256()` (None), `cancel()` (nothing to give up), `progress_name()`
+    (`name`), `progress_facts()` / `run_facts()` ({}: facts for the progress bar / summary.json).
+    """
+
     name: str
     prompt: PromptSpec
 
-    def generate_batch(self, images: Sequence[Any], params: GenerationParams) -> list[GenerationResult]:
-        """Generate for a batch of PIL images; one result per image, in order."""
+    def generate_batch(self, images: Sequence[Any], params: GenerationParams,
+                       prompt: RequestPrompt | None = None) -> list[GenerationResult]:
+        """Generate for a batch of images; one result per image, in order. `prompt`: this call's
+        parts over the engine's prompt (None: the engine's own)."""
         ...
 
     def describe(self) -> dict[str, Any]:

@@ -352,6 +352,32 @@ def test_sampling_is_reproducible_and_batch_invariant(onnx_engine):
 
 
 @pytest.mark.slow
+def test_a_per_request_prompt_goes_with_the_call_and_leaves_the_engine_as_it_was(onnx_engine):
+    """`generate_batch(..., prompt=RequestPrompt(...))` runs that prompt for that call only: the same
+    prompt ids as an engine built with it, and the engine's own prompt unchanged."""
+    import dataclasses
+
+    from coordexp.generation import RequestPrompt
+
+    images = _images(1, seed=4)
+    params = GenerationParams(max_new_tokens=4)
+    before = onnx_engine.prompt
+    asked = RequestPrompt(user_text="Find every red object.", system_text="You are terse.")
+    got = onnx_engine.generate_batch(images, params, asked)[0]
+    assert onnx_engine.prompt is before
+    spec = dataclasses.replace(before, user_text="Find every red object.", system_text="You are terse.")
+    ids = onnx_engine.processor.encode(images, spec, return_tensors="np")["input_ids"]
+    assert got.prompt_tokens == ids.shape[1] != onnx_engine.processor.encode(images, before, return_tensors="np")[
+        "input_ids"].shape[1]
+    want = onnx_engine.parts.generate(ids, np.ones_like(ids), *_vision(onnx_engine, images, spec), params)[0]
+    assert got.token_ids == want
+
+
+def _vision(engine, images, spec):
+    enc = engine.processor.encode(images, spec, return_tensors="np")
+    return (enc["image_grid_thw"], *engine.parts.encode_images(enc["pixel_values"], enc["image_grid_thw"]))
+
+
 def test_logits_hook_can_force_tokens(onnx_engine):
     from coordexp.tokens import coord_token
 

@@ -127,6 +127,16 @@ def test_there_are_no_package_cycles():
     assert not cycles, f"package cycles {cycles}; through {why}"
 
 
+def test_nobody_assigns_an_engines_prompt():
+    """A request's prompt goes with the call (`generate_batch(..., prompt=)`), never by changing
+    the engine under other callers (threads share engines)."""
+    import re
+
+    offenders = [f"{m}:{n}" for m, p in _modules().items() for n, line in enumerate(open(p, encoding="utf-8"), 1)
+                 if re.search(r"engine\.prompt\s*=[^=]", line)]
+    assert not offenders
+
+
 def test_the_wire_table_drives_configs_and_client(monkeypatch):
     """Rename one ensemble input in the table: the generated ensemble config and the client's request
     both use the new name, and the client refuses a model that still has the old one."""

@@ -30,7 +30,7 @@ import numpy as np
 
 from coordexp.decoding.blocks import chunk_block, left_pad, trimmed_start
 from coordexp.engines.base import results_from_ids
-from coordexp.generation import GenerationParams, GenerationResult
+from coordexp.generation import GenerationParams, GenerationResult, RequestPrompt
 from coordexp.prompt import PromptSpec
 
 META_NAME = "onnx_meta.json"
@@ -412,7 +412,7 @@ class OnnxEngine:
     def checkpoint_sha256(self) -> str | None:
         return self.parts.meta.get("checkpoint_sha256")
 
-    def _hook(self, params: GenerationParams, batch: int) -> LogitsHook | None:
+    def _hook(self, params: GenerationParams, batch: int, prompt: PromptSpec) -> LogitsHook | None:
         self.guided = None
         if not params.guided:
             return None
@@ -421,16 +421,19 @@ class OnnxEngine:
         except ImportError as e:
             raise ValueError("guided decoding with the onnx engine needs coordexp.guided.guided_logits_hook "
                              f"(not available: {e})") from e
-        self.guided = guided_logits_hook(self.processor, self.prompt, params, batch=batch)
+        self.guided = guided_logits_hook(self.processor, prompt, params, batch=batch)
         return self.guided
 
-    def generate_ids(self, images: Sequence[Any], params: GenerationParams) -> tuple[list[list[int]], int]:
-        enc = self.processor.encode(list(images), self.prompt, return_tensors="np")
+    def generate_ids(self, images: Sequence[Any], params: GenerationParams, prompt: RequestPrompt | None = None
+                     ) -> tuple[list[list[int]], int]:
+        spec = prompt.apply(self.prompt) if prompt is not None else self.prompt
+        enc = self.processor.encode(list(images), spec, return_tensors="np")
         embeds, deep = self.parts.encode_images(enc["pixel_values"], enc["image_grid_thw"])
         rows = self.parts.generate(enc["input_ids"], enc["attention_mask"], enc["image_grid_thw"], embeds, deep,
-                                   params, logits_hook=self._hook(params, len(images)))
+                                   params, logits_hook=self._hook(params, len(images), spec))
         return rows, int(enc["input_ids"].shape[1])
 
-    def generate_batch(self, images: Sequence[Any], params: GenerationParams) -> list[GenerationResult]:
-        rows, prompt_len = self.generate_ids(images, params)
+    def generate_batch(self, images: Sequence[Any], params: GenerationParams, prompt: RequestPrompt | None = None
+                       ) -> list[GenerationResult]:
+        rows, prompt_len = self.generate_ids(images, params, prompt)
         return results_from_ids(self.processor, rows, prompt_len, params, self.guided)

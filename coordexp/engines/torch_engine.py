@@ -5,7 +5,7 @@ import os
 from typing import Any, Sequence
 
 from coordexp.engines.base import results_from_ids
-from coordexp.generation import GenerationParams, GenerationResult
+from coordexp.generation import GenerationParams, GenerationResult, RequestPrompt
 from coordexp.checkpoint import checkpoint_error
 from coordexp.prompt import PromptSpec
 
@@ -51,17 +51,19 @@ class TorchEngine:
             self._sha256 = checkpoint_digest(self.ckpt).sha256
         return self._sha256
 
-    def generate_ids(self, images: Sequence[Any], params: GenerationParams) -> tuple[list[list[int]], int]:
+    def generate_ids(self, images: Sequence[Any], params: GenerationParams, prompt: RequestPrompt | None = None
+                     ) -> tuple[list[list[int]], int]:
         """Greedy/sampled generated ids per image (stop token excluded) and the padded prompt length."""
         torch = self.torch
+        spec = prompt.apply(self.prompt) if prompt is not None else self.prompt
         if params.guided:
             from coordexp.guided import guided_logits_processor  # optional dependency (xgrammar)
 
-            self.guided = guided_logits_processor(self.processor, self.prompt, params, batch=len(images))
+            self.guided = guided_logits_processor(self.processor, spec, params, batch=len(images))
             logits_processor = [self.guided]
         else:
             self.guided = logits_processor = None
-        enc = self.processor.encode(list(images), self.prompt)
+        enc = self.processor.encode(list(images), spec)
         enc = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in enc.items()}
         stop_ids = list(self.processor.stop_token_ids)
         kwargs: dict[str, Any] = dict(
@@ -91,6 +93,7 @@ class TorchEngine:
             rows.append(ids)
         return rows, prompt_len
 
-    def generate_batch(self, images: Sequence[Any], params: GenerationParams) -> list[GenerationResult]:
-        rows, prompt_len = self.generate_ids(images, params)
+    def generate_batch(self, images: Sequence[Any], params: GenerationParams, prompt: RequestPrompt | None = None
+                       ) -> list[GenerationResult]:
+        rows, prompt_len = self.generate_ids(images, params, prompt)
         return results_from_ids(self.processor, rows, prompt_len, params, self.guided)

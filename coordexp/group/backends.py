@@ -145,11 +145,14 @@ class LocalBackend:
         return {**self.engine.describe(), "batch_size": self.batch_size}
 
     def run(self, jobs: Iterable[ImageJob], prompt: Any, on_done: OnDone) -> None:
-        """`prompt`: the PromptSpec for these jobs (set on the engine: local engines take one)."""
+        """`prompt`: the PromptSpec for these jobs (its system text, user text and layout go with
+        every call over the engine's own prompt)."""
         from PIL import Image
 
-        if prompt is not None:
-            self.engine.prompt = prompt
+        from coordexp.generation import RequestPrompt
+
+        parts = (RequestPrompt(user_text=prompt.user_text, system_text=prompt.system_text, layout=prompt.layout)
+                 if prompt is not None else None)
         for chunk in _chunks(jobs, self.batch_size):
             ready, images = [], []
             for job in chunk:
@@ -161,7 +164,7 @@ class LocalBackend:
             if not ready:
                 continue
             try:
-                results = self.engine.generate_batch(images, self.params)
+                results = self.engine.generate_batch(images, self.params, parts)
             except Exception as e:  # the whole call failed: each of its images says so
                 for job in ready:
                     on_done(job, ImageAnswer(error="generation_failed", message=f"{type(e).__name__}: {e}"))

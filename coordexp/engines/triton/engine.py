@@ -161,13 +161,15 @@ class TritonEngine(PoolOnLoop):
         """What was asked that the served model cannot do (empty: fine)."""
         return request_problems(self.iface, self.manifest, params, self.user_text, prompt_overrides)
 
-    async def _generate_all(self, images: Sequence[Any], params: GenerationParams) -> list[GenerationResult]:
+    async def _generate_all(self, images: Sequence[Any], params: GenerationParams,
+                            prompt: RequestPrompt | None = None) -> list[GenerationResult]:
         gate = asyncio.Semaphore(self.max_in_flight or max(1, len(images)))
+        parts = prompt.over(self.user_text) if prompt is not None else self.user_text
 
         async def one(image: Any) -> GenerationResult:
             async with gate:
                 try:
-                    gen, facts = await self.pool.generate(_encoded(image), params, self.user_text)
+                    gen, facts = await self.pool.generate(_encoded(image), params, parts)
                 except AllServersDown:
                     raise
                 except Exception as e:  # e.g. a malformed response: this record fails, the run goes on
@@ -177,10 +179,11 @@ class TritonEngine(PoolOnLoop):
 
         return list(await asyncio.gather(*(one(im) for im in images)))
 
-    def generate_batch(self, images: Sequence[Any], params: GenerationParams) -> list[GenerationResult]:
-        """One request per image, all in flight together; raises AllServersDown (an
-        `EngineUnavailable`) when no server is left."""
-        return self._loop.run(self._generate_all(images, params))
+    def generate_batch(self, images: Sequence[Any], params: GenerationParams, prompt: RequestPrompt | None = None
+                       ) -> list[GenerationResult]:
+        """One request per image, all in flight together (`prompt`: this call's parts over the engine's
+        own); raises AllServersDown (an `EngineUnavailable`) when no server is left."""
+        return self._loop.run(self._generate_all(images, params, prompt))
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "triton", "urls": [s.url for s in self.pool.servers], "model": self.pool.model,
