@@ -54,13 +54,25 @@ class CheckpointDigest:
         return {"path": self.path, "weights_sha256": self.sha256, "weight_files": dict(self.files)}
 
 
+_DIGESTS: dict[tuple, "CheckpointDigest"] = {}  # (folder, its weights' names, sizes, mtimes) -> digest
+
+
 def checkpoint_digest(ckpt: str | os.PathLike) -> CheckpointDigest:
-    """Digest of a checkpoint folder's weights; ValueError when it has none."""
-    files = {p.name: sha256_file(p) for p in weight_files(ckpt)}
+    """Digest of a checkpoint folder's weights; ValueError when it has none. Computed once per process
+    for unchanged files (an export asks several times; the weights of a 2B model are 8 GB)."""
+    paths = weight_files(ckpt)
+    stats = [p.stat() for p in paths]
+    key = (str(Path(ckpt).resolve()), tuple((p.name, st.st_size, st.st_mtime_ns) for p, st in zip(paths, stats)))
+    known = _DIGESTS.get(key)
+    if known is not None:
+        return known
+    files = {p.name: sha256_file(p) for p in paths}
     if not files:
         raise ValueError(f"{ckpt}: no weights file (*.safetensors / *.bin)")
     if len(files) == 1:
         sha = next(iter(files.values()))
     else:
         sha = hashlib.sha256("".join(f"{k} {v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
-    return CheckpointDigest(path=str(Path(ckpt).resolve()), sha256=sha, files=files)
+    digest = CheckpointDigest(path=key[0], sha256=sha, files=files)
+    _DIGESTS[key] = digest
+    return digest

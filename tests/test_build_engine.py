@@ -209,3 +209,30 @@ def test_the_torch_backend_validates_and_serves_the_same_prompt(tiny_ckpt, tmp_p
     v = manifest["validation"]
     assert v["prompt"] == PROMPT.to_dict() and v["mismatches"] == [] and v["tokens_compared"] > 0
     assert json.loads(_configs(repo)[wire.PREPROCESS].parameters["prompt_json"].string_value) == PROMPT.to_dict()
+
+
+def test_an_export_hashes_the_weights_once(tiny_ckpt, tmp_path, monkeypatch):
+    """Export, validation and the repository writer all need the checkpoint's digest: the weights
+    are read for it once (a 2B checkpoint is 8 GB), counted on the real export path."""
+    import coordexp.checkpoint as ck
+    from coordexp.export.build_engine import main
+
+    monkeypatch.setattr(ck, "_DIGESTS", {})
+    hashed = []
+    real = ck.sha256_file
+    monkeypatch.setattr(ck, "sha256_file", lambda path, *a, **k: (hashed.append(os.path.basename(path)),
+                                                                  real(path, *a, **k))[1])
+    assert main(["--ckpt", tiny_ckpt, "--repo", str(tmp_path / "repo"), "--max-new-tokens", "8",
+                 "--validation-steps", "4"]) == 0
+    assert hashed == [p.name for p in ck.weight_files(tiny_ckpt)]
+    manifest = json.load(open(tmp_path / "repo" / "manifest.json"))
+    assert manifest["checkpoint"]["weights_sha256"] == real(os.path.join(tiny_ckpt, "model.safetensors"))
+    # a changed weights file is hashed again (the memo keys on size and mtime)
+    weights = os.path.join(tiny_ckpt, "model.safetensors")
+    st = os.stat(weights)
+    try:
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+        ck.checkpoint_digest(tiny_ckpt)
+    finally:
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert len(hashed) == 2
