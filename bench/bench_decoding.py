@@ -6,8 +6,9 @@
 Side by side in one run on the demo checkpoint (see coordexp/benchmarks/decoding.py for what each
 figure is): in-flight vs static batching of the streamed llm at concurrency 1/4/16,
 served unary at concurrency 8 vs in-process ONNX Runtime at batch 8, and the jump-forward and
-prefix-cache measurements. `--json` writes the report with the keys the issue names
-(`inflight.ttft_p50_c4_over_c1`, `inflight.images_per_s_c16_ratio`, `served_c8_over_inprocess_b8`,
+prefix-cache measurements, and the same in-flight vs static sweep on `--backend torch` (CPU, fp32).
+`--json` writes the report with the keys the issues name (`inflight.ttft_p50_c4_over_c1`,
+`inflight.images_per_s_c16_ratio`, `inflight_torch.*`, `served_c8_over_inprocess_b8`,
 `jump_forward.*`, `prefix_cache.*`). `--quick`: fewer requests and records (a smoke run).
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit", type=int, default=None, help="records for jump-forward / prefix cache")
-    p.add_argument("--skip", default="", help="comma list: inflight,overhead,jump_forward,prefix_cache")
+    p.add_argument("--skip", default="", help="comma list: inflight,torch,overhead,jump_forward,prefix_cache")
     p.add_argument("--quick", action="store_true", help="16 requests per level, 16 overhead images, 8 records")
     p.add_argument("--json", dest="json_out", default=None)
     a = p.parse_args(argv)

@@ -45,7 +45,7 @@ class DecodingOptions:
     overhead_tokens: int = 32
     threads: int = 2
     limit: int | None = None  # records for the jump-forward / prefix-cache measurements
-    skip: tuple[str, ...] = ()  # any of "inflight", "overhead", "jump_forward", "prefix_cache"
+    skip: tuple[str, ...] = ()  # any of "inflight", "torch", "overhead", "jump_forward", "prefix_cache"
 
 
 def onnx_dir_of(opts: DecodingOptions, log: Callable[[str], None]) -> str:
@@ -73,6 +73,21 @@ def write_repos(opts: DecodingOptions, onnx_dir: str) -> dict[str, str]:
              for mode in ("static", "inflight")}
     set_llm_batching(repos["inflight"], "inflight", ("llm",))  # the unary llm as well (served overhead)
     return repos
+
+
+def write_torch_repos(opts: DecodingOptions) -> dict[str, str]:
+    """{"static": repo, "inflight": repo} of `--backend torch` (CPU, fp32) over the checkpoint: the same
+    options but `llm_batching` (in flight: `TorchRows` under the one decode loop)."""
+    from coordexp import wire
+    from coordexp.export.repository import ServingOptions, write_repository
+    from coordexp.serving.torch_parts import TorchOptions
+
+    torch = TorchOptions(device="cpu", dtype="fp32")
+    return {mode: write_repository(os.path.join(opts.workdir, f"torch_repo_{mode}"), wire.ENSEMBLE, None, opts.ckpt,
+                                   max_batch_size=opts.max_batch_size, max_new_tokens=opts.max_new_tokens,
+                                   backend="torch", torch=torch,
+                                   options=ServingOptions(llm_batching=mode, prefix_cache=False))
+            for mode in ("static", "inflight")}
 
 
 def set_llm_batching(repo: str, mode: str, models: Sequence[str] = ("llm", "llm_stream")) -> None:
@@ -256,7 +271,7 @@ def run(opts: DecodingOptions, log: Callable[[str], None] = print) -> dict[str, 
         "options": {k: v for k, v in vars(opts).items()}, "notes": [],
         "inflight": None, "static": None, "served_c8_over_inprocess_b8": None,
         "served_c8_over_inprocess_b8_static_llm": None, "overhead": None,
-        "jump_forward": None, "prefix_cache": None,
+        "jump_forward": None, "prefix_cache": None, "inflight_torch": None, "static_torch": None,
     }
     if "inflight" not in opts.skip or "overhead" not in opts.skip:
         repos = write_repos(opts, onnx_dir)
@@ -281,6 +296,19 @@ def run(opts: DecodingOptions, log: Callable[[str], None] = print) -> dict[str, 
         finally:
             for s in servers.values():
                 s.stop()
+    if "torch" not in opts.skip:  # the same sweep on --backend torch (CPU, fp32): inflight_torch.*
+        servers = {}
+        try:
+            for mode, repo in write_torch_repos(opts).items():
+                log(f"starting Triton (torch, {mode}) from {repo} ...")
+                servers[mode] = start_server(repo, extra_args=["--exit-timeout-secs=90"])
+            log(f"torch backend: streamed sweep, levels {list(opts.levels)}")
+            r = measure_inflight({m: s.grpc_url for m, s in servers.items()}, inputs, opts.levels, opts.requests,
+                                 opts.max_new_tokens, log)
+            report["inflight_torch"], report["static_torch"] = r["inflight"], r["static"]
+        finally:
+            for s in servers.values():
+                s.stop(timeout=100)
     if "jump_forward" not in opts.skip:
         log("jump-forward ...")
         res, note = optional_measure("coordexp.benchmarks.jump_forward", "measure_jump_forward", onnx_dir, opts.data,
@@ -305,20 +333,23 @@ def _f(v: Any, fmt: str = "{:.2f}") -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     lines = []
-    inf, st = report.get("inflight"), report.get("static")
-    if inf and st:
+    for suffix, title in (("", "onnx"), ("_torch", "torch")):
+        inf, st = report.get("inflight" + suffix), report.get("static" + suffix)
+        if not (inf and st):
+            continue
         levels = list(inf["images_per_s"])
-        lines.append(f"{'streamed (greedy, mixed lengths)':<34}" + "".join(f"{'c' + c:>20}" for c in levels))
+        lines.append(f"{title + ': streamed (greedy, mixed lengths)':<34}" + "".join(f"{'c' + c:>20}" for c in levels))
         for mode, r in (("static", st), ("inflight", inf)):
             lines.append(f"{mode + ' images/s':<34}" + "".join(f"{_f(r['images_per_s'][c]):>20}" for c in levels))
             lines.append(f"{mode + ' ttft p50 ms':<34}" + "".join(f"{_f(r['ttft_p50_ms'][c], '{:.1f}'):>20}"
                                                                   for c in levels))
         lines.append("")
-        lines.append(f"{'inflight.ttft_p50_c4_over_c1':<42}{_f(inf['ttft_p50_c4_over_c1'])}   (target <= 2)")
-        lines.append(f"{'static.ttft_p50_c4_over_c1':<42}{_f(st['ttft_p50_c4_over_c1'])}")
+        lines.append(f"{'inflight' + suffix + '.ttft_p50_c4_over_c1':<42}{_f(inf['ttft_p50_c4_over_c1'])}   (target <= 2)")
+        lines.append(f"{'static' + suffix + '.ttft_p50_c4_over_c1':<42}{_f(st['ttft_p50_c4_over_c1'])}")
         key = next((k for k in inf if k.startswith("images_per_s_c") and k.endswith("_ratio")), None)
         if key:
-            lines.append(f"{'inflight.' + key:<42}{_f(inf[key])}   (target >= 1.3)")
+            lines.append(f"{'inflight' + suffix + '.' + key:<42}{_f(inf[key])}   (target >= 1.3)")
+        lines.append("")
     o = report.get("overhead")
     if o:
         lines.append(f"{'served_c8_over_inprocess_b8':<42}{_f(report['served_c8_over_inprocess_b8'])}   "
