@@ -137,6 +137,13 @@ def test_nobody_assigns_an_engines_prompt():
     assert not offenders
 
 
+def test_one_construction_site_of_the_triton_client():
+    """Every Triton connection comes from `coordexp.engines.triton.pool.new_client` (the launcher's
+    readiness probe aside): one place sets the channel options, message limits and retries."""
+    sites = sorted(m for m, p in _modules().items() if "InferenceServerClient(" in open(p, encoding="utf-8").read())
+    assert sites == ["coordexp.engines.triton.pool", "coordexp.serving.server"]
+
+
 def test_the_wire_table_drives_configs_and_client(monkeypatch):
     """Rename one ensemble input in the table: the generated ensemble config and the client's request
     both use the new name, and the client refuses a model that still has the old one."""

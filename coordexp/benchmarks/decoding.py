@@ -159,29 +159,17 @@ def measure_inflight(urls: dict[str, str], inputs: list[bytes], levels: Sequence
     return out
 
 
-STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
-
-
 def step_stats(url: str) -> dict[str, dict[str, float]]:
-    """Triton's cumulative statistics of every loaded model: {model: {inferences, executions,
-    <part>_ns}} (queue, compute input / infer / output)."""
-    import tritonclient.grpc as grpcclient
+    """Triton's cumulative statistics of every loaded model (`inventory.inference_statistics`)."""
+    from coordexp.engines.triton.inventory import inference_statistics
 
-    client = grpcclient.InferenceServerClient(url.replace("grpc://", ""))
-    try:
-        out = {}
-        for st in client.get_inference_statistics(as_json=True).get("model_stats", []):
-            inf = st.get("inference_stats") or {}
-            out[st["name"]] = {"inferences": int(st.get("inference_count", 0)),
-                               "executions": int(st.get("execution_count", 0)),
-                               **{f"{k}_ns": int((inf.get(k) or {}).get("ns", 0)) for k in STAT_PARTS}}
-        return out
-    finally:
-        client.close()
+    return asyncio.run(inference_statistics(url))
 
 
 def stats_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
     """Per model over a run: requests, executions, mean batch, and per request the mean ms of each part."""
+    from coordexp.engines.triton.inventory import STAT_PARTS
+
     out = {}
     for name, a in after.items():
         b = before.get(name, {})

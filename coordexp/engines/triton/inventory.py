@@ -49,3 +49,25 @@ def coordexp_models(info: dict[str, Any]) -> list[str]:
     (a decoupled streaming twin serves the same export)."""
     return [m["name"] for m in info["models"]
             if m.get("state") == "READY" and m.get("coordexp") and not m.get("decoupled")]
+
+
+STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+async def inference_statistics(url: str, timeout: float = 10.0) -> dict[str, dict[str, int]]:
+    """Triton's cumulative statistics of every loaded model: {model: {inferences, executions,
+    <part>_ns}} (queue, compute input / infer / output), over the one client."""
+    from coordexp.engines.triton.pool import new_client, normalise_url
+
+    client = new_client(normalise_url(url))
+    try:
+        stats = await client.get_inference_statistics(as_json=True, client_timeout=timeout)
+    finally:
+        await client.close()
+    out = {}
+    for st in stats.get("model_stats", []):
+        inf = st.get("inference_stats") or {}
+        out[st["name"]] = {"inferences": int(st.get("inference_count", 0)),
+                           "executions": int(st.get("execution_count", 0)),
+                           **{f"{k}_ns": int((inf.get(k) or {}).get("ns", 0)) for k in STAT_PARTS}}
+    return out
