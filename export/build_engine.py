@@ -56,8 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from coordexp.export import build_options
-from coordexp.export.build_options import (DEFAULT_MAX_NEW_TOKENS, BuildError, BuildOptions,  # noqa: F401 (API)
-                                           ExportFormat, _log, flag_dests, resolve_options)
+from coordexp.export.build_options import BuildError, BuildOptions, ExportFormat, _log, flag_dests, resolve_options
 from coordexp.prompt import PROMPT_OPTIONS
 
 def _human(n: int) -> str:
@@ -312,7 +311,8 @@ def build_torch(opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
     t = opts.torch
     if opts.dry_run:
         plan = {"ckpt": opts.ckpt, "family": opts.family, "backend": "torch", "name": opts.name,
-                "repo": os.path.abspath(opts.repo), **t.parts.to_params(), "prompt": opts.prompt.variant,
+                "repo": os.path.abspath(opts.repo), **t.parts.to_params(), "llm_batching": t.llm_batching,
+                "jump_forward": t.jump_forward, "prompt": opts.prompt.variant,
                 "validation": not t.skip_validation}
         return plan, [f"{k:<15}: {v}" for k, v in plan.items()]
     try:
@@ -325,7 +325,8 @@ def build_torch(opts: BuildOptions, t0: float) -> tuple[Any, list[str]]:
         raise BuildError(str(e), 2) from e
     v = result["validation"]
     lines = [f"checkpoint : {opts.ckpt}", f"backend    : torch ({t.parts.device}, {t.parts.dtype}, "
-             f"{t.parts.cache} cache{', compiled' if t.parts.compile else ''})", *prompt_lines(opts),
+             f"{t.parts.cache} cache{', compiled' if t.parts.compile else ''}, {t.llm_batching} batching)",
+             *prompt_lines(opts),
              f"written    : {result['repo']}",
              "validation : " + (f"{v['tokens_compared']} greedy tokens over {v['probes']} probes, "
                                 f"{len(v['mismatches'])} differing row(s), {v['seconds']} s" if v else "skipped"),

@@ -83,7 +83,7 @@ def _normalised_config(text: str) -> str:
 
 def write_reference(dst: str | os.PathLike = REFERENCE_DIR, ckpt: str | os.PathLike = DEMO_CHECKPOINT) -> list[str]:
     """(Re)write the reference repository at `dst`; returns its files (relative paths, sorted)."""
-    from coordexp.export.build_engine import DEFAULT_MAX_NEW_TOKENS
+    from coordexp.export.build_options import DEFAULT_MAX_NEW_TOKENS
     from coordexp.export.repository import write_repository
     from coordexp.generation import GenerationParams
     from coordexp.training_record import checkpoint_prompt

@@ -18,6 +18,7 @@ from typing import Any
 
 from coordexp import wire
 from coordexp.checkpoint import checkpoint_digest
+from coordexp.export import model_configs as M
 from coordexp.trtllm.plan import CHECKPOINT_SUBDIR, MODEL_YAML, PINNED, VISION_META, VISION_PLAN, TrtllmPlan
 
 WRITER = "coordexp.export.trtllm_repository"
@@ -73,18 +74,17 @@ SHIMS = {wire.PREPROCESS: ("coordexp.serving.preprocess", "TritonPythonModel", "
 # ---------------------------------------------------------------------------- configs
 def _llm_config(plan: TrtllmPlan, prompt, decoding, options, pad_id: int, stop_ids: list[int]):
     """The llm step: the ONNX llm's tensors + the optional pixel_values the LLM API rebuilds the image from."""
-    from coordexp.export import repository as R
     from coordexp.serving import common as C
 
-    pb, _ = R.config_protos()
-    llm = R.python_model_config(
+    pb, _ = M.config_protos()
+    llm = M.python_model_config(
         wire.LLM, plan.options.max_batch_size, options.llm_instances,
         {"model_yaml": MODEL_YAML, "processor_dir": C.PROCESSOR_SUBDIR, "vision": plan.options.vision,
          "max_new_tokens": str(plan.options.max_new_tokens), "decoding_defaults": decoding.to_dict(),
          "pad_token_id": str(pad_id), "stop_token_ids": stop_ids, "merge_size": str(plan.facts.merge_size),
          "prompt_json": prompt.to_dict()},
         queue_delay_us=options.llm_queue_delay_us)
-    R.add_tensors(pb, llm.input, [wire.Tensor(wire.PIXEL_VALUES, "FP32", (-1, -1), optional=True, ragged=True)])
+    M.add_tensors(pb, llm.input, [wire.Tensor(wire.PIXEL_VALUES, "FP32", (-1, -1), optional=True, ragged=True)])
     if plan.options.vision == "trtllm":  # no vision step feeds these
         for t in llm.input:
             if t.name in (wire.IMAGE_EMBEDS, wire.DEEPSTACK_EMBEDS):
@@ -94,11 +94,10 @@ def _llm_config(plan: TrtllmPlan, prompt, decoding, options, pad_id: int, stop_i
 
 def _vision_config(plan: TrtllmPlan, options):
     """The vision_encoder step running the TensorRT engine (a GPU instance)."""
-    from coordexp.export import repository as R
     from coordexp.serving import common as C
 
-    pb, _ = R.config_protos()
-    vis = R.python_model_config(
+    pb, _ = M.config_protos()
+    vis = M.python_model_config(
         wire.VISION_ENCODER, plan.options.max_batch_size, options.vision_instances,
         {"plan": VISION_PLAN, "onnx_meta": VISION_META, "merge_size": str(plan.facts.merge_size),
          "max_patches": str(plan.profile["max"]), "processor_dir": C.PROCESSOR_SUBDIR},
@@ -109,9 +108,8 @@ def _vision_config(plan: TrtllmPlan, options):
 
 def _ensemble(plan: TrtllmPlan, prompt, manifest: dict[str, Any]):
     """The ONNX repository's ensemble, without the vision step when TensorRT-LLM runs the vision tower."""
-    from coordexp.export import repository as R
 
-    ens = R.ensemble_config(plan.name, plan.options.max_batch_size, {
+    ens = M.ensemble_config(plan.name, plan.options.max_batch_size, {
         "manifest_json": json.dumps(manifest, sort_keys=True, separators=(",", ":")),
         "prompt_variant": prompt.variant, "backend": "trtllm"})
     steps = list(ens.ensemble_scheduling.step)
@@ -131,18 +129,17 @@ def _ensemble(plan: TrtllmPlan, prompt, manifest: dict[str, Any]):
 
 def _stream_pair(llm, ens):
     """llm_stream (llm, decoupled, + `stream`) and <name>_stream (the ensemble on llm_stream)."""
-    from coordexp.export import repository as R
 
-    pb, _ = R.config_protos()
+    pb, _ = M.config_protos()
     llm_s = pb.ModelConfig()
     llm_s.CopyFrom(llm)
     llm_s.name = wire.LLM_STREAM
-    R.add_tensors(pb, llm_s.input, [wire.STREAM_TENSOR])
+    M.add_tensors(pb, llm_s.input, [wire.STREAM_TENSOR])
     llm_s.model_transaction_policy.decoupled = True
     ens_s = pb.ModelConfig()
     ens_s.CopyFrom(ens)
     ens_s.name = wire.stream_ensemble_name(ens.name)
-    R.add_tensors(pb, ens_s.input, [wire.STREAM_TENSOR])
+    M.add_tensors(pb, ens_s.input, [wire.STREAM_TENSOR])
     for step in ens_s.ensemble_scheduling.step:
         if step.model_name == wire.LLM:
             step.model_name = wire.LLM_STREAM
@@ -154,16 +151,15 @@ def build_configs(plan: TrtllmPlan, prompt, decoding, options, pad_id: int, stop
                   manifest: dict[str, Any]) -> dict[str, Any]:
     """{model: ModelConfig} of the repository, built with coordexp.export.repository's own functions
     and checked with its `check_wiring`."""
-    from coordexp.export import repository as R
     from coordexp.serving import common as C
 
     mbs = plan.options.max_batch_size
     configs = {
-        wire.PREPROCESS: R.python_model_config(
+        wire.PREPROCESS: M.python_model_config(
             wire.PREPROCESS, mbs, options.preprocess_instances,
             {"processor_dir": C.PROCESSOR_SUBDIR, "prompt_json": prompt.to_dict(),
              "max_pixels": str(options.max_pixels or "")}),
-        wire.POSTPROCESS: R.python_model_config(
+        wire.POSTPROCESS: M.python_model_config(
             wire.POSTPROCESS, mbs, options.postprocess_instances,
             {"processor_dir": C.PROCESSOR_SUBDIR, "coord_mode": manifest["coord_mode"],
              "bbox_format": prompt.bbox_format}),
@@ -177,7 +173,7 @@ def build_configs(plan: TrtllmPlan, prompt, decoding, options, pad_id: int, stop
         configs[wire.LLM_STREAM], ens_s = _stream_pair(llm, ens)
         configs[ens_s.name] = ens_s
         ensembles.append(ens_s.name)
-    problems = [p for name in ensembles for p in R.check_wiring(configs, name)]
+    problems = [p for name in ensembles for p in M.check_wiring(configs, name)]
     if problems:
         raise ValueError("inconsistent ensemble wiring:\n  " + "\n  ".join(problems))
     return configs
@@ -223,9 +219,8 @@ def trtllm_manifest(plan: TrtllmPlan, prompt, decoding, options, copied: list[st
 
 def _write_models(root: str, configs: dict[str, Any], plan: TrtllmPlan) -> None:
     """Every config.pbtxt (all printed and parsed back first), the model shims, llm/1/model.yaml."""
-    from coordexp.export import repository as R
 
-    texts = {m: R.config_text(cfg) for m, cfg in configs.items()}
+    texts = {m: M.config_text(cfg) for m, cfg in configs.items()}
     for model, text in texts.items():
         os.makedirs(os.path.join(root, model, "1"), exist_ok=True)
         Path(root, model, "config.pbtxt").write_text(text, encoding="utf-8")

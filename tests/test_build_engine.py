@@ -43,7 +43,7 @@ def built(tiny_ckpt, tmp_path_factory):
 
 
 def _configs(repo: str) -> dict:
-    from coordexp.export.repository import load_configs
+    from coordexp.export.model_configs import load_configs
 
     return load_configs(repo)
 

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from coordexp.export.repository import (ServingOptions, check_wiring, find_onnx_dir, load_configs,
-                                        parse_config, write_repository)
+from coordexp.export.model_configs import check_wiring, load_configs, parse_config
+from coordexp.export.repository import ServingOptions, find_onnx_dir, write_repository
 from coordexp.prompt import PromptSpec
 from coordexp import wire
 from coordexp.serving import common as C

@@ -148,7 +148,7 @@ def test_the_wire_table_drives_configs_and_client(monkeypatch):
     """Rename one ensemble input in the table: the generated ensemble config and the client's request
     both use the new name, and the client refuses a model that still has the old one."""
     from coordexp.engines.triton.interface import ModelInterface, build_arrays
-    from coordexp.export.repository import ensemble_config
+    from coordexp.export.model_configs import ensemble_config
 
     renamed = tuple(dataclasses.replace(t, name="seed_renamed") if t.name == wire.RANDOM_SEED else t
                     for t in wire.ENSEMBLE_INPUTS)

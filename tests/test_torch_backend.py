@@ -81,7 +81,7 @@ def test_torch_repository_layout_and_validation(torch_repo):
         shim = open(os.path.join(torch_repo, model, "1", "model.py")).read()
         assert f"from coordexp.serving.torch_steps import {cls} as TritonPythonModel" in shim
     # the same ensemble contract as the ONNX repository
-    from coordexp.export.repository import check_wiring, load_configs
+    from coordexp.export.model_configs import check_wiring, load_configs
 
     configs = load_configs(torch_repo)
     assert {wire.ENSEMBLE, wire.stream_ensemble_name(wire.ENSEMBLE)} <= set(configs)
@@ -199,7 +199,7 @@ def test_torch_rows_joining_mid_decode_equal_each_row_decoded_alone(tiny_ckpt):
 @pytest.mark.parametrize("guided", [False, True])
 def test_served_in_flight_at_concurrency_4_equals_the_torch_reference(torch_server, torch_repo, reference, images,
                                                                        guided):
-    from coordexp.export.repository import load_configs
+    from coordexp.export.model_configs import load_configs
 
     llm = load_configs(torch_repo)[wire.LLM].parameters
     assert llm["batching"].string_value == "inflight" and llm["jump_forward"].string_value == "true"

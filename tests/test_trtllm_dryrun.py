@@ -106,7 +106,7 @@ def tensors(cfg, which: str) -> dict:
 # ---------------------------------------------------------------------------- repository
 @pytest.mark.parametrize("kind", ["llmapi", "trt"])
 def test_configs_parse_and_keep_the_ensemble_contract(repos, kind):
-    from coordexp.export.repository import check_wiring
+    from coordexp.export.model_configs import check_wiring
 
     onnx, trt = configs(repos["onnx"]), configs(repos[kind])
     for name in ("coordexp", "coordexp_stream"):  # the unary and the streaming ensemble
