@@ -151,14 +151,20 @@ def test_no_stub_outlives_a_killed_tritonserver(repo_copy, when):
         from coordexp.serving.server import _prepare_backend_dir
 
         cmd.insert(2, f"--backend-directory={_prepare_backend_dir(srv.install, srv._workdir)}")
-        srv.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=srv._env(),
-                                    start_new_session=True)
-        deadline = time.monotonic() + 60  # some stubs are inside their model's initialize, watchdog armed
-        while not any(_armed(p) for p in _stubs_of(repo_copy)) and time.monotonic() < deadline:
+        log = open(os.path.join(os.path.dirname(repo_copy), "tritonserver.log"), "wb")
+        srv.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=srv._env(), start_new_session=True)
+        # some stubs are inside their model's initialize, watchdog armed (2 shared cores: allow for load)
+        deadline = time.monotonic() + 120
+        while not any(_armed(p) for p in _stubs_of(repo_copy)) and time.monotonic() < deadline \
+                and srv.proc.poll() is None:
             time.sleep(0.05)
     try:
         armed = {p for p in _stubs_of(repo_copy) if _armed(p)}
-        assert armed, "no stub reached its model's initialize"
+        if not armed and srv.proc.poll() is not None:  # say why: the server's own words
+            with open(os.path.join(os.path.dirname(repo_copy), "tritonserver.log"), "rb") as f:
+                pytest.fail(f"tritonserver exited ({srv.proc.returncode}) before any stub armed: "
+                            f"{f.read()[-2000:].decode(errors='replace')}")
+        assert armed, f"no stub reached its model's initialize; stubs {_stubs_of(repo_copy)}"
         os.kill(srv.proc.pid, signal.SIGKILL)  # the server only: the stubs are re-parented
         srv.proc.wait(10)
         deadline = time.monotonic() + 10

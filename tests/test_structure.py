@@ -144,6 +144,20 @@ def test_one_construction_site_of_the_triton_client():
     assert sites == ["coordexp.engines.triton.pool", "coordexp.serving.server"]
 
 
+def test_one_decode_loop_and_one_sampler():
+    """Every engine decodes through `coordexp.decoding.loop` and chooses tokens through
+    `coordexp.decoding.sampling`: no other module steps a decoder over `max_new_tokens` or draws a
+    token from a softmax (the behaviour tests compare the engines' answers; this keeps copies out)."""
+    import re
+
+    home = {"coordexp.decoding.loop", "coordexp.decoding.sampling"}
+    loops = re.compile(r"for \w+ in range\((params|p)\.max_new_tokens\)")
+    draws = re.compile(r"np\.searchsorted\(cdf|np\.argmax\(logits|def \w*top_p\w*\(|def _?softmax\(")
+    copies = {m: [n for n, line in enumerate(open(p, encoding="utf-8"), 1) if loops.search(line) or draws.search(line)]
+              for m, p in _modules().items() if m not in home}
+    assert not {m: lines for m, lines in copies.items() if lines}
+
+
 def test_the_wire_table_drives_configs_and_client(monkeypatch):
     """Rename one ensemble input in the table: the generated ensemble config and the client's request
     both use the new name, and the client refuses a model that still has the old one."""
