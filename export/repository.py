@@ -279,6 +279,34 @@ def build_record(name: str, backend: str, max_batch_size: int, max_new_tokens: i
     return json.loads(json.dumps(rec))  # as the manifest reads back
 
 
+def new_manifest(rec: dict[str, Any], ckpt: str, writer: str, steps: list[str], streaming: bool,
+                 layout: dict[str, Any], own: dict[str, Any], validation: dict[str, Any] | None) -> dict[str, Any]:
+    """manifest.json of every format (ONNX, torch, TensorRT-LLM): the build request's entries (`rec`,
+    from `build_record`), the checkpoint digest, library versions, the models and the layout, then the
+    format's own entry (`own`: {"onnx" | "torch": ...}; TensorRT-LLM adds `trtllm` after)."""
+    name = rec["name"]
+    return {
+        "schema_version": rec["schema_version"],
+        "name": name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "exporter": {"tool": "coordexp.export.build_engine", "writer": writer},
+        "versions": library_versions(),
+        "checkpoint": checkpoint_digest(ckpt).to_manifest(),
+        "backend": rec["backend"],
+        "max_batch_size": rec["max_batch_size"],
+        "max_new_tokens": rec["max_new_tokens"],
+        "decoding_defaults": rec["decoding_defaults"],
+        **{k: rec[k] for k in ("prompt", "prompt_source", "prompt_template_hash")},
+        "coord_mode": "norm1000",  # both prompt formats answer on the 0..999 grid
+        "models": {"ensemble": name, "steps": list(steps),
+                   "stream_ensemble": wire.stream_ensemble_name(name) if streaming else None},
+        "layout": layout,
+        **own,
+        "serving": rec["serving"],
+        "validation": validation,
+    }
+
+
 class _Absent:
     def __repr__(self) -> str:
         return "absent"
@@ -414,29 +442,12 @@ def _assemble(root: str, name: str, onnx_dir: str | None, ckpt: str, meta: dict[
         raise ValueError(f"onnx_meta pad_token_id {meta['pad_token_id']} != the checkpoint's {pad_id}")
 
     rec = build_record(name, backend, max_batch_size, max_new_tokens, prompt, options, decoding, torch, prompt_source)
-    manifest: dict[str, Any] = {
-        "schema_version": rec["schema_version"],
-        "name": name,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "exporter": {"tool": "coordexp.export.build_engine", "writer": "coordexp.export.repository"},
-        "versions": library_versions(),
-        "checkpoint": checkpoint_digest(ckpt).to_manifest(),
-        "backend": backend,
-        "max_batch_size": max_batch_size,
-        "max_new_tokens": max_new_tokens,
-        "decoding_defaults": rec["decoding_defaults"],
-        **{k: rec[k] for k in ("prompt", "prompt_source", "prompt_template_hash")},
-        "coord_mode": "norm1000",  # both prompt formats answer on the 0..999 grid
-        "models": {"ensemble": name, "steps": [s[0] for s in wire.ENSEMBLE_STEPS],
-                   "stream_ensemble": wire.stream_ensemble_name(name) if options.streaming else None},
-        "layout": {("hf_dir" if torch else "onnx_dir"): HF_SUBDIR if torch else C.ONNX_SUBDIR,
-                   "processor_dir": C.PROCESSOR_SUBDIR, "processor_files": copied},
-        ("torch" if torch else "onnx"): rec["torch"] if torch else {
-            k: meta.get(k) for k in ("format", "family", "architecture", "opset", "dtype", "weights", "quantization",
-                                   "versions") if k in meta},
-        "serving": rec["serving"],
-        "validation": validation,
-    }
+    layout = {("hf_dir" if torch else "onnx_dir"): HF_SUBDIR if torch else C.ONNX_SUBDIR,
+              "processor_dir": C.PROCESSOR_SUBDIR, "processor_files": copied}
+    own = rec["torch"] if torch else {k: meta.get(k) for k in ("format", "family", "architecture", "opset", "dtype",
+                                                              "weights", "quantization", "versions") if k in meta}
+    manifest = new_manifest(rec, ckpt, "coordexp.export.repository", [s[0] for s in wire.ENSEMBLE_STEPS],
+                            options.streaming, layout, {("torch" if torch else "onnx"): own}, validation)
 
     configs, ensembles = _step_configs(name, max_batch_size, max_new_tokens, prompt, backend, options, decoding,
                                        manifest, pad_id, merge, torch)

@@ -8,7 +8,6 @@ ensembles' inputs and outputs and the preprocess / postprocess steps are the ONN
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import shutil
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from coordexp import wire
-from coordexp.checkpoint import checkpoint_digest
 from coordexp.export import model_configs as M
 from coordexp.trtllm.plan import CHECKPOINT_SUBDIR, MODEL_YAML, PINNED, VISION_META, VISION_PLAN, TrtllmPlan
 
@@ -187,31 +185,15 @@ def trtllm_manifest(plan: TrtllmPlan, prompt, decoding, options, copied: list[st
     from coordexp.serving import common as C
 
     tensorrt_vision = plan.options.vision == "tensorrt"
-    manifest: dict[str, Any] = {
-        "schema_version": R.MANIFEST_VERSION,
-        "name": plan.name,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "exporter": {"tool": "coordexp.export.build_engine", "writer": WRITER},
-        "versions": R.library_versions(),
-        "checkpoint": checkpoint_digest(plan.facts.path).to_manifest(),
-        "backend": "trtllm",
-        "max_batch_size": plan.options.max_batch_size,
-        "max_new_tokens": plan.options.max_new_tokens,
-        "decoding_defaults": decoding.to_dict(),
-        **R.prompt_entries(prompt, prompt_source),
-        "coord_mode": "norm1000",
-        "models": {"ensemble": plan.name,
-                   "steps": [s[0] for s in wire.ENSEMBLE_STEPS
-                             if not (s[0] == wire.VISION_ENCODER and not tensorrt_vision)],
-                   "stream_ensemble": wire.stream_ensemble_name(plan.name) if options.streaming else None},
-        "layout": {"processor_dir": C.PROCESSOR_SUBDIR, "processor_files": copied,
-                   "checkpoint_dir": CHECKPOINT_SUBDIR, "model_yaml": MODEL_YAML,
-                   "vision_plan": VISION_PLAN if tensorrt_vision else None,
-                   "vision_meta": VISION_META if tensorrt_vision else None},
-        "serving": {k: v for k, v in options.__dict__.items() if k != "extra"} | dict(options.extra),
-        "validation": None,
-        "trtllm": {"pinned": dict(PINNED), "dry_run": bool(dry_run), **plan.summary()},
-    }
+    rec = R.build_record(plan.name, "trtllm", plan.options.max_batch_size, plan.options.max_new_tokens, prompt,
+                         options, decoding, prompt_source=prompt_source)
+    steps = [s[0] for s in wire.ENSEMBLE_STEPS if not (s[0] == wire.VISION_ENCODER and not tensorrt_vision)]
+    layout = {"processor_dir": C.PROCESSOR_SUBDIR, "processor_files": copied,
+              "checkpoint_dir": CHECKPOINT_SUBDIR, "model_yaml": MODEL_YAML,
+              "vision_plan": VISION_PLAN if tensorrt_vision else None,
+              "vision_meta": VISION_META if tensorrt_vision else None}
+    manifest = R.new_manifest(rec, plan.facts.path, WRITER, steps, options.streaming, layout, {}, None)
+    manifest["trtllm"] = {"pinned": dict(PINNED), "dry_run": bool(dry_run), **plan.summary()}
     if options.streaming:
         manifest["trtllm"]["kv_cache_note"] = KV_CACHE_NOTE
     return manifest
