@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
                             explicit_max_new_tokens=args.max_new_tokens is not None,
                             explicit_repetition_penalty=args.repetition_penalty is not None, force=args.force,
                             json_out=args.json_out)
-    from coordexp.runner import OutputWriteError, RunInterrupted, run_dataset
+    from coordexp.run_output import OutputWriteError
+    from coordexp.runner import RunInterrupted, run_dataset
 
     try:
         engine = local_engine(args)
@@ -217,7 +218,8 @@ def infer_served(connect: Any, data: str, out: str, params: GenerationParams, *,
     its defaults and limits applied, then the one dataset loop. Returns the exit code."""
     from coordexp.engines.openai_client import OpenAIServerError
     from coordexp.engines.triton import PreflightError
-    from coordexp.runner import OutputWriteError, RunInterrupted, run_dataset
+    from coordexp.run_output import OutputWriteError
+    from coordexp.runner import RunInterrupted, run_dataset
 
     try:
         engine = connect()

@@ -7,7 +7,8 @@ import pytest
 from coordexp.dataset import iter_dataset
 from coordexp.generation import GenerationParams, GenerationResult
 from coordexp.prompt import PromptSpec
-from coordexp.runner import PredictionWriter, run_dataset
+from coordexp.run_output import PredictionWriter
+from coordexp.runner import run_dataset
 from coordexp.schema import PredictionRecord
 
 MAX_PIXELS = 50_000  # big.png (300x200) is over it, the samples (<= 224x224) are not
@@ -269,8 +270,8 @@ def test_a_full_disk_is_a_clear_error_and_the_file_so_far_stays_valid(tmp_path):
     data = _sample_copy(tmp_path, 12)
     out = tmp_path / "run" / "p.jsonl"
     script = ("import sys, json; sys.path.insert(0, 'tests'); from test_runner import EchoEngine; "
-              "from coordexp.generation import GenerationParams; from coordexp.runner import OutputWriteError, "
-              "run_dataset\ntry:\n    run_dataset(sys.argv[1], sys.argv[2], EchoEngine(), GenerationParams(), "
+              "from coordexp.generation import GenerationParams; from coordexp.run_output import OutputWriteError; "
+              "from coordexp.runner import run_dataset\ntry:\n    run_dataset(sys.argv[1], sys.argv[2], EchoEngine(), GenerationParams(), "
               "progress=False)\nexcept OutputWriteError as e:\n    print('error:', e, file=sys.stderr); sys.exit(1)")
 
     def limit():

@@ -55,7 +55,8 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 # ============================================================================ metrics tied to predictions
 def test_a_rerun_into_an_evaluated_folder_is_refused_and_force_archives_the_eval(tmp_path):
     from coordexp.eval import evaluate
-    from coordexp.runner import OutputExists, run_dataset
+    from coordexp.run_output import OutputExists
+    from coordexp.runner import run_dataset
     from coordexp.runs.register import RegisterOptions, register_run
     from coordexp.runs.registry import Registry
 

@@ -179,8 +179,8 @@ def _summary_fields(run: RunRecord, s: dict[str, Any]) -> None:
 
 
 def find_eval_dir(run_dir: str) -> str | None:
-    """The run folder's evaluation (`eval/` first), not an archived one (`coordexp.runner.eval_dirs`)."""
-    from coordexp.runner import eval_dirs
+    """The run folder's evaluation (`eval/` first), not an archived one (`coordexp.run_output.eval_dirs`)."""
+    from coordexp.run_output import eval_dirs
 
     return next(iter(eval_dirs(run_dir)), None)
 
@@ -219,7 +219,7 @@ def import_our_dir(run_dir: str, gt_path: str | None = None, name: str | None = 
                     run_dir=os.path.abspath(run_dir), pred_sha256=pred_sha, note=stale)
     _summary_fields(run, s)
     if not run.finish:
-        from coordexp.runner import finish_of
+        from coordexp.run_output import finish_of
 
         run.finish = {"stop": 0, "length": 0, "error": 0}
         for _n, d in _jsonl(pred):
