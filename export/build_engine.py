@@ -275,7 +275,7 @@ def served_check(opts: BuildOptions) -> list[str]:
     """Refuse (BuildError, exit 2) to replace a repository a running coordexp-server serves, unless
     --force; with it, the warnings to print."""
     from coordexp.export.repository import RepositoryServed
-    from coordexp.serving.server import describe_server, live_servers
+    from coordexp.serving.markers import describe_server, live_servers
 
     repo = os.path.abspath(opts.repo)
     servers = live_servers(repo) if os.path.isdir(repo) else []

@@ -47,7 +47,7 @@ from coordexp.prompt import PromptSpec
 from coordexp import wire
 from coordexp.export.model_configs import check_wiring, config_text, ensemble_config, python_model_config
 from coordexp.serving import common as C
-from coordexp.serving.server import describe_server, live_servers
+from coordexp.serving.markers import describe_server, live_servers
 
 MANIFEST_VERSION = "coordexp.repository.v1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx")

@@ -199,7 +199,7 @@ def test_the_client_picks_the_one_ensemble_when_the_default_name_is_not_there(ex
 
 
 def _markers(repo: str) -> list[str]:
-    from coordexp.serving.server import MARKER_PREFIX
+    from coordexp.serving.markers import MARKER_PREFIX
 
     return sorted(f for f in os.listdir(repo) if f.startswith(MARKER_PREFIX))
 
@@ -207,7 +207,7 @@ def _markers(repo: str) -> list[str]:
 def test_a_serving_marker_names_the_server_triton_ignores_it_and_a_dead_one_is_ignored(tmp_path):
     import json
 
-    from coordexp.serving.server import MARKER_PREFIX, live_servers
+    from coordexp.serving.markers import MARKER_PREFIX, live_servers
 
     repo = os.path.abspath(_repo(tmp_path))
     # a marker left by a server that was killed: Triton scans past it, and nobody counts it as serving
@@ -251,7 +251,7 @@ def test_a_served_repository_is_replaced_only_with_force_and_stays_marked(tmp_pa
 
     from coordexp.export.build_engine import BuildError, build_parser, check_flags, resolve_options, served_check
     from coordexp.export.repository import RepositoryServed, write_repository
-    from coordexp.serving.server import live_servers
+    from coordexp.serving.markers import live_servers
 
     repo = os.path.abspath(_repo(tmp_path / "served"))
     onnx = fake_onnx_dir(tmp_path / "export")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime as _dt
-import glob
 import json
 import os
 import re
@@ -21,15 +20,13 @@ import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any
+
+from coordexp.serving.markers import _marker_path
+from coordexp.serving.triton_install import TritonError, _prepare_backend_dir, find_triton, free_port
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class TritonError(RuntimeError):
-    """Triton could not be started, or a model failed to load (message carries Triton's words)."""
 
 
 class StopRequested(BaseException):
@@ -70,104 +67,6 @@ def repository_problem(repo: str) -> str | None:
         hint = (f" (it looks like a checkpoint: export it first with python export/build_engine.py --ckpt {repo}"
                 " and serve the repository that prints)")
     return f"{repo} is not a Triton model repository: no model folder with a config.pbtxt{hint}"
-
-
-# While a server runs, a marker `<repo>/.coordexp-server-<tritonserver pid>.json` says who serves the
-# repository (the exporter refuses to overwrite it). Triton ignores files at the repository root (it
-# loads folders only; tests/test_server_lifecycle.py checks it with a real tritonserver).
-MARKER_PREFIX = ".coordexp-server-"
-
-
-def _marker_path(repo: str, pid: int) -> str:
-    return os.path.join(repo, f"{MARKER_PREFIX}{pid}.json")
-
-
-def _serves(pid: int, repo: str) -> bool:
-    """Whether process `pid` is a live tritonserver of `repo` (a recycled pid is not)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().split(b"\0")
-    except OSError:
-        return False
-    return bool(cmd) and os.path.basename(cmd[0]).startswith(b"tritonserver") and any(
-        a.startswith(b"--model-repository=") and os.path.realpath(a.split(b"=", 1)[1].decode(errors="replace"))
-        == os.path.realpath(repo) for a in cmd)
-
-
-def live_servers(repo: str) -> list[dict[str, Any]]:
-    """The servers whose marker is in `repo` and who still serve it (a marker left by a killed server,
-    or copied along with the folder, is ignored)."""
-    out = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(repo), f"{MARKER_PREFIX}*.json"))):
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                m = json.load(f)
-            pid = int(m["tritonserver_pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if os.path.realpath(str(m.get("repo", ""))) == os.path.realpath(repo) and _serves(pid, repo):
-            out.append({**m, "marker": path})
-    return out
-
-
-def describe_server(m: dict[str, Any]) -> str:
-    """One marker, for a message: who, where, since when."""
-    ports = ", ".join(f"{k} {m['host']}:{v}" for k, v in (("grpc", m.get("grpc_port")), ("http", m.get("http_port")))
-                      if v)
-    return f"pid {m.get('pid')} (tritonserver pid {m.get('tritonserver_pid')}; {ports}; since {m.get('started')})"
-
-
-@dataclass
-class TritonInstall:
-    binary: str
-    backend_dir: str | None  # None: the binary's own default (container: /opt/tritonserver/backends)
-    lib_dirs: list[str]
-    source: str  # "PATH" or "nvidia-pytriton"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def find_triton(prefer_path: bool = True) -> TritonInstall:
-    on_path = shutil.which("tritonserver")
-    if prefer_path and on_path:
-        return TritonInstall(binary=on_path, backend_dir=None, lib_dirs=[], source="PATH")
-    try:
-        import pytriton
-    except ImportError:
-        raise TritonError(
-            "no tritonserver found: none on PATH and the nvidia-pytriton wheel is not installed "
-            "(pip install 'coordexp-serve[server]', or run inside the Triton container)"
-        ) from None
-    root = os.path.join(os.path.dirname(pytriton.__file__), "tritonserver")
-    binary = os.path.join(root, "bin", "tritonserver")
-    libs = os.path.join(os.path.dirname(os.path.dirname(pytriton.__file__)), "nvidia_pytriton.libs")
-    if not os.path.exists(binary):
-        raise TritonError(f"nvidia-pytriton is installed but carries no server binary at {binary}")
-    return TritonInstall(binary=binary, backend_dir=os.path.join(root, "backends"), lib_dirs=[libs],
-                         source="nvidia-pytriton")
-
-
-def _prepare_backend_dir(install: TritonInstall, workdir: str) -> str | None:
-    """A backend folder whose python/ holds the wheel's backend plus the stub for this Python."""
-    if install.backend_dir is None:
-        return None
-    src = os.path.join(install.backend_dir, "python")
-    stub = os.path.join(os.path.dirname(install.backend_dir), "python_backend_stubs",
-                        f"{sys.version_info.major}.{sys.version_info.minor}", "triton_python_backend_stub")
-    if not os.path.exists(stub):
-        raise TritonError(f"nvidia-pytriton has no Python-backend stub for Python "
-                          f"{sys.version_info.major}.{sys.version_info.minor} ({stub})")
-    dst = os.path.join(workdir, "backends", "python")
-    os.makedirs(dst, exist_ok=True)
-    for name in os.listdir(src):
-        if name.endswith((".so", ".py")):
-            os.symlink(os.path.join(src, name), os.path.join(dst, name))
-    shutil.copy2(stub, os.path.join(dst, "triton_python_backend_stub"))
-    return os.path.dirname(dst)
 
 
 def _model_errors(log_text: str) -> list[str]:
