@@ -69,15 +69,3 @@ def run(args) -> int:
 
     record_vis(args.pred, args.out, register_options(args))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="coordexp-vis")
-    sub = parser.add_subparsers(dest="command")
-    register(sub)
-    args = parser.parse_args(["vis", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

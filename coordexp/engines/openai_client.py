@@ -269,24 +269,10 @@ class OpenAIEngine(PoolOnLoop):
             out.append("--guided: the server is not a CoordExp server (no guided CoordJSON decoding there)")
         return out
 
-    async def _generate_all(self, images: Sequence[Any], params: GenerationParams,
-                            prompt: RequestPrompt | None = None) -> list[GenerationResult]:
-        from coordexp.engines.triton.engine import _encoded
-
-        gate = asyncio.Semaphore(self.max_in_flight or max(1, len(images)))
-        parts = prompt.over(self.parts) if prompt is not None else self.parts
-
-        async def one(image: Any) -> GenerationResult:
-            async with gate:
-                gen, facts = await self.pool.generate(_encoded(image), params, parts)
-            gen.latency_s = facts.get("latency_s")
-            return gen
-
-        return list(await asyncio.gather(*(one(im) for im in images)))
-
     def generate_batch(self, images: Sequence[Any], params: GenerationParams, prompt: RequestPrompt | None = None
                        ) -> list[GenerationResult]:
-        return self._loop.run(self._generate_all(images, params, prompt))
+        parts = prompt.over(self.parts) if prompt is not None else self.parts
+        return self._loop.run(self._each(images, params, parts))
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "openai", "base_url": self.pool.base_url, "model": self.pool.model,

@@ -99,6 +99,26 @@ class PoolOnLoop:
 
     pool: Any
     _loop: _LoopThread
+    max_in_flight: int | None = None
+
+    async def _each(self, images: Sequence[Any], params: GenerationParams, parts: Any,
+                    fatal: tuple[type[BaseException], ...] = (BaseException,)) -> list[GenerationResult]:
+        """One `pool.generate` per image, at most `max_in_flight` at once (None: all), results in
+        order; an exception that is not `fatal` becomes that record's error and the run goes on."""
+        gate = asyncio.Semaphore(self.max_in_flight or max(1, len(images)))
+
+        async def one(image: Any) -> GenerationResult:
+            async with gate:
+                try:
+                    gen, facts = await self.pool.generate(_encoded(image), params, parts)
+                except fatal:
+                    raise
+                except Exception as e:  # e.g. a malformed response
+                    return GenerationResult(text="", error=f"{type(e).__name__}: {e}")
+            gen.latency_s = facts.get("latency_s")
+            return gen
+
+        return list(await asyncio.gather(*(one(im) for im in images)))
 
     def run(self, coro: Any) -> Any:
         """Run a coroutine (e.g. of `self.pool`) on the engine's loop and wait for it."""
@@ -161,29 +181,13 @@ class TritonEngine(PoolOnLoop):
         """What was asked that the served model cannot do (empty: fine)."""
         return request_problems(self.iface, self.manifest, params, self.user_text, prompt_overrides)
 
-    async def _generate_all(self, images: Sequence[Any], params: GenerationParams,
-                            prompt: RequestPrompt | None = None) -> list[GenerationResult]:
-        gate = asyncio.Semaphore(self.max_in_flight or max(1, len(images)))
-        parts = prompt.over(self.user_text) if prompt is not None else self.user_text
-
-        async def one(image: Any) -> GenerationResult:
-            async with gate:
-                try:
-                    gen, facts = await self.pool.generate(_encoded(image), params, parts)
-                except AllServersDown:
-                    raise
-                except Exception as e:  # e.g. a malformed response: this record fails, the run goes on
-                    return GenerationResult(text="", error=f"{type(e).__name__}: {e}")
-            gen.latency_s = facts.get("latency_s")
-            return gen
-
-        return list(await asyncio.gather(*(one(im) for im in images)))
-
     def generate_batch(self, images: Sequence[Any], params: GenerationParams, prompt: RequestPrompt | None = None
                        ) -> list[GenerationResult]:
         """One request per image, all in flight together (`prompt`: this call's parts over the engine's
-        own); raises AllServersDown (an `EngineUnavailable`) when no server is left."""
-        return self._loop.run(self._generate_all(images, params, prompt))
+        own); a failed request is its record's error; raises AllServersDown (an `EngineUnavailable`)
+        when no server is left."""
+        parts = prompt.over(self.user_text) if prompt is not None else self.user_text
+        return self._loop.run(self._each(images, params, parts, fatal=(AllServersDown,)))
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "triton", "urls": [s.url for s in self.pool.servers], "model": self.pool.model,
