@@ -261,7 +261,31 @@ def test_gpu_check_script_runs_on_cpu(torch_server, tiny_ckpt, tmp_path):
         assert all(v["ms_per_token"] > 0 and v["ttft_ms"] > 0 for v in b[engine].values())
     assert set(b["served"]) == {"concurrency_1", "concurrency_2"}
     assert all(v["errors"] == 0 and v["requests_per_s"] > 0 for v in b["served"].values())
+    assert b.get("served_static") is None  # --url-b given: no second export to compare with
     assert "| served concurrency |" in (out / "gpu_check.md").read_text()
     c = report["c"]  # run C: accuracy parity; the same dtype on the same device is token-identical
     assert c["token_agreement"]["exact_answer_rate"] == 1.0 and c["verdict"] == "inconclusive"  # 3 images
     assert "run C:" in (out / "gpu_check.md").read_text()
+
+
+@pytest.mark.triton
+def test_gpu_check_compares_in_flight_with_static_batches(tmp_path):
+    """Run B without --url-b exports the random checkpoint twice (in flight, static batches) and serves
+    both: the table says what in-flight batching buys on the device (here CPU, --small)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "gpu", "run_gpu_check.py")
+    spec = importlib.util.spec_from_file_location("run_gpu_check_b", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "check"
+    assert mod.main(["--out", str(out), "--device", "cpu", "--dtype", "fp32", "--small", "--runs", "b"]) == 0
+    b = json.load(open(out / "gpu_check.json"))["b"]
+    for mode in ("served", "served_static"):
+        assert set(b[mode]) == {"concurrency_1", "concurrency_2"}
+        assert all(v["errors"] == 0 and v["requests_per_s"] > 0 for v in b[mode].values())
+    assert set(b["served_inflight_over_static"]) == {"concurrency_1", "concurrency_2"}
+    configs = {m: open(out / repo / "llm" / "config.pbtxt").read() for m, repo in (("inflight", "repo_b"),
+                                                                                  ("static", "repo_b_static"))}
+    assert '"inflight"' in configs["inflight"] and '"static"' in configs["static"]
+    assert "in flight / static" in (out / "gpu_check.md").read_text()

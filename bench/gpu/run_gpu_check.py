@@ -12,7 +12,7 @@ images must be token-identical to the CPU fp32 HF-generate reference.
 Run B: a random-weight checkpoint with Qwen3-VL-2B's dimensions (`--small`: tiny), `--dtype`:
 vision ms per image, TTFT and ms per output token at batch 1 and 8 for the dynamic and the static
 KV cache, HF `generate` on the same device side by side, and requests/s at each concurrency
-through the served model.
+through the served model, in-flight batching (the export's default) and static batches side by side.
 Run C: the demo checkpoint in `--dtype` on `--device` against the CPU fp32 reference on the labelled
 demo val images: accuracy parity (metric deltas with 95 % intervals, a verdict), for engines that are
 not bit-identical. Writes OUT/gpu_check.json and OUT/gpu_check.md (the table); exit 1 when
@@ -39,9 +39,10 @@ DEMO_VAL = os.path.join(ROOT, "data", "demo_val", "val.jsonl")
 
 
 @contextlib.contextmanager
-def served(ckpt: str, repo: str, url: str | None, device: str, dtype: str, max_new: int, validate: bool
-           ) -> Iterator[str]:
-    """The gRPC url of a server holding a torch export of `ckpt` (`url` given: that one)."""
+def served(ckpt: str, repo: str, url: str | None, device: str, dtype: str, max_new: int, validate: bool,
+           extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """The gRPC url of a server holding a torch export of `ckpt` (`url` given: that one); `extra`:
+    more build_engine flags (e.g. `--llm-batching static`)."""
     if url:
         yield url
         return
@@ -49,7 +50,7 @@ def served(ckpt: str, repo: str, url: str | None, device: str, dtype: str, max_n
     from coordexp.serving.server import start_server
 
     argv = ["--ckpt", ckpt, "--backend", "torch", "--device", device, "--dtype", dtype, "--repo", repo,
-            "--max-new-tokens", str(max_new), "--max-batch-size", "32"]
+            "--max-new-tokens", str(max_new), "--max-batch-size", "32", *extra]
     if build(argv + ([] if validate else ["--skip-validation"])) != 0:
         raise SystemExit(f"export of {ckpt} failed")
     # torch stubs take seconds each to tear down: a longer exit timeout than Triton's 10 s
@@ -87,9 +88,12 @@ def table(report: dict[str, Any]) -> str:
         for batch in b["hf_generate"]:
             ratio = b["hf_generate"][batch]["ms_per_token"] / max(1e-9, b["torch_dynamic"][batch]["ms_per_token"])
             lines.append(f"| HF / torch (dynamic) ms per token | {batch.split('_')[1]} | | {ratio:.2f}x | |")
-        lines += ["", "| served concurrency | requests/s | p50 ms | errors |", "| --- | --- | --- | --- |"]
-        lines += [f"| {k.split('_')[1]} | {v['requests_per_s']} | {v['p50_ms']} | {v['errors']} |"
-                  for k, v in b["served"].items()]
+        static = b.get("served_static") or {}
+        lines += ["", "| served concurrency | requests/s in flight | p50 ms | errors | requests/s static batches | "
+                      "in flight / static |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {k.split('_')[1]} | {v['requests_per_s']} | {v['p50_ms']} | {v['errors']} | "
+                  f"{static.get(k, {}).get('requests_per_s', '-')} | "
+                  f"{(b.get('served_inflight_over_static') or {}).get(k, '-')} |" for k, v in b["served"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -133,7 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         report["b"] = measure.run_b_in_process(ckpt, opts)
         with served(ckpt, os.path.join(args.out, "repo_b"), args.url_b, opts.device, opts.dtype, opts.new_tokens,
                     False) as url:
-            report["b"]["served"] = measure.run_b_served(url, opts)
+            report["b"]["served"] = measure.run_b_served(url, opts)  # in-flight batching (the default)
+        if not args.url_b:  # the same export with static batches, side by side: what in-flight buys here
+            with served(ckpt, os.path.join(args.out, "repo_b_static"), None, opts.device, opts.dtype,
+                        opts.new_tokens, False, ("--llm-batching", "static")) as url:
+                report["b"]["served_static"] = measure.run_b_served(url, opts)
+            report["b"]["served_inflight_over_static"] = {
+                k: round(v["requests_per_s"] / max(1e-9, report["b"]["served_static"][k]["requests_per_s"]), 3)
+                for k, v in report["b"]["served"].items()}
     if "c" in runs:
         report["c"] = measure.run_c(args.ckpt_a, opts.device, opts.dtype, DEMO_VAL, opts.images,
                                     os.path.join(args.out, "run_c"), 8 if small else 96)
