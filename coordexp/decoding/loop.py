@@ -52,6 +52,12 @@ class DecodeRows(Protocol):
         ...
 
 
+def closed_early(hook: Any, slot: int) -> bool:
+    """Guided decoding had to close row `slot`'s answer early to fit the token limit (no hook: no)."""
+    state = getattr(hook, "state", None)
+    return bool(state is not None and state.closed_early[slot])
+
+
 @dataclass(eq=False)  # identity: rows are looked up by object
 class DecodeRow:
     """One row's decoding state. `hook`: its guided logits hook, at row `slot` of it; `seq`: the
@@ -76,9 +82,7 @@ class DecodeRow:
 
     @property
     def closed_early(self) -> bool:
-        """Guided decoding had to close the answer early to fit the token limit."""
-        state = getattr(self.hook, "state", None)
-        return bool(state is not None and state.closed_early[self.slot])
+        return closed_early(self.hook, self.slot)
 
 
 @dataclass

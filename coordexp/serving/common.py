@@ -270,6 +270,17 @@ class Generated(list):
         return g
 
 
+def prompt_batch(items: Sequence[LlmItem], pad_token_id: int) -> tuple[np.ndarray, ...]:
+    """Rows joining the batch as one LEFT padded prefill: (input_ids, attention_mask, image_grid_thw,
+    image_embeds, deepstack)."""
+    input_ids = pad_stack([it.ids for it in items], value=pad_token_id, left=True)
+    prompt_mask = pad_stack([np.ones_like(it.ids) for it in items], value=0, left=True)
+    grid = np.stack([it.grid for it in items]).astype(np.int64)
+    embeds = np.concatenate([it.embeds for it in items], axis=0)
+    deep = np.concatenate([it.deepstack for it in items], axis=1)
+    return input_ids, prompt_mask, grid, embeds, deep
+
+
 def prompt_lengths(items: Sequence[LlmItem]) -> list[int]:
     return [int(len(it.ids)) for it in items]
 

@@ -40,22 +40,11 @@ import numpy as np
 
 from coordexp.decoding.loop import DecodeLoop, DecodeRow, DecodeRows
 from coordexp.generation import GenerationParams
-from coordexp.serving.common import Generated, LlmItem, RequestError, outputs_of, pad_stack, prompt_lengths
+from coordexp.serving.common import Generated, LlmItem, RequestError, outputs_of, prompt_batch, prompt_lengths
 
 CANCEL_CHECK_S = 0.25  # how often running rows' requests are asked whether the client cancelled them
 # send(outputs_or_error, final): one request's response sender
 Send = Callable[[dict[str, np.ndarray] | BaseException, bool], None]
-
-
-def prompt_batch(items: Sequence[LlmItem], pad_token_id: int) -> tuple[np.ndarray, ...]:
-    """Rows joining the batch as one LEFT padded prefill: (input_ids, attention_mask, image_grid_thw,
-    image_embeds, deepstack)."""
-    input_ids = pad_stack([it.ids for it in items], value=pad_token_id, left=True)
-    prompt_mask = pad_stack([np.ones_like(it.ids) for it in items], value=0, left=True)
-    grid = np.stack([it.grid for it in items]).astype(np.int64)
-    embeds = np.concatenate([it.embeds for it in items], axis=0)
-    deep = np.concatenate([it.deepstack for it in items], axis=1)
-    return input_ids, prompt_mask, grid, embeds, deep
 
 
 @dataclass(eq=False)  # identity: requests are dict keys

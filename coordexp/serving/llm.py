@@ -40,9 +40,10 @@ import numpy as np
 
 from coordexp.generation import GenerationParams
 from coordexp import wire
+from coordexp.decoding.loop import closed_early
 from coordexp.serving.common import (ONNX_SUBDIR, Generated, LlmItem, RequestError, TritonRequestView,
                                      decoupled_sender, error_response, int_param, model_args, open_quiet_sessions,
-                                     outputs_of, pad_stack, prompt_lengths, request_view, resolve, response, rows,
+                                     outputs_of, prompt_batch, prompt_lengths, request_view, resolve, response, rows,
                                      wants_stream)
 from coordexp.wire import (ATTENTION_MASK, DEEPSTACK_EMBEDS, GUIDED, IGNORE_EOS, IMAGE_EMBEDS, IMAGE_GRID_THW,
                            INPUT_IDS, INPUT_LENGTHS, RANDOM_SEED, REPETITION_PENALTY, REQUEST_OUTPUT_LEN, RUNTIME_TOP_P,
@@ -117,11 +118,6 @@ def params_for_row(defaults: GenerationParams, limit: int, max_tokens: Any = Non
         return replace(defaults, **kw)
     except ValueError as e:  # GenerationParams validation
         raise RequestError(str(e)) from None
-
-
-def _closed_early(hook: Any, row: int) -> bool:
-    state = getattr(hook, "state", None)
-    return bool(state is not None and state.closed_early[row])
 
 
 def _renumbered(on_progress: ProgressCallback, chunk: list[int]) -> Callable[[list[list[int]], list[int]], None]:
@@ -211,11 +207,7 @@ class LlmBatcher:
         """Items sharing their params -> one left-padded batch -> generated ids per item
         (`on_step`: see `OnnxParts.generate`, rows numbered within this group)."""
         params = items[0].params
-        input_ids = pad_stack([it.ids for it in items], value=self.pad_token_id, left=True)
-        attention_mask = pad_stack([np.ones_like(it.ids) for it in items], value=0, left=True)
-        grid = np.stack([it.grid for it in items]).astype(np.int64)
-        embeds = np.concatenate([it.embeds for it in items], axis=0)
-        deep = np.concatenate([it.deepstack for it in items], axis=1)
+        input_ids, attention_mask, grid, embeds, deep = prompt_batch(items, self.pad_token_id)
         hook = None
         if params.guided:
             if self.guided_hook is None:
@@ -229,13 +221,13 @@ class LlmBatcher:
             def flagged(generated: list[list[int]], finished: list[int]) -> None:
                 # a finished row's ids carry its guided flag, final from then on
                 for b in finished:
-                    ended[b] = Generated.of(generated[b], _closed_early(hook, b))
+                    ended[b] = Generated.of(generated[b], closed_early(hook, b))
                 on_step([ended.get(b, g) for b, g in enumerate(generated)], finished)
             kw["on_step"] = flagged
         out = self.parts.generate(input_ids, attention_mask, grid, embeds, deep, params, logits_hook=hook, **kw)
         if len(out) != len(items):
             raise RuntimeError(f"generate returned {len(out)} rows for {len(items)}")
-        return [Generated.of(row, _closed_early(hook, b)) for b, row in enumerate(out)]
+        return [Generated.of(row, closed_early(hook, b)) for b, row in enumerate(out)]
 
     def generate(self, items: Sequence[LlmItem], on_progress: ProgressCallback | None = None
                  ) -> list[list[int] | Exception]:
