@@ -355,7 +355,7 @@ def _interactive(source, args, params) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordexp.engines.triton.pool import PreflightError
+    from coordexp.engines.triton.connect import PreflightError
 
     if sum(map(bool, (args.url, args.local, args.openai_url))) != 1:
         print("error: give one of --url HOST:PORT, --openai-url URL or --local CKPT", file=sys.stderr)

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from coordexp.benchmarks import serve as B
     from coordexp.benchmarks.report import level_row, plot
     from coordexp.engines.triton.interface import served_prompt
-    from coordexp.engines.triton.pool import PreflightError
+    from coordexp.engines.triton.connect import PreflightError
 
     try:
         levels = B.parse_levels(args.concurrency)

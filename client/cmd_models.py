@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from coordexp.engines.triton.inventory import server_models
-    from coordexp.engines.triton.pool import normalise_url
+    from coordexp.engines.triton.connect import normalise_url
 
     async def collect():
         return [await server_models(normalise_url(u), args.timeout) for u in args.url]

@@ -26,6 +26,7 @@ import pytest
 from coordexp import wire
 from coordexp.engines.triton import interface as I
 from coordexp.engines.triton import pool as P
+from coordexp.engines.triton.connect import normalise_url
 from coordexp.generation import GenerationParams
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -676,10 +677,10 @@ def test_reading_runs_ahead_at_most_the_reorder_window(tmp_path):
 
 def test_a_url_without_a_port_means_tritons_grpc_port():
     """(issue 19) gRPC alone would try 443; a scheme is dropped."""
-    assert P.normalise_url("localhost") == "localhost:8001"
-    assert P.normalise_url("grpc://10.0.0.5/") == "10.0.0.5:8001"
-    assert P.normalise_url("127.0.0.1:9001") == "127.0.0.1:9001"
-    assert P.normalise_url("[::1]") == "[::1]:8001" and P.normalise_url("[::1]:7") == "[::1]:7"
+    assert normalise_url("localhost") == "localhost:8001"
+    assert normalise_url("grpc://10.0.0.5/") == "10.0.0.5:8001"
+    assert normalise_url("127.0.0.1:9001") == "127.0.0.1:9001"
+    assert normalise_url("[::1]") == "[::1]:8001" and normalise_url("[::1]:7") == "[::1]:7"
 
 
 @pytest.mark.slow

@@ -338,7 +338,7 @@ def test_ensemble_answers_images_of_several_sizes(server, images):
 @pytest.mark.triton
 def test_greedy_parity_torch_onnx_served(exported, server, images, onnx_engine):
     from coordexp.engines.torch_engine import TorchEngine
-    from coordexp.engines.triton.pool import model_stats
+    from coordexp.engines.triton.connect import model_stats
 
     params = GenerationParams(max_new_tokens=MAX_NEW)
     torch_engine = TorchEngine(exported[0], threads=1)

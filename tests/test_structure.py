@@ -138,10 +138,10 @@ def test_nobody_assigns_an_engines_prompt():
 
 
 def test_one_construction_site_of_the_triton_client():
-    """Every Triton connection comes from `coordexp.engines.triton.pool.new_client` (the launcher's
+    """Every Triton connection comes from `coordexp.engines.triton.connect.new_client` (the launcher's
     readiness probe aside): one place sets the channel options, message limits and retries."""
     sites = sorted(m for m, p in _modules().items() if "InferenceServerClient(" in open(p, encoding="utf-8").read())
-    assert sites == ["coordexp.engines.triton.pool", "coordexp.serving.server"]
+    assert sites == ["coordexp.engines.triton.connect", "coordexp.serving.server"]
 
 
 def test_one_decode_loop_and_one_sampler():

@@ -193,7 +193,7 @@ async def sweep_openai(opts: SweepOptions, params, inputs: list[bytes], log=prin
     """The same sweep against an OpenAI-compatible server (`--openai-url`); streamed levels time the
     server-sent events. Raises OpenAIServerError (as PreflightError) before any work."""
     from coordexp.engines.openai_client import OpenAIEngine, OpenAIPool, OpenAIServerError
-    from coordexp.engines.triton.pool import PreflightError
+    from coordexp.engines.triton.connect import PreflightError
 
     try:
         pool = await OpenAIPool.connect(opts.openai_url, opts.openai_model, opts.api_key, opts.timeout,
@@ -221,7 +221,8 @@ async def sweep(opts: SweepOptions, params, inputs: list[bytes], log=print, done
     a list the finished levels are appended to as they finish (an interrupted sweep reports them)."""
     from coordexp.engines.triton.interface import (fit_params_to_server, manifest_summary, prompt_variant,
                                                    request_problems)
-    from coordexp.engines.triton.pool import PreflightError, ServerPool, normalise_url
+    from coordexp.engines.triton.connect import PreflightError, normalise_url
+    from coordexp.engines.triton.pool import ServerPool
     from coordexp.wire import stream_ensemble_name
 
     if opts.openai_url:

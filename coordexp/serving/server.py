@@ -258,7 +258,7 @@ class TritonServer:
     async def _drain(self, timeout: float, t0: float) -> dict[str, Any]:
         import asyncio
 
-        from coordexp.engines.triton.pool import new_client
+        from coordexp.engines.triton.connect import new_client
 
         client = new_client(self.grpc_url)
         try:

@@ -64,7 +64,7 @@ class InferService:
             import asyncio
 
             from coordexp.engines.triton.inventory import coordexp_models, server_models
-            from coordexp.engines.triton.pool import normalise_url
+            from coordexp.engines.triton.connect import normalise_url
 
             names: list[str] = []
             for url in self.opts.urls:

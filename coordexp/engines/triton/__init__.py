@@ -8,6 +8,7 @@
 `infer`, `group`, `bench`, `ask`, `parity`, `models` and `bench/` all use these.
 """
 from coordexp.engines.triton.engine import ClientOptions, TritonEngine
-from coordexp.engines.triton.pool import AllServersDown, PreflightError, ServerPool
+from coordexp.engines.triton.connect import PreflightError
+from coordexp.engines.triton.pool import AllServersDown, ServerPool
 
 __all__ = ["AllServersDown", "ClientOptions", "PreflightError", "ServerPool", "TritonEngine"]

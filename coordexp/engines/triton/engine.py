@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 from coordexp.engines.triton.interface import (ModelInterface, manifest_summary, request_problems, served_prompt,
                                                fit_params_to_server)
-from coordexp.engines.triton.pool import AllServersDown, ServerPool, normalise_url
+from coordexp.engines.triton.connect import normalise_url
+from coordexp.engines.triton.pool import AllServersDown, ServerPool
 from coordexp.generation import GenerationParams, GenerationResult, RequestPrompt
 from coordexp.prompt import PromptSpec
 

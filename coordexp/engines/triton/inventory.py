@@ -9,7 +9,7 @@ from typing import Any
 async def server_models(url: str, timeout: float = 10.0) -> dict[str, Any]:
     """{"url", "server": {name, version}, "models": [...]} for one server; raises on no server."""
     from coordexp.engines.triton.interface import ModelInterface, fetch_manifest, manifest_summary
-    from coordexp.engines.triton.pool import error_message, new_client
+    from coordexp.engines.triton.connect import error_message, new_client
 
     client = new_client(url)
     try:
@@ -57,7 +57,7 @@ STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
 async def inference_statistics(url: str, timeout: float = 10.0) -> dict[str, dict[str, int]]:
     """Triton's cumulative statistics of every loaded model: {model: {inferences, executions,
     <part>_ns}} (queue, compute input / infer / output), over the one client."""
-    from coordexp.engines.triton.pool import new_client, normalise_url
+    from coordexp.engines.triton.connect import new_client, normalise_url
 
     client = new_client(normalise_url(url))
     try:
