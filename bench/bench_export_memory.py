@@ -6,7 +6,7 @@ random checkpoint, against the float32 size of its weights (issue 18, part 5: ta
     python bench/bench_export_memory.py --shape 250m --compare-earlier # + the earlier save strategy, same run
     python bench/bench_export_memory.py --text-layers 4 --vision-layers 4   # any dimension overridden
 
-The checkpoint is built once by `coordexp.demo.tiny.build_tiny_checkpoint` (random weights, the tiny
+The checkpoint is built once by `coordexp.fixtures.tiny.build_tiny_checkpoint` (random weights, the tiny
 tokenizer, so the vocabulary is small; every other dimension as given) and cached under `--cache`.
 Each export runs in a child process; this process samples the resident memory of the child and its
 whole process tree from /proc every `--interval` seconds (a thread inside the exporter would miss
@@ -118,7 +118,7 @@ def weights_fp32_bytes(ckpt: Path) -> tuple[int, int]:
 
 def checkpoint(shape: dict, cache: Path) -> Path:
     """The random checkpoint of `shape`, built once per shape into `cache`."""
-    from coordexp.demo.tiny import build_tiny_checkpoint
+    from coordexp.fixtures.tiny import build_tiny_checkpoint
 
     key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
     out = cache / f"qwen3vl-{key}"

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from coordexp.generation import GenerationParams
     from coordexp.group.discover import discover
     from coordexp.group.profiles import load_profile
-    from coordexp.demo.group_tree import MISSION_A, build_bench_tree
+    from coordexp.fixtures.group_tree import MISSION_A, build_bench_tree
     from coordexp.prompt import PromptSpec
     from coordexp.serving.common import read_manifest
 

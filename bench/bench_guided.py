@@ -6,7 +6,7 @@ and what the mask costs per token.
 
 In one run, with the PyTorch reference engine (the ONNX engines use the same mask code):
 
-1. tiny random checkpoint (`coordexp.demo.tiny.build_tiny_checkpoint`, built here): the share of
+1. tiny random checkpoint (`coordexp.fixtures.tiny.build_tiny_checkpoint`, built here): the share of
    outputs that parse without repair (`ParseResult.error is None` and no repairs), unguided vs
    guided, over --images noise images x (greedy + sampling at temperature 1.0 with 3 seeds);
 2. the demo checkpoint (trained on synthetic shapes), greedy on synthetic validation images, at a
@@ -45,7 +45,7 @@ def noise_images(n: int, seed: int = 0):
 
 
 def shapes_images(n: int, seed: int = 12345):
-    from coordexp.demo.synthetic import record_rng, sample
+    from coordexp.fixtures.synthetic import record_rng, sample
 
     return [sample(record_rng(seed, "val", i), 128)[0] for i in range(n)]
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from coordexp.engines.torch_engine import TorchEngine
-    from coordexp.demo.tiny import build_tiny_checkpoint
+    from coordexp.fixtures.tiny import build_tiny_checkpoint
 
     report: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__,
                               "transformers": transformers.__version__, "images": args.images}

@@ -113,7 +113,7 @@ def prepare(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
     """(ckpt, repo): the given ones, or the tiny checkpoint built and exported here."""
     ckpt, repo = args.ckpt, args.repo
     if not ckpt:
-        from coordexp.demo.tiny import build_tiny_checkpoint
+        from coordexp.fixtures.tiny import build_tiny_checkpoint
 
         ckpt = os.path.join(workdir, "tiny-qwen3vl")
         print(f"building the tiny checkpoint in {ckpt}", file=sys.stderr)

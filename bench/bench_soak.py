@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from coordexp.benchmarks.soak import sequential_answers, soak
-    from coordexp.demo.tiny import build_tiny_checkpoint
+    from coordexp.fixtures.tiny import build_tiny_checkpoint
     from coordexp.engines.triton import ClientOptions, TritonEngine
     from coordexp.export.onnx_export import export_onnx
     from coordexp.export.repository import write_repository

@@ -21,7 +21,7 @@ COMMANDS = [
     ("vis", "coordexp.client.cmd_vis"),  # GT vs pred overlays + gallery
     ("pipeline", "coordexp.client.cmd_pipeline"),  # infer -> eval + vis from one YAML
     ("group", "coordexp.client.cmd_group"),  # Stage-A: one record per image group of mission folders
-    ("make-data", "coordexp.demo.synthetic"),  # synthetic shapes dataset
+    ("make-data", "coordexp.fixtures.synthetic"),  # synthetic shapes dataset
     ("runs", "coordexp.client.cmd_runs"),  # the run registry: list, show, import, delete, export
     ("compare", "coordexp.client.cmd_compare"),  # registered runs vs a reference, with intervals
     ("ui", "coordexp.client.cmd_ui"),  # the web viewer over the registry

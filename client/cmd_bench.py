@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(GenAI-Perf metric names), optionally against the in-process engine.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="input JSONL: its valid records are the requests")
-    src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic shapes images (coordexp.demo.synthetic)")
+    src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic shapes images (coordexp.fixtures.synthetic)")
     p.add_argument("--size", type=int, default=128, help="synthetic image size in pixels (default 128)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images")
     p.add_argument("--url", action="append", default=[], help="HOST:PORT of a Triton gRPC endpoint; repeatable")

@@ -22,7 +22,7 @@ DEMO_CKPT = os.path.join(REPO_ROOT, "checkpoints", "coordexp-demo-shapes")
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> str:
     """A random tiny Qwen3-VL checkpoint, built offline with the project's own builder."""
-    from coordexp.demo.tiny import build_tiny_checkpoint
+    from coordexp.fixtures.tiny import build_tiny_checkpoint
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny-qwen3vl"
     build_tiny_checkpoint(str(out), family="qwen3_vl", seed=0)

@@ -728,7 +728,7 @@ def test_a_hung_server_does_not_hang_the_client_or_the_bench(fake_repo, tmp_path
 def test_group_survives_a_dying_replica_and_resumes_after_all_went_away(tmp_path):
     """(issue 17) `group` with two replicas, one killed mid-run: every group accounted for; the last
     one killed mid-run: exit 3, status incomplete, and --resume completes without a group twice."""
-    from coordexp.demo.group_tree import build_bench_tree
+    from coordexp.fixtures.group_tree import build_bench_tree
 
     build_bench_tree(str(tmp_path / "in"), groups=12)
     fake_repo = write_fake_repository(tmp_path / "slow", delay=0.1)  # ~8 s of work: killed mid-run for sure

@@ -11,7 +11,7 @@ from coordexp.client.cli import main as client_main
 from coordexp.group import records as R
 from coordexp.group.discover import discover, natural_key, sample_groups
 from coordexp.group.profiles import ProfileError, load_profile
-from coordexp.demo.group_tree import FAIL, MISSION_A, MISSION_B, PASS, QC, build_tree
+from coordexp.fixtures.group_tree import FAIL, MISSION_A, MISSION_B, PASS, QC, build_tree
 
 MAX_NEW = "6"  # short answers: the tests check coverage and shapes, not the text
 

@@ -72,7 +72,7 @@ def accepts(proc, guide, text: str) -> tuple[bool, bool]:
 
 
 def some_answers():
-    from coordexp.demo.synthetic import ShapesConfig, sample
+    from coordexp.fixtures.synthetic import ShapesConfig, sample
 
     rng = np.random.default_rng(3)
     answers = [[], [{"desc": "black cat", "bbox_2d": [110, 310, 410, 705]}],

@@ -29,7 +29,7 @@ def _processors():
     """The settings our checkpoints ship: the demo's (patch 8), the tiny builder's for both
     families, and the released Qwen3-VL (patch 16, 0.5/0.5) / Qwen2.5-VL (patch 14, CLIP) ones
     with a budget small enough to force resizing in the tests below."""
-    from coordexp.demo.configs import make_image_processor
+    from coordexp.fixtures.configs import make_image_processor
 
     return {
         "demo": Qwen2VLImageProcessorPil.from_pretrained(DEMO_CKPT),

@@ -502,7 +502,7 @@ def test_qwen25_export_matches_torch(tmp_path_factory):
     from coordexp.engines.onnx_engine import OnnxEngine
     from coordexp.export.onnx_export import export_onnx
     from coordexp.export.validate import validate_export
-    from coordexp.demo.tiny import build_tiny_checkpoint
+    from coordexp.fixtures.tiny import build_tiny_checkpoint
 
     ckpt = tmp_path_factory.mktemp("ckpt25") / "tiny-qwen25vl"
     build_tiny_checkpoint(str(ckpt), family="qwen2_5_vl", seed=0)

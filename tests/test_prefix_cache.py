@@ -183,7 +183,7 @@ def test_guided_decoding_in_process_with_the_cache(onnx_dir):
 
 @pytest.fixture(scope="module")
 def qwen25_onnx(tmp_path_factory):
-    from coordexp.demo.tiny import build_tiny_checkpoint
+    from coordexp.fixtures.tiny import build_tiny_checkpoint
     from coordexp.export.onnx_export import export_onnx
 
     base = tmp_path_factory.mktemp("q25prefix")

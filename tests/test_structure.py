@@ -137,6 +137,15 @@ def test_nobody_assigns_an_engines_prompt():
     assert not offenders
 
 
+def test_demo_code_is_imported_only_by_the_demo():
+    """`coordexp.demo` (the demo's training and run) is imported by nothing else: benchmarks, tests'
+    fixtures and commands build checkpoints and data through `coordexp.fixtures`."""
+    modules = _modules()
+    users = {m: sorted(d for d in _imports(m, p, modules) if d == "coordexp.demo" or d.startswith("coordexp.demo."))
+             for m, p in modules.items() if not m.startswith("coordexp.demo")}
+    assert not {m: d for m, d in users.items() if d}
+
+
 def test_one_construction_site_of_the_triton_client():
     """Every Triton connection comes from `coordexp.engines.triton.connect.new_client` (the launcher's
     readiness probe aside): one place sets the channel options, message limits and retries."""
@@ -273,7 +282,7 @@ def test_every_package_is_installed():
 def test_parity_refuses_a_repository_of_another_checkpoint(exported, tmp_path, capsys):
     """(issue 19) not "MISMATCH at token 0": the weights digests say the repository is another model's."""
     from coordexp.client import cli
-    from coordexp.demo.tiny import build_tiny_checkpoint
+    from coordexp.fixtures.tiny import build_tiny_checkpoint
 
     other = tmp_path / "other"
     build_tiny_checkpoint(str(other), family="qwen3_vl", seed=1)

@@ -12,7 +12,7 @@ from PIL import Image
 from coordexp.grid import grid_to_pixel, to_pixels
 from coordexp.prompt import sort_key
 from coordexp.schema import InputRecord
-from coordexp.demo.synthetic import LABELS, ShapesConfig, generate_dataset, sample, sample_arrays
+from coordexp.fixtures.synthetic import LABELS, ShapesConfig, generate_dataset, sample, sample_arrays
 
 
 def _digest(folder: str) -> str:

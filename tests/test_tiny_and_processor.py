@@ -1,4 +1,4 @@
-"""Tiny checkpoint builder (coordexp.demo.tiny) and the input pipeline (coordexp.processor)."""
+"""Tiny checkpoint builder (coordexp.fixtures.tiny) and the input pipeline (coordexp.processor)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +16,7 @@ from PIL import Image  # noqa: E402
 
 from coordexp.processor import CoordExpProcessor  # noqa: E402
 from coordexp.prompt import PromptSpec  # noqa: E402
-from coordexp.demo.tiny import (  # noqa: E402
+from coordexp.fixtures.tiny import (  # noqa: E402
     QWEN3_VL_CHAT_TEMPLATE_SHA256,
     build_tiny_checkpoint,
     file_hashes,

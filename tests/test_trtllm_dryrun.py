@@ -54,7 +54,7 @@ def dry_run(argv: list[str]) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def qwen25_ckpt(tmp_path_factory) -> str:
-    from coordexp.demo.tiny import build_tiny_checkpoint
+    from coordexp.fixtures.tiny import build_tiny_checkpoint
 
     out = tmp_path_factory.mktemp("ckpt25") / "tiny-qwen25vl"
     build_tiny_checkpoint(str(out), family="qwen2_5_vl", seed=0)

@@ -293,7 +293,7 @@ def test_gt_with_absolute_paths_matches_predictions_with_relative_ones(tmp_path)
 # ============================================================================ group
 def test_group_refuses_an_existing_output_without_resume_or_force(tmp_path):
     from coordexp.group.run import GroupRunOptions, run_group_missions
-    from coordexp.demo.group_tree import MISSION_A, build_tree
+    from coordexp.fixtures.group_tree import MISSION_A, build_tree
 
     root = str(tmp_path / "tree")
     build_tree(root)

@@ -103,7 +103,7 @@ def run_a(ckpt: str, url: str, images: Sequence[bytes], max_new: int, log=print)
 
 # ------------------------------------------------------------------------------------------ run B
 def random_checkpoint(out_dir: str, small: bool) -> str:
-    from coordexp.demo.tiny import build_tiny_checkpoint
+    from coordexp.fixtures.tiny import build_tiny_checkpoint
 
     if not os.path.isfile(os.path.join(out_dir, "config.json")):
         build_tiny_checkpoint(out_dir, family="qwen3_vl", seed=0, size=dict(SMALL if small else QWEN3_VL_2B))

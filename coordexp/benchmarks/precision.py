@@ -124,7 +124,7 @@ def _accuracy(opts: PrecisionBenchOptions, log: Callable[[str], None]) -> dict[s
 
 def run(opts: PrecisionBenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     from coordexp.benchmarks.serve import synthetic_inputs
-    from coordexp.demo.tiny import build_tiny_checkpoint
+    from coordexp.fixtures.tiny import build_tiny_checkpoint
 
     os.makedirs(opts.workdir, exist_ok=True)
     ckpt = os.path.join(opts.workdir, f"ckpt_{opts.shape_name}")

@@ -46,7 +46,7 @@ def synthetic_inputs(n: int, size: int, seed: int = 0) -> list[bytes]:
     """N PNG-encoded synthetic shapes images (reproducible)."""
     import numpy as np
 
-    from coordexp.demo.synthetic import sample
+    from coordexp.fixtures.synthetic import sample
 
     out = []
     for i in range(n):

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _random_tiny_checkpoint(out: str) -> str:
     """A checkout without the trained demo model still shows the whole path, on random weights."""
-    from coordexp.demo.tiny import build_tiny_checkpoint
+    from coordexp.fixtures.tiny import build_tiny_checkpoint
 
     ckpt = os.path.join(os.path.abspath(out), "tiny-random-ckpt")
     print(f"demo: the bundled demo checkpoint is missing; using a RANDOM tiny checkpoint at {ckpt} "

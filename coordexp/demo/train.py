@@ -6,10 +6,10 @@
     python -m coordexp.demo.train eval --ckpt runs/demo_ckpt --data data/demo_val/val.jsonl
     python -m coordexp.demo.train export --ckpt runs/demo_ckpt --out checkpoints/coordexp-demo-shapes --dtype float16
 
-Recipe (docs: /work/shared/notes/demo-training.md): `coordexp.demo.tiny` builds the model (text hidden 256,
+Recipe (docs: /work/shared/notes/demo-training.md): `coordexp.fixtures.tiny` builds the model (text hidden 256,
 4 layers, 4 heads / 2 KV heads, FFN 768, mrope_section [12, 10, 10], tied embeddings; vision hidden
 128, 3 layers, 4 heads, FFN 256, patch 8, merge 2, deepstack [0, 1]) from a seeded random init; every
-step draws 32 fresh 128x128 images from `coordexp.demo.synthetic`; the inputs are built by
+step draws 32 fresh 128x128 images from `coordexp.fixtures.synthetic`; the inputs are built by
 `CoordExpProcessor.encode` (exactly what inference feeds) and the answer is
 `format_coordjson(objects, PromptSpec())` + `<|im_end|>`; the causal-LM loss covers only the answer
 tokens and `<|im_end|>`. AdamW (lr 3e-3, weight decay 0.01), 50 linear warm-up steps then cosine to
@@ -83,7 +83,7 @@ def log(msg: str) -> None:
 
 def build_init(out_dir: str | Path, seed: int) -> Path:
     """The seeded random demo-size checkpoint (tokenizer, processor files, model) in `out_dir`."""
-    from coordexp.demo.tiny import build_tiny_checkpoint
+    from coordexp.fixtures.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(out_dir, family="qwen3_vl", seed=seed, size="demo", num_merges=DEMO_NUM_MERGES,
                                  **DEMO_SIZE)

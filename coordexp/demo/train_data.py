@@ -41,7 +41,7 @@ def make_batch(processor, spec: PromptSpec, images: Sequence[Any], objects: Sequ
 
 
 def draw_batch(seed: int, step: int, batch_size: int, image_size: int):
-    from coordexp.demo.synthetic import record_rng, sample
+    from coordexp.fixtures.synthetic import record_rng, sample
 
     rng = record_rng(seed, TRAIN_SPLIT, step)
     images, objects = [], []
