@@ -9,7 +9,8 @@
                      [--message-layout image_first|text_first] [--prompt USER_TEXT] [--system-prompt TEXT]
         onnx, torch: [--force]
         onnx, torch: [--llm-batching inflight|static] [--jump-forward|--no-jump-forward]
-        onnx only:   [--opset N] [--skip-validation] [--validation-steps 16] [--prefix-cache|--no-prefix-cache]
+                     [--prefix-cache|--no-prefix-cache]   (torch: in flight only)
+        onnx only:   [--opset N] [--skip-validation] [--validation-steps 16]
                      [--weights fp32|int8|int4] [--validate-data LABELLED.jsonl]
         torch only:  [--device cuda|cpu] [--dtype fp32|bf16|fp16] [--kv-cache dynamic|static] [--compile]
                      [--skip-validation] [--validation-steps 16]   (see export/torch_export.py)
@@ -338,7 +339,7 @@ COMMON_FLAGS = ("--ckpt", "--repo", "--name", "--max-batch-size", "--max-new-tok
                 "--onnx-dir", "--no-stream", "--threads", "--dry-run", "--json")
 # every format serves the checkpoint's recorded prompt, or the one these flags choose
 PROMPT_FLAGS = ("--run-config", "--builtin-prompt", "--expect-prompt-hash", *(o.flag for o in PROMPT_OPTIONS))
-DECODING_FLAGS = ("--llm-batching", "--prefix-cache", "--jump-forward")  # the ONNX llm steps' speed-ups
+DECODING_FLAGS = ("--llm-batching", "--prefix-cache", "--jump-forward")  # the llm steps' speed-ups
 FORMATS: tuple[ExportFormat, ...] = (
     ExportFormat("ONNX", "onnx",
                  "Triton repository: vision.onnx, embed.onnx, decoder.onnx (+ onnx_meta.json) run by ONNX Runtime "
@@ -352,8 +353,8 @@ FORMATS: tuple[ExportFormat, ...] = (
                  "PyTorch, validated against HF generate",
                  "NVIDIA GPU (--device cuda, default) or CPU",
                  COMMON_FLAGS + PROMPT_FLAGS + ("--force", "--device", "--dtype", "--kv-cache", "--compile",
-                                                "--skip-validation", "--validation-steps", "--llm-batching",
-                                                "--jump-forward"), build_torch),
+                                                "--skip-validation", "--validation-steps", *DECODING_FLAGS),
+                 build_torch),
     ExportFormat("TensorRT-LLM", "trtllm",
                  "Triton repository for TensorRT-LLM's LLM API (llm/1/model.yaml, the checkpoint copy; "
                  "--trtllm-vision tensorrt: a TensorRT vision engine)",

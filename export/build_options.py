@@ -158,7 +158,8 @@ def build_parser(backends: Sequence[str], description: str) -> argparse.Argument
                         "batches only: rows cannot join fixed shapes)")
     o.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="compute the shared prompt prefix's KV once per loaded model (default "
-                        f"{'on' if d.prefix_cache else 'off'}; onnx only)")
+                        f"{'on' if d.prefix_cache else 'off'}; onnx, and torch in flight: its static batches run "
+                        "fixed shapes from position 0)")
     o.add_argument("--jump-forward", action=argparse.BooleanOptionalAction, default=None,
                    help="guided decoding appends grammar-forced tokens without a sampling step (default "
                         f"{'on' if d.jump_forward else 'off'}; onnx and torch, not with --compile: its step is "
@@ -240,10 +241,15 @@ def _torch_options(args: argparse.Namespace) -> Any:
                          "the batch has fixed shapes that rows cannot join (use --llm-batching static)", 2)
     if parts.compile and args.jump_forward:
         raise BuildError("--jump-forward does not work with --compile: the compiled step takes one new position", 2)
+    batching = args.llm_batching or ("static" if fixed else "inflight")
+    if args.prefix_cache and batching != "inflight":
+        raise BuildError("--prefix-cache with --backend torch needs --llm-batching inflight: a static batch runs "
+                         "fixed shapes from position 0, as transformers' generate does", 2)
     return TorchExportOptions(parts=parts, skip_validation=bool(args.skip_validation),
                               validation_steps=args.validation_steps or DEFAULT_VALIDATION_STEPS,
-                              llm_batching=args.llm_batching or ("static" if fixed else "inflight"),
-                              jump_forward=(not parts.compile) if args.jump_forward is None else args.jump_forward)
+                              llm_batching=batching,
+                              jump_forward=(not parts.compile) if args.jump_forward is None else args.jump_forward,
+                              prefix_cache=(batching == "inflight") if args.prefix_cache is None else args.prefix_cache)
 
 
 def resolve_options(args: argparse.Namespace, fmt: ExportFormat) -> BuildOptions:

@@ -31,12 +31,13 @@ class TorchExportOptions:
     validation_steps: int = 16
     llm_batching: str = "inflight"  # the llm steps' scheduler: inflight (dynamic cache only) or static
     jump_forward: bool = True  # guided: grammar-forced tokens fed as one chunk (not with compile)
+    prefix_cache: bool = True  # in flight: the shared prompt prefix's KV computed once (not for static batches)
 
     def serving(self, streaming: bool) -> Any:
-        """The repository's ServingOptions (no prefix cache: ONNX only)."""
+        """The repository's ServingOptions."""
         from coordexp.export.repository import ServingOptions
 
-        return ServingOptions(streaming=streaming, llm_batching=self.llm_batching, prefix_cache=False,
+        return ServingOptions(streaming=streaming, llm_batching=self.llm_batching, prefix_cache=self.prefix_cache,
                               jump_forward=self.jump_forward)
 
 
@@ -45,10 +46,12 @@ class TorchValidationError(RuntimeError):
 
 
 def _step_outputs(hf_dir: str, opts: TorchOptions, batches: list[list[Any]], params: GenerationParams,
-                  prompt: PromptSpec | None = None, batching: str = "static") -> list[list[list[int]]]:
+                  prompt: PromptSpec | None = None, batching: str = "static",
+                  prefix_cache: bool = False) -> list[list[list[int]]]:
     """Greedy ids per probe through the repository's own vision + llm step logic (no server):
     `batching` "inflight": each row of a probe is its own request to the in-flight scheduler (they
-    join one running batch, as concurrent requests do), else one static batch per probe."""
+    join one running batch, as concurrent requests do), else one static batch per probe. `prefix_cache`:
+    the in-flight rows take the shared prompt prefix from the cache, as the served llm step does."""
     import numpy as np
 
     from coordexp.processor import CoordExpProcessor
@@ -57,7 +60,7 @@ def _step_outputs(hf_dir: str, opts: TorchOptions, batches: list[list[Any]], par
     from coordexp.serving.torch_steps import torch_batcher
     from coordexp.serving.vision_encoder import VisionEncoder
 
-    parts = TorchParts(hf_dir, opts)
+    parts = TorchParts(hf_dir, opts, prefix_cache=prefix_cache and batching == "inflight")
     proc = CoordExpProcessor.from_pretrained(hf_dir)
     vision = VisionEncoder(parts, parts.merge)
     batcher = torch_batcher(parts, {"max_new_tokens": str(params.max_new_tokens)}, None)
@@ -116,7 +119,8 @@ def _inflight_generate(parts: Any, batcher: Any) -> Callable[[list[Any]], list[l
 
 
 def validate_torch(ckpt: str, opts: TorchOptions, steps: int = 16, log: Callable[[str], None] = print,
-                   prompt: PromptSpec | None = None, batching: str = "static") -> dict[str, Any]:
+                   prompt: PromptSpec | None = None, batching: str = "static",
+                   prefix_cache: bool = False) -> dict[str, Any]:
     """Probe images at batch 1 and a padded batch 3, encoded with `prompt` (the one the repository
     serves): the repository's steps (`batching`: its scheduler) vs HF generate."""
     from coordexp.engines.torch_engine import TorchEngine
@@ -130,11 +134,12 @@ def validate_torch(ckpt: str, opts: TorchOptions, steps: int = 16, log: Callable
     ref = TorchEngine(ckpt, prompt=prompt, device=opts.device, dtype=DTYPES[opts.dtype])
     expected = [ref.generate_ids(b, params)[0] for b in batches]
     del ref
-    got = _step_outputs(ckpt, opts, batches, params, prompt, batching)
+    got = _step_outputs(ckpt, opts, batches, params, prompt, batching, prefix_cache)
     mismatches = [f"probe {p} row {r}: reference {e} served-step {g}"
                   for p, (eb, gb) in enumerate(zip(expected, got)) for r, (e, g) in enumerate(zip(eb, gb)) if e != g]
     compared = sum(len(r) for b in expected for r in b)
     report = {"reference": "torch (HF generate)", "device": opts.device, "dtype": opts.dtype, "batching": batching,
+              "prefix_cache": prefix_cache and batching == "inflight",
               "probes": len(batches), "tokens_compared": compared, "mismatches": mismatches,
               "seconds": round(time.perf_counter() - t0, 2), "warnings": [], "prompt": prompt.to_dict()}
     if mismatches and opts.dtype == "fp32":
@@ -159,7 +164,7 @@ def export_torch(ckpt: str, repo: str, name: str, opts: TorchExportOptions, max_
     prompt = prompt or PromptSpec()
     validation = (None if opts.skip_validation
                   else validate_torch(ckpt, opts.parts, opts.validation_steps, log, prompt=prompt,
-                                      batching=opts.llm_batching))
+                                      batching=opts.llm_batching, prefix_cache=opts.prefix_cache))
     path = write_repository(repo, name, None, ckpt, max_batch_size=max_batch_size, max_new_tokens=max_new_tokens,
                             prompt=prompt, backend="torch", torch=opts.parts,
                             options=opts.serving(streaming), validation=validation,

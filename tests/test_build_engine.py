@@ -123,7 +123,7 @@ def test_an_unchanged_checkpoint_is_not_exported_again_and_a_change_says_what_di
     assert why("--name", "shapes").startswith('name "coordexp" in the repository, "shapes" requested')
 
 
-def test_the_decoding_flags_default_to_serving_options_and_belong_to_onnx(tiny_ckpt, tmp_path, capsys):
+def test_the_decoding_flags_default_to_serving_options_and_belong_to_onnx_and_torch(tiny_ckpt, tmp_path, capsys):
     from coordexp.export.build_engine import build_parser, check_flags, main, resolve_options, serving_options
     from coordexp.export.repository import ServingOptions
 
@@ -135,16 +135,19 @@ def test_the_decoding_flags_default_to_serving_options_and_belong_to_onnx(tiny_c
                               "--no-stream"])
     s = serving_options(resolve_options(args, check_flags(args, parser)))
     assert (s.prefix_cache, s.jump_forward, s.llm_batching, s.streaming) == (False, True, "static", False)
-    assert main(["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu", "--no-prefix-cache", "--dry-run"]) == 2
-    assert capsys.readouterr().err == "error: --prefix-cache applies to --backend onnx only\n"
-    # torch: in flight with jump-forward by default (no prefix cache); fixed shapes refuse joining rows
+    assert main(["--ckpt", tiny_ckpt, "--backend", "trtllm", "--no-prefix-cache", "--dry-run"]) == 2
+    assert capsys.readouterr().err == "error: --prefix-cache applies to --backend onnx or torch only\n"
+    # torch: in flight with the prefix cache and jump-forward by default; fixed shapes refuse joining rows
     args = parser.parse_args(["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu"])
     s = resolve_options(args, check_flags(args, parser)).torch.serving(True)
-    assert (s.llm_batching, s.jump_forward, s.prefix_cache) == ("inflight", True, False)
+    assert (s.llm_batching, s.jump_forward, s.prefix_cache) == ("inflight", True, True)
     args = parser.parse_args(["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu", "--compile"])
     s = resolve_options(args, check_flags(args, parser)).torch.serving(True)
-    assert (s.llm_batching, s.jump_forward) == ("static", False)
+    assert (s.llm_batching, s.jump_forward, s.prefix_cache) == ("static", False, False)
+    args = parser.parse_args(["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu", "--no-prefix-cache"])
+    assert not resolve_options(args, check_flags(args, parser)).torch.serving(True).prefix_cache
     for extra, needle in ((["--compile", "--llm-batching", "inflight"], "--llm-batching inflight needs the dynamic"),
+                          (["--llm-batching", "static", "--prefix-cache"], "--prefix-cache with --backend torch needs"),
                           (["--kv-cache", "static", "--llm-batching", "inflight"], "rows cannot join"),
                           (["--compile", "--jump-forward"], "--jump-forward does not work with --compile")):
         assert main(["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu", *extra, "--dry-run"]) == 2

@@ -74,6 +74,7 @@ def test_torch_repository_layout_and_validation(torch_repo):
     assert manifest["torch"]["dtype"] == "fp32" and manifest["layout"]["hf_dir"] == "llm/1/hf"
     v = manifest["validation"]
     assert v["mismatches"] == [] and v["tokens_compared"] > 0 and v["reference"].startswith("torch")
+    assert (v["batching"], v["prefix_cache"]) == ("inflight", True)  # validated as it is served
     assert os.path.isfile(os.path.join(torch_repo, "llm", "1", "hf", "model.safetensors"))
     assert not os.path.exists(os.path.join(torch_repo, "llm", "1", "onnx"))
     for model, cls in (("llm", "TorchLlmModel"), ("llm_stream", "TorchLlmModel"),
@@ -133,9 +134,10 @@ def test_inflight_validation_path_equals_the_reference(tiny_ckpt, reference, ima
 
 
 def test_torch_rows_joining_mid_decode_equal_each_row_decoded_alone(tiny_ckpt):
-    """TorchRows under the in-flight scheduler: rows with their own params (ignore_eos, guided with
-    jump-forward, a short limit, repetition penalty, sampling) join while another decodes and leave
-    when done; each answer equals `TorchParts.generate` on that row alone, step by step."""
+    """TorchRows under the in-flight scheduler, with the prefix cache: rows with their own params
+    (ignore_eos, guided with jump-forward, a short limit, repetition penalty, sampling) join while
+    another decodes and leave when done; each answer equals `TorchParts.generate` on that row alone,
+    step by step, from its whole prompt."""
     import threading
     from dataclasses import replace
 
@@ -164,8 +166,8 @@ def test_torch_rows_joining_mid_decode_equal_each_row_decoded_alone(tiny_ckpt):
         return parts.generate(ids, np.ones_like(ids), it.grid[None], it.embeds, it.deepstack, it.params,
                               logits_hook=hooks(it.params, 1) if it.params.guided else None)[0]
 
-    ref = [alone(it) for it in items]  # jump-forward off: step by step
-    parts.jump_forward = True
+    ref = [alone(it) for it in items]  # jump-forward off: step by step; no prefix cache (static batches)
+    parts.jump_forward = parts.prefix_cache = True
     sched = InflightScheduler(TorchRows(parts, parts.pad_token_id), parts.stop_ids, parts.pad_token_id,
                               max_batch_size=4, guided_hook=hooks)
     answers, done = {}, threading.Event()
@@ -193,6 +195,11 @@ def test_torch_rows_joining_mid_decode_equal_each_row_decoded_alone(tiny_ckpt):
         assert not isinstance(res, BaseException), (k, res)
         assert list(res[wire.OUTPUT_IDS][0][:int(res[wire.SEQUENCE_LENGTH][0, 0])]) == ref[k], (k, params[k])
     assert sched.stats["max_running"] == 4 and sched.stats["prefills"] >= 2 and len(sched.rows) == 0
+    from coordexp.engines.prefix_cache import cache_of
+
+    cached = cache_of(parts).stats()  # one prompt text: one prefix computed, every other row a hit
+    assert (cached["rows"], cached["misses"], cached["hits"]) == (len(items), 1, len(items) - 1)
+    assert cached["positions_saved_per_row"] > 10
 
 
 @pytest.mark.triton
@@ -202,7 +209,8 @@ def test_served_in_flight_at_concurrency_4_equals_the_torch_reference(torch_serv
     from coordexp.export.model_configs import load_configs
 
     llm = load_configs(torch_repo)[wire.LLM].parameters
-    assert llm["batching"].string_value == "inflight" and llm["jump_forward"].string_value == "true"
+    assert (llm["batching"].string_value, llm["jump_forward"].string_value, llm["prefix_cache"].string_value) \
+        == ("inflight", "true", "true")
     params = GenerationParams(max_new_tokens=MAX_NEW, guided=guided)
     served = served_answers(torch_server.grpc_url, images * 2, params, concurrency=4)
     assert all(r.error is None for r in served), [r.error for r in served]

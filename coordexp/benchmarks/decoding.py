@@ -76,8 +76,9 @@ def write_repos(opts: DecodingOptions, onnx_dir: str) -> dict[str, str]:
 
 
 def write_torch_repos(opts: DecodingOptions) -> dict[str, str]:
-    """{"static": repo, "inflight": repo} of `--backend torch` (CPU, fp32) over the checkpoint: the same
-    options but `llm_batching` (in flight: `TorchRows` under the one decode loop)."""
+    """{"static": repo, "inflight": repo} of `--backend torch` (CPU, fp32) over the checkpoint, each as
+    the exporter builds it by default: in flight (`TorchRows` under the one decode loop) with the prefix
+    cache, static batches without (their fixed shapes start at position 0)."""
     from coordexp import wire
     from coordexp.export.repository import ServingOptions, write_repository
     from coordexp.serving.torch_parts import TorchOptions
@@ -86,7 +87,7 @@ def write_torch_repos(opts: DecodingOptions) -> dict[str, str]:
     return {mode: write_repository(os.path.join(opts.workdir, f"torch_repo_{mode}"), wire.ENSEMBLE, None, opts.ckpt,
                                    max_batch_size=opts.max_batch_size, max_new_tokens=opts.max_new_tokens,
                                    backend="torch", torch=torch,
-                                   options=ServingOptions(llm_batching=mode, prefix_cache=False))
+                                   options=ServingOptions(llm_batching=mode, prefix_cache=mode == "inflight"))
             for mode in ("static", "inflight")}
 
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -59,9 +60,11 @@ class PrefixCache:
         with self._lock:
             return [tuple(np.frombuffer(k, dtype=np.int64).tolist()) for k in self._entries]
 
-    def get(self, parts: Any, prefix_ids: np.ndarray) -> list[np.ndarray]:
+    def get(self, parts: Any, prefix_ids: np.ndarray, compute: Callable[[Any, np.ndarray], list[Any]] | None = None
+            ) -> list[Any]:
         """The presents `[k0, v0, ...]` (each `[1, kv_heads, P, head_dim]`) of `prefix_ids` `[P]`,
-        computed on a miss."""
+        computed on a miss by `compute(parts, prefix_ids)` (default: the ONNX decoder's
+        `compute_prefix_kv`; `TorchRows` passes its own, whose entries are torch tensors)."""
         key = np.ascontiguousarray(prefix_ids, dtype=np.int64).tobytes()
         with self._lock:
             entry = self._entries.get(key)
@@ -69,13 +72,20 @@ class PrefixCache:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return entry
-            entry = compute_prefix_kv(parts, prefix_ids)
+            entry = (compute or compute_prefix_kv)(parts, prefix_ids)
             self.misses += 1
             self.prefix_positions_computed += len(prefix_ids)
             self._entries[key] = entry
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
             return entry
+
+    def count(self, rows: int, prefix_positions: int, prefill_positions: int) -> None:
+        """Account one cached prefill: its rows, their prefix positions, the columns run after them."""
+        with self._lock:
+            self.rows += rows
+            self.prefix_positions += prefix_positions
+            self.prefill_positions += prefill_positions
 
     def clear(self) -> None:
         with self._lock:
@@ -138,6 +148,64 @@ def compute_prefix_kv(parts: Any, prefix_ids: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(x) for x in presents]
 
 
+@dataclass
+class PromptSplit:
+    """A LEFT padded prompt batch cut at each row's prefix (see the module docstring): what runs
+    after the cached prefixes, and the mask over `[masked | prefix_b] [left pad | rest_b]`."""
+
+    lens: list[int]  # prefix length per row (0: none)
+    prefix_ids: list[np.ndarray]  # each row's prefix ids `[lens[b]]`
+    ids: np.ndarray  # `[B, W]` the rest of each prompt, left padded
+    positions: np.ndarray  # `[3, B, W]` its M-RoPE positions, those of the whole prompt
+    mask: np.ndarray  # `[B, Pmax + W]` over the prefix layout and the rest
+    deltas: np.ndarray  # `[B, 1]` M-RoPE deltas of the whole prompt
+
+    @property
+    def rows(self) -> int:
+        return len(self.lens)
+
+    @property
+    def pmax(self) -> int:
+        return max(self.lens)
+
+
+def split_prompt(parts: Any, input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw: np.ndarray
+                 ) -> PromptSplit | None:
+    """Cut every row at its prefix; None when no row has one (then prefill plainly). `parts`: the
+    vision/pad ids and `merge` (`OnnxParts` or `TorchParts`)."""
+    from coordexp import mrope
+
+    input_ids = np.asarray(input_ids, dtype=np.int64)
+    attention_mask = np.asarray(attention_mask, dtype=np.int64)
+    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape}: "
+                         "expected the same [B, T] shape")
+    lens = prefix_lengths(parts, input_ids, attention_mask)
+    pmax = max(lens) if lens else 0
+    if pmax == 0:
+        return None
+    bsz = input_ids.shape[0]
+    # positions of the whole prompt, as the plain path computes them; the rest takes its columns
+    pos, deltas = mrope.get_rope_index(input_ids, np.asarray(image_grid_thw, dtype=np.int64), attention_mask,
+                                       spatial_merge_size=parts.merge, image_token_id=parts.image_token_id,
+                                       video_token_id=parts.video_token_id)
+    real = [np.nonzero(m)[0] for m in attention_mask]
+    width = max(len(r) - p for r, p in zip(real, lens))
+    new_ids = np.full((bsz, width), parts.pad_token_id, dtype=np.int64)
+    new_mask = np.zeros((bsz, width), dtype=np.int64)
+    new_pos = np.zeros((3, bsz, width), dtype=np.int64)
+    past_mask = np.zeros((bsz, pmax), dtype=np.int64)
+    for b in range(bsz):
+        cols = real[b][lens[b]:]
+        new_ids[b, width - len(cols):] = input_ids[b, cols]
+        new_mask[b, width - len(cols):] = 1
+        new_pos[:, b, width - len(cols):] = pos[:, b, cols]
+        past_mask[b, pmax - lens[b]:] = 1
+    return PromptSplit(lens=lens, prefix_ids=[input_ids[b, real[b][:p]] for b, p in enumerate(lens)], ids=new_ids,
+                       positions=new_pos, mask=np.concatenate([past_mask, new_mask], axis=1),
+                       deltas=np.asarray(deltas))
+
+
 def _plain_prefill(parts, input_ids, attention_mask, image_grid_thw, image_embeds, deepstack):
     feeds, deltas = parts.prefill_feeds(input_ids, attention_mask, image_grid_thw, image_embeds, deepstack)
     logits, presents = parts.decoder_step(feeds)
@@ -150,43 +218,17 @@ def cached_prefill(parts: Any, input_ids: np.ndarray, attention_mask: np.ndarray
     """`OnnxParts.prefill`'s contract, the shared prefix from the cache: `(logits [B, V], presents,
     attention_mask [B, Pmax + R] over every cached position, deltas [B, 1])`. Rows without a prefix
     (no vision token) just get a masked past; a batch where no row has one is prefilled plainly."""
-    from coordexp import mrope
-
-    input_ids = np.asarray(input_ids, dtype=np.int64)
-    attention_mask = np.asarray(attention_mask, dtype=np.int64)
-    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
-        raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape}: "
-                         "expected the same [B, T] shape")
-    lens = prefix_lengths(parts, input_ids, attention_mask)
-    pmax = max(lens) if lens else 0
-    if pmax == 0:
+    split = split_prompt(parts, input_ids, attention_mask, image_grid_thw)
+    if split is None:
         return _plain_prefill(parts, input_ids, attention_mask, image_grid_thw, image_embeds, deepstack)
     cache = cache_of(parts)
-    bsz = input_ids.shape[0]
-    # positions of the whole prompt, as the plain path computes them; the rest takes its columns
-    pos, deltas = mrope.get_rope_index(input_ids, image_grid_thw, attention_mask, spatial_merge_size=parts.merge,
-                                       image_token_id=parts.image_token_id, video_token_id=parts.video_token_id)
-    real = [np.nonzero(m)[0] for m in attention_mask]
-    rest_len = [len(r) - p for r, p in zip(real, lens)]
-    width = max(rest_len)
-    new_ids = np.full((bsz, width), parts.pad_token_id, dtype=np.int64)
-    new_mask = np.zeros((bsz, width), dtype=np.int64)
-    new_pos = np.zeros((3, bsz, width), dtype=np.int64)
-    for b in range(bsz):
-        cols = real[b][lens[b]:]
-        new_ids[b, width - len(cols):] = input_ids[b, cols]
-        new_mask[b, width - len(cols):] = 1
-        new_pos[:, b, width - len(cols):] = pos[:, b, cols]
-
-    embeds, dense = parts.prompt_embeds(new_ids, image_embeds, deepstack)
-    feeds = {"inputs_embeds": embeds, "position_ids": new_pos}
+    bsz, pmax, lens = split.rows, split.pmax, split.lens
+    embeds, dense = parts.prompt_embeds(split.ids, image_embeds, deepstack)
+    feeds = {"inputs_embeds": embeds, "position_ids": split.positions}
     if dense is not None:  # per position of the NEW tokens only (the prefix's is zero)
         feeds["deepstack"] = dense
 
-    entries = [cache.get(parts, input_ids[b, real[b][:p]]) if p else None for b, p in enumerate(lens)]
-    past_mask = np.zeros((bsz, pmax), dtype=np.int64)
-    for b, p in enumerate(lens):
-        past_mask[b, pmax - p:] = 1
+    entries = [cache.get(parts, ids) if len(ids) else None for ids in split.prefix_ids]
     shared = all(e is entries[0] for e in entries) and lens[0] == pmax
     for i in range(2 * parts.num_layers):
         if shared:  # the usual case: every row has the same prefix
@@ -197,11 +239,7 @@ def cached_prefill(parts: Any, input_ids: np.ndarray, attention_mask: np.ndarray
                 if e is not None:
                     past[b, :, pmax - p:] = e[i][0]
         feeds[f"past_{'key' if i % 2 == 0 else 'value'}_{i // 2}"] = past
-    full_mask = np.concatenate([past_mask, new_mask], axis=1)
-    feeds["attention_mask"] = full_mask
+    feeds["attention_mask"] = split.mask
     logits, presents = parts.decoder_step(feeds)
-    with cache._lock:
-        cache.rows += bsz
-        cache.prefix_positions += int(sum(lens))
-        cache.prefill_positions += bsz * width
-    return logits, presents, full_mask, deltas
+    cache.count(bsz, int(sum(lens)), bsz * split.ids.shape[1])
+    return logits, presents, split.mask, split.deltas

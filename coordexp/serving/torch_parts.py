@@ -77,7 +77,7 @@ class TorchParts:
     and drop the language model (the vision_encoder step's process)."""
 
     def __init__(self, hf_dir: str | os.PathLike, opts: TorchOptions | None = None, vision_only: bool = False,
-                 jump_forward: bool = False):
+                 jump_forward: bool = False, prefix_cache: bool = False):
         import torch
         from transformers import AutoModelForImageTextToText
 
@@ -86,6 +86,8 @@ class TorchParts:
         # guided: grammar-forced tokens fed with the chosen one as one chunk (see `generate`); not with
         # torch.compile, whose decode step is compiled for one new position
         self.jump_forward = bool(jump_forward)
+        # in flight (`TorchRows`): the shared prompt prefix's KV computed once (coordexp.engines.prefix_cache)
+        self.prefix_cache = bool(prefix_cache)
         self.decoder_calls = 0  # model forwards so far (benchmarks)
         self.hf_dir = Path(hf_dir)
         self.onnx_dir = self.hf_dir  # where guided decoding finds the tokenizer (llm.guided_hook_factory)
@@ -96,7 +98,8 @@ class TorchParts:
         self.image_token_id = int(self.config.get("image_token_id"))
         self.video_token_id = int(self.config.get("video_token_id", -1))
         self.num_deepstack = len(vision.get("deepstack_visual_indexes") or [])
-        self.meta = {"family": self.family, "spatial_merge_size": self.merge, "hidden_size": text.get("hidden_size")}
+        self.meta = {"family": self.family, "spatial_merge_size": self.merge, "hidden_size": text.get("hidden_size"),
+                     "vision_start_token_id": self.config.get("vision_start_token_id")}
         self.dtype = getattr(torch, DTYPES[self.opts.dtype])
         model = AutoModelForImageTextToText.from_pretrained(str(self.hf_dir), dtype=self.dtype)
         if vision_only:
@@ -204,8 +207,24 @@ class TorchParts:
         return decode_batch(rows, self.stop_ids, input_ids, attention_mask, image_grid_thw, image_embeds, deepstack,
                             params, logits_hook, on_step)
 
+    def prefix_kv(self, prefix_ids: np.ndarray) -> list[Any]:
+        """The KV `[k0, v0, ...]` (each `[1, kv_heads, P, head_dim]`) of a text prefix alone: positions
+        0..P-1 on all three M-RoPE rows, no image (`coordexp.engines.prefix_cache` keeps it)."""
+        from transformers import DynamicCache
+
+        torch, dev = self.torch, self.opts.device
+        n = len(prefix_ids)
+        ids = torch.as_tensor(np.asarray(prefix_ids, dtype=np.int64)[None], device=dev)
+        pos = torch.arange(n, device=dev).expand(3, 1, n)
+        cache = DynamicCache(config=self.model.config.get_text_config())
+        with torch.inference_mode():
+            self.decoder_calls += 1
+            self._forward(ids, torch.ones_like(ids), pos, cache)
+        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
     def describe(self) -> dict[str, Any]:
-        return {"hf_dir": str(self.hf_dir), "family": self.family, **self.opts.to_params()}
+        return {"hf_dir": str(self.hf_dir), "family": self.family, "prefix_cache": self.prefix_cache,
+                **self.opts.to_params()}
 
 
 class TorchRows:
@@ -242,14 +261,22 @@ class TorchRows:
 
         from coordexp import mrope
         from coordexp.decoding.blocks import left_pad
+        from coordexp.engines.prefix_cache import split_prompt
 
         p, torch = self.parts, self.parts.torch
         ids, mask, grid = (np.asarray(a, dtype=np.int64) for a in (ids, mask, grid))
-        pos, deltas = mrope.get_rope_index(ids, grid, mask, spatial_merge_size=p.merge, image_token_id=p.image_token_id,
-                                           video_token_id=p.video_token_id)
+        split = split_prompt(p, ids, mask, grid) if p.prefix_cache else None
+        if split is None:
+            pos, deltas = mrope.get_rope_index(ids, grid, mask, spatial_merge_size=p.merge,
+                                               image_token_id=p.image_token_id, video_token_id=p.video_token_id)
+        else:  # only the rest of each prompt runs, against the cached prefixes as its past
+            ids, pos, deltas = split.ids, split.positions, split.deltas
         base = mask.sum(-1).astype(np.int64) + np.asarray(deltas, dtype=np.int64).reshape(-1)
         with torch.inference_mode():
             cache = DynamicCache(config=p.model.config.get_text_config())
+            if split is not None:
+                mask = split.mask
+                self._past_of_prefixes(cache, split)
             p.decoder_calls += 1
             logits = p._forward(self._tensor(ids), self._tensor(mask), self._tensor(pos), cache,
                                 p._image_outputs(embeds, deep))
@@ -267,6 +294,33 @@ class TorchRows:
         self.base = np.concatenate([self.base, base])
         self.steps = np.concatenate([self.steps, np.zeros(len(base), dtype=np.int64)])
         return logits.cpu().numpy()
+
+    def _past_of_prefixes(self, cache: Any, split: Any) -> None:
+        """Fill an empty cache with each row's prefix KV (from the model's prefix cache), right
+        aligned in `split.pmax` columns: the layout `split.mask` describes."""
+        from coordexp.engines.prefix_cache import cache_of
+
+        p, torch = self.parts, self.parts.torch
+        prefixes = cache_of(p)
+        entries = [prefixes.get(p, ids, lambda parts, i: parts.prefix_kv(i)) if len(ids) else None
+                   for ids in split.prefix_ids]
+        first = next(e for e in entries if e is not None)
+        shared = all(e is first for e in entries)
+        bsz, pmax = split.rows, split.pmax
+        for i in range(len(first) // 2):
+            kv = []
+            for t in (2 * i, 2 * i + 1):
+                if shared:  # the usual case: every row has the same prefix
+                    kv.append(first[t].expand(bsz, -1, -1, -1))
+                    continue
+                past = torch.zeros((bsz, *first[t].shape[1:2], pmax, first[t].shape[3]), dtype=first[t].dtype,
+                                   device=first[t].device)
+                for b, (e, n) in enumerate(zip(entries, split.lens)):
+                    if e is not None:
+                        past[b, :, pmax - n:] = e[t][0]
+                kv.append(past)
+            cache.update(kv[0], kv[1], i)
+        prefixes.count(bsz, int(sum(split.lens)), bsz * split.ids.shape[1])
 
     def step(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
         from coordexp.decoding.blocks import chunk_block

@@ -45,7 +45,8 @@ class TorchLlmModel:
         self.pb = pb_utils
         config, params, root, self.decoupled = model_args(args)
         parts = TorchParts(resolve(root, params.get("hf_dir") or HF_SUBDIR), TorchOptions.from_params(params),
-                           jump_forward=params.get("jump_forward") == "true")
+                           jump_forward=params.get("jump_forward") == "true",
+                           prefix_cache=params.get("prefix_cache") == "true" and params.get("batching") == "inflight")
         self.batcher = torch_batcher(parts, params, int(config.get("max_batch_size") or 0) or None)
         self.scheduler = None
         if params.get("batching") == "inflight":  # the iteration-level scheduler, as for ONNX Runtime
