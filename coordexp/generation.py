@@ -109,14 +109,14 @@ class Engine(Protocol):
     `prompt`: the prompt the engine serves (a served engine: its export's). A request may set its
     own parts on top (`generate_batch(..., prompt=RequestPrompt(...))`); nobody assigns `prompt`.
 
-    Optional capabilities (absent means the default in brackets), read by the runner:
-    `concurrent` (False: one batch at a time), `takes_encoded` (False: PIL images, else encoded
-    bytes), `checkpoint_sha256()` (None), `cancel()` (nothing to give up), `progress_name()`
-    (`name`), `progress_facts()` / `run_facts()` ({}: facts for the progress bar / summary.json).
+    The capabilities below the two methods have defaults in `EngineDefaults`, which every engine
+    inherits and overrides where it can do more.
     """
 
     name: str
     prompt: PromptSpec
+    concurrent: bool  # generate_batch may run in several threads at once
+    takes_encoded: bool  # it takes the image files' bytes, not decoded PIL images
 
     def generate_batch(self, images: Sequence[Any], params: GenerationParams,
                        prompt: RequestPrompt | None = None) -> list[GenerationResult]:
@@ -127,6 +127,50 @@ class Engine(Protocol):
     def describe(self) -> dict[str, Any]:
         """Facts recorded in summary.json (engine, checkpoint, versions)."""
         ...
+
+    def checkpoint_sha256(self) -> str | None:
+        """The served checkpoint's digest (`coordexp.checkpoint`), None when unknown."""
+        ...
+
+    def cancel(self) -> None:
+        """Give up the requests in flight (a dataset run was interrupted)."""
+        ...
+
+    def progress_name(self) -> str:
+        """The engine's name on the progress bar."""
+        ...
+
+    def progress_facts(self) -> dict[str, Any]:
+        """Live facts for the progress bar (e.g. servers up)."""
+        ...
+
+    def run_facts(self) -> dict[str, Any]:
+        """Facts for summary.json once the run ends (e.g. retries per server)."""
+        ...
+
+
+class EngineDefaults:
+    """The `Engine` capabilities of an engine that has nothing more to tell: one batch at a time,
+    PIL images in, no digest, nothing to cancel. Engines inherit it and override what they have."""
+
+    name: str
+    concurrent = False
+    takes_encoded = False
+
+    def checkpoint_sha256(self) -> str | None:
+        return None
+
+    def cancel(self) -> None:
+        return None
+
+    def progress_name(self) -> str:
+        return self.name
+
+    def progress_facts(self) -> dict[str, Any]:
+        return {}
+
+    def run_facts(self) -> dict[str, Any]:
+        return {}
 
 
 class EngineUnavailable(RuntimeError):

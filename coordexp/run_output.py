@@ -112,7 +112,7 @@ def resume_problems(out_path: str, rows: list[dict], data_path: str, engine: Any
         diff = [f"{k} {old[k]!r} -> {v!r}" for k, v in params.to_dict().items() if k in old and old[k] != v]
         if diff:
             out.append("other decoding parameters than the run so far: " + ", ".join(diff))
-        sha = getattr(engine, "checkpoint_sha256", lambda: None)()
+        sha = engine.checkpoint_sha256()
         if before.get("checkpoint_sha256") and sha and before["checkpoint_sha256"] != sha:
             out.append(f"another checkpoint: the run so far used weights {before['checkpoint_sha256'][:12]}…, "
                        f"this one {sha[:12]}…")

@@ -176,7 +176,7 @@ def _engine_inputs(engine: Any, batch: list[DatasetItem]) -> tuple[list[DatasetI
             it.fail(ErrorCode.IMAGE_LOAD_FAILED, f"line {it.line_no}: cannot decode image ({e})")
             continue
         runnable.append(it)
-        inputs.append(it.image_bytes if getattr(engine, "takes_encoded", False) else image)
+        inputs.append(it.image_bytes if engine.takes_encoded else image)
     return runnable, inputs
 
 
@@ -218,7 +218,7 @@ class _Loop:
             it.image_bytes = None  # done with it: only records behind a gap stay in memory
         if n:
             self.bar.update(n)
-            facts = getattr(self.engine, "progress_facts", dict)()
+            facts = self.engine.progress_facts()
             self.bar.set_postfix(errors=sum(self.writer.errors.values()), **facts, refresh=False)
             if self.on_progress is not None:
                 self.on_progress(self.writer.written, dict(self.writer.errors))
@@ -279,7 +279,7 @@ def _drive(loop: _Loop, items: Iterable[DatasetItem], batch_size: int, concurren
         # Ctrl-C / SIGTERM: the batches in flight may wait minutes for a server (timeouts, retries);
         # the engine gives them up at once, so the run stops within seconds with its prefix written
         loop.interrupted_at = time.perf_counter()
-        getattr(loop.engine, "cancel", lambda: None)()
+        loop.engine.cancel()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -308,7 +308,7 @@ def run_dataset(data_path: str, out_path: str, engine: Any, params: GenerationPa
 
     if batch_size < 1 or concurrency < 1:
         raise ValueError(f"batch_size and concurrency must be >= 1 (got {batch_size}, {concurrency})")
-    concurrency = concurrency if getattr(engine, "concurrent", False) else 1
+    concurrency = concurrency if engine.concurrent else 1
     archived = check_output_folder(out_path, resume, force)
     for a in archived:
         print(f"note: --force: the earlier evaluation is archived as {a}", file=sys.stderr)
@@ -326,7 +326,7 @@ def run_dataset(data_path: str, out_path: str, engine: Any, params: GenerationPa
             s.extra["unchanged"] = True
             return s
         tokens_before = writer.tokens
-        name = getattr(engine, "progress_name", lambda: engine.name)()
+        name = engine.progress_name()
         bar = progress_bar(total, writer.written, desc=f"infer[{name}]",
                            disable=None if progress is None else not progress)
         loop = _Loop(engine, params, writer, bar, {"prompt_variant": engine.prompt.variant, "engine": engine.name},
@@ -355,9 +355,9 @@ def _summary(writer: PredictionWriter, loop: _Loop, started: float, tokens_befor
     failed = sum(n for code, n in writer.errors.items() if code in RUN_FAILURE_CODES)
     extra = {"session_tokens": writer.tokens - tokens_before, "data": os.path.abspath(data_path),
              "out": os.path.abspath(out_path), "status": status, "records_total": total,
-             "concurrency": concurrency, "checkpoint_sha256": getattr(engine, "checkpoint_sha256", lambda: None)(),
+             "concurrency": concurrency, "checkpoint_sha256": engine.checkpoint_sha256(),
              "failed_share": round(failed / writer.written, 4) if writer.written else 0.0,
-             **getattr(engine, "run_facts", dict)()}
+             **engine.run_facts()}
     if loop.failure is not None:
         extra["failure"] = str(loop.failure)
     if status == "interrupted":

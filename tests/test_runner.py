@@ -5,7 +5,7 @@ import os
 import pytest
 
 from coordexp.dataset import iter_dataset
-from coordexp.generation import GenerationParams, GenerationResult
+from coordexp.generation import EngineDefaults, GenerationParams, GenerationResult
 from coordexp.prompt import PromptSpec
 from coordexp.run_output import PredictionWriter
 from coordexp.runner import run_dataset
@@ -62,7 +62,7 @@ def test_every_bad_input_gets_its_own_error(bad_dataset):
             assert f"line {it.line_no}" in it.error_message  # the message names the record
 
 
-class EchoEngine:
+class EchoEngine(EngineDefaults):
     """Answers with the image size in CoordJSON: lets the runner be tested without a model."""
 
     name = "echo"

@@ -137,6 +137,23 @@ def test_nobody_assigns_an_engines_prompt():
     assert not offenders
 
 
+def test_engine_capabilities_are_called_not_probed():
+    """Every `Engine` capability is declared (`coordexp.generation.Engine`, defaults in
+    `EngineDefaults`, which each engine inherits): nobody probes one with getattr."""
+    import re
+
+    from coordexp.generation import Engine, EngineDefaults
+
+    names = ("concurrent", "takes_encoded", "checkpoint_sha256", "cancel", "progress_name", "progress_facts",
+             "run_facts")
+    assert all(hasattr(EngineDefaults, n) for n in names)
+    assert set(names) <= set(Engine.__annotations__) | {n for n in vars(Engine) if not n.startswith("_")}
+    probe = re.compile(r"getattr\([^,]+,\s*[\"'](" + "|".join(names) + r")[\"']")
+    offenders = [f"{m}:{n}" for m, p in _modules().items() for n, line in enumerate(open(p, encoding="utf-8"), 1)
+                 if probe.search(line)]
+    assert not offenders
+
+
 def test_demo_code_is_imported_only_by_the_demo():
     """`coordexp.demo` (the demo's training and run) is imported by nothing else: benchmarks, tests'
     fixtures and commands build checkpoints and data through `coordexp.fixtures`."""

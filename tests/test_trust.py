@@ -14,13 +14,13 @@ import time
 
 import pytest
 
-from coordexp.generation import GenerationParams, GenerationResult
+from coordexp.generation import EngineDefaults, GenerationParams, GenerationResult
 from coordexp.prompt import PromptSpec
 
 from conftest import REPO_ROOT, SAMPLE_DIR
 
 
-class BoxEngine:
+class BoxEngine(EngineDefaults):
     """Answers every image with one box, cut at the token limit when `cut` (finish_reason length)."""
 
     name = "box"

@@ -108,7 +108,7 @@ def run_spec(spec: EngineSpec, data: str, out_dir: str, max_new_tokens: int | No
     engine = _engine(spec)
     try:
         params = GenerationParams(max_new_tokens=budget) if budget else GenerationParams()
-        served = getattr(engine, "concurrent", False)
+        served = engine.concurrent
         if hasattr(engine, "fit_params"):  # a server's own limit and defaults
             params = engine.fit_params(params, budget is not None, False)
             problems = engine.problems(params)

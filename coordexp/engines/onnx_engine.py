@@ -30,7 +30,7 @@ import numpy as np
 
 from coordexp.decoding.blocks import chunk_block, left_pad, trimmed_start
 from coordexp.engines.base import results_from_ids
-from coordexp.generation import GenerationParams, GenerationResult, RequestPrompt
+from coordexp.generation import EngineDefaults, GenerationParams, GenerationResult, RequestPrompt
 from coordexp.prompt import PromptSpec
 
 META_NAME = "onnx_meta.json"
@@ -385,7 +385,7 @@ class OnnxRows:
 
 
 
-class OnnxEngine:
+class OnnxEngine(EngineDefaults):
     """The `Engine` interface on ONNX Runtime, in process (see the module docstring for semantics)."""
 
     name = "onnx"

@@ -5,12 +5,12 @@ import os
 from typing import Any, Sequence
 
 from coordexp.engines.base import results_from_ids
-from coordexp.generation import GenerationParams, GenerationResult, RequestPrompt
+from coordexp.generation import EngineDefaults, GenerationParams, GenerationResult, RequestPrompt
 from coordexp.checkpoint import checkpoint_error
 from coordexp.prompt import PromptSpec
 
 
-class TorchEngine:
+class TorchEngine(EngineDefaults):
     name = "torch"
 
     def __init__(self, ckpt: str, prompt: PromptSpec | None = None, device: str = "cpu", dtype: str = "float32",

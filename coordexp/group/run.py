@@ -270,7 +270,7 @@ def run_mission(m: Mission, backend: Any, prompt: MissionPrompt, opts: GroupRunO
             status, failure = "incomplete", f"{type(e).__name__}: {e}"
         except KeyboardInterrupt:  # Ctrl-C / SIGTERM: give the requests in flight up, keep what is written
             ended = time.perf_counter()
-            getattr(getattr(backend, "engine", None), "cancel", lambda: None)()
+            backend.engine.cancel()
             status, failure = "interrupted", "interrupted (Ctrl-C / SIGTERM)"
         finally:
             bar.close()

@@ -108,7 +108,7 @@ class InferService:
             engine = self.engine(model)
         except Exception as e:  # noqa: BLE001 - the page says the model is not reachable
             return {**facts, "error": f"{type(e).__name__}: {e}"}
-        facts["checkpoint_sha256"] = getattr(engine, "checkpoint_sha256", lambda: None)()
+        facts["checkpoint_sha256"] = engine.checkpoint_sha256()
         facts["prompt_variant"] = engine.prompt.variant
         manifest = getattr(engine, "manifest", None) or {}
         if manifest.get("max_new_tokens"):
@@ -131,7 +131,7 @@ class InferService:
         one takes concurrent calls and is not held."""
         import contextlib
 
-        return contextlib.nullcontext() if getattr(engine, "concurrent", False) else self._lock
+        return contextlib.nullcontext() if engine.concurrent else self._lock
 
     def _load(self, name: str):
         if name not in self._engines:
@@ -181,7 +181,7 @@ class InferService:
                 t_load = time.perf_counter()
                 from coordexp.generation import GenerationParams
 
-                img = data if getattr(engine, "takes_encoded", False) else _pil(data)
+                img = data if engine.takes_encoded else _pil(data)
                 gen = engine.generate_batch([img], GenerationParams(max_new_tokens=self.opts.max_new_tokens))[0]
             t_gen = time.perf_counter()
             preds, error = _parse(gen.text, w, h, engine.prompt.bbox_format)

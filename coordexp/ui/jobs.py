@@ -294,7 +294,7 @@ class JobManager:
             reg.update_job(job["id"], progress={"done": done, "total": total, "errors": sum(errors.values()),
                                                 "images_per_s": round(done / max(now - t0, 1e-6), 3)})
 
-        concurrency = self.opts.concurrency if getattr(engine, "concurrent", False) else 1
+        concurrency = self.opts.concurrency if engine.concurrent else 1
         with self.service.exclusive(engine):
             summary = run_dataset(data, pred, engine, params, concurrency=concurrency, progress=False,
                                   on_progress=progress, stop=stop, force=True)

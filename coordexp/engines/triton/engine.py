@@ -17,7 +17,7 @@ from coordexp.engines.triton.interface import (ModelInterface, manifest_summary,
                                                fit_params_to_server)
 from coordexp.engines.triton.connect import normalise_url
 from coordexp.engines.triton.pool import AllServersDown, ServerPool
-from coordexp.generation import GenerationParams, GenerationResult, RequestPrompt
+from coordexp.generation import EngineDefaults, GenerationParams, GenerationResult, RequestPrompt
 from coordexp.prompt import PromptSpec
 
 
@@ -94,7 +94,7 @@ def _encoded(image: Any) -> bytes:
     return buf.getvalue()
 
 
-class PoolOnLoop:
+class PoolOnLoop(EngineDefaults):
     """An engine whose request pool lives on a `_LoopThread` (`self.pool`, `self._loop`): closing it
     closes both; usable as a context manager."""
 
