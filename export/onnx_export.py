@@ -108,12 +108,10 @@ def check_supported(config, where: str = "the checkpoint") -> FamilySpec:
 
 
 def load_model(ckpt: str | os.PathLike, dtype: str = "float32"):
-    """The checkpoint with eager attention (the form the wrappers export)."""
+    """The checkpoint with eager attention (the form the wrappers export); `check_supported` first."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
-    config = AutoConfig.from_pretrained(str(ckpt))
-    check_supported(config, str(ckpt))
     model = AutoModelForImageTextToText.from_pretrained(str(ckpt), dtype=getattr(torch, dtype),
                                                         attn_implementation="eager")
     return model.eval()
@@ -343,7 +341,6 @@ def _clear_graphs(out: Path) -> None:
 
 def _eager(model):
     """An already loaded model, switched to the eager attention the wrappers export."""
-    check_supported(model.config, "the model")
     model.config._attn_implementation = "eager"
     for sub in (model.config.text_config, model.config.vision_config):
         sub._attn_implementation = "eager"
@@ -442,8 +439,15 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, opset: int 
     out.mkdir(parents=True, exist_ok=True)
     _clear_graphs(out)
     processor = CoordExpProcessor.from_pretrained(str(ckpt))
-    model = (load_model(ckpt, dtype=dtype) if model is None else _eager(model)).eval()
-    spec = family_spec(model_family(model.config))
+    if model is None:  # the family checked on the config, before the weights are loaded
+        from transformers import AutoConfig
+
+        spec = check_supported(AutoConfig.from_pretrained(str(ckpt)), str(ckpt))
+        model = load_model(ckpt, dtype=dtype)
+    else:
+        spec = check_supported(model.config, "the model")
+        model = _eager(model)
+    model = model.eval()
     dims = graph_dims(model, spec)
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)  # one stream for all sample inputs, drawn in graph order
