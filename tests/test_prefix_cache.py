@@ -165,6 +165,28 @@ def test_rows_with_different_prefixes_or_none_in_one_batch(plain, cached, proc):
     assert after["rows"] == before["rows"] and after["misses"] == before["misses"] == 3
 
 
+def test_torch_rows_take_their_prefixes_from_the_cache(exported, proc):
+    """The torch backend in flight (`TorchRows`, the served llm step's rows) with the cache: rows with
+    different prefixes, or none, admitted together, decode the tokens `TorchParts.generate` gives
+    from the whole prompts (its static batch has no cache)."""
+    from coordexp.decoding.loop import decode_batch
+    from coordexp.engines.prefix_cache import cache_of
+    from coordexp.serving.torch_parts import TorchOptions, TorchParts, TorchRows
+
+    parts = TorchParts(exported[0], TorchOptions(device="cpu", dtype="fp32"), prefix_cache=True)
+    imgs = _images(4, seed=5)
+    specs = [PromptSpec(), PromptSpec(system_text="Find the shapes."), PromptSpec(), PromptSpec(coord_format="numeric")]
+    for strip in ((), {1}):  # then row 1 without text before the image: an all-masked past
+        enc = encode_rows(proc, parts, list(zip(imgs, specs)), strip=strip)
+        embeds, deep = parts.encode_images(enc["pixel_values"], enc["image_grid_thw"])
+        args = (enc["input_ids"], enc["attention_mask"], enc["image_grid_thw"], embeds, deep)
+        expected = parts.generate(*args, LONG)
+        assert decode_batch(TorchRows(parts, parts.pad_token_id), parts.stop_ids, *args, LONG) == expected
+        assert all(len(r) == LONG.max_new_tokens for r in expected)
+    st = cache_of(parts).stats()  # three prefixes computed once; row 2 and the second batch's rows reuse them
+    assert (st["rows"], st["misses"], st["hits"], st["entries"]) == (8, 3, 4, 3)
+
+
 def test_guided_decoding_in_process_with_the_cache(onnx_dir):
     from coordexp.engines.onnx_engine import OnnxEngine, OnnxParts
     from coordexp.engines.prefix_cache import cache_of
