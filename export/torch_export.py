@@ -60,7 +60,7 @@ def _step_outputs(hf_dir: str, opts: TorchOptions, batches: list[list[Any]], par
     from coordexp.serving.torch_steps import torch_batcher
     from coordexp.serving.vision_encoder import VisionEncoder
 
-    parts = TorchParts(hf_dir, opts, prefix_cache=prefix_cache and batching == "inflight")
+    parts = TorchParts(hf_dir, opts, prefix_cache=prefix_cache)  # read by TorchRows (in flight) only
     proc = CoordExpProcessor.from_pretrained(hf_dir)
     vision = VisionEncoder(parts, parts.merge)
     batcher = torch_batcher(parts, {"max_new_tokens": str(params.max_new_tokens)}, None)

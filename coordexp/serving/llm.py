@@ -349,7 +349,8 @@ def guided_hook_factory(parts: Any, prompt_json: str | None) -> Callable[[Genera
 
 
 class TritonPythonModel:
-    """Triton Python-backend model `llm`."""
+    """Triton Python-backend model `llm` / `llm_stream` over ONNX Runtime. The step is the same for
+    every runtime: `coordexp.serving.torch_steps.TorchLlmModel` overrides `load` and `decode_rows`."""
 
     def initialize(self, args: dict[str, Any]) -> None:
         from coordexp.serving.common import die_with_parent
@@ -357,30 +358,38 @@ class TritonPythonModel:
         die_with_parent()  # no stub outlives its server
         import triton_python_backend_utils as pb_utils
 
-        from coordexp.engines.onnx_engine import OnnxParts
-
         self.pb = pb_utils
         config, params, root, self.decoupled = model_args(args)
+        parts, self.batcher = self.load(config, params, root)
+        self.scheduler = None
+        # in-flight batching (coordexp.serving.inflight): the decoupled llm_stream, and the unary llm
+        # too when its config asks (its requests then get their one response through the sender)
+        if params.get("batching") == "inflight":
+            from coordexp.serving.inflight import scheduler_for
+
+            self.scheduler = scheduler_for(self.decode_rows(parts), parts.stop_ids, self.batcher, config)
+
+    def load(self, config: dict[str, Any], params: dict[str, str], root: str) -> tuple[Any, "LlmBatcher"]:
+        """The model runtime (`OnnxParts`) and the static batcher over it."""
+        from coordexp.engines.onnx_engine import OnnxParts
+
         parts = OnnxParts(resolve(root, params.get("onnx_dir") or ONNX_SUBDIR),
                           threads=int_param(params, "intra_op_threads", 0) or None,
                           prefix_cache=params.get("prefix_cache") == "true",
                           jump_forward=params.get("jump_forward") == "true")
         open_quiet_sessions(parts, ("embed", "decoder"), spin=params.get("ort_spin") == "true")
         defaults = defaults_from_params(params)
-        self.batcher = LlmBatcher(parts, defaults, int_param(params, "max_new_tokens", defaults.max_new_tokens),
-                                  pad_token_id=int_param(params, "pad_token_id", 0),
-                                  merge_size=int_param(params, "merge_size", 0) or None,
-                                  max_batch_size=int(config.get("max_batch_size") or 0) or None,
-                                  guided_hook=guided_hook_factory(parts, params.get("prompt_json")))
-        self.scheduler = None
-        # in-flight batching (coordexp.serving.inflight): the decoupled llm_stream, and the unary llm
-        # too when its config asks (its requests then get their one response through the sender)
-        if params.get("batching") == "inflight":
-            from coordexp.engines.onnx_engine import OnnxRows
-            from coordexp.serving.inflight import scheduler_for
+        return parts, LlmBatcher(parts, defaults, int_param(params, "max_new_tokens", defaults.max_new_tokens),
+                                 pad_token_id=int_param(params, "pad_token_id", 0),
+                                 merge_size=int_param(params, "merge_size", 0) or None,
+                                 max_batch_size=int(config.get("max_batch_size") or 0) or None,
+                                 guided_hook=guided_hook_factory(parts, params.get("prompt_json")))
 
-            self.scheduler = scheduler_for(OnnxRows(parts, self.batcher.pad_token_id), parts.stop_ids, self.batcher,
-                                           config)
+    def decode_rows(self, parts: Any) -> Any:
+        """The in-flight scheduler's `DecodeRows` over the runtime."""
+        from coordexp.engines.onnx_engine import OnnxRows
+
+        return OnnxRows(parts, self.batcher.pad_token_id)
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
         if self.scheduler is not None:

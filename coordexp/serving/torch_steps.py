@@ -1,4 +1,5 @@
-"""The Triton Python models of `--backend torch`: the ONNX step logic over `TorchParts`.
+"""The Triton Python models of `--backend torch`: the ONNX Runtime steps (`coordexp.serving.llm`,
+`coordexp.serving.vision_encoder`) with `TorchParts` loaded in their place.
 
     vision_encoder: VisionEncoder(TorchParts(vision_only=True))     (TorchVisionModel)
     llm, llm_stream: the in-flight scheduler over TorchRows(TorchParts) (config `batching` =
@@ -12,16 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordexp import wire
 from coordexp.layout import HF_SUBDIR
-from coordexp.serving.common import (decoupled_sender, error_response, int_param, model_args, request_view, resolve,
-                                     response)
-from coordexp.serving.llm import LLM_INPUTS, DecoupledRun, LlmBatcher, defaults_from_params, guided_hook_factory, \
-    run_unary
-from coordexp.serving.inflight import scheduler_for, submit_requests
+from coordexp.serving.common import int_param, resolve
+from coordexp.serving.llm import LlmBatcher, defaults_from_params, guided_hook_factory
+from coordexp.serving.llm import TritonPythonModel as OnnxLlmModel
 from coordexp.serving.torch_parts import TorchOptions, TorchParts, TorchRows
+from coordexp.serving.vision_encoder import TritonPythonModel as OnnxVisionModel
 from coordexp.serving.vision_encoder import VisionEncoder
-
 
 
 def torch_batcher(parts: TorchParts, params: dict[str, str], max_batch_size: int | None) -> LlmBatcher:
@@ -33,58 +31,25 @@ def torch_batcher(parts: TorchParts, params: dict[str, str], max_batch_size: int
                       guided_hook=guided_hook_factory(parts, params.get("prompt_json")))
 
 
-class TorchLlmModel:
-    """Triton Python-backend model `llm` / `llm_stream` of a torch repository."""
+class TorchLlmModel(OnnxLlmModel):
+    """Triton Python-backend model `llm` / `llm_stream` of a torch repository: the llm step of
+    `coordexp.serving.llm` (static batches or the in-flight scheduler) over `TorchParts`."""
 
-    def initialize(self, args: dict[str, Any]) -> None:
-        from coordexp.serving.common import die_with_parent
-
-        die_with_parent()  # no stub outlives its server
-        import triton_python_backend_utils as pb_utils
-
-        self.pb = pb_utils
-        config, params, root, self.decoupled = model_args(args)
+    def load(self, config: dict[str, Any], params: dict[str, str], root: str) -> tuple[TorchParts, LlmBatcher]:
         parts = TorchParts(resolve(root, params.get("hf_dir") or HF_SUBDIR), TorchOptions.from_params(params),
                            jump_forward=params.get("jump_forward") == "true",
-                           prefix_cache=params.get("prefix_cache") == "true" and params.get("batching") == "inflight")
-        self.batcher = torch_batcher(parts, params, int(config.get("max_batch_size") or 0) or None)
-        self.scheduler = None
-        if params.get("batching") == "inflight":  # the iteration-level scheduler, as for ONNX Runtime
-            self.scheduler = scheduler_for(TorchRows(parts, self.batcher.pad_token_id), parts.stop_ids, self.batcher,
-                                           config)
+                           prefix_cache=params.get("prefix_cache") == "true")  # read by TorchRows (in flight) only
+        return parts, torch_batcher(parts, params, int(config.get("max_batch_size") or 0) or None)
 
-    def execute(self, requests: list[Any]) -> list[Any] | None:
-        if self.scheduler is not None:
-            submit_requests(self.pb, self.scheduler, self.batcher, requests, LLM_INPUTS)
-            return None
-        views = [request_view(self.pb, r, LLM_INPUTS) for r in requests]
-        if self.decoupled:
-            DecoupledRun(self.batcher, decoupled_sender(self.pb, requests)).run(views)
-            return None
-        return [error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res)
-                for res in run_unary(self.batcher, views)]
-
-    def finalize(self) -> None:
-        if getattr(self, "scheduler", None) is not None:
-            self.scheduler.close()
+    def decode_rows(self, parts: TorchParts) -> TorchRows:
+        return TorchRows(parts, self.batcher.pad_token_id)
 
 
-class TorchVisionModel:
-    """Triton Python-backend model `vision_encoder` of a torch repository."""
+class TorchVisionModel(OnnxVisionModel):
+    """Triton Python-backend model `vision_encoder` of a torch repository: the vision step over
+    `TorchParts` (the vision tower only)."""
 
-    def initialize(self, args: dict[str, Any]) -> None:
-        from coordexp.serving.common import die_with_parent
-
-        die_with_parent()  # no stub outlives its server
-        import triton_python_backend_utils as pb_utils
-
-        self.pb = pb_utils
-        _, params, root, _ = model_args(args)
+    def load(self, params: dict[str, str], root: str) -> VisionEncoder:
         parts = TorchParts(resolve(root, params.get("hf_dir") or HF_SUBDIR), TorchOptions.from_params(params),
                            vision_only=True)
-        self.encoder = VisionEncoder(parts, parts.merge)
-
-    def execute(self, requests: list[Any]) -> list[Any]:
-        views = [request_view(self.pb, r, wire.input_names(wire.VISION_ENCODER)) for r in requests]
-        return [error_response(self.pb, res) if isinstance(res, Exception) else response(self.pb, res)
-                for res in self.encoder.run(views)]
+        return VisionEncoder(parts, parts.merge)

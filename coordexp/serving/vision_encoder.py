@@ -107,7 +107,8 @@ class VisionEncoder:
 
 
 class TritonPythonModel:
-    """Triton Python-backend model `vision_encoder`."""
+    """Triton Python-backend model `vision_encoder` over ONNX Runtime; `torch_steps.TorchVisionModel`
+    is the same step over PyTorch (it overrides `load`)."""
 
     def initialize(self, args: dict[str, Any]) -> None:
         from coordexp.serving.common import die_with_parent
@@ -115,17 +116,18 @@ class TritonPythonModel:
         die_with_parent()  # no stub outlives its server
         import triton_python_backend_utils as pb_utils
 
+        self.pb = pb_utils
+        self.encoder = self.load(config_parameters(args["model_config"]), repository_root(args))
+
+    def load(self, params: dict[str, str], root: str) -> "VisionEncoder":
         from coordexp.engines.onnx_engine import OnnxParts
 
-        self.pb = pb_utils
-        params = config_parameters(args["model_config"])
-        root = repository_root(args)
         # the vision graph opens now (a broken one fails the load, not the first request); the
         # text graphs are never opened in this process
         parts = OnnxParts(resolve(root, params.get("onnx_dir") or ONNX_SUBDIR),
                           threads=int_param(params, "intra_op_threads", 0) or None)
         open_quiet_sessions(parts, ("vision",), spin=params.get("ort_spin") == "true")
-        self.encoder = VisionEncoder(parts, int_param(params, "merge_size", 0) or None)
+        return VisionEncoder(parts, int_param(params, "merge_size", 0) or None)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         views = []
