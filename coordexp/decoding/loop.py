@@ -132,7 +132,7 @@ class DecodeLoop:
         out = Outcome()
         self._chunks, self._ended = {}, set()
         logits = self._hooked(out)
-        jump = bool(getattr(self.rows, "jump_forward", False))
+        jump = self.rows.jump_forward
         for b, row in enumerate(self.running):
             if id(row) in self._ended:  # its hook failed
                 continue

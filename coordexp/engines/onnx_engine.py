@@ -361,7 +361,7 @@ class OnnxRows:
 
     @property
     def jump_forward(self) -> bool:
-        return bool(getattr(self.parts, "jump_forward", False))
+        return self.parts.jump_forward
 
     def step(self, chunks: Sequence[Sequence[int]]) -> np.ndarray:
         ids, new_mask, pos = chunk_block(chunks, self.base + self.steps, self.pad_token_id)
